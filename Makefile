@@ -1,0 +1,38 @@
+# Two entry points: `make serve` and `make test`. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+# CUDA users point this at a CUDA build, e.g. make TORCH_SPEC="torch==2.13.0 --index-url <CUDA wheel index>" serve
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint format install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Until the server lands, `serve` runs the newest runnable job: the MAC report of the SD 1.5 U-Net shape.
+serve: $(STAMP)
+	$(BIN)/aptp inspect configs/unets/sd-1.5 --verify
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,175 @@
+"""Expert files: one sliced U-Net on disk, as the full model's config, the kept indices, and safetensors weights.
+
+```
+expert/
+  config.json                          the full (teacher) UNet2DConditionModel config
+  expert.json                          format, text length, feed-forward groups, keep-sets, checksum, params
+  diffusion_pytorch_model.safetensors  the sliced weights
+```
+Loading rebuilds the full model on the `meta` device, slices it with the stored keep-sets, then checks every
+tensor's name and shape against the file before assigning it. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .slicing import apply_keep_sets
+from .space import DEFAULT_FEED_FORWARD_GROUPS, ArchitectureSpace
+
+EXPERT_FORMAT = "aptp-expert"
+EXPERT_VERSION = 1
+CONFIG_NAME = "config.json"
+EXPERT_NAME = "expert.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+class ExpertFileError(ValueError):
+    """An expert folder is missing, corrupt, or does not match its own description. The message names the file."""
+
+    def __init__(self, path: Path | str, problem: str):
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {problem}")
+
+
+@dataclass
+class ExpertInfo:
+    """What `expert.json` says about a sliced U-Net.
+
+    Parameters:
+        space (`ArchitectureSpace`): the full model's space (rebuilt from `config.json`).
+        arch (`torch.Tensor`): the hard architecture vector, `(space.dim,)`.
+        params (`int`): parameters of the sliced model.
+        sha256 (`str`): checksum of the weights file.
+    """
+
+    space: ArchitectureSpace
+    arch: torch.Tensor
+    params: int
+    sha256: str
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ExpertFileError(path, "file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExpertFileError(path, f"not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ExpertFileError(path, "expected a JSON object")
+    return data
+
+
+def save_expert(unet: nn.Module, space: ArchitectureSpace, arch: torch.Tensor, path: str | Path) -> Path:
+    """Write the sliced `unet` (made by `slice_unet(teacher, space, arch)`) to the folder `path`."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
+    weights = folder / WEIGHTS_NAME
+    save_file(state, str(weights), metadata={"format": EXPERT_FORMAT})
+    config = {"_class_name": "UNet2DConditionModel", **{k: v for k, v in space.to_dict()["unet_config"].items()}}
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    feed_forward_groups = _feed_forward_groups(space)
+    description = {
+        "format": EXPERT_FORMAT,
+        "version": EXPERT_VERSION,
+        "text_len": space.text_len,
+        "feed_forward_groups": feed_forward_groups,
+        "params": sum(v.numel() for v in state.values()),
+        "weights": {"file": WEIGHTS_NAME, "sha256": file_sha256(weights)},
+        "keep_sets": space.keep_sets(arch),
+    }
+    (folder / EXPERT_NAME).write_text(json.dumps(description, indent=1) + "\n")
+    return folder
+
+
+def _feed_forward_groups(space: ArchitectureSpace) -> int:
+    groups = [u.num_gates for u in space.width_units if u.kind.value == "ff"]
+    return max(groups) if groups else DEFAULT_FEED_FORWARD_GROUPS
+
+
+def is_expert_folder(path: str | Path) -> bool:
+    return (Path(path) / EXPERT_NAME).is_file()
+
+
+def read_expert_info(path: str | Path) -> tuple[ExpertInfo, nn.Module]:
+    """Read `config.json` and `expert.json` and build the sliced model's skeleton on the `meta` device."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ExpertFileError(folder, "expert folder not found")
+    description = _read_json(folder / EXPERT_NAME)
+    if description.get("format") != EXPERT_FORMAT:
+        raise ExpertFileError(folder / EXPERT_NAME, f"not an expert description (format {description.get('format')!r})")
+    if description.get("version") != EXPERT_VERSION:
+        raise ExpertFileError(folder / EXPERT_NAME, f"unsupported version {description.get('version')!r}")
+    config = _read_json(folder / CONFIG_NAME)
+    try:
+        with torch.device("meta"):
+            skeleton = UNet2DConditionModel.from_config(config)
+        space = ArchitectureSpace.from_unet(
+            skeleton,
+            text_len=int(description["text_len"]),
+            feed_forward_groups=int(description["feed_forward_groups"]),
+        )
+        arch = space.from_keep_sets(description["keep_sets"])
+        apply_keep_sets(skeleton, space, description["keep_sets"])
+        sha256 = str(description["weights"]["sha256"])
+        params = int(description["params"])
+    except (KeyError, TypeError, ValueError) as e:
+        problem = f"does not describe a valid expert of {CONFIG_NAME} ({e})"
+        raise ExpertFileError(folder / EXPERT_NAME, problem) from None
+    return ExpertInfo(space=space, arch=arch, params=params, sha256=sha256), skeleton
+
+
+def load_expert(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = True
+) -> tuple[nn.Module, ExpertInfo]:
+    """Load a sliced U-Net saved by [`save_expert`]. `verify` checks the weights' sha256 first."""
+    folder = Path(path)
+    info, unet = read_expert_info(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ExpertFileError(weights, "file not found")
+    if verify and file_sha256(weights) != info.sha256:
+        raise ExpertFileError(weights, "checksum mismatch: the file is corrupt or was replaced")
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExpertFileError(weights, f"not a readable safetensors file ({e})") from None
+    expected = unet.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        problem = f"tensors do not match the expert: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        raise ExpertFileError(weights, problem)
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise ExpertFileError(
+                weights, f"tensor {name} has shape {tuple(state[name].shape)}, the expert needs {tuple(tensor.shape)}"
+            )
+    unet.load_state_dict(state, strict=True, assign=True)
+    unet.to(device=device, dtype=dtype)
+    leftover = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ExpertFileError(weights, f"tensors were not loaded: {leftover[:3]}")
+    return unet.eval(), info

@@ -1,0 +1,1 @@
+"""Prompt routing: frozen prompt encoder, architecture predictor, codes, optimal-transport assignment, losses."""

@@ -1,0 +1,1 @@
+"""The inference server: FastAPI app, settings, per-code scheduler, engine, metrics."""

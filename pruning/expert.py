@@ -12,17 +12,16 @@ tensor's name and shape against the file before assigning it. Nothing is unpickl
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from .files import ModelFileError, file_sha256, load_matching_state, read_json_object
 from .slicing import apply_keep_sets
 from .space import DEFAULT_FEED_FORWARD_GROUPS, ArchitectureSpace
 
@@ -33,12 +32,8 @@ EXPERT_NAME = "expert.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
-class ExpertFileError(ValueError):
+class ExpertFileError(ModelFileError):
     """An expert folder is missing, corrupt, or does not match its own description. The message names the file."""
-
-    def __init__(self, path: Path | str, problem: str):
-        self.path = Path(path)
-        super().__init__(f"{self.path}: {problem}")
 
 
 @dataclass
@@ -58,24 +53,8 @@ class ExpertInfo:
     sha256: str
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ExpertFileError(path, "file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExpertFileError(path, f"not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ExpertFileError(path, "expected a JSON object")
-    return data
+    return read_json_object(path, ExpertFileError)
 
 
 def save_expert(unet: nn.Module, space: ArchitectureSpace, arch: torch.Tensor, path: str | Path) -> Path:
@@ -148,27 +127,11 @@ def load_expert(
     folder = Path(path)
     info, unet = read_expert_info(folder)
     weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise ExpertFileError(weights, "file not found")
-    if verify and file_sha256(weights) != info.sha256:
-        raise ExpertFileError(weights, "checksum mismatch: the file is corrupt or was replaced")
-    try:
-        state = load_file(str(weights), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ExpertFileError(weights, f"not a readable safetensors file ({e})") from None
     expected = unet.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        problem = f"tensors do not match the expert: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        raise ExpertFileError(weights, problem)
-    for name, tensor in expected.items():
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise ExpertFileError(
-                weights, f"tensor {name} has shape {tuple(state[name].shape)}, the expert needs {tuple(tensor.shape)}"
-            )
+    state = load_matching_state(weights, expected, info.sha256 if verify else None, device, ExpertFileError)
     unet.load_state_dict(state, strict=True, assign=True)
-    unet.to(device=device, dtype=dtype)
+    # diffusers warns whenever `dtype` is passed, even as None.
+    unet.to(device) if dtype is None else unet.to(device, dtype)
     leftover = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
     if leftover:
         raise ExpertFileError(weights, f"tensors were not loaded: {leftover[:3]}")

@@ -1,0 +1,113 @@
+"""Teacher folders: the full U-Net that APTP prunes, with what is needed to sample from it.
+
+```
+teacher/
+  teacher.json                 format, resolution, text encoder, sampling defaults, checksums, training summary
+  unet/config.json             diffusers UNet2DConditionModel config
+  unet/diffusion_pytorch_model.safetensors
+  scheduler/scheduler_config.json   the training noise schedule (samplers are built from it)
+```
+The `unet/` folder is a plain diffusers folder, so `UNet2DConditionModel.from_pretrained("teacher/unet")` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .files import ModelFileError, file_sha256, load_matching_state, read_json_object
+
+TEACHER_FORMAT = "aptp-teacher"
+TEACHER_VERSION = 1
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+class TeacherFileError(ModelFileError):
+    """A teacher folder is missing a file or has a corrupt one; the message names the file."""
+
+
+@dataclass
+class TeacherSpec:
+    """What `teacher.json` records.
+
+    Parameters:
+        resolution (`int`): the U-Net's input size (pixels for a pixel-space model).
+        text_encoder (`dict`): `router.encoder.EncoderConfig` fields.
+        scheduler_config (`dict`): the training noise schedule.
+        sampling (`dict`): default `steps` and `guidance_scale`.
+        training (`dict`): a summary of how it was trained.
+    """
+
+    resolution: int
+    text_encoder: dict[str, Any]
+    scheduler_config: dict[str, Any]
+    sampling: dict[str, Any] = field(default_factory=lambda: {"steps": 25, "guidance_scale": 4.0})
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+def save_teacher(unet: nn.Module, spec: TeacherSpec, folder: str | Path) -> Path:
+    folder = Path(folder)
+    (folder / "unet").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": "UNet2DConditionModel", **{k: v for k, v in unet.config.items() if not k.startswith("_")}}
+    (folder / "unet" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
+    save_file(state, str(folder / UNET_WEIGHTS), metadata={"format": TEACHER_FORMAT})
+    scheduler = {k: v for k, v in spec.scheduler_config.items() if not k.startswith("_")}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+    description = {
+        "format": TEACHER_FORMAT,
+        "version": TEACHER_VERSION,
+        "resolution": spec.resolution,
+        "text_encoder": spec.text_encoder,
+        "sampling": spec.sampling,
+        "training": spec.training,
+        "sha256": {UNET_WEIGHTS: file_sha256(folder / UNET_WEIGHTS)},
+    }
+    (folder / "teacher.json").write_text(json.dumps(description, indent=1) + "\n")
+    return folder
+
+
+def _teacher_json(path: Path) -> dict[str, Any]:
+    return read_json_object(path, TeacherFileError)
+
+
+def load_teacher(
+    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[nn.Module, TeacherSpec]:
+    """Load a teacher folder written by [`save_teacher`], checking the weights' checksum and shapes."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(folder)
+    description = _teacher_json(folder / "teacher.json")
+    if description.get("format") != TEACHER_FORMAT:
+        raise TeacherFileError(folder / "teacher.json", f"not a teacher description ({description.get('format')!r})")
+    config = _teacher_json(folder / "unet" / "config.json")
+    scheduler_config = _teacher_json(folder / "scheduler" / "scheduler_config.json")
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise TeacherFileError(folder / "unet" / "config.json", f"cannot build the U-Net ({e})") from None
+    sha256 = description.get("sha256", {}).get(UNET_WEIGHTS)
+    state = load_matching_state(folder / UNET_WEIGHTS, unet.state_dict(), sha256, device, TeacherFileError)
+    unet.load_state_dict(state, strict=True, assign=True)
+    unet.to(device) if dtype is None else unet.to(device, dtype)
+    unet.eval()
+    try:
+        spec = TeacherSpec(
+            resolution=int(description["resolution"]),
+            text_encoder=dict(description["text_encoder"]),
+            scheduler_config=scheduler_config,
+            sampling=dict(description.get("sampling", {})),
+            training=dict(description.get("training", {})),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise TeacherFileError(folder / "teacher.json", f"missing or invalid field ({e})") from None
+    return unet, spec

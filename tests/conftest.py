@@ -1,0 +1,176 @@
+"""Shared fixtures for the test suite: tiny diffusers U-Net configs, random-weight models, and their spaces.
+
+Test modules import the helper functions as `from tests.conftest import ...` (`tests/` is a package so that test
+files in different folders can share a basename).
+
+The session-scoped model fixtures are shared by many tests: treat them as read-only (gate them with hooks that are
+removed again, or `slice_unet` them, which copies). A test that must change a model builds its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from pruning import ArchitectureSpace
+
+# The test models are tiny: intra-op threads buy nothing, and on a busy 2-core machine two OpenMP threads waiting on
+# each other turn a 20 ms forward into 2 s. One thread keeps the suite fast and its timings stable.
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+UNET_CONFIGS = REPO / "configs" / "unets"
+
+# Cross-attention key length used with the tiny models: short, and different from every channel count.
+TEXT_LEN = 5
+SMALL_RESOLUTION = 16
+SD_RESOLUTION = 8  # the SD-shaped models downsample 3 times: 8 -> 4 -> 2 -> 1
+
+
+def small_unet_config(**overrides: Any) -> dict[str, Any]:
+    """A tiny `UNet2DConditionModel` config (~2.5 M parameters, two cross-attention levels, 8 GroupNorm groups)."""
+    config: dict[str, Any] = {
+        "sample_size": SMALL_RESOLUTION,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": (32, 64, 64),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "cross_attention_dim": 48,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    }
+    config.update(overrides)
+    return config
+
+
+def load_unet_config(name: str) -> dict[str, Any]:
+    """A config from `configs/unets/<name>/config.json`, without its `_`-prefixed bookkeeping keys."""
+    config = json.loads((UNET_CONFIGS / name / "config.json").read_text())
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def sd15_like_config(**overrides: Any) -> dict[str, Any]:
+    """SD 1.5's U-Net shrunk for CPU tests (~9.6 M parameters, ~25 ms per batch-1 call at 8x8).
+
+    Kept from SD 1.5: block types, layers per block, `attention_head_dim=8` (8 heads in every block), conv
+    `proj_in/proj_out` (no linear projection), 32 GroupNorm groups, 4 in/out channels.
+    Shrunk: `block_out_channels` (320, 640, 1280, 1280) -> (64, 128, 128, 128): the smallest widths divisible by
+    32 groups and 8 heads that keep a width change between blocks (so down blocks have a `conv_shortcut` and up
+    blocks concatenate skips of different widths) and GroupNorm groups of more than one channel (2 and 4), so the
+    group statistics matter. `cross_attention_dim` 768 -> 32, `sample_size` 64 -> 8.
+    """
+    config = load_unet_config("sd-1.5")
+    config.update(
+        block_out_channels=[64, 128, 128, 128], cross_attention_dim=32, sample_size=SD_RESOLUTION, norm_num_groups=32
+    )
+    config.update(overrides)
+    return config
+
+
+def sd21_like_config(**overrides: Any) -> dict[str, Any]:
+    """SD 2.1's U-Net shrunk for CPU tests (~26 M parameters, ~40 ms per batch-1 call at 8x8).
+
+    Kept from SD 2.1: block types, layers per block, `attention_head_dim=[5, 10, 20, 20]` (per-block head COUNTS),
+    `use_linear_projection`, `upcast_attention`, 32 GroupNorm groups, 4 in/out channels.
+    Shrunk: `block_out_channels` (320, 640, 1280, 1280) -> (160, 160, 160, 160): every width must be divisible by
+    lcm(32 groups, 5 / 10 / 20 heads) = 160, so this is the smallest that builds (head dims 32, 16, 8, 8; GroupNorm
+    groups of 5 channels). `cross_attention_dim` 1024 -> 48, `sample_size` 96 -> 8.
+    """
+    config = load_unet_config("sd-2.1")
+    config.update(
+        block_out_channels=[160, 160, 160, 160], cross_attention_dim=48, sample_size=SD_RESOLUTION, norm_num_groups=32
+    )
+    config.update(overrides)
+    return config
+
+
+def randomise_norms(unet: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every GroupNorm/LayerNorm a random affine transform (weight ~ N(1, 0.5), bias ~ N(0, 0.5)), so that a
+    gate or slice applied to the wrong channels cannot hide behind identity norms."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, nn.GroupNorm | nn.LayerNorm) and module.weight is not None:
+                module.weight.copy_(1.0 + 0.5 * torch.randn(module.weight.shape, generator=generator))
+                if module.bias is not None:
+                    module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=generator))
+    return unet
+
+
+def build_unet(config: dict[str, Any], seed: int = 0) -> UNet2DConditionModel:
+    """A random-weight U-Net on CPU in eval mode, with randomised norm affine parameters."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(config)
+    return randomise_norms(unet, seed + 1).eval()
+
+
+def meta_unet(config: dict[str, Any]) -> UNet2DConditionModel:
+    """The U-Net on the `meta` device: structure only, no memory, no compute."""
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def unet_inputs(
+    unet: nn.Module, batch: int, resolution: int, text_len: int = TEXT_LEN, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random `(sample, timesteps, encoder_hidden_states)` with a distinct timestep per sample."""
+    generator = torch.Generator().manual_seed(seed)
+    config = unet.config
+    sample = torch.randn(batch, config.in_channels, resolution, resolution, generator=generator)
+    timesteps = torch.randperm(1000, generator=generator)[:batch]
+    context = torch.randn(batch, text_len, config.cross_attention_dim, generator=generator)
+    return sample, timesteps, context
+
+
+def run(unet: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """One U-Net call without autograd; returns the predicted noise."""
+    sample, timesteps, context = inputs
+    with torch.no_grad():
+        return unet(sample, timesteps, encoder_hidden_states=context).sample
+
+
+def assert_same_output(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> None:
+    """max |actual - expected| <= rel * max(1, max |expected|)."""
+    assert actual.shape == expected.shape
+    bound = rel * max(1.0, expected.abs().max().item())
+    diff = (actual - expected).abs().max().item()
+    assert diff <= bound, f"max abs difference {diff:.3e} exceeds {bound:.3e}"
+
+
+# ------------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def small_unet() -> UNet2DConditionModel:
+    return build_unet(small_unet_config())
+
+
+@pytest.fixture(scope="session")
+def small_space(small_unet) -> ArchitectureSpace:
+    return ArchitectureSpace.from_unet(small_unet, text_len=TEXT_LEN)
+
+
+@pytest.fixture(scope="session")
+def sd15_unet() -> UNet2DConditionModel:
+    return build_unet(sd15_like_config())
+
+
+@pytest.fixture(scope="session")
+def sd15_space(sd15_unet) -> ArchitectureSpace:
+    return ArchitectureSpace.from_unet(sd15_unet, text_len=TEXT_LEN)
+
+
+@pytest.fixture(scope="session")
+def sd21_unet() -> UNet2DConditionModel:
+    return build_unet(sd21_like_config())
+
+
+@pytest.fixture(scope="session")
+def sd21_space(sd21_unet) -> ArchitectureSpace:
+    return ArchitectureSpace.from_unet(sd21_unet, text_len=TEXT_LEN)

@@ -1,0 +1,175 @@
+"""`aptp eval`: prompt alignment, domain FID and CMMD of a text-to-image model on the shapes domain.
+
+Prompts come from the `test` split (held-out prompts: same distribution as training, never trained on) and the
+`heldout` split (attribute combinations never seen in training), with a fixed seed. Every figure is given next to
+its real-vs-real floor: the same metric between two disjoint sets of real images.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .data.labels import collate
+from .data.shapes import ShapesDomain
+from .evaluator import DomainEvaluator, alignment, read_images
+
+ImageFn = Callable[[Sequence[str], Sequence[int]], torch.Tensor]  # prompts, seeds -> uint8 (N, 3, H, W)
+
+
+class EvaluatorFeatures(nn.Module):
+    """The evaluator's penultimate features as a torchmetrics feature extractor (uint8 images in)."""
+
+    def __init__(self, evaluator: DomainEvaluator):
+        super().__init__()
+        self.evaluator = evaluator
+        self.num_features = evaluator.config.feature_dim
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.evaluator.features(images.float() / 127.5 - 1.0).double()
+
+
+def domain_fid(evaluator: DomainEvaluator, reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """torchmetrics' FID computed on the evaluator's features ("domain FID", not Inception FID)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=EvaluatorFeatures(evaluator), reset_real_features=True)
+    for start in range(0, len(reference), 256):
+        fid.update(reference[start : start + 256], real=True)
+    for start in range(0, len(candidate), 256):
+        fid.update(candidate[start : start + 256], real=False)
+    return float(fid.compute())
+
+
+@torch.no_grad()
+def _features(evaluator: DomainEvaluator, images: torch.Tensor) -> torch.Tensor:
+    extractor = EvaluatorFeatures(evaluator)
+    return torch.cat([extractor(images[s : s + 256]) for s in range(0, len(images), 256)])
+
+
+def mmd_rbf(x: torch.Tensor, y: torch.Tensor, sigma: float) -> float:
+    """Unbiased squared MMD with a Gaussian RBF kernel (the CMMD estimator, here on evaluator features), x1000."""
+    gamma = 1.0 / (2 * sigma**2)
+
+    def mean_kernel(a, b, same: bool) -> torch.Tensor:
+        k = torch.exp(-gamma * torch.cdist(a, b).pow(2))
+        if same:
+            n = len(a)
+            return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
+        return k.mean()
+
+    return float(1000 * (mean_kernel(x, x, True) + mean_kernel(y, y, True) - 2 * mean_kernel(x, y, False)))
+
+
+def median_bandwidth(features: torch.Tensor) -> float:
+    distances = torch.cdist(features, features)
+    return float(distances[~torch.eye(len(features), dtype=torch.bool)].median())
+
+
+def evaluate_split(
+    generate: ImageFn,
+    evaluator: DomainEvaluator,
+    split: str,
+    num_prompts: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Alignment (overall, per tier), domain FID and CMMD of `generate` on `num_prompts` prompts of `split`."""
+    domain = ShapesDomain(seed=seed, split=split)
+    samples = domain.batch(0, num_prompts)
+    floor_samples = domain.batch(num_prompts, num_prompts)  # disjoint real set for the floors
+    prompts = [s.caption for s in samples]
+    seeds = [seed * 100_003 + i for i in range(num_prompts)]
+    generated = generate(prompts, seeds)
+    real, _ = collate(samples)
+    real_other, _ = collate(floor_samples)
+
+    def alignment_by_tier(images: torch.Tensor) -> dict[str, float]:
+        scores = np.array([alignment(s.scene, r) for s, r in zip(samples, read_images(evaluator, images), strict=True)])
+        tiers = np.array([s.scene.tier for s in samples])
+        result = {"overall": float(scores.mean())}
+        result.update({f"tier{t}": float(scores[tiers == t].mean()) for t in sorted(set(tiers.tolist()))})
+        return result
+
+    real_features, other_features = _features(evaluator, real), _features(evaluator, real_other)
+    sigma = median_bandwidth(real_features)
+    return {
+        "split": split,
+        "prompts": num_prompts,
+        "alignment": alignment_by_tier(generated),
+        "alignment_real": alignment_by_tier(real),
+        "domain_fid": domain_fid(evaluator, real, generated),
+        "domain_fid_floor": domain_fid(evaluator, real, real_other),
+        "cmmd": mmd_rbf(real_features, _features(evaluator, generated), sigma),
+        "cmmd_floor": mmd_rbf(real_features, other_features, sigma),
+        "tier_counts": {f"tier{t}": sum(s.scene.tier == t for s in samples) for t in range(1, 5)},
+        "_generated": generated,
+        "_samples": samples,
+    }
+
+
+def markdown_table(name: str, results: list[dict[str, Any]]) -> str:
+    lines = [
+        f"### {name}",
+        "",
+        "| split | prompts | alignment | tier 1 | tier 2 | tier 3 | tier 4 | domain FID (floor) | CMMD (floor) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        a = r["alignment"]
+        tiers = " | ".join(f"{a[f'tier{t}']:.3f}" if f"tier{t}" in a else "-" for t in range(1, 5))
+        lines.append(
+            f"| {r['split']} | {r['prompts']} | {a['overall']:.3f} | {tiers} | {r['domain_fid']:.2f} "
+            f"({r['domain_fid_floor']:.2f}) | {r['cmmd']:.3f} ({r['cmmd_floor']:.3f}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def tier_grid(results: dict[str, Any], per_tier: int = 8, scale: int = 4) -> tuple[Image.Image, list[str]]:
+    """A PNG grid: one row per tier, `per_tier` generated images each; returns the image and its captions."""
+    rows, captions = [], []
+    for tier in range(1, 5):
+        picks = [i for i, s in enumerate(results["_samples"]) if s.scene.tier == tier][:per_tier]
+        if not picks:
+            continue
+        row = torch.cat([results["_generated"][i] for i in picks], dim=2)  # (3, H, W * n)
+        pad = per_tier * row.shape[1] - row.shape[2]
+        rows.append(torch.nn.functional.pad(row, (0, pad)))
+        captions += [f"tier {tier}, image {k + 1}: {results['_samples'][i].caption}" for k, i in enumerate(picks)]
+    grid = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
+    image = Image.fromarray(grid)
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST), captions
+
+
+def run_eval(
+    generate: ImageFn,
+    evaluator: DomainEvaluator,
+    out: str | Path,
+    name: str,
+    num_prompts: int = 1000,
+    num_heldout: int = 400,
+    seed: int = 7,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate on both splits; writes `<name>.json`, `<name>.md` and `<name>_samples.png` (+ captions) to `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [
+        evaluate_split(generate, evaluator, "test", num_prompts, seed),
+        evaluate_split(generate, evaluator, "heldout", num_heldout, seed),
+    ]
+    grid, captions = tier_grid(results[0])
+    grid.save(out / f"{name}_samples.png")
+    (out / f"{name}_samples.txt").write_text("\n".join(captions) + "\n")
+    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
+    report = {"name": name, "seed": seed, **(extra or {}), "results": clean}
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{name}.md").write_text(markdown_table(name, clean))
+    return report

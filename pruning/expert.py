@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .files import ModelFileError, file_sha256, load_matching_state, read_json_object
+from .files import ModelFileError, file_sha256, load_matching_state, read_json_object, stored_tensor
 from .slicing import apply_keep_sets
 from .space import DEFAULT_FEED_FORWARD_GROUPS, ArchitectureSpace
 
@@ -57,11 +57,18 @@ def _read_json(path: Path) -> dict[str, Any]:
     return read_json_object(path, ExpertFileError)
 
 
-def save_expert(unet: nn.Module, space: ArchitectureSpace, arch: torch.Tensor, path: str | Path) -> Path:
-    """Write the sliced `unet` (made by `slice_unet(teacher, space, arch)`) to the folder `path`."""
+def save_expert(
+    unet: nn.Module,
+    space: ArchitectureSpace,
+    arch: torch.Tensor,
+    path: str | Path,
+    storage_dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write the sliced `unet` (made by `slice_unet(teacher, space, arch)`) to the folder `path`, its floating
+    weights stored as `storage_dtype`."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
+    state = {k: stored_tensor(v, storage_dtype) for k, v in unet.state_dict().items()}
     weights = folder / WEIGHTS_NAME
     save_file(state, str(weights), metadata={"format": EXPERT_FORMAT})
     config = {"_class_name": "UNet2DConditionModel", **{k: v for k, v in space.to_dict()["unet_config"].items()}}
@@ -123,15 +130,16 @@ def read_expert_info(path: str | Path) -> tuple[ExpertInfo, nn.Module]:
 def load_expert(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = True
 ) -> tuple[nn.Module, ExpertInfo]:
-    """Load a sliced U-Net saved by [`save_expert`]. `verify` checks the weights' sha256 first."""
+    """Load a sliced U-Net saved by [`save_expert`] as `dtype` (default float32). `verify` checks the weights'
+    sha256 first."""
     folder = Path(path)
     info, unet = read_expert_info(folder)
     weights = folder / WEIGHTS_NAME
     expected = unet.state_dict()
-    state = load_matching_state(weights, expected, info.sha256 if verify else None, device, ExpertFileError)
+    sha256 = info.sha256 if verify else None
+    state = load_matching_state(weights, expected, sha256, device, ExpertFileError, dtype or torch.float32)
     unet.load_state_dict(state, strict=True, assign=True)
-    # diffusers warns whenever `dtype` is passed, even as None.
-    unet.to(device) if dtype is None else unet.to(device, dtype)
+    unet.to(device)
     leftover = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
     if leftover:
         raise ExpertFileError(weights, f"tensors were not loaded: {leftover[:3]}")

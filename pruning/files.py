@@ -29,6 +29,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def stored_tensor(tensor: torch.Tensor, storage_dtype: torch.dtype) -> torch.Tensor:
+    """A CPU, contiguous copy for saving, floating tensors cast to `storage_dtype`."""
+    tensor = tensor.detach().cpu()
+    return (tensor.to(storage_dtype) if tensor.is_floating_point() else tensor).contiguous()
+
+
 def read_json_object(path: Path, error: type[ModelFileError] = ModelFileError) -> dict[str, Any]:
     if not path.is_file():
         raise error(path, "file not found")
@@ -47,9 +53,11 @@ def load_matching_state(
     sha256: str | None,
     device: str | torch.device = "cpu",
     error: type[ModelFileError] = ModelFileError,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """Read a safetensors file whose tensors must have exactly the names and shapes of `expected` (a state dict,
-    typically of a `meta` model), after checking its sha256 when one is given."""
+    typically of a `meta` model), after checking its sha256 when one is given. Floating tensors are cast to
+    `dtype` (files may store half precision to stay small)."""
     if not weights.is_file():
         raise error(weights, "file not found")
     if sha256 is not None and file_sha256(weights) != sha256:
@@ -67,4 +75,4 @@ def load_matching_state(
             raise error(
                 weights, f"tensor {name} has shape {tuple(state[name].shape)}, the model needs {tuple(tensor.shape)}"
             )
-    return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

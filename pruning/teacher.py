@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .files import ModelFileError, file_sha256, load_matching_state, read_json_object
+from .files import ModelFileError, file_sha256, load_matching_state, read_json_object, stored_tensor
 
 TEACHER_FORMAT = "aptp-teacher"
 TEACHER_VERSION = 1
@@ -51,13 +51,16 @@ class TeacherSpec:
     training: dict[str, Any] = field(default_factory=dict)
 
 
-def save_teacher(unet: nn.Module, spec: TeacherSpec, folder: str | Path) -> Path:
+def save_teacher(
+    unet: nn.Module, spec: TeacherSpec, folder: str | Path, storage_dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write a teacher folder; floating weights are stored as `storage_dtype`."""
     folder = Path(folder)
     (folder / "unet").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     config = {"_class_name": "UNet2DConditionModel", **{k: v for k, v in unet.config.items() if not k.startswith("_")}}
     (folder / "unet" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    state = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
+    state = {k: stored_tensor(v, storage_dtype) for k, v in unet.state_dict().items()}
     save_file(state, str(folder / UNET_WEIGHTS), metadata={"format": TEACHER_FORMAT})
     scheduler = {k: v for k, v in spec.scheduler_config.items() if not k.startswith("_")}
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
@@ -81,7 +84,8 @@ def _teacher_json(path: Path) -> dict[str, Any]:
 def load_teacher(
     folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[nn.Module, TeacherSpec]:
-    """Load a teacher folder written by [`save_teacher`], checking the weights' checksum and shapes."""
+    """Load a teacher folder written by [`save_teacher`] as `dtype` (default float32), checking the weights'
+    checksum and shapes."""
     from diffusers import UNet2DConditionModel
 
     folder = Path(folder)
@@ -96,9 +100,10 @@ def load_teacher(
     except (TypeError, ValueError, KeyError) as e:
         raise TeacherFileError(folder / "unet" / "config.json", f"cannot build the U-Net ({e})") from None
     sha256 = description.get("sha256", {}).get(UNET_WEIGHTS)
-    state = load_matching_state(folder / UNET_WEIGHTS, unet.state_dict(), sha256, device, TeacherFileError)
+    weights = folder / UNET_WEIGHTS
+    state = load_matching_state(weights, unet.state_dict(), sha256, device, TeacherFileError, dtype or torch.float32)
     unet.load_state_dict(state, strict=True, assign=True)
-    unet.to(device) if dtype is None else unet.to(device, dtype)
+    unet.to(device)
     unet.eval()
     try:
         spec = TeacherSpec(

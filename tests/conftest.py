@@ -174,3 +174,52 @@ def sd21_unet() -> UNet2DConditionModel:
 @pytest.fixture(scope="session")
 def sd21_space(sd21_unet) -> ArchitectureSpace:
     return ArchitectureSpace.from_unet(sd21_unet, text_len=TEXT_LEN)
+
+
+# ------------------------------------------------------------------------------------- the embedded shapes domain
+ENCODER_MAX_LENGTH = 40  # the teacher's text_encoder.max_length (configs/shapes/teacher.yaml)
+# The smallest teacher U-Net that builds: widths divisible by 4 GroupNorm groups and by 2-channel heads.
+TINY_TEACHER_UNET: dict[str, Any] = {"block_out_channels": [8, 16, 16], "norm_num_groups": 4, "attention_head_dim": 2}
+
+
+def tiny_teacher_config(tmp_path: Path, **overrides: Any):
+    """A `TeacherConfig` that trains a ~0.2 M parameter U-Net on batches of 4 in a fraction of a second per step,
+    with its run and export folders under `tmp_path`. `overrides` are top-level fields; `optim` is merged."""
+    from training.teacher import TeacherConfig
+
+    optim = {"steps": 2, "batch_size": 4, "warmup_steps": 1, **overrides.pop("optim", {})}
+    data: dict[str, Any] = {
+        "out": str(tmp_path / "run"),
+        "export": str(tmp_path / "teacher"),
+        "threads": None,
+        "log_every": 1,
+        "checkpoint_minutes": 60.0,
+        "unet": {**TINY_TEACHER_UNET, "sample_size": 32},
+        "text_encoder": {"name": "all-MiniLM-L6-v2", "max_length": ENCODER_MAX_LENGTH},
+        "optim": optim,
+        "sampling": {"steps": 2, "guidance_scale": 4.0},
+    }
+    data.update(overrides)
+    return TeacherConfig.model_validate(data)
+
+
+def shared_encoder_factory(encoder):
+    """A stand-in for the `PromptEncoder` class that hands out `encoder` whenever its config is asked for (and builds
+    any other config for real), so a test session loads all-MiniLM-L6-v2 once. Install it with
+    `monkeypatch.setattr("<module>.PromptEncoder", shared_encoder_factory(encoder))`."""
+    from router.encoder import PromptEncoder
+
+    def factory(config=None, device="cpu"):
+        if config is not None and config == encoder.config and torch.device(device) == encoder.device:
+            return encoder
+        return PromptEncoder(config, device=device)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def prompt_encoder():
+    """all-MiniLM-L6-v2 with the teacher's 40-token length, loaded once per session (~1-3 s). Read-only."""
+    from router.encoder import EncoderConfig, PromptEncoder
+
+    return PromptEncoder(EncoderConfig(max_length=ENCODER_MAX_LENGTH))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -31,6 +32,86 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_evaluator(args: argparse.Namespace) -> int:
+    from training.evaluator import train_evaluator
+
+    accuracy = train_evaluator(args.out, steps=args.steps, train_images=args.images, seed=args.seed, device=args.device)
+    print(json.dumps({"held_out_accuracy": accuracy}, indent=1))
+    return 0
+
+
+def _train_teacher(args: argparse.Namespace) -> int:
+    from training.config import ConfigError, load_config
+    from training.teacher import TeacherConfig, train_teacher
+
+    overrides = {k: v for k, v in (("out", args.out), ("export", args.export)) if v is not None}
+    try:
+        config = load_config(args.config, TeacherConfig, overrides)
+        if args.steps is not None:
+            config.optim.steps = args.steps
+    except ConfigError as e:
+        print(f"aptp train teacher: error: {e}", file=sys.stderr)
+        return 2
+    train_teacher(config)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from pruning.teacher import TeacherFileError
+    from training.pipeline import TextToImage
+
+    try:
+        pipeline = TextToImage.from_teacher(args.bundle, device=args.device)
+    except (TeacherFileError, ValueError) as e:
+        print(f"aptp generate: error: {e}", file=sys.stderr)
+        return 2
+    seeds = [args.seed + i for i in range(args.num_images)]
+    images = pipeline([args.prompt] * args.num_images, seeds, steps=args.steps, guidance_scale=args.guidance)
+    row = images.permute(2, 0, 3, 1).reshape(images.shape[2], -1, 3).numpy()  # (H, N * W, 3)
+    picture = Image.fromarray(row)
+    picture = picture.resize((picture.width * args.scale, picture.height * args.scale), Image.Resampling.NEAREST)
+    picture.save(args.out)
+    print(f"wrote {args.out} ({args.num_images} image(s), seeds {seeds[0]}..{seeds[-1]})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pruning.teacher import TeacherFileError
+    from training.evaluate import run_eval
+    from training.evaluator import DomainEvaluator
+    from training.pipeline import TextToImage
+
+    try:
+        pipeline = TextToImage.from_teacher(args.bundle, device=args.device)
+        evaluator = DomainEvaluator.load(args.evaluator)
+    except (TeacherFileError, ValueError) as e:
+        print(f"aptp eval: error: {e}", file=sys.stderr)
+        return 2
+
+    def generate(prompts, seeds):
+        return pipeline(prompts, seeds, steps=args.steps, guidance_scale=args.guidance)
+
+    name = args.name or pathlib.Path(args.bundle).name
+    extra = {"bundle": str(args.bundle), "steps": args.steps or pipeline.spec.sampling.get("steps")}
+    report = run_eval(generate, evaluator, args.out, name, args.num_prompts, args.num_heldout, args.seed, extra)
+    for result in report["results"]:
+        print(json.dumps(result))
+    print(f"wrote {args.out}/{name}.json, .md and _samples.png")
+    return 0
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aptp", description="Prompt-routed pruning and serving of diffusion U-Nets.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -47,6 +128,47 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.add_argument("--verify", action="store_true", help="cross-check the MACs with torch's FlopCounterMode")
     inspect.set_defaults(handler=_inspect)
+
+    train = commands.add_parser("train", help="training jobs").add_subparsers(dest="job", required=True, metavar="JOB")
+    evaluator = train.add_parser("evaluator", help="train the shapes domain's evaluator (classifier)")
+    evaluator.add_argument("--out", default="bundles/shapes/evaluator", help="output folder")
+    evaluator.add_argument("--steps", type=_positive_int, default=3000)
+    evaluator.add_argument("--images", type=_positive_int, default=60_000, help="generated training images")
+    evaluator.add_argument("--seed", type=int, default=1000)
+    evaluator.add_argument("--device", default="cpu")
+    evaluator.set_defaults(handler=_train_evaluator)
+
+    teacher = train.add_parser("teacher", help="train the embedded domain's teacher U-Net (resumes a killed run)")
+    teacher.add_argument("--config", required=True, help="YAML config, e.g. configs/shapes/teacher.yaml")
+    teacher.add_argument("--out", help="run folder (overrides the config)")
+    teacher.add_argument("--export", help="teacher folder to write at the end (overrides the config)")
+    teacher.add_argument("--steps", type=_positive_int, help="total steps (overrides the config)")
+    teacher.set_defaults(handler=_train_teacher)
+
+    generate = commands.add_parser("generate", help="generate images for one prompt")
+    generate.add_argument("prompt")
+    generate.add_argument("--bundle", default="bundles/shapes/teacher", help="teacher folder")
+    generate.add_argument("--out", required=True, help="PNG file (one row of images)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--steps", type=_positive_int, help="sampling steps (default: the model's)")
+    generate.add_argument("--guidance", type=_non_negative_float, help="guidance scale (default: the model's)")
+    generate.add_argument("--num-images", type=_positive_int, default=1)
+    generate.add_argument("--scale", type=_positive_int, default=4, help="nearest-neighbour upscaling for viewing")
+    generate.add_argument("--device", default="cpu")
+    generate.set_defaults(handler=_generate)
+
+    evaluate = commands.add_parser("eval", help="prompt alignment, domain FID and CMMD on the shapes domain")
+    evaluate.add_argument("--bundle", default="bundles/shapes/teacher", help="teacher folder")
+    evaluate.add_argument("--evaluator", default="bundles/shapes/evaluator")
+    evaluate.add_argument("--out", default="benchmarks/results")
+    evaluate.add_argument("--name", help="report name (default: the bundle folder's name)")
+    evaluate.add_argument("--num-prompts", type=_positive_int, default=1000, help="held-out prompts (test split)")
+    evaluate.add_argument("--num-heldout", type=_positive_int, default=400, help="prompts with unseen combinations")
+    evaluate.add_argument("--seed", type=int, default=7)
+    evaluate.add_argument("--steps", type=_positive_int, help="sampling steps (default: the model's, 25)")
+    evaluate.add_argument("--guidance", type=_non_negative_float, help="guidance scale (default: the model's)")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(handler=_eval)
     return parser
 
 

@@ -1,0 +1,117 @@
+"""The sampling loop: per-image seeds make an image independent of the batch it is computed in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+from pruning.diffusion import initial_noise, make_sampler, sample
+from tests.conftest import TINY_TEACHER_UNET, build_unet
+
+CROSS_DIM = 16
+TOKENS = 6
+RESOLUTION = 16
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def unet():
+    config = {
+        **TINY_TEACHER_UNET,
+        "sample_size": RESOLUTION,
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "cross_attention_dim": CROSS_DIM,
+    }
+    return build_unet(config, seed=4)
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    training = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    return make_sampler(training.config)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Three prompts' token states with padding masks of different lengths, and the empty prompt's."""
+    generator = torch.Generator().manual_seed(0)
+    cond = torch.randn(3, TOKENS, CROSS_DIM, generator=generator)
+    mask = torch.zeros(3, TOKENS, dtype=torch.int64)
+    for row, length in enumerate((2, 4, 6)):
+        mask[row, :length] = 1
+    uncond = torch.randn(1, TOKENS, CROSS_DIM, generator=generator)
+    uncond_mask = torch.zeros(1, TOKENS, dtype=torch.int64)
+    uncond_mask[0, :2] = 1
+    return cond, mask, uncond, uncond_mask
+
+
+def _sample(unet, sampler, prompts, rows, seeds, **kwargs):
+    cond, mask, uncond, uncond_mask = prompts
+    kwargs = {"steps": STEPS, "guidance_scale": 3.0, "resolution": RESOLUTION, **kwargs}
+    return sample(unet, sampler, cond[rows], mask[rows], uncond, uncond_mask, seeds, **kwargs)
+
+
+def test_make_sampler_keeps_the_training_schedule(sampler):
+    assert isinstance(sampler, DPMSolverMultistepScheduler)
+    assert sampler.config.prediction_type == "v_prediction"
+    assert sampler.config.beta_schedule == "squaredcos_cap_v2"
+    assert sampler.config.num_train_timesteps == 1000
+
+
+@pytest.mark.parametrize("guidance_scale", [3.0, 1.0])
+def test_an_image_does_not_depend_on_its_batch(unet, sampler, prompts, guidance_scale):
+    batch = _sample(unet, sampler, prompts, [0, 1, 2], [10, 11, 12], guidance_scale=guidance_scale)
+    assert batch.shape == (3, 3, RESOLUTION, RESOLUTION)
+    assert torch.isfinite(batch).all()
+    for row, seed in enumerate((10, 11, 12)):
+        alone = _sample(unet, sampler, prompts, [row], [seed], guidance_scale=guidance_scale)
+        assert alone.shape == (1, 3, RESOLUTION, RESOLUTION)
+        diff = (alone[0] - batch[row]).abs().max().item()
+        assert diff < 1e-4, f"row {row}: max abs difference {diff:.3e}"
+
+
+def test_order_in_the_batch_does_not_matter(unet, sampler, prompts):
+    forward = _sample(unet, sampler, prompts, [0, 1, 2], [10, 11, 12])
+    backward = _sample(unet, sampler, prompts, [2, 1, 0], [12, 11, 10])
+    assert (forward - backward.flip(0)).abs().max().item() < 1e-4
+
+
+def test_same_seed_and_prompt_repeat_exactly(unet, sampler, prompts):
+    first = _sample(unet, sampler, prompts, [1], [5])
+    assert torch.equal(first, _sample(unet, sampler, prompts, [1], [5]))
+
+
+def test_different_seeds_give_different_images(unet, sampler, prompts):
+    images = _sample(unet, sampler, prompts, [1, 1], [5, 6])
+    assert (images[0] - images[1]).abs().mean().item() > 0.05
+
+
+def test_guidance_changes_the_image(unet, sampler, prompts):
+    guided = _sample(unet, sampler, prompts, [1], [5], guidance_scale=3.0)
+    unguided = _sample(unet, sampler, prompts, [1], [5], guidance_scale=1.0)
+    assert (guided - unguided).abs().max().item() > 1e-3
+
+
+def test_the_shared_sampler_is_not_mutated(unet, sampler, prompts):
+    """`sample` works on a private copy of the scheduler, so a served sampler can be shared between calls."""
+    before = dict(sampler.config)
+    _sample(unet, sampler, prompts, [0], [1], steps=2)
+    assert dict(sampler.config) == before
+    assert sampler.num_inference_steps is None
+
+
+def test_mismatched_seed_count_raises(unet, sampler, prompts):
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        _sample(unet, sampler, prompts, [0, 1, 2], [1, 2])
+
+
+def test_initial_noise_is_per_seed():
+    noise = initial_noise([3, 4, 3], (2, 4, 4), "cpu", torch.float32)
+    assert noise.shape == (3, 2, 4, 4)
+    assert torch.equal(noise[0], noise[2]) and not torch.equal(noise[0], noise[1])
+    assert torch.equal(noise[1], torch.randn((2, 4, 4), generator=torch.Generator().manual_seed(4)))

@@ -1,0 +1,146 @@
+"""`aptp generate` and `aptp eval` on a tiny random-weight teacher: the files they write and clean failures."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+import training.pipeline as pipeline_module
+from pruning.teacher import TeacherSpec, save_teacher
+from tests.conftest import ENCODER_MAX_LENGTH, TINY_TEACHER_UNET, build_unet, shared_encoder_factory
+from training.cli import main
+from training.evaluator import DomainEvaluator, EvaluatorConfig
+
+RESOLUTION = 32
+
+
+@pytest.fixture(autouse=True)
+def shared_encoder(monkeypatch, prompt_encoder):
+    monkeypatch.setattr(pipeline_module, "PromptEncoder", shared_encoder_factory(prompt_encoder))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A teacher folder holding a tiny random U-Net that cross-attends to all-MiniLM-L6-v2 token states."""
+    config = {
+        **TINY_TEACHER_UNET,
+        "sample_size": RESOLUTION,
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "cross_attention_dim": 384,
+    }
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    spec = TeacherSpec(
+        resolution=RESOLUTION,
+        text_encoder={"name": "all-MiniLM-L6-v2", "max_length": ENCODER_MAX_LENGTH},
+        scheduler_config=dict(scheduler.config),
+        sampling={"steps": 2, "guidance_scale": 4.0},
+    )
+    return save_teacher(build_unet(config, seed=0), spec, tmp_path_factory.mktemp("bundle") / "tiny-teacher")
+
+
+@pytest.fixture(scope="module")
+def evaluator(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("evaluator") / "evaluator"
+    DomainEvaluator(EvaluatorConfig(width=8, feature_dim=32)).save(folder)
+    return folder
+
+
+def _run(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+# -------------------------------------------------------------------------------------------------------- generate
+def test_generate_writes_one_row_of_images(tmp_path, capsys, bundle):
+    out = tmp_path / "x.png"
+    args = ["generate", "a red circle", "--bundle", bundle, "--out", out, "--steps", 2, "--num-images", 2]
+    code, stdout, err = _run(capsys, *args, "--scale", 1)
+    assert code == 0, err
+    assert str(out) in stdout
+    image = Image.open(out)
+    assert image.format == "PNG" and image.mode == "RGB"
+    assert image.size == (64, 32)  # (width, height): two 32x32 images side by side
+    pixels = _pixels(out)
+    assert np.abs(pixels[:, :32] - pixels[:, 32:]).mean() > 1  # seeds 0 and 1 differ
+
+    # per-image seeds: image 2 of `--seed 0` is image 1 of `--seed 1`
+    single = tmp_path / "single.png"
+    code, _, err = _run(capsys, "generate", "a red circle", "--bundle", bundle, "--out", single, "--steps", 2)
+    assert code == 0, err
+    shifted = tmp_path / "shifted.png"
+    code, _, err = _run(capsys, *args[:5], shifted, "--steps", 2, "--seed", 1, "--scale", 1)
+    assert code == 0, err
+    assert Image.open(single).size == (128, 128)  # the default 4x upscaling
+    assert np.abs(_pixels(single)[::4, ::4] - pixels[:, :32]).max() <= 1
+    assert np.abs(_pixels(shifted) - pixels[:, 32:]).max() <= 1
+
+
+def test_generate_with_a_missing_bundle_exits_2_naming_the_path(tmp_path, capsys):
+    code, _, err = _run(capsys, "generate", "a red circle", "--bundle", "/nonexistent", "--out", tmp_path / "x.png")
+    assert code == 2
+    assert "/nonexistent" in err and "error" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_with_a_corrupt_bundle_exits_2_naming_the_file(tmp_path, capsys, bundle):
+    broken = tmp_path / "broken"
+    for path in bundle.rglob("*"):
+        if path.is_file():
+            target = broken / path.relative_to(bundle)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    (broken / "teacher.json").write_text("{")
+    code, _, err = _run(capsys, "generate", "a red circle", "--bundle", broken, "--out", tmp_path / "x.png")
+    assert code == 2 and str(broken / "teacher.json") in err
+
+
+# ------------------------------------------------------------------------------------------------------------ eval
+def test_eval_writes_the_report_and_sample_grid(tmp_path, capsys, bundle, evaluator):
+    out = tmp_path / "results"
+    args = ["eval", "--bundle", bundle, "--evaluator", evaluator, "--num-prompts", 8, "--num-heldout", 8]
+    code, stdout, err = _run(capsys, *args, "--steps", 2, "--out", out)
+    assert code == 0, err
+    name = bundle.name
+    assert {p.name for p in out.iterdir()} >= {f"{name}.json", f"{name}.md", f"{name}_samples.png"}
+    report = json.loads((out / f"{name}.json").read_text())
+    assert report["name"] == name and report["steps"] == 2 and report["bundle"] == str(bundle)
+    results = report["results"]
+    assert [r["split"] for r in results] == ["test", "heldout"]
+    for result in results:
+        assert result["prompts"] == 8 and sum(result["tier_counts"].values()) == 8
+        numbers = [result["alignment"]["overall"], result["alignment_real"]["overall"]]
+        numbers += [result[k] for k in ("domain_fid", "domain_fid_floor", "cmmd", "cmmd_floor")]
+        assert all(isinstance(x, float) and math.isfinite(x) for x in numbers), result
+        assert 0 <= result["alignment"]["overall"] <= 1
+        assert result["domain_fid"] >= 0 and result["domain_fid_floor"] >= 0
+    assert name in (out / f"{name}.md").read_text()
+    grid = Image.open(out / f"{name}_samples.png")
+    assert grid.format == "PNG" and grid.width == 8 * RESOLUTION * 4  # 8 images a row, 4x upscaled
+    # one JSON line per split on stdout
+    assert [json.loads(line)["split"] for line in stdout.splitlines() if line.startswith("{")] == ["test", "heldout"]
+
+
+@pytest.mark.parametrize("which", ["--bundle", "--evaluator"])
+def test_eval_with_a_missing_folder_exits_2_naming_it(tmp_path, capsys, bundle, evaluator, which):
+    paths = {"--bundle": bundle, "--evaluator": evaluator, which: tmp_path / "missing"}
+    code, _, err = _run(capsys, "eval", *sum(([k, v] for k, v in paths.items()), []), "--out", tmp_path / "out")
+    assert code == 2
+    assert str(tmp_path / "missing") in err
+    assert not (tmp_path / "out").exists()

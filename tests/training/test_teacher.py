@@ -1,0 +1,209 @@
+"""`aptp train teacher`: a tiny run writes its log, checkpoint and a loadable teacher folder, resumes exactly after
+being killed, weights the loss by min-SNR-gamma, and rejects bad configs with messages naming file and field."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+import training.teacher as teacher_module
+from pruning.teacher import load_teacher
+from tests.conftest import ENCODER_MAX_LENGTH, TINY_TEACHER_UNET, shared_encoder_factory, tiny_teacher_config
+from training.checkpoint import latest_checkpoint, load_checkpoint
+from training.cli import main
+from training.teacher import min_snr_weight, train_teacher
+
+
+@pytest.fixture(autouse=True)
+def shared_encoder(monkeypatch, prompt_encoder):
+    monkeypatch.setattr(teacher_module, "PromptEncoder", shared_encoder_factory(prompt_encoder))
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: raised from inside the training loop."""
+
+
+def _kill_at_step(monkeypatch, step: int, batch_size: int) -> None:
+    """Make the run die when it fetches the data of `step` (after the previous steps completed)."""
+
+    class DyingDomain(teacher_module.ShapesDomain):
+        def batch(self, start, count):
+            if start == step * batch_size:
+                raise Killed(f"killed at step {step}")
+            return super().batch(start, count)
+
+    monkeypatch.setattr(teacher_module, "ShapesDomain", DyingDomain)
+
+
+def _train(config, init_seed: int = 0):
+    """`train_teacher` with the global RNG seeded first: the U-Net's initial weights are drawn from it (see
+    `test_same_config_gives_the_same_teacher`)."""
+    torch.manual_seed(init_seed)
+    return train_teacher(config)
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    unet, _ = load_teacher(folder)
+    return unet.state_dict()
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-6, f"max abs difference {worst:.3e}"
+
+
+# ------------------------------------------------------------------------------------------------------ a tiny run
+def test_tiny_run_writes_log_checkpoint_and_a_loadable_teacher(tmp_path):
+    config = tiny_teacher_config(tmp_path, checkpoint_minutes=1e-9)
+    export = _train(config)
+    run = tmp_path / "run"
+
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    assert all(math.isfinite(r["grad_norm"]) for r in records)
+
+    checkpoint = latest_checkpoint(run)
+    assert checkpoint == run / "checkpoint"
+    assert json.loads((run / "config.json").read_text())["optim"]["steps"] == 2
+
+    assert export == tmp_path / "teacher"
+    unet, spec = load_teacher(export)
+    assert list(unet.config.block_out_channels) == TINY_TEACHER_UNET["block_out_channels"]
+    assert unet.config.cross_attention_dim == 384  # all-MiniLM-L6-v2's width
+    assert unet.config.sample_size == 32
+    assert spec.resolution == 32
+    assert spec.text_encoder == {"name": "all-MiniLM-L6-v2", "max_length": ENCODER_MAX_LENGTH}
+    assert spec.scheduler_config["prediction_type"] == "v_prediction"
+    assert spec.scheduler_config["beta_schedule"] == "squaredcos_cap_v2"
+    assert spec.sampling == {"steps": 2, "guidance_scale": 4.0}
+    assert spec.training["steps"] == 2 and spec.training["batch_size"] == 4
+
+    # the export holds the EMA weights saved in the checkpoint, not the raw ones
+    shadow = {k: torch.empty_like(v) for k, v in unet.named_parameters()}
+    raw = teacher_module.build_unet(config, 384)
+    state = load_checkpoint(checkpoint, {"unet": raw, "ema": shadow}, None)
+    assert state["step"] == 2
+    for name, param in unet.named_parameters():
+        # stored in half precision (export_dtype float16), loaded back as float32
+        assert torch.equal(param, shadow[name].half().float()), name
+    assert any(not torch.equal(p, raw.get_parameter(n)) for n, p in unet.named_parameters())
+
+
+def test_training_changes_the_weights(tmp_path):
+    """The export of 2 steps differs from that of 1 step (the loop really optimises; EMA warm-up is fast)."""
+    one = _train(tiny_teacher_config(tmp_path / "one", optim={"steps": 1}))
+    two = _train(tiny_teacher_config(tmp_path / "two", optim={"steps": 2}))
+    a, b = _weights(one), _weights(two)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------ resumption
+def test_run_killed_mid_way_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """The "resumes after being killed" guarantee: data, noise and timesteps are functions of the step."""
+    straight = _train(tiny_teacher_config(tmp_path / "a", optim={"steps": 4}))
+
+    config = tiny_teacher_config(tmp_path / "b", optim={"steps": 4}, checkpoint_minutes=1e-9)
+    with monkeypatch.context() as patch:
+        _kill_at_step(patch, 2, batch_size=4)
+        with pytest.raises(Killed):
+            _train(config)
+    assert not (tmp_path / "b" / "teacher").exists()
+    assert load_checkpoint(tmp_path / "b" / "run" / "checkpoint", {}, None)["step"] == 2
+    resumed = _train(config, init_seed=1)  # a resumed run takes its weights from the checkpoint
+    _assert_same_weights(_weights(resumed), _weights(straight))
+    logged = [json.loads(line)["step"] for line in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
+    assert logged == [0, 1, 2, 3]
+
+
+def test_extending_a_finished_run_resumes_from_its_checkpoint(tmp_path):
+    """A 2-step run re-run with steps=4 on the same folder continues (its learning rates match a straight 4-step run
+    because all 4 steps are in the warm-up, whose rates do not depend on the total)."""
+    optim = {"warmup_steps": 10}
+    straight = _train(tiny_teacher_config(tmp_path / "a", optim={**optim, "steps": 4}))
+    _train(tiny_teacher_config(tmp_path / "b", optim={**optim, "steps": 2}))
+    resumed = _train(tiny_teacher_config(tmp_path / "b", optim={**optim, "steps": 4}), init_seed=1)
+    _assert_same_weights(_weights(resumed), _weights(straight))
+    fresh = _train(tiny_teacher_config(tmp_path / "c", optim={**optim, "steps": 2}))
+    a, b = _weights(resumed), _weights(fresh)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-5  # the 2 extra steps did train
+
+
+def test_same_config_gives_the_same_teacher(tmp_path):
+    """`seed` is the run's seed: the same config trains the same teacher whatever ran before in the process."""
+    first = _train(tiny_teacher_config(tmp_path / "a", optim={"steps": 1}), init_seed=0)
+    second = _train(tiny_teacher_config(tmp_path / "b", optim={"steps": 1}), init_seed=1)
+    _assert_same_weights(_weights(first), _weights(second))
+
+
+# ------------------------------------------------------------------------------------------------------- the loss
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_min_snr_weight(gamma):
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    alphas = scheduler.alphas_cumprod
+    timesteps = torch.tensor([0, 10, 100, 500, 900, 999])
+    v = min_snr_weight(alphas, timesteps, gamma, "v_prediction")
+    eps = min_snr_weight(alphas, timesteps, gamma, "epsilon")
+    for i, t in enumerate(timesteps.tolist()):
+        snr = alphas[t].item() / (1 - alphas[t].item())
+        assert v[i].item() == pytest.approx(min(snr, gamma) / (snr + 1), rel=1e-4)
+        assert eps[i].item() == pytest.approx(min(snr, gamma) / snr, rel=1e-4)
+    # high-SNR (early) steps are down-weighted, low-SNR ones are not for epsilon
+    assert eps[0] < 1 and eps[-1].item() == pytest.approx(1.0)
+    assert torch.all(v <= 1)
+
+
+# ------------------------------------------------------------------------------------------------------ the command
+def _train_cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(["train", "teacher", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+def test_cli_missing_config_exits_2_naming_the_file(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    code, err = _train_cli(capsys, "--config", missing)
+    assert code == 2
+    assert str(missing) in err and "not found" in err
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("optim:\n  steps: -1\n", "optim.steps"),
+        ("noise:\n  prediction_type: sample\n", "noise.prediction_type"),
+        ("unet:\n  block_out_channels: wide\n", "unet.block_out_channels"),
+    ],
+)
+def test_cli_invalid_field_exits_2_naming_file_and_field(tmp_path, capsys, text, field):
+    path = tmp_path / "teacher.yaml"
+    path.write_text(text)
+    code, err = _train_cli(capsys, "--config", path)
+    assert code == 2
+    assert str(path) in err and field in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_invalid_yaml_exits_2(tmp_path, capsys):
+    path = tmp_path / "teacher.yaml"
+    path.write_text("optim: [unclosed\n")
+    code, err = _train_cli(capsys, "--config", path)
+    assert code == 2 and str(path) in err and "YAML" in err
+
+
+def test_cli_trains_with_overrides(tmp_path, capsys):
+    """`--out`, `--export` and `--steps` override the YAML; the run writes where it is told."""
+    config = tiny_teacher_config(tmp_path, optim={"steps": 50})
+    path = tmp_path / "teacher.yaml"
+    path.write_text(json.dumps(config.model_dump()))  # JSON is YAML
+    out, export = tmp_path / "elsewhere", tmp_path / "exported"
+    code = main(["train", "teacher", "--config", str(path), "--out", str(out), "--export", str(export), "--steps", "1"])
+    assert code == 0, capsys.readouterr().err
+    _, spec = load_teacher(export)
+    assert spec.training["steps"] == 1
+    assert latest_checkpoint(out) is not None
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,215 @@
+"""`aptp train teacher`: train the embedded domain's pixel-space U-Net from scratch.
+
+Denoising loss with min-SNR-gamma weighting, prompt dropout (for classifier-free guidance), EMA weights, AdamW with
+warm-up and cosine decay. The run folder holds `log.jsonl` (loss per step), `checkpoint/` (written every few
+minutes and at the end; a killed run resumes from it exactly: data, noise and timesteps are functions of the step),
+and the exported teacher folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from pydantic import BaseModel, Field
+from tqdm import tqdm
+
+from pruning.teacher import TeacherSpec, save_teacher
+from router.encoder import EncoderConfig, PromptEncoder
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data.labels import collate, images_to_unit_range
+from .data.shapes import ShapesDomain
+
+
+class UNetSettings(BaseModel):
+    sample_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: list[int] = [32, 64, 96]
+    layers_per_block: int = 1
+    down_block_types: list[str] = ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    up_block_types: list[str] = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    attention_head_dim: int | list[int] = 8
+    norm_num_groups: int = 8
+
+
+class NoiseSettings(BaseModel):
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = Field("v_prediction", pattern="^(epsilon|v_prediction)$")
+
+
+class OptimSettings(BaseModel):
+    steps: int = Field(5000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(6e-4, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    prompt_dropout: float = Field(0.1, ge=0, lt=1)
+    min_snr_gamma: float = Field(5.0, gt=0)
+
+
+class TeacherConfig(BaseModel):
+    """Config of `aptp train teacher` (see configs/shapes/teacher.yaml)."""
+
+    out: str = "runs/teacher-shapes"
+    export: str = "bundles/shapes/teacher"
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    checkpoint_minutes: float = Field(5.0, gt=0)
+    log_every: int = Field(10, ge=1)
+    unet: UNetSettings = UNetSettings()
+    text_encoder: EncoderConfig = EncoderConfig(max_length=40)
+    noise: NoiseSettings = NoiseSettings()
+    optim: OptimSettings = OptimSettings()
+    sampling: dict[str, Any] = {"steps": 25, "guidance_scale": 4.0}
+    export_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
+
+
+def build_unet(config: TeacherConfig, cross_attention_dim: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(**config.unet.model_dump(), cross_attention_dim=cross_attention_dim)
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str):
+    """Per-sample loss weight of min-SNR-gamma (Hang et al. 2023) for epsilon or v targets."""
+    alpha_bar = alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def _lr_factor(step: int, optim: OptimSettings) -> float:
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    progress = (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps)
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def diffusion_loss(unet, scheduler: DDPMScheduler, x0, context, mask, generator, gamma: float) -> torch.Tensor:
+    """Min-SNR-weighted denoising loss for one batch; noise and timesteps come from `generator`."""
+    batch = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(x0.device)
+    noisy = scheduler.add_noise(x0, noise, timesteps)
+    prediction_type = scheduler.config.prediction_type
+    target = scheduler.get_velocity(x0, noise, timesteps) if prediction_type == "v_prediction" else noise
+    pred = unet(noisy, timesteps, encoder_hidden_states=context, encoder_attention_mask=mask).sample
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    alphas = scheduler.alphas_cumprod.to(x0.device)
+    return (min_snr_weight(alphas, timesteps, gamma, prediction_type) * per_sample).mean()
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for name, param in model.named_parameters():
+            self.shadow[name].lerp_(param.detach(), 1 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for name, param in model.named_parameters():
+            param.copy_(self.shadow[name])
+
+
+def train_teacher(config: TeacherConfig) -> Path:
+    """Run (or resume) teacher training; exports the EMA model to `config.export` when done."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run = Path(config.out)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(config.model_dump_json(indent=1) + "\n")
+    device = torch.device(config.device)
+    encoder = PromptEncoder(config.text_encoder, device=device)
+    torch.manual_seed(config.seed)  # the initial weights are part of what the seed reproduces
+    unet = build_unet(config, encoder.dim).to(device).to(memory_format=torch.channels_last)
+    scheduler = DDPMScheduler(**config.noise.model_dump())
+    optim = config.optim
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    ema = EMA(unet, optim.ema_decay)
+    domain = ShapesDomain(seed=config.seed, split="train")
+
+    state = {"step": 0, "elapsed_seconds": 0.0}
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, {"unet": unet, "ema": ema.shadow}, optimizer)
+        print(f"resuming from {checkpoint} at step {state['step']}")
+    log = open(run / "log.jsonl", "a")  # noqa: SIM115 (closed after the loop; a crash flushes what was written)
+    started, last_save = time.time(), time.time()
+    elapsed_before = state["elapsed_seconds"]
+
+    def save(step: int) -> None:
+        state.update(step=step, elapsed_seconds=elapsed_before + time.time() - started)
+        save_checkpoint(run / "checkpoint", {"unet": unet, "ema": ema.shadow}, optimizer, state)
+
+    progress = tqdm(range(state["step"], optim.steps), desc="teacher", initial=state["step"], total=optim.steps)
+    for step in progress:
+        unet.train()
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        samples = domain.batch(step * optim.batch_size, optim.batch_size)
+        images, _ = collate(samples)
+        x0 = images_to_unit_range(images).to(device).contiguous(memory_format=torch.channels_last)
+        drop = torch.rand(len(samples), generator=generator) < optim.prompt_dropout
+        captions = ["" if d else s.caption for s, d in zip(samples, drop.tolist(), strict=True)]
+        encoded = encoder.encode(captions)
+        for group in optimizer.param_groups:
+            group["lr"] = optim.lr * _lr_factor(step, optim)
+        loss = diffusion_loss(unet, scheduler, x0, encoded.tokens, encoded.mask, generator, optim.min_snr_gamma)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), optim.grad_clip)
+        optimizer.step()
+        ema.update(unet, step)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"loss became {loss.item()} at step {step}; last checkpoint kept in {run}")
+        if step % config.log_every == 0 or step == optim.steps - 1:
+            record = {
+                "step": step,
+                "loss": round(loss.item(), 5),
+                "grad_norm": round(float(grad_norm), 4),
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": round(elapsed_before + time.time() - started, 1),
+            }
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if time.time() - last_save > config.checkpoint_minutes * 60:
+            save(step + 1)
+            last_save = time.time()
+    save(optim.steps)
+    log.close()
+    ema.copy_to(unet)
+    spec = TeacherSpec(
+        resolution=config.unet.sample_size,
+        text_encoder=config.text_encoder.model_dump(),
+        scheduler_config=dict(scheduler.config),
+        sampling=config.sampling,
+        training={
+            "steps": optim.steps,
+            "batch_size": optim.batch_size,
+            "seconds": round(state["elapsed_seconds"], 1),
+            "torch_threads": torch.get_num_threads(),
+            "device": config.device,
+        },
+    )
+    storage = getattr(torch, config.export_dtype)
+    save_teacher(unet.to(memory_format=torch.contiguous_format).cpu(), spec, config.export, storage_dtype=storage)
+    print(f"teacher written to {config.export} ({state['elapsed_seconds'] / 60:.1f} min of training)")
+    return Path(config.export)

@@ -147,11 +147,9 @@ def trace_mac_table(space: ArchitectureSpace, resolution: tuple[int, int]) -> Ma
             handle.remove()
 
     unit_macs = {u.name: per_owner.get(u.name, 0) for u in space.units}
-    position = {u.name: space.slices[u.name].start for u in space.units}
-    gate_macs, parent_index = [], []
+    gate_macs = []
     for unit in space.width_units:
         gate_macs += [unit_macs[unit.name] / unit.num_gates] * unit.num_gates
-        parent_index += [position[unit.depth_parent] if unit.depth_parent else -1] * unit.num_gates
     # A depth unit removes its own MACs plus those of the width units inside it (through parent_index).
     full_depth_macs = dict(unit_macs)
     for unit in space.width_units:
@@ -163,7 +161,7 @@ def trace_mac_table(space: ArchitectureSpace, resolution: tuple[int, int]) -> Ma
         fixed=per_owner.get(None, 0),
         total=sum(per_owner.values()),
         gate_macs=torch.tensor(gate_macs, dtype=torch.float64),
-        parent_index=torch.tensor(parent_index, dtype=torch.long),
+        parent_index=space.parent_index(),
         depth_macs=torch.tensor([per_owner.get(u.name, 0) for u in space.depth_units], dtype=torch.float64),
         unit_macs=unit_macs,
         op_macs=per_op,

@@ -203,6 +203,14 @@ class ArchitectureSpace:
         """For every gate, the index of its unit in `self.units` (shape `(dim,)`)."""
         return torch.cat([torch.full((u.num_gates,), i, dtype=torch.long) for i, u in enumerate(self.units)])
 
+    def parent_index(self) -> torch.Tensor:
+        """For every width gate, the position of the depth gate whose module contains it, or -1 (`(width_dim,)`)."""
+        index = []
+        for unit in self.width_units:
+            parent = self.slices[unit.depth_parent].start if unit.depth_parent else -1
+            index += [parent] * unit.num_gates
+        return torch.tensor(index, dtype=torch.long)
+
     def gate_weights(self) -> torch.Tensor:
         """1 / sqrt(gates in the unit) per gate, so that every unit weighs the same in a normalised vector."""
         return torch.cat([torch.full((u.num_gates,), 1.0 / math.sqrt(u.num_gates)) for u in self.units])

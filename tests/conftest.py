@@ -223,3 +223,33 @@ def prompt_encoder():
     from router.encoder import EncoderConfig, PromptEncoder
 
     return PromptEncoder(EncoderConfig(max_length=ENCODER_MAX_LENGTH))
+
+
+def tiny_teacher_unet_config(**overrides: Any) -> dict[str, Any]:
+    """The tiny teacher U-Net (`TINY_TEACHER_UNET` widths, ~0.3 M parameters): 32x32 RGB, cross-attending to
+    all-MiniLM-L6-v2 token states (384-d)."""
+    config = small_unet_config(**TINY_TEACHER_UNET, sample_size=32, cross_attention_dim=384)
+    config.update(overrides)
+    return config
+
+
+def tiny_teacher_spec(resolution: int = 32):
+    """A `TeacherSpec` for the tiny teacher: v-prediction cosine schedule, all-MiniLM-L6-v2 with 40 tokens."""
+    from diffusers import DDPMScheduler
+
+    from pruning.teacher import TeacherSpec
+
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    return TeacherSpec(
+        resolution=resolution,
+        text_encoder={"name": "all-MiniLM-L6-v2", "max_length": ENCODER_MAX_LENGTH},
+        scheduler_config=dict(scheduler.config),
+        sampling={"steps": 2, "guidance_scale": 4.0},
+    )
+
+
+def save_tiny_teacher(folder: Path, seed: int = 0) -> Path:
+    """Write a teacher folder holding a random tiny teacher U-Net (float32 weights); returns `folder`."""
+    from pruning.teacher import save_teacher
+
+    return save_teacher(build_unet(tiny_teacher_unet_config(), seed=seed), tiny_teacher_spec(), folder)

@@ -97,10 +97,10 @@ def load_checkpoint(
     return meta["state"]
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def latest_checkpoint(run_dir: str | Path, name: str = "checkpoint") -> Path | None:
     """The run's checkpoint, or the previous one if a kill fell between the two renames of a save."""
-    for name in ("checkpoint", "checkpoint.old"):
-        folder = Path(run_dir) / name
+    for candidate in (name, name + ".old"):
+        folder = Path(run_dir) / candidate
         if (folder / STATE).is_file():
             return folder
     return None

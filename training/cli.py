@@ -56,6 +56,21 @@ def _train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_search(args: argparse.Namespace) -> int:
+    from pruning.files import ModelFileError
+    from training.config import ConfigError, load_config
+    from training.search import SearchConfig, run_search
+
+    overrides = {k: v for k, v in (("out", args.out), ("teacher", args.teacher), ("steps", args.steps)) if v}
+    try:
+        config = load_config(args.config, SearchConfig, overrides)
+        run_search(config)
+    except (ConfigError, ModelFileError) as e:
+        print(f"aptp train search: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -144,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--export", help="teacher folder to write at the end (overrides the config)")
     teacher.add_argument("--steps", type=_positive_int, help="total steps (overrides the config)")
     teacher.set_defaults(handler=_train_teacher)
+
+    search = train.add_parser("search", help="APTP phase 1: router and architecture codes (resumes a killed run)")
+    search.add_argument("--config", required=True, help="YAML config, e.g. configs/shapes/search.yaml")
+    search.add_argument("--out", help="run folder (overrides the config)")
+    search.add_argument("--teacher", help="teacher folder (overrides the config)")
+    search.add_argument("--steps", type=_positive_int, help="total steps (overrides the config)")
+    search.set_defaults(handler=_train_search)
 
     generate = commands.add_parser("generate", help="generate images for one prompt")
     generate.add_argument("prompt")

@@ -8,9 +8,7 @@ and the exported teacher folder.
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +21,10 @@ from tqdm import tqdm
 from pruning.teacher import TeacherSpec, save_teacher
 from router.encoder import EncoderConfig, PromptEncoder
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data.labels import collate, images_to_unit_range
 from .data.shapes import ShapesDomain
+from .noise import NoisyBatch
+from .run import RunSettings, TrainingRun, check_finite
 
 
 class UNetSettings(BaseModel):
@@ -59,16 +58,11 @@ class OptimSettings(BaseModel):
     min_snr_gamma: float = Field(5.0, gt=0)
 
 
-class TeacherConfig(BaseModel):
+class TeacherConfig(RunSettings):
     """Config of `aptp train teacher` (see configs/shapes/teacher.yaml)."""
 
     out: str = "runs/teacher-shapes"
     export: str = "bundles/shapes/teacher"
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-    checkpoint_minutes: float = Field(5.0, gt=0)
-    log_every: int = Field(10, ge=1)
     unet: UNetSettings = UNetSettings()
     text_encoder: EncoderConfig = EncoderConfig(max_length=40)
     noise: NoiseSettings = NoiseSettings()
@@ -81,14 +75,6 @@ def build_unet(config: TeacherConfig, cross_attention_dim: int) -> UNet2DConditi
     return UNet2DConditionModel(**config.unet.model_dump(), cross_attention_dim=cross_attention_dim)
 
 
-def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str):
-    """Per-sample loss weight of min-SNR-gamma (Hang et al. 2023) for epsilon or v targets."""
-    alpha_bar = alphas_cumprod[timesteps]
-    snr = alpha_bar / (1 - alpha_bar)
-    clipped = snr.clamp(max=gamma)
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
-
-
 def _lr_factor(step: int, optim: OptimSettings) -> float:
     if step < optim.warmup_steps:
         return (step + 1) / optim.warmup_steps
@@ -98,16 +84,10 @@ def _lr_factor(step: int, optim: OptimSettings) -> float:
 
 def diffusion_loss(unet, scheduler: DDPMScheduler, x0, context, mask, generator, gamma: float) -> torch.Tensor:
     """Min-SNR-weighted denoising loss for one batch; noise and timesteps come from `generator`."""
-    batch = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(x0.device)
-    noisy = scheduler.add_noise(x0, noise, timesteps)
-    prediction_type = scheduler.config.prediction_type
-    target = scheduler.get_velocity(x0, noise, timesteps) if prediction_type == "v_prediction" else noise
-    pred = unet(noisy, timesteps, encoder_hidden_states=context, encoder_attention_mask=mask).sample
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    alphas = scheduler.alphas_cumprod.to(x0.device)
-    return (min_snr_weight(alphas, timesteps, gamma, prediction_type) * per_sample).mean()
+    batch = NoisyBatch.make(scheduler, x0, generator, gamma)
+    pred = unet(batch.noisy, batch.timesteps, encoder_hidden_states=context, encoder_attention_mask=mask).sample
+    per_sample = F.mse_loss(pred.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (batch.weight * per_sample).mean()
 
 
 class EMA:
@@ -131,11 +111,6 @@ class EMA:
 
 def train_teacher(config: TeacherConfig) -> Path:
     """Run (or resume) teacher training; exports the EMA model to `config.export` when done."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    run = Path(config.out)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(config.model_dump_json(indent=1) + "\n")
     device = torch.device(config.device)
     encoder = PromptEncoder(config.text_encoder, device=device)
     torch.manual_seed(config.seed)  # the initial weights are part of what the seed reproduces
@@ -145,21 +120,10 @@ def train_teacher(config: TeacherConfig) -> Path:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     ema = EMA(unet, optim.ema_decay)
     domain = ShapesDomain(seed=config.seed, split="train")
+    run = TrainingRun(config, {"unet": unet, "ema": ema.shadow}, optimizer)
+    start = run.resume()
 
-    state = {"step": 0, "elapsed_seconds": 0.0}
-    checkpoint = latest_checkpoint(run)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, {"unet": unet, "ema": ema.shadow}, optimizer)
-        print(f"resuming from {checkpoint} at step {state['step']}")
-    log = open(run / "log.jsonl", "a")  # noqa: SIM115 (closed after the loop; a crash flushes what was written)
-    started, last_save = time.time(), time.time()
-    elapsed_before = state["elapsed_seconds"]
-
-    def save(step: int) -> None:
-        state.update(step=step, elapsed_seconds=elapsed_before + time.time() - started)
-        save_checkpoint(run / "checkpoint", {"unet": unet, "ema": ema.shadow}, optimizer, state)
-
-    progress = tqdm(range(state["step"], optim.steps), desc="teacher", initial=state["step"], total=optim.steps)
+    progress = tqdm(range(start, optim.steps), desc="teacher", initial=start, total=optim.steps)
     for step in progress:
         unet.train()
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
@@ -177,24 +141,13 @@ def train_teacher(config: TeacherConfig) -> Path:
         grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), optim.grad_clip)
         optimizer.step()
         ema.update(unet, step)
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"loss became {loss.item()} at step {step}; last checkpoint kept in {run}")
-        if step % config.log_every == 0 or step == optim.steps - 1:
-            record = {
-                "step": step,
-                "loss": round(loss.item(), 5),
-                "grad_norm": round(float(grad_norm), 4),
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": round(elapsed_before + time.time() - started, 1),
-            }
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+        check_finite(loss, step, run)
+        if run.should_log(step, optim.steps):
+            lr = optimizer.param_groups[0]["lr"]
+            run.log({"step": step, "loss": round(loss.item(), 5), "grad_norm": round(float(grad_norm), 4), "lr": lr})
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        if time.time() - last_save > config.checkpoint_minutes * 60:
-            save(step + 1)
-            last_save = time.time()
-    save(optim.steps)
-    log.close()
+        run.maybe_save(step + 1)
+    run.save(optim.steps)
     ema.copy_to(unet)
     spec = TeacherSpec(
         resolution=config.unet.sample_size,
@@ -204,12 +157,12 @@ def train_teacher(config: TeacherConfig) -> Path:
         training={
             "steps": optim.steps,
             "batch_size": optim.batch_size,
-            "seconds": round(state["elapsed_seconds"], 1),
+            "seconds": round(run.state["elapsed_seconds"], 1),
             "torch_threads": torch.get_num_threads(),
             "device": config.device,
         },
     )
     storage = getattr(torch, config.export_dtype)
     save_teacher(unet.to(memory_format=torch.contiguous_format).cpu(), spec, config.export, storage_dtype=storage)
-    print(f"teacher written to {config.export} ({state['elapsed_seconds'] / 60:.1f} min of training)")
+    print(f"teacher written to {config.export} ({run.state['elapsed_seconds'] / 60:.1f} min of training)")
     return Path(config.export)

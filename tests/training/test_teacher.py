@@ -15,7 +15,8 @@ from pruning.teacher import load_teacher
 from tests.conftest import ENCODER_MAX_LENGTH, TINY_TEACHER_UNET, shared_encoder_factory, tiny_teacher_config
 from training.checkpoint import latest_checkpoint, load_checkpoint
 from training.cli import main
-from training.teacher import min_snr_weight, train_teacher
+from training.noise import min_snr_weight
+from training.teacher import train_teacher
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,33 @@
+"""Optimal-transport assignment of prompts to codes (Sinkhorn-Knopp), which keeps every code in use."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """Entropic OT plan between B prompts and K codes with uniform marginals, maximising total `scores` (B, K).
+
+    Equivalent to POT's `ot.sinkhorn(ones(B) / B, ones(K) / K, -scores, epsilon, numItermax=iterations)`; written
+    in torch so it runs batched on the training device. Works in the log domain for stability at small epsilon.
+    Returns the plan `(B, K)` (rows sum to about 1/B after the final row update).
+    """
+    batch, codes = scores.shape
+    log_kernel = scores.double() / epsilon  # (B, K)
+    log_a = torch.full((batch,), -math.log(batch), dtype=torch.float64, device=scores.device)
+    log_b = torch.full((codes,), -math.log(codes), dtype=torch.float64, device=scores.device)
+    log_u = torch.zeros(batch, dtype=torch.float64, device=scores.device)
+    log_v = torch.zeros(codes, dtype=torch.float64, device=scores.device)
+    for _ in range(iterations):
+        # POT updates v from the column marginals first, then u from the row marginals.
+        log_v = log_b - torch.logsumexp(log_kernel + log_u[:, None], dim=0)
+        log_u = log_a - torch.logsumexp(log_kernel + log_v[None, :], dim=1)
+    return torch.exp(log_u[:, None] + log_kernel + log_v[None, :]).to(scores.dtype)
+
+
+def assign(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """Hard code per prompt: argmax of the Sinkhorn plan's rows, `(B,)`. No gradient flows through it."""
+    return sinkhorn(scores, epsilon, iterations).argmax(dim=1)

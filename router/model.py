@@ -1,0 +1,227 @@
+"""The architecture predictor, the K codes, and the inference `Router` (prompt -> code, score, MACs)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+from safetensors.torch import save_file
+from torch import nn
+
+from pruning.files import ModelFileError, load_matching_state, read_json_object
+from pruning.space import ArchitectureSpace
+
+from .encoder import EncoderConfig, PromptEncoder
+from .gates import OFFSET, TEMPERATURE, depth_order, gumbel_sigmoid, nested_depth_logits, normalised_architecture
+
+ROUTER_CONFIG = "config.json"
+ROUTER_WEIGHTS = "model.safetensors"
+
+
+class RouterConfig(BaseModel):
+    """Parameters:
+    num_codes (`int`): K, the number of architecture codes.
+    embed_dim (`int`): the prompt encoder's output size.
+    temperature (`float`), offset (`float`): Gumbel-sigmoid settings (METHOD.md: 0.4 and 3).
+    encoder (`EncoderConfig`): the frozen prompt encoder.
+    """
+
+    num_codes: int = Field(4, ge=1, le=256)
+    embed_dim: int = Field(384, ge=1)
+    temperature: float = Field(TEMPERATURE, gt=0)
+    offset: float = OFFSET
+    encoder: EncoderConfig = EncoderConfig()
+
+
+class ArchitecturePredictor(nn.Module):
+    """Prompt embedding -> one logit per gate, in the architecture vector's layout (width, then depth). One Linear
+    per unit (orthogonal init, zero bias); depth logits pass through the nested ordering.
+
+    Parameters:
+        space (`ArchitectureSpace`): the teacher's space.
+        embed_dim (`int`): prompt embedding size.
+    """
+
+    def __init__(self, space: ArchitectureSpace, embed_dim: int):
+        super().__init__()
+        self.space = space
+        self.heads = nn.ModuleList(nn.Linear(embed_dim, unit.num_gates) for unit in space.width_units)
+        self.depth = nn.Linear(embed_dim, len(space.depth_units)) if space.depth_units else None
+        for linear in [*self.heads, *([self.depth] if self.depth is not None else [])]:
+            nn.init.orthogonal_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        self.depth_order = depth_order(space)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        """`(B, embed_dim)` -> `(B, dim)` logits."""
+        width = [head(embedding) for head in self.heads]
+        if self.depth is None:
+            return torch.cat(width, dim=-1)
+        depth = nested_depth_logits(self.depth(embedding), self.depth_order)
+        return torch.cat([*width, depth], dim=-1)
+
+
+class ArchitectureCodes(nn.Module):
+    """K learnable codes in the predictor's logit layout (`nn.Embedding(K, dim)`, orthogonal init). Depth entries
+    go through the same nested ordering as the predictor's."""
+
+    def __init__(self, space: ArchitectureSpace, num_codes: int):
+        super().__init__()
+        self.space = space
+        self.embedding = nn.Embedding(num_codes, space.dim)
+        nn.init.orthogonal_(self.embedding.weight)
+        self.depth_order = depth_order(space)
+
+    @torch.no_grad()
+    def set_architectures(self, architectures: torch.Tensor, offset: float = OFFSET) -> None:
+        """Set the codes so that their deterministic hard gates are `architectures` (`(K, dim)`, 0/1). The depth
+        part of each must be nested: a prefix of the depth order kept (at least its first unit), the rest dropped."""
+        architectures = self.space.check(architectures)
+        if architectures.shape != self.embedding.weight.shape:
+            expected = tuple(self.embedding.weight.shape)
+            raise ValueError(f"expected {expected} architectures (one per code), got {tuple(architectures.shape)}")
+        width = torch.where(architectures[:, : self.space.width_dim] > 0, 10.0, -10.0 - offset)
+        depth_raw = torch.full((len(architectures), len(self.space.depth_units)), -10.0)
+        for row, arch in enumerate(architectures):
+            kept = arch[self.space.width_dim :][self.depth_order]  # in nesting order
+            count = int(kept.sum())
+            if count == 0 or not bool(kept[:count].all()):
+                raise ValueError(f"code {row}: depth gates {kept.tolist()} are not nested along {self.depth_order}")
+            depth_raw[row, self.depth_order[count - 1]] = 10.0
+        self.embedding.weight.copy_(torch.cat([width, depth_raw], dim=1))
+
+    def forward(self) -> torch.Tensor:
+        """`(K, dim)` logits."""
+        logits = self.embedding.weight
+        if not self.space.depth_units:
+            return logits
+        width, depth = logits[:, : self.space.width_dim], logits[:, self.space.width_dim :]
+        return torch.cat([width, nested_depth_logits(depth, self.depth_order)], dim=-1)
+
+
+@dataclass
+class Routing:
+    """The router's decision for a batch of prompts.
+
+    Parameters:
+        codes (`torch.Tensor`): `(B,)` chosen code per prompt.
+        scores (`torch.Tensor`): `(B,)` cosine similarity of the prompt to its code.
+        all_scores (`torch.Tensor`): `(B, K)` similarity to every code.
+        macs (`list[int]`): MACs per U-Net call of each prompt's code.
+    """
+
+    codes: torch.Tensor
+    scores: torch.Tensor
+    all_scores: torch.Tensor
+    macs: list[int]
+
+
+class Router(nn.Module):
+    """Inference router: frozen encoder, predictor, codes. Deterministic and batch-invariant: noise-free gates,
+    each prompt scored on its own row.
+
+    Parameters:
+        config (`RouterConfig`): sizes and gate settings.
+        space (`ArchitectureSpace`): the teacher's space (with the serving text length).
+        resolution (`int`): serving resolution for the MAC figures.
+        encoder (`PromptEncoder`, *optional*): share an already loaded encoder.
+    """
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        space: ArchitectureSpace,
+        resolution: int | None = None,
+        encoder: PromptEncoder | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.space = space
+        self.resolution = resolution or space.default_resolution
+        self.predictor = ArchitecturePredictor(space, config.embed_dim)
+        self.codes = ArchitectureCodes(space, config.num_codes)
+        self._encoder = encoder
+
+    @property
+    def encoder(self) -> PromptEncoder:
+        if self._encoder is None:
+            self._encoder = PromptEncoder(self.config.encoder, device=self.codes.embedding.weight.device)
+        return self._encoder
+
+    def gates(self, logits: torch.Tensor, noise: bool = False, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return gumbel_sigmoid(logits, self.config.temperature, self.config.offset, noise=noise, generator=generator)
+
+    def code_architectures(self) -> torch.Tensor:
+        """`(K, dim)` hard architectures of the codes (non-empty guard applied)."""
+        _, hard = self.gates(self.codes(), noise=False)
+        return self.space.harden(hard.detach())
+
+    def code_macs(self) -> list[int]:
+        return [self.space.macs(arch, self.resolution) for arch in self.code_architectures()]
+
+    @torch.no_grad()
+    def scores(self, embedding: torch.Tensor) -> torch.Tensor:
+        """`(B, embed_dim)` prompt embeddings -> `(B, K)` cosine similarities to the codes."""
+        _, prompt_gates = self.gates(self.predictor(embedding).double(), noise=False)
+        _, code_gates = self.gates(self.codes().double(), noise=False)
+        prompts = normalised_architecture(prompt_gates, self.space)  # (B, dim)
+        codes = normalised_architecture(code_gates, self.space)  # (K, dim)
+        # Row by row in float64, rounded: a GEMM's summation order can depend on the batch size, and identical
+        # codes tie exactly; rounding makes ties (and so the argmax) the same whatever the batch.
+        scores = (prompts[:, None, :] * codes[None, :, :]).sum(-1)  # (B, K)
+        return (scores * 1e9).round() / 1e9
+
+    @torch.no_grad()
+    def route_embeddings(self, embedding: torch.Tensor) -> Routing:
+        all_scores = self.scores(embedding)
+        best = all_scores.argmax(dim=1)
+        macs = self.code_macs()
+        return Routing(
+            codes=best,
+            scores=all_scores.gather(1, best[:, None]).squeeze(1),
+            all_scores=all_scores,
+            macs=[macs[int(c)] for c in best],
+        )
+
+    @torch.no_grad()
+    def route(self, prompts: list[str]) -> Routing:
+        """Route prompts to codes. A prompt's code never depends on the other prompts in the call."""
+        return self.route_embeddings(self.encoder.encode(prompts).pooled)
+
+    # -------------------------------------------------------------------------------------------- persistence
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        description: dict[str, Any] = {
+            "router": self.config.model_dump(),
+            "resolution": self.resolution,
+            "space": self.space.to_dict(),
+        }
+        (folder / ROUTER_CONFIG).write_text(json.dumps(description, indent=1) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / ROUTER_WEIGHTS))
+        return folder
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        device: str | torch.device = "cpu",
+        encoder: PromptEncoder | None = None,
+        sha256: str | None = None,
+    ) -> Router:
+        folder = Path(folder)
+        description = read_json_object(folder / ROUTER_CONFIG)
+        try:
+            config = RouterConfig.model_validate(description["router"])
+            space = ArchitectureSpace.from_dict(description["space"])
+            router = cls(config, space, int(description["resolution"]), encoder=encoder)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFileError(folder / ROUTER_CONFIG, f"not a valid router description ({e})") from None
+        state = load_matching_state(folder / ROUTER_WEIGHTS, router.state_dict(), sha256, device)
+        router.load_state_dict(state)
+        return router.to(device).eval()

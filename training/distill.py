@@ -1,0 +1,67 @@
+"""What phase 1 and phase 2 share: the student's losses against the frozen teacher (denoising, output and
+feature distillation) and the batch of noisy inputs they are computed on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .noise import NoisyBatch
+
+
+def _block_output(output) -> torch.Tensor:
+    # Down blocks return (hidden_states, residuals); mid and up blocks return hidden_states.
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def block_features(unet: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the outputs of every down block, the mid block and every up block of `unet` while inside."""
+    features: list[torch.Tensor] = []
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    handles = [b.register_forward_hook(lambda m, a, out: features.append(_block_output(out))) for b in blocks]
+    try:
+        yield features
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class DistillLosses:
+    denoise: torch.Tensor
+    output: torch.Tensor
+    features: torch.Tensor
+
+    def weighted(self, denoise: float, output: float, features: float) -> torch.Tensor:
+        return denoise * self.denoise + output * self.output + features * self.features
+
+
+def student_losses(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    batch: NoisyBatch,
+    context: torch.Tensor,
+    mask: torch.Tensor | None,
+    teacher_out: torch.Tensor | None = None,
+    teacher_features: list[torch.Tensor] | None = None,
+) -> DistillLosses:
+    """Denoising loss (min-SNR weighted) plus output and block-feature MSE against the teacher. Pass `teacher`
+    to run it here (under no_grad), or its precomputed `teacher_out` / `teacher_features`."""
+    if teacher is not None:
+        with torch.no_grad(), block_features(teacher) as features:
+            teacher_out = teacher(batch.noisy, batch.timesteps, context, encoder_attention_mask=mask).sample
+        teacher_features = [f.detach() for f in features]
+    with block_features(student) as student_features:
+        out = student(batch.noisy, batch.timesteps, context, encoder_attention_mask=mask).sample
+    per_sample = F.mse_loss(out.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
+    denoise = (batch.weight * per_sample).mean()
+    output = F.mse_loss(out.float(), teacher_out.float())
+    pairs = zip(student_features, teacher_features, strict=True)
+    features = torch.stack([F.mse_loss(s.float(), t.float()) for s, t in pairs]).mean()
+    return DistillLosses(denoise=denoise, output=output, features=features)

@@ -1,0 +1,90 @@
+"""`aptp export`: write a bundle (router + one sliced expert per code + manifest) from a teacher and a router."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pruning.bundle import CodeEntry, Manifest, write_manifest
+from pruning.expert import save_expert
+from pruning.slicing import slice_unet
+from pruning.space import ArchitectureSpace
+from pruning.teacher import TeacherSpec, load_teacher
+from router.model import Router, RouterConfig
+
+
+def export_bundle(
+    out: str | Path,
+    teacher: nn.Module,
+    spec: TeacherSpec,
+    router: Router,
+    experts: Sequence[nn.Module] | None = None,
+    training_shares: Sequence[float] | None = None,
+    info: dict | None = None,
+) -> Path:
+    """Write the bundle folder `out` (replaced if it exists). `experts[k]` is code k's sliced (fine-tuned) U-Net;
+    when not given, each code's expert is sliced from the teacher as is."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    space = router.space
+    architectures = router.code_architectures()
+    shares = list(training_shares) if training_shares is not None else [1.0 / len(architectures)] * len(architectures)
+    entries = []
+    for code, arch in enumerate(architectures):
+        expert = experts[code] if experts is not None else slice_unet(teacher, space, arch)
+        folder = f"experts/{code}"
+        save_expert(expert, space, arch, tmp / folder)
+        entries.append(
+            CodeEntry(
+                code=code,
+                expert=folder,
+                architecture="".join(str(int(v)) for v in arch.tolist()),
+                macs=space.macs(arch, spec.resolution),
+                params=sum(p.numel() for p in expert.parameters()),
+                training_share=float(shares[code]),
+            )
+        )
+    router.save(tmp / "router")
+    manifest = Manifest(
+        teacher_config={k: v for k, v in teacher.config.items() if not k.startswith("_")},
+        scheduler_config=spec.scheduler_config,
+        resolution=spec.resolution,
+        text_encoder=spec.text_encoder,
+        teacher_macs=space.total_macs(spec.resolution),
+        codes=entries,
+        sampling=spec.sampling,
+        info=info or {},
+    )
+    write_manifest(tmp, manifest)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def random_bundle(
+    teacher_folder: str | Path, out: str | Path, num_codes: int = 4, keeps: Sequence[float] | None = None, seed: int = 0
+) -> Path:
+    """A bundle whose codes are random architectures of the teacher (no training): for development and tests of
+    the serving path before a trained router exists. Code k keeps a fraction `keeps[k]` of each unit's gates;
+    the router is untrained, so its routing is arbitrary but still deterministic."""
+    teacher, spec = load_teacher(teacher_folder)
+    text_len = int(spec.text_encoder.get("max_length", 77))
+    space = ArchitectureSpace.from_unet(teacher, text_len=text_len)
+    keeps = list(keeps) if keeps is not None else [1.0 - 0.6 * k / max(1, num_codes - 1) for k in range(num_codes)]
+    torch.manual_seed(seed)
+    router = Router(RouterConfig(num_codes=num_codes, encoder=spec.text_encoder), space, spec.resolution)
+    architectures = torch.stack([space.random(keep, seed=seed + code) for code, keep in enumerate(keeps)])
+    order = router.codes.depth_order
+    for arch, keep in zip(architectures, keeps, strict=True):
+        kept = max(1, round(keep * len(order)))
+        depth = torch.zeros(len(order))
+        depth[order[:kept]] = 1.0
+        arch[space.width_dim :] = depth
+    router.codes.set_architectures(architectures, router.config.offset)
+    info = {"kind": "random-codes", "keeps": keeps, "seed": seed}
+    return export_bundle(out, teacher, spec, router, info=info)

@@ -1,0 +1,37 @@
+"""Noisy training inputs for the denoising objective, shared by every training stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str):
+    """Per-sample loss weight of min-SNR-gamma (Hang et al. 2023) for epsilon or v targets."""
+    alpha_bar = alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+@dataclass
+class NoisyBatch:
+    """One batch of denoising inputs and targets (a function of the step's generator, so runs resume exactly)."""
+
+    noisy: torch.Tensor  # (B, C, H, W)
+    timesteps: torch.Tensor  # (B,)
+    target: torch.Tensor  # (B, C, H, W) noise or velocity
+    weight: torch.Tensor  # (B,) min-SNR-gamma weights
+
+    @classmethod
+    def make(cls, scheduler: DDPMScheduler, x0: torch.Tensor, generator: torch.Generator, gamma: float) -> NoisyBatch:
+        batch = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(x0.device)
+        noisy = scheduler.add_noise(x0, noise, timesteps)
+        prediction = scheduler.config.prediction_type
+        target = scheduler.get_velocity(x0, noise, timesteps) if prediction == "v_prediction" else noise
+        weight = min_snr_weight(scheduler.alphas_cumprod.to(x0.device), timesteps, gamma, prediction)
+        return cls(noisy, timesteps, target, weight)

@@ -1,0 +1,94 @@
+"""The scaffolding every training stage shares: a run folder with its config, a JSONL log, periodic checkpoints
+and exact resumption (data, noise and timesteps are functions of the step, so only weights and optimizer state
+need saving)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+class RunSettings(BaseModel):
+    """Fields every stage's config has."""
+
+    out: str
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    checkpoint_minutes: float = Field(5.0, gt=0)
+    log_every: int = Field(10, ge=1)
+
+
+class TrainingRun:
+    """A resumable run in `settings.out`.
+
+    Parameters:
+        settings (`RunSettings`): the stage's config (written to `config.json`).
+        modules (`dict`): what a checkpoint holds besides the optimizer (modules or tensor dicts), by name.
+        optimizer (`torch.optim.Optimizer`, *optional*): saved and restored with them.
+        checkpoint_name (`str`): folder name inside the run (stages with several parts use one per part).
+    """
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        modules: dict[str, torch.nn.Module | dict[str, torch.Tensor]],
+        optimizer: torch.optim.Optimizer | None,
+        checkpoint_name: str = "checkpoint",
+        log_name: str = "log.jsonl",
+    ):
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.settings = settings
+        self.folder = Path(settings.out)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "config.json").write_text(settings.model_dump_json(indent=1) + "\n")
+        self.modules, self.optimizer = modules, optimizer
+        self.checkpoint_name = checkpoint_name
+        self.state: dict[str, Any] = {"step": 0, "elapsed_seconds": 0.0}
+        self._log_path = self.folder / log_name
+        self._started = self._last_save = time.time()
+
+    def resume(self) -> int:
+        """Restore the latest checkpoint if there is one; returns the step to start from."""
+        checkpoint = latest_checkpoint(self.folder, self.checkpoint_name)
+        if checkpoint is not None:
+            self.state = load_checkpoint(checkpoint, self.modules, self.optimizer)
+            print(f"resuming from {checkpoint} at step {self.state['step']}")
+        self._started = self._last_save = time.time()
+        self._elapsed_before = self.state["elapsed_seconds"]
+        return int(self.state["step"])
+
+    @property
+    def elapsed_seconds(self) -> float:
+        return self._elapsed_before + time.time() - self._started
+
+    def should_log(self, step: int, total: int) -> bool:
+        return step % self.settings.log_every == 0 or step == total - 1
+
+    def log(self, record: dict[str, Any]) -> None:
+        record = {**record, "seconds": round(self.elapsed_seconds, 1)}
+        with open(self._log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save(self, next_step: int) -> None:
+        self.state.update(step=next_step, elapsed_seconds=self.elapsed_seconds)
+        save_checkpoint(self.folder / self.checkpoint_name, self.modules, self.optimizer, self.state)
+        self._last_save = time.time()
+
+    def maybe_save(self, next_step: int) -> None:
+        """Checkpoint if `checkpoint_minutes` have passed since the last one."""
+        if time.time() - self._last_save > self.settings.checkpoint_minutes * 60:
+            self.save(next_step)
+
+
+def check_finite(loss: torch.Tensor, step: int, run: TrainingRun) -> None:
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"loss became {loss.item()} at step {step}; the last checkpoint is kept in {run.folder}")

@@ -1,0 +1,179 @@
+"""`aptp train search`: phase 1 of APTP, the architecture search with the teacher frozen (METHOD.md).
+
+Per step: the predictor reads each prompt, Sinkhorn assigns prompts to the K codes (uniform marginals, no
+gradient), the teacher U-Net runs gated by each prompt's code (its own predictor draw during warm-up), and the
+losses are denoising + output/feature distillation against the ungated teacher + resource + contrastive + spread.
+Logged per step: every loss, the routed prunable-MAC ratio, each code's MAC ratio and usage. Resumable.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+from pydantic import BaseModel, Field
+from tqdm import tqdm
+
+from pruning.gates import UNetGates
+from pruning.space import ArchitectureSpace
+from pruning.teacher import load_teacher
+from router.assignment import assign
+from router.encoder import EncoderConfig, PromptEncoder
+from router.gates import normalised_architecture
+from router.losses import contrastive_loss, prunable_budget, resource_loss, spread_losses
+from router.model import Router, RouterConfig
+
+from .data.labels import collate, images_to_unit_range
+from .data.shapes import ShapesDomain
+from .distill import block_features, student_losses
+from .noise import NoisyBatch
+from .run import RunSettings, TrainingRun, check_finite
+
+
+class LossWeights(BaseModel):
+    """METHOD.md's weights (from the authors' configs)."""
+
+    denoise: float = 1.0
+    output: float = 0.2
+    features: float = 0.2
+    resource: float = 2.0
+    contrastive: float = 100.0
+    spread_std: float = 0.1
+    spread_max: float = 0.1
+
+
+class SearchConfig(RunSettings):
+    """Config of `aptp train search` (see configs/shapes/search.yaml)."""
+
+    teacher: str = "bundles/shapes/teacher"
+    out: str = "runs/search-shapes"
+    seed: int = 1
+    num_codes: int = Field(4, ge=1)
+    budget: float = Field(0.6, gt=0, le=1, description="target average MACs as a fraction of the teacher's")
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float | None = Field(None, gt=0, description="default: 2e-4 * sqrt(batch_size), as in the paper")
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    lr_warmup_steps: int = Field(100, ge=0)
+    use_ot: bool = True
+    sinkhorn_epsilon: float = Field(0.05, gt=0)
+    sinkhorn_iterations: int = Field(3, ge=1)
+    contrastive_tau: float = Field(0.03, gt=0)
+    min_snr_gamma: float = Field(5.0, gt=0)
+    weights: LossWeights = LossWeights()
+    encoder: EncoderConfig | None = Field(None, description="default: the teacher's text encoder")
+    embed_encoder: EncoderConfig | None = Field(
+        None, description="router's prompt encoder if different from the teacher's (e.g. all-mpnet-base-v2)"
+    )
+
+
+def prunable_ratio(space: ArchitectureSpace, gates: torch.Tensor, resolution: int) -> torch.Tensor:
+    """`(..., dim)` gates -> `(...,)` share of the prunable MACs kept (differentiable)."""
+    table = space.mac_table(resolution)
+    return (space.differentiable_macs(gates.double(), resolution) - table.fixed) / (table.total - table.fixed)
+
+
+def run_search(config: SearchConfig) -> Path:
+    """Run (or resume) phase 1; writes `router/` (the trained router) and `log.jsonl` to `config.out`."""
+    device = torch.device(config.device)
+    unet, spec = load_teacher(config.teacher, device=device)
+    unet.requires_grad_(False)
+    unet.train()  # no dropout or batch norm in these U-Nets; train mode only matters for gradient checkpointing
+    space = ArchitectureSpace.from_unet(unet, text_len=int(spec.text_encoder.get("max_length", 77)))
+    resolution = spec.resolution
+    text_encoder = PromptEncoder(config.encoder or EncoderConfig(**spec.text_encoder), device=device)
+    embed_encoder = PromptEncoder(config.embed_encoder, device=device) if config.embed_encoder else text_encoder
+    torch.manual_seed(config.seed)
+    router_config = RouterConfig(num_codes=config.num_codes, embed_dim=embed_encoder.dim, encoder=embed_encoder.config)
+    router = Router(router_config, space, resolution, encoder=embed_encoder).to(device)
+    lr = config.lr or 2e-4 * math.sqrt(config.batch_size)
+    optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = DDPMScheduler.from_config(spec.scheduler_config)
+    budget = prunable_budget(config.budget, space.total_macs(resolution), space.prunable_macs(resolution))
+    domain = ShapesDomain(seed=config.seed, split="train")
+    gates = UNetGates(unet, space).attach()
+    warmup_steps = int(config.warmup_fraction * config.steps)
+    w = config.weights
+
+    run = TrainingRun(config, {"router": router}, optimizer)
+    start = run.resume()
+    progress = tqdm(range(start, config.steps), desc="search", initial=start, total=config.steps)
+    for step in progress:
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        samples = domain.batch(step * config.batch_size, config.batch_size)
+        images, _ = collate(samples)
+        x0 = images_to_unit_range(images).to(device)
+        captions = [s.caption for s in samples]
+        encoded = text_encoder.encode(captions)
+        embedding = encoded.pooled if embed_encoder is text_encoder else embed_encoder.encode(captions).pooled
+        batch = NoisyBatch.make(scheduler, x0, generator, config.min_snr_gamma)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / max(1, config.lr_warmup_steps))
+
+        prompt_soft, prompt_hard = router.gates(router.predictor(embedding), noise=True, generator=generator)
+        code_soft, code_hard = router.gates(router.codes(), noise=True, generator=generator)  # (K, dim)
+        with torch.no_grad():
+            scores = normalised_architecture(prompt_hard, space) @ normalised_architecture(code_hard, space).T
+            if config.use_ot:
+                codes = assign(scores, config.sinkhorn_epsilon, config.sinkhorn_iterations)
+            else:
+                codes = scores.argmax(dim=1)
+        warming_up = step < warmup_steps
+        soft, hard = (prompt_soft, prompt_hard) if warming_up else (code_soft[codes], code_hard[codes])
+
+        with torch.no_grad(), block_features(unet) as teacher_features:
+            gates.set(None)
+            teacher_out = unet(batch.noisy, batch.timesteps, encoded.tokens, encoder_attention_mask=encoded.mask)
+        gates.set(soft)
+        distill = student_losses(
+            unet, None, batch, encoded.tokens, encoded.mask, teacher_out.sample, list(teacher_features)
+        )
+        gates.set(None)
+        ratios = prunable_ratio(space, hard, resolution).float()  # (B,)
+        resource = resource_loss(ratios, budget)
+        spread_std, spread_max = spread_losses(ratios)
+        contrastive = contrastive_loss(
+            normalised_architecture(prompt_hard, space), embedding, tau=config.contrastive_tau
+        )
+        loss = (
+            distill.weighted(w.denoise, w.output, w.features)
+            + w.resource * resource
+            + w.contrastive * contrastive
+            + w.spread_std * spread_std
+            + w.spread_max * spread_max
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        check_finite(loss, step, run)
+
+        if run.should_log(step, config.steps):
+            with torch.no_grad():
+                code_ratios = prunable_ratio(space, router.code_architectures().to(device), resolution)
+                usage = torch.bincount(codes, minlength=config.num_codes).float() / len(codes)
+            record = {
+                "step": step,
+                "phase": "warmup" if warming_up else "codes",
+                "loss": round(loss.item(), 5),
+                "denoise": round(distill.denoise.item(), 5),
+                "output": round(distill.output.item(), 5),
+                "features": round(distill.features.item(), 5),
+                "resource": round(resource.item(), 5),
+                "contrastive": round(contrastive.item(), 6),
+                "spread_std": round(spread_std.item(), 5),
+                "spread_max": round(spread_max.item(), 5),
+                "routed_prunable_ratio": round(ratios.mean().item(), 4),
+                "target_prunable_ratio": round(budget, 4),
+                "code_prunable_ratio": [round(r, 4) for r in code_ratios.tolist()],
+                "code_usage": [round(u, 4) for u in usage.tolist()],
+            }
+            run.log(record)
+            progress.set_postfix(loss=f"{loss.item():.3f}", ratio=f"{ratios.mean().item():.2f}", refresh=False)
+        run.maybe_save(step + 1)
+    run.save(config.steps)
+    gates.detach()
+    router.cpu().save(run.folder / "router")
+    print(f"router written to {run.folder / 'router'} ({run.state['elapsed_seconds'] / 60:.1f} min)")
+    return run.folder / "router"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 
@@ -21,6 +21,8 @@ class EncoderConfig(BaseModel):
     name (`str`): `all-MiniLM-L6-v2` (the packaged default) or the path of a local sentence-transformers folder.
     max_length (`int`): tokens per prompt, padded or truncated (the U-Net's cross-attention key length).
     """
+
+    model_config = ConfigDict(extra="forbid")
 
     name: str = DEFAULT_ENCODER
     max_length: int = Field(32, ge=4, le=512)

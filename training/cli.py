@@ -40,33 +40,50 @@ def _train_evaluator(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_teacher(args: argparse.Namespace) -> int:
-    from training.config import ConfigError, load_config
-    from training.teacher import TeacherConfig, train_teacher
+# `aptp train JOB --config FILE`: job -> (module, config class, run function, help, path of its step count).
+TRAIN_JOBS = {
+    "teacher": (
+        "training.teacher",
+        "TeacherConfig",
+        "train_teacher",
+        "train the embedded domain's teacher U-Net",
+        "optim.steps",
+    ),
+    "search": ("training.search", "SearchConfig", "run_search", "APTP phase 1: router and architecture codes", "steps"),
+    "finetune": (
+        "training.finetune",
+        "FinetuneConfig",
+        "run_finetune",
+        "APTP phase 2: route, fine-tune one expert per code, export the bundle",
+        "expert.steps",
+    ),
+    "baseline": (
+        "training.baseline",
+        "BaselineConfig",
+        "run_baseline",
+        "static L1-norm pruning baseline, fine-tuned and exported as a one-code bundle",
+        "expert.steps",
+    ),
+}
+PATH_OVERRIDES = ("out", "export", "teacher", "router")
 
-    overrides = {k: v for k, v in (("out", args.out), ("export", args.export)) if v is not None}
-    try:
-        config = load_config(args.config, TeacherConfig, overrides)
-        if args.steps is not None:
-            config.optim.steps = args.steps
-    except ConfigError as e:
-        print(f"aptp train teacher: error: {e}", file=sys.stderr)
-        return 2
-    train_teacher(config)
-    return 0
 
+def _train_job(args: argparse.Namespace) -> int:
+    import importlib
 
-def _train_search(args: argparse.Namespace) -> int:
     from pruning.files import ModelFileError
     from training.config import ConfigError, load_config
-    from training.search import SearchConfig, run_search
 
-    overrides = {k: v for k, v in (("out", args.out), ("teacher", args.teacher), ("steps", args.steps)) if v}
+    module_name, config_name, run_name, _, steps_path = TRAIN_JOBS[args.job]
+    module = importlib.import_module(module_name)
+    overrides = {k: getattr(args, k) for k in PATH_OVERRIDES if getattr(args, k, None) is not None}
+    if args.steps is not None:
+        overrides[steps_path] = args.steps
     try:
-        config = load_config(args.config, SearchConfig, overrides)
-        run_search(config)
+        config = load_config(args.config, getattr(module, config_name), overrides)
+        getattr(module, run_name)(config)
     except (ConfigError, ModelFileError) as e:
-        print(f"aptp train search: error: {e}", file=sys.stderr)
+        print(f"aptp train {args.job}: error: {e}", file=sys.stderr)
         return 2
     return 0
 
@@ -153,19 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator.add_argument("--device", default="cpu")
     evaluator.set_defaults(handler=_train_evaluator)
 
-    teacher = train.add_parser("teacher", help="train the embedded domain's teacher U-Net (resumes a killed run)")
-    teacher.add_argument("--config", required=True, help="YAML config, e.g. configs/shapes/teacher.yaml")
-    teacher.add_argument("--out", help="run folder (overrides the config)")
-    teacher.add_argument("--export", help="teacher folder to write at the end (overrides the config)")
-    teacher.add_argument("--steps", type=_positive_int, help="total steps (overrides the config)")
-    teacher.set_defaults(handler=_train_teacher)
-
-    search = train.add_parser("search", help="APTP phase 1: router and architecture codes (resumes a killed run)")
-    search.add_argument("--config", required=True, help="YAML config, e.g. configs/shapes/search.yaml")
-    search.add_argument("--out", help="run folder (overrides the config)")
-    search.add_argument("--teacher", help="teacher folder (overrides the config)")
-    search.add_argument("--steps", type=_positive_int, help="total steps (overrides the config)")
-    search.set_defaults(handler=_train_search)
+    for job, (_, _, _, help_text, _) in TRAIN_JOBS.items():
+        parser_job = train.add_parser(job, help=f"{help_text} (resumes a killed run)")
+        parser_job.add_argument("--config", required=True, help=f"YAML config, e.g. configs/shapes/{job}.yaml")
+        for field in PATH_OVERRIDES:
+            parser_job.add_argument(f"--{field}", help=f"{field} path (overrides the config)")
+        parser_job.add_argument("--steps", type=_positive_int, help="training steps (overrides the config)")
+        parser_job.set_defaults(handler=_train_job)
 
     generate = commands.add_parser("generate", help="generate images for one prompt")
     generate.add_argument("prompt")

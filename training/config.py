@@ -16,6 +16,7 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | Path, model: type[Config], overrides: dict | None = None) -> Config:
+    """Read and validate a YAML config; `overrides` maps dotted field paths (`optim.steps`) to values."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -25,7 +26,12 @@ def load_config(path: str | Path, model: type[Config], overrides: dict | None = 
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    data.update(overrides or {})
+    for dotted, value in (overrides or {}).items():
+        target = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            target = target.setdefault(key, {})
+        target[leaf] = value
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -25,9 +25,10 @@ def export_bundle(
     experts: Sequence[nn.Module] | None = None,
     training_shares: Sequence[float] | None = None,
     info: dict | None = None,
+    storage_dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write the bundle folder `out` (replaced if it exists). `experts[k]` is code k's sliced (fine-tuned) U-Net;
-    when not given, each code's expert is sliced from the teacher as is."""
+    when not given, each code's expert is sliced from the teacher as is. Weights are stored as `storage_dtype`."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -38,7 +39,7 @@ def export_bundle(
     for code, arch in enumerate(architectures):
         expert = experts[code] if experts is not None else slice_unet(teacher, space, arch)
         folder = f"experts/{code}"
-        save_expert(expert, space, arch, tmp / folder)
+        save_expert(expert, space, arch, tmp / folder, storage_dtype=storage_dtype)
         entries.append(
             CodeEntry(
                 code=code,

@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 class RunSettings(BaseModel):
     """Fields every stage's config has."""
+
+    model_config = ConfigDict(extra="forbid")
 
     out: str
     seed: int = 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from pruning.gates import UNetGates
@@ -34,6 +34,8 @@ from .run import RunSettings, TrainingRun, check_finite
 
 class LossWeights(BaseModel):
     """METHOD.md's weights (from the authors' configs)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     denoise: float = 1.0
     output: float = 0.2

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from pruning.teacher import TeacherSpec, save_teacher
@@ -28,6 +28,8 @@ from .run import RunSettings, TrainingRun, check_finite
 
 
 class UNetSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     sample_size: int = 32
     in_channels: int = 3
     out_channels: int = 3
@@ -40,13 +42,17 @@ class UNetSettings(BaseModel):
 
 
 class NoiseSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = Field("v_prediction", pattern="^(epsilon|v_prediction)$")
 
 
 class OptimSettings(BaseModel):
-    steps: int = Field(5000, ge=1)
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(4000, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(6e-4, gt=0)
     warmup_steps: int = Field(200, ge=0)

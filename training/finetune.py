@@ -1,0 +1,183 @@
+"""`aptp train finetune`: phase 2 of APTP. Route a fixed pool of training prompts with the trained router, slice
+each code's expert from the teacher, fine-tune it on its own prompts with distillation from the frozen teacher,
+and export the bundle. Each code is its own resumable run; finished experts are kept and skipped on a rerun.
+
+The same per-expert fine-tuning serves the static baseline (`training/baseline.py`): one architecture, all prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm import tqdm
+
+from pruning.expert import is_expert_folder, load_expert, save_expert
+from pruning.slicing import slice_unet
+from pruning.space import ArchitectureSpace
+from pruning.teacher import TeacherSpec, load_teacher
+from router.encoder import EncoderConfig, PromptEncoder
+from router.model import Router
+
+from .data.labels import collate, images_to_unit_range
+from .data.shapes import ShapesDomain
+from .distill import student_losses
+from .export import export_bundle
+from .noise import NoisyBatch
+from .run import RunSettings, TrainingRun, check_finite
+
+
+class ExpertTraining(BaseModel):
+    """How one expert is fine-tuned (METHOD.md phase 2: denoising + output + feature distillation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    prompt_dropout: float = Field(0.1, ge=0, lt=1, description="keeps the unconditional branch for guidance")
+    min_snr_gamma: float = Field(5.0, gt=0)
+    denoise_weight: float = 1.0
+    output_weight: float = 0.2
+    features_weight: float = 0.2
+
+
+class FinetuneConfig(RunSettings):
+    """Config of `aptp train finetune` (see configs/shapes/finetune.yaml)."""
+
+    teacher: str = "bundles/shapes/teacher"
+    router: str = "runs/search-shapes/router"
+    out: str = "runs/finetune-shapes"
+    export: str = "bundles/shapes/aptp"
+    seed: int = 2
+    routing_prompts: int = Field(20_000, ge=1, description="size of the routed training-prompt pool")
+    expert: ExpertTraining = ExpertTraining()
+    export_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
+
+
+def finetune_expert(
+    student: nn.Module,
+    teacher: nn.Module,
+    spec: TeacherSpec,
+    encoder: PromptEncoder,
+    pool: Sequence[int],
+    domain: ShapesDomain,
+    training: ExpertTraining,
+    run_settings: RunSettings,
+    name: str,
+) -> nn.Module:
+    """Fine-tune `student` (a sliced copy of `teacher`) on the domain samples `pool` (indices into `domain`).
+    Resumable: the run's checkpoint is `<out>/checkpoint-<name>`, its log `<out>/log-<name>.jsonl`."""
+    device = next(student.parameters()).device
+    scheduler = DDPMScheduler.from_config(spec.scheduler_config)
+    student.requires_grad_(True)
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+    run = TrainingRun(run_settings, {"student": student}, optimizer, f"checkpoint-{name}", f"log-{name}.jsonl")
+    start = run.resume()
+    pool_t = torch.as_tensor(list(pool), dtype=torch.long)
+    progress = tqdm(range(start, training.steps), desc=f"expert {name}", initial=start, total=training.steps)
+    for step in progress:
+        generator = torch.Generator().manual_seed(
+            run_settings.seed * 1_000_003 + step * 7919 + zlib.crc32(name.encode())
+        )
+        picks = pool_t[torch.randint(len(pool_t), (training.batch_size,), generator=generator)].tolist()
+        samples = [domain.sample(i) for i in picks]
+        images, _ = collate(samples)
+        x0 = images_to_unit_range(images).to(device)
+        drop = torch.rand(len(samples), generator=generator) < training.prompt_dropout
+        encoded = encoder.encode(["" if d else s.caption for s, d in zip(samples, drop.tolist(), strict=True)])
+        batch = NoisyBatch.make(scheduler, x0, generator, training.min_snr_gamma)
+        for group in optimizer.param_groups:
+            group["lr"] = training.lr * min(1.0, (step + 1) / max(1, training.warmup_steps))
+        losses = student_losses(student, teacher, batch, encoded.tokens, encoded.mask)
+        loss = losses.weighted(training.denoise_weight, training.output_weight, training.features_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), training.grad_clip)
+        optimizer.step()
+        check_finite(loss, step, run)
+        if run.should_log(step, training.steps):
+            run.log(
+                {
+                    "step": step,
+                    "loss": round(loss.item(), 5),
+                    "denoise": round(losses.denoise.item(), 5),
+                    "output": round(losses.output.item(), 5),
+                    "features": round(losses.features.item(), 5),
+                }
+            )
+            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        run.maybe_save(step + 1)
+    run.save(training.steps)
+    return student.eval()
+
+
+def route_pool(router: Router, domain: ShapesDomain, count: int, batch: int = 256) -> list[int]:
+    """The router's code for each of the first `count` prompts of `domain`."""
+    codes: list[int] = []
+    for start in tqdm(range(0, count, batch), desc="routing"):
+        captions = [domain.sample(i).caption for i in range(start, min(count, start + batch))]
+        codes += router.route(captions).codes.tolist()
+    return codes
+
+
+def run_finetune(config: FinetuneConfig) -> Path:
+    """Phase 2 end to end: route, fine-tune every code's expert (resumable per code), export the bundle."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    folder = Path(config.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    teacher, spec = load_teacher(config.teacher, device=device)
+    teacher.requires_grad_(False)
+    encoder = PromptEncoder(EncoderConfig(**spec.text_encoder), device=device)
+    router = Router.load(config.router, device=device)
+    if router.config.encoder == encoder.config:
+        router._encoder = encoder  # one MiniLM in memory when the router reads the same encoder
+    space: ArchitectureSpace = router.space
+    domain = ShapesDomain(seed=config.seed, split="train")
+
+    routing_file = folder / "routing.json"
+    if routing_file.is_file():
+        codes = json.loads(routing_file.read_text())["codes"]
+    else:
+        codes = route_pool(router, domain, config.routing_prompts)
+        routing_file.write_text(json.dumps({"seed": config.seed, "codes": codes}) + "\n")
+    pools = [[i for i, c in enumerate(codes) if c == k] for k in range(router.config.num_codes)]
+    shares = [len(p) / len(codes) for p in pools]
+    print("training share per code:", [round(s, 3) for s in shares])
+
+    experts = []
+    storage = getattr(torch, config.export_dtype)
+    for code, (arch, pool) in enumerate(zip(router.code_architectures(), pools, strict=True)):
+        done = folder / "experts" / str(code)
+        if is_expert_folder(done):
+            experts.append(load_expert(done, device=device)[0])
+            continue
+        student = slice_unet(teacher, space, arch)
+        if pool:
+            student = finetune_expert(
+                student, teacher, spec, encoder, pool, domain, config.expert, config, name=str(code)
+            )
+        save_expert(student, space, arch, done, storage_dtype=storage)
+        experts.append(student)
+    info = {
+        "stage": "aptp",
+        "routing_prompts": config.routing_prompts,
+        "steps_per_code": config.expert.steps,
+        "teacher": config.teacher,
+        "router": config.router,
+    }
+    export_bundle(config.export, teacher, spec, router, experts, shares, info, storage_dtype=storage)
+    print(f"bundle written to {config.export}")
+    return Path(config.export)

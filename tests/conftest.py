@@ -233,6 +233,23 @@ def tiny_teacher_unet_config(**overrides: Any) -> dict[str, Any]:
     return config
 
 
+def pixel_unet_config(sample_size: int = 32, cross_attention_dim: int = 384, **overrides: Any) -> dict[str, Any]:
+    """The embedded teacher's layout (one layer per block, cross-attention at the two lower resolutions) at the
+    `TINY_TEACHER_UNET` widths."""
+    config: dict[str, Any] = {
+        **TINY_TEACHER_UNET,
+        "sample_size": sample_size,
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "cross_attention_dim": cross_attention_dim,
+    }
+    config.update(overrides)
+    return config
+
+
 def tiny_teacher_spec(resolution: int = 32):
     """A `TeacherSpec` for the tiny teacher: v-prediction cosine schedule, all-MiniLM-L6-v2 with 40 tokens."""
     from diffusers import DDPMScheduler

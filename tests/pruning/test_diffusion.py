@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
 from pruning.diffusion import initial_noise, make_sampler, sample
-from tests.conftest import TINY_TEACHER_UNET, build_unet
+from tests.conftest import build_unet, pixel_unet_config
 
 CROSS_DIM = 16
 TOKENS = 6
@@ -17,16 +17,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def unet():
-    config = {
-        **TINY_TEACHER_UNET,
-        "sample_size": RESOLUTION,
-        "in_channels": 3,
-        "out_channels": 3,
-        "layers_per_block": 1,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        "cross_attention_dim": CROSS_DIM,
-    }
+    config = pixel_unet_config(RESOLUTION, CROSS_DIM)
     return build_unet(config, seed=4)
 
 

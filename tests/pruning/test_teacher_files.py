@@ -11,23 +11,14 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from pruning.files import ModelFileError, file_sha256
 from pruning.teacher import UNET_WEIGHTS, TeacherFileError, TeacherSpec, load_teacher, save_teacher
-from tests.conftest import TINY_TEACHER_UNET, assert_same_output, build_unet, run, unet_inputs
+from tests.conftest import assert_same_output, build_unet, pixel_unet_config, run, unet_inputs
 
 CROSS_DIM = 16
 RESOLUTION = 32
 
 
 def _config(**overrides) -> dict:
-    config = {
-        **TINY_TEACHER_UNET,
-        "sample_size": RESOLUTION,
-        "in_channels": 3,
-        "out_channels": 3,
-        "layers_per_block": 1,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        "cross_attention_dim": CROSS_DIM,
-    }
+    config = pixel_unet_config(RESOLUTION, CROSS_DIM)
     config.update(overrides)
     return config
 

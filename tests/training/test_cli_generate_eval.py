@@ -14,7 +14,7 @@ from PIL import Image
 
 import training.pipeline as pipeline_module
 from pruning.teacher import TeacherSpec, save_teacher
-from tests.conftest import ENCODER_MAX_LENGTH, TINY_TEACHER_UNET, build_unet, shared_encoder_factory
+from tests.conftest import ENCODER_MAX_LENGTH, build_unet, pixel_unet_config, shared_encoder_factory
 from training.cli import main
 from training.evaluator import DomainEvaluator, EvaluatorConfig
 
@@ -29,16 +29,7 @@ def shared_encoder(monkeypatch, prompt_encoder):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """A teacher folder holding a tiny random U-Net that cross-attends to all-MiniLM-L6-v2 token states."""
-    config = {
-        **TINY_TEACHER_UNET,
-        "sample_size": RESOLUTION,
-        "in_channels": 3,
-        "out_channels": 3,
-        "layers_per_block": 1,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        "cross_attention_dim": 384,
-    }
+    config = pixel_unet_config(RESOLUTION, 384)
     scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
     spec = TeacherSpec(
         resolution=RESOLUTION,

@@ -16,7 +16,7 @@ from torch import nn
 from .space import ArchitectureSpace, UnitKind, feed_forward_layers
 
 
-def _channels(groups: Sequence[int], channels_per_group: int, device) -> torch.Tensor:
+def group_channels(groups: Sequence[int], channels_per_group: int, device="cpu") -> torch.Tensor:
     """Channel indices of the kept groups: `[g * size, ..., g * size + size - 1]` for each `g`."""
     groups_t = torch.as_tensor(list(groups), dtype=torch.long)
     offsets = torch.arange(channels_per_group)
@@ -75,7 +75,7 @@ def slice_resnet_width(resnet: nn.Module, keep_groups: Sequence[int]) -> None:
     `norm2` (fewer groups of the same size, so the kept groups' statistics do not change), `conv2` inputs."""
     norm = resnet.norm2
     size = norm.num_channels // norm.num_groups
-    idx = _channels(keep_groups, size, norm.weight.device if norm.affine else resnet.conv1.weight.device)
+    idx = group_channels(keep_groups, size, norm.weight.device if norm.affine else resnet.conv1.weight.device)
     resnet.conv1 = select_conv2d(resnet.conv1, out_channels=idx)
     if resnet.time_emb_proj is not None:
         rows = idx
@@ -94,7 +94,7 @@ def slice_resnet_width(resnet: nn.Module, keep_groups: Sequence[int]) -> None:
 def slice_attention_heads(attn: nn.Module, keep_heads: Sequence[int]) -> None:
     """Keep whole heads of a diffusers `Attention`: rows of `to_q/to_k/to_v`, columns of `to_out[0]`."""
     head_dim = attn.inner_dim // attn.heads
-    idx = _channels(keep_heads, head_dim, attn.to_q.weight.device)
+    idx = group_channels(keep_heads, head_dim, attn.to_q.weight.device)
     attn.to_q = select_linear(attn.to_q, rows=idx)
     attn.to_k = select_linear(attn.to_k, rows=idx)
     attn.to_v = select_linear(attn.to_v, rows=idx)
@@ -111,7 +111,7 @@ def slice_feed_forward(ff: nn.Module, keep_groups: Sequence[int], channels_per_g
     activation = ff.net[0]
     out = ff.get_submodule(out_path)
     inner = out.in_features
-    idx = _channels(keep_groups, channels_per_group, out.weight.device)
+    idx = group_channels(keep_groups, channels_per_group, out.weight.device)
     rows = torch.cat([idx, idx + inner]) if activation.proj.out_features == 2 * inner else idx
     activation.proj = select_linear(activation.proj, rows=rows)
     ff.set_submodule(out_path, select_linear(out, cols=idx))

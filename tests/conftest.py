@@ -270,3 +270,18 @@ def save_tiny_teacher(folder: Path, seed: int = 0) -> Path:
     from pruning.teacher import save_teacher
 
     return save_teacher(build_unet(tiny_teacher_unet_config(), seed=seed), tiny_teacher_spec(), folder)
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory) -> Path:
+    """A saved tiny teacher folder (random weights), one per test module."""
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher")
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_folder):
+    """The tiny teacher loaded back: (unet, spec, its architecture space)."""
+    from pruning.teacher import load_teacher
+
+    unet, spec = load_teacher(teacher_folder)
+    return unet, spec, ArchitectureSpace.from_unet(unet, text_len=ENCODER_MAX_LENGTH)

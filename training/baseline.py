@@ -12,7 +12,7 @@ from pydantic import Field
 from torch import nn
 
 from pruning.expert import is_expert_folder, load_expert, save_expert
-from pruning.slicing import slice_unet
+from pruning.slicing import group_channels, slice_unet
 from pruning.space import ArchitectureSpace, UnitKind, feed_forward_layers
 from pruning.teacher import load_teacher
 from router.encoder import EncoderConfig, PromptEncoder
@@ -37,10 +37,6 @@ class BaselineConfig(RunSettings):
     export_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
 
 
-def _channels(indices: torch.Tensor, size: int) -> torch.Tensor:
-    return (indices[:, None] * size + torch.arange(size)[None, :]).flatten()
-
-
 @torch.no_grad()
 def l1_importance(unet: nn.Module, space: ArchitectureSpace) -> torch.Tensor:
     """Mean |weight| of everything each width gate keeps or drops, `(width_dim,)`."""
@@ -49,7 +45,7 @@ def l1_importance(unet: nn.Module, space: ArchitectureSpace) -> torch.Tensor:
         module = unet.get_submodule(unit.module)
         per_gate = []
         for gate in range(unit.num_gates):
-            idx = _channels(torch.tensor([gate]), unit.channels_per_gate)
+            idx = group_channels([gate], unit.channels_per_gate)
             if unit.kind is UnitKind.RESNET:
                 weights = [module.conv1.weight[idx], module.conv2.weight[:, idx]]
             elif unit.kind is UnitKind.FEED_FORWARD:

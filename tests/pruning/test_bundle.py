@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruning import ArchitectureSpace, slice_unet
+from pruning import slice_unet
 from pruning.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
@@ -24,25 +24,13 @@ from pruning.bundle import (
     write_manifest,
 )
 from pruning.files import ModelFileError, file_sha256
-from pruning.teacher import load_teacher
 from router.model import Router
-from tests.conftest import ENCODER_MAX_LENGTH, run, save_tiny_teacher, unet_inputs
+from tests.conftest import ENCODER_MAX_LENGTH, run, unet_inputs
 from training.export import random_bundle
 
 NUM_CODES = 3
 KEEPS = [1.0, 0.7, 0.4]  # random_bundle's default for 3 codes
 RESOLUTION = 32
-
-
-@pytest.fixture(scope="module")
-def teacher_folder(tmp_path_factory) -> Path:
-    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher")
-
-
-@pytest.fixture(scope="module")
-def teacher(teacher_folder):
-    unet, spec = load_teacher(teacher_folder)
-    return unet, spec, ArchitectureSpace.from_unet(unet, text_len=ENCODER_MAX_LENGTH)
 
 
 @pytest.fixture(scope="module")

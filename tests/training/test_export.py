@@ -11,24 +11,12 @@ import torch
 
 from pruning import ArchitectureSpace, slice_unet
 from pruning.bundle import MANIFEST, load_code_experts, read_manifest
-from pruning.teacher import load_teacher
 from router.gates import depth_order
 from router.model import Router, RouterConfig
-from tests.conftest import ENCODER_MAX_LENGTH, run, save_tiny_teacher, unet_inputs
+from tests.conftest import ENCODER_MAX_LENGTH, run, unet_inputs
 from training.export import export_bundle, random_bundle
 
 RESOLUTION = 32
-
-
-@pytest.fixture(scope="module")
-def teacher_folder(tmp_path_factory) -> Path:
-    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher")
-
-
-@pytest.fixture(scope="module")
-def teacher(teacher_folder):
-    unet, spec = load_teacher(teacher_folder)
-    return unet, spec, ArchitectureSpace.from_unet(unet, text_len=ENCODER_MAX_LENGTH)
 
 
 def _files(folder: Path) -> set[str]:

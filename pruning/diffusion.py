@@ -1,7 +1,12 @@
-"""The denoising loop shared by training (evaluation, sample grids) and serving.
+"""The denoising call and loop shared by training (evaluation, sample grids) and serving.
 
 Seeds are per image: each image's starting noise comes from its own generator, and the sampler is deterministic,
 so an image depends on its seed and prompt, not on the batch it is computed in.
+
+Coordinate input: a U-Net whose config has `in_channels == out_channels + 2` takes, after the image channels, two
+constant planes holding each pixel's row and column in [-1, 1] (CoordConv). Convolutions and attention are otherwise
+translation-equivariant, so without them a small model has no reliable way to put "the square in the top left"
+in the top left. `denoise` appends the planes; every caller goes through it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,35 @@ from collections.abc import Sequence
 import torch
 from diffusers import DPMSolverMultistepScheduler, SchedulerMixin
 from torch import nn
+
+COORDINATE_CHANNELS = 2
+
+
+def coordinate_channels(unet: nn.Module) -> int:
+    """How many coordinate planes `unet` expects after the image channels (0 or 2), from its config alone."""
+    extra = unet.config.in_channels - unet.config.out_channels
+    if extra not in (0, COORDINATE_CHANNELS):
+        raise ValueError(
+            f"U-Net config has in_channels={unet.config.in_channels}, out_channels={unet.config.out_channels}: "
+            f"supported are equal counts, or in_channels = out_channels + {COORDINATE_CHANNELS} (coordinate planes)"
+        )
+    return extra
+
+
+def coordinate_planes(batch: int, height: int, width: int, device, dtype) -> torch.Tensor:
+    """`(batch, 2, height, width)`: row then column position of each pixel centre, scaled to [-1, 1]."""
+    rows = torch.linspace(-1.0, 1.0, height, device=device, dtype=dtype)
+    cols = torch.linspace(-1.0, 1.0, width, device=device, dtype=dtype)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))
+    return grid.unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+def denoise(unet: nn.Module, x: torch.Tensor, timesteps, context: torch.Tensor, mask: torch.Tensor | None):
+    """One U-Net call on noisy images `x` `(B, C, H, W)`; returns the diffusers output (`.sample`)."""
+    if coordinate_channels(unet):
+        batch, _, height, width = x.shape
+        x = torch.cat([x, coordinate_planes(batch, height, width, x.device, x.dtype)], dim=1)
+    return unet(x, timesteps, encoder_hidden_states=context, encoder_attention_mask=mask)
 
 
 def make_sampler(training_scheduler_config: dict) -> SchedulerMixin:
@@ -24,6 +58,11 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device, dtype) -
     return torch.stack(noise).to(device=device, dtype=dtype)
 
 
+def unit_range_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Pixel-space samples in [-1, 1] (clipped) to uint8 [0, 255]."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 @torch.no_grad()
 def sample(
     unet: nn.Module,
@@ -34,23 +73,29 @@ def sample(
     uncond_mask: torch.Tensor | None,
     seeds: Sequence[int],
     steps: int = 25,
-    guidance_scale: float = 4.0,
+    guidance_scale: float | Sequence[float] = 4.0,
     resolution: int = 32,
 ) -> torch.Tensor:
     """Generate one image per row of `cond` (`(B, L, D)` token states) with classifier-free guidance against
-    `uncond` (`(B, L, D)` or `(1, L, D)`); returns the model-space samples `(B, C, H, W)`, unclipped."""
+    `uncond` (`(B, L, D)` or `(1, L, D)`: a negative prompt per row, or the empty prompt for all); returns the
+    model-space samples `(B, C, H, W)`, unclipped. `guidance_scale` is one value or one per row; 1.0 everywhere
+    skips the unconditional branch."""
     batch = cond.shape[0]
     if len(seeds) != batch:
         raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
+    scales = [float(guidance_scale)] * batch if isinstance(guidance_scale, int | float) else list(guidance_scale)
+    if len(scales) != batch:
+        raise ValueError(f"{len(scales)} guidance scales for {batch} prompts")
     param = next(unet.parameters())
-    channels = unet.config.in_channels
+    channels = unet.config.out_channels
     x = initial_noise(seeds, (channels, resolution, resolution), param.device, param.dtype)
     # Schedulers keep per-call state, so work on a private copy.
     sampler = type(sampler).from_config(sampler.config)
     sampler.set_timesteps(steps, device=param.device)
     x = x * sampler.init_noise_sigma
-    guided = guidance_scale != 1.0
+    guided = any(scale != 1.0 for scale in scales)
     if guided:
+        scale = torch.tensor(scales, device=param.device, dtype=param.dtype).view(batch, 1, 1, 1)
         uncond = uncond.expand(batch, -1, -1)
         context = torch.cat([uncond, cond]).to(param.dtype)  # (2B, L, D)
         if cond_mask is not None and uncond_mask is not None:
@@ -62,9 +107,9 @@ def sample(
     for t in sampler.timesteps:
         model_in = torch.cat([x, x]) if guided else x
         model_in = sampler.scale_model_input(model_in, t)
-        out = unet(model_in, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
+        out = denoise(unet, model_in, t, context, mask).sample
         if guided:
             out_uncond, out_cond = out.chunk(2)
-            out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            out = out_uncond + scale * (out_cond - out_uncond)
         x = sampler.step(out, t, x).prev_sample
     return x

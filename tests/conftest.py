@@ -179,7 +179,14 @@ def sd21_space(sd21_unet) -> ArchitectureSpace:
 # ------------------------------------------------------------------------------------- the embedded shapes domain
 ENCODER_MAX_LENGTH = 40  # the teacher's text_encoder.max_length (configs/shapes/teacher.yaml)
 # The smallest teacher U-Net that builds: widths divisible by 4 GroupNorm groups and by 2-channel heads.
-TINY_TEACHER_UNET: dict[str, Any] = {"block_out_channels": [8, 16, 16], "norm_num_groups": 4, "attention_head_dim": 2}
+# Like the shipped teacher, the tiny one takes the two coordinate planes after its RGB input (pruning.diffusion).
+TINY_TEACHER_UNET: dict[str, Any] = {
+    "block_out_channels": [8, 16, 16],
+    "norm_num_groups": 4,
+    "attention_head_dim": 2,
+    "in_channels": 5,
+    "out_channels": 3,
+}
 
 
 def tiny_teacher_config(tmp_path: Path, **overrides: Any):
@@ -239,8 +246,6 @@ def pixel_unet_config(sample_size: int = 32, cross_attention_dim: int = 384, **o
     config: dict[str, Any] = {
         **TINY_TEACHER_UNET,
         "sample_size": sample_size,
-        "in_channels": 3,
-        "out_channels": 3,
         "layers_per_block": 1,
         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],

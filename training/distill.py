@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruning.diffusion import denoise
+
 from .noise import NoisyBatch
 
 
@@ -55,13 +57,13 @@ def student_losses(
     to run it here (under no_grad), or its precomputed `teacher_out` / `teacher_features`."""
     if teacher is not None:
         with torch.no_grad(), block_features(teacher) as features:
-            teacher_out = teacher(batch.noisy, batch.timesteps, context, encoder_attention_mask=mask).sample
+            teacher_out = denoise(teacher, batch.noisy, batch.timesteps, context, mask).sample
         teacher_features = [f.detach() for f in features]
     with block_features(student) as student_features:
-        out = student(batch.noisy, batch.timesteps, context, encoder_attention_mask=mask).sample
+        out = denoise(student, batch.noisy, batch.timesteps, context, mask).sample
     per_sample = F.mse_loss(out.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
-    denoise = (batch.weight * per_sample).mean()
+    denoising = (batch.weight * per_sample).mean()
     output = F.mse_loss(out.float(), teacher_out.float())
     pairs = zip(student_features, teacher_features, strict=True)
     features = torch.stack([F.mse_loss(s.float(), t.float()) for s, t in pairs]).mean()
-    return DistillLosses(denoise=denoise, output=output, features=features)
+    return DistillLosses(denoise=denoising, output=output, features=features)

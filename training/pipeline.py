@@ -8,11 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pruning.diffusion import make_sampler, sample
+from pruning.diffusion import make_sampler, sample, unit_range_to_uint8
 from pruning.teacher import TeacherSpec, load_teacher
 from router.encoder import EncoderConfig, PromptEncoder
-
-from .data.labels import unit_range_to_uint8
 
 
 class TextToImage:

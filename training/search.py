@@ -16,6 +16,7 @@ from diffusers import DDPMScheduler
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
+from pruning.diffusion import denoise
 from pruning.gates import UNetGates
 from pruning.space import ArchitectureSpace
 from pruning.teacher import load_teacher
@@ -127,7 +128,7 @@ def run_search(config: SearchConfig) -> Path:
 
         with torch.no_grad(), block_features(unet) as teacher_features:
             gates.set(None)
-            teacher_out = unet(batch.noisy, batch.timesteps, encoded.tokens, encoder_attention_mask=encoded.mask)
+            teacher_out = denoise(unet, batch.noisy, batch.timesteps, encoded.tokens, encoded.mask)
         gates.set(soft)
         distill = student_losses(
             unet, None, batch, encoded.tokens, encoded.mask, teacher_out.sample, list(teacher_features)

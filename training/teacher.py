@@ -15,9 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
+from pruning.diffusion import COORDINATE_CHANNELS, denoise
 from pruning.teacher import TeacherSpec, save_teacher
 from router.encoder import EncoderConfig, PromptEncoder
 
@@ -31,7 +32,8 @@ class UNetSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sample_size: int = 32
-    in_channels: int = 3
+    # in_channels = out_channels + 2 feeds each pixel's row and column to the model (see pruning.diffusion).
+    in_channels: int = 5
     out_channels: int = 3
     block_out_channels: list[int] = [32, 64, 96]
     layers_per_block: int = 1
@@ -39,6 +41,15 @@ class UNetSettings(BaseModel):
     up_block_types: list[str] = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
     attention_head_dim: int | list[int] = 8
     norm_num_groups: int = 8
+
+    @model_validator(mode="after")
+    def _known_input_layout(self) -> UNetSettings:
+        if self.in_channels not in (self.out_channels, self.out_channels + COORDINATE_CHANNELS):
+            raise ValueError(
+                f"in_channels must equal out_channels ({self.out_channels}) or out_channels + {COORDINATE_CHANNELS} "
+                "(image plus row/column coordinate planes)"
+            )
+        return self
 
 
 class NoiseSettings(BaseModel):
@@ -91,7 +102,7 @@ def _lr_factor(step: int, optim: OptimSettings) -> float:
 def diffusion_loss(unet, scheduler: DDPMScheduler, x0, context, mask, generator, gamma: float) -> torch.Tensor:
     """Min-SNR-weighted denoising loss for one batch; noise and timesteps come from `generator`."""
     batch = NoisyBatch.make(scheduler, x0, generator, gamma)
-    pred = unet(batch.noisy, batch.timesteps, encoder_hidden_states=context, encoder_attention_mask=mask).sample
+    pred = denoise(unet, batch.noisy, batch.timesteps, context, mask).sample
     per_sample = F.mse_loss(pred.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (batch.weight * per_sample).mean()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
-from pruning.diffusion import initial_noise, make_sampler, sample
+from pruning.diffusion import coordinate_channels, coordinate_planes, denoise, initial_noise, make_sampler, sample
 from tests.conftest import build_unet, pixel_unet_config
 
 CROSS_DIM = 16
@@ -106,3 +106,31 @@ def test_initial_noise_is_per_seed():
     assert noise.shape == (3, 2, 4, 4)
     assert torch.equal(noise[0], noise[2]) and not torch.equal(noise[0], noise[1])
     assert torch.equal(noise[1], torch.randn((2, 4, 4), generator=torch.Generator().manual_seed(4)))
+
+
+def test_coordinate_planes_hold_row_then_column_in_unit_range():
+    planes = coordinate_planes(2, 3, 4, "cpu", torch.float32)
+    assert planes.shape == (2, 2, 3, 4)
+    rows, cols = planes[0]
+    assert torch.equal(rows[:, 0], torch.tensor([-1.0, 0.0, 1.0]))
+    assert torch.equal(cols[0], torch.linspace(-1, 1, 4))
+    assert torch.equal(rows[:, 0:1].expand(3, 4), rows)  # constant along a row
+
+
+def test_denoise_appends_the_coordinate_planes_after_the_image(unet, prompts):
+    assert unet.config.in_channels == unet.config.out_channels + 2
+    cond, mask, _, _ = prompts
+    x = torch.randn(3, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        got = denoise(unet, x, t, cond, mask).sample
+        full_input = torch.cat([x, coordinate_planes(3, RESOLUTION, RESOLUTION, "cpu", x.dtype)], dim=1)
+        expected = unet(full_input, t, encoder_hidden_states=cond, encoder_attention_mask=mask).sample
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, expected)
+
+
+def test_an_unknown_input_layout_is_refused():
+    odd = build_unet(pixel_unet_config(RESOLUTION, CROSS_DIM, in_channels=4), seed=0)
+    with pytest.raises(ValueError, match="in_channels=4"):
+        coordinate_channels(odd)

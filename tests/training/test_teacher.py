@@ -178,6 +178,7 @@ def test_cli_missing_config_exits_2_naming_the_file(tmp_path, capsys):
         ("optim:\n  steps: -1\n", "optim.steps"),
         ("noise:\n  prediction_type: sample\n", "noise.prediction_type"),
         ("unet:\n  block_out_channels: wide\n", "unet.block_out_channels"),
+        ("unet:\n  in_channels: 4\n", "unet"),
     ],
 )
 def test_cli_invalid_field_exits_2_naming_file_and_field(tmp_path, capsys, text, field):

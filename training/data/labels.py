@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pruning.diffusion import unit_range_to_uint8  # noqa: F401  (re-exported: the inverse of images_to_unit_range)
+
 from .shapes import BACKGROUNDS, CELLS, COLOURS, GLYPHS, SHAPES, SIZES, Sample, Scene
 
 IGNORE = -100
@@ -52,7 +54,3 @@ def collate(samples: list[Sample]) -> tuple[torch.Tensor, dict[str, torch.Tensor
 def images_to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 `[0, 255]` -> float `[-1, 1]` (the diffusion models' and the evaluator's input range)."""
     return images.float() / 127.5 - 1.0
-
-
-def unit_range_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -19,9 +19,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
-# Until the server lands, `serve` runs the newest runnable job: the MAC report of the SD 1.5 U-Net shape.
+# Serves the embedded default on http://127.0.0.1:8000 (APTP_* environment variables change any setting,
+# e.g. APTP_BUNDLE, APTP_PORT; see server/settings.py). Ctrl-C drains queued requests, then exits.
 serve: $(STAMP)
-	$(BIN)/aptp inspect configs/unets/sd-1.5 --verify
+	$(BIN)/aptp serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

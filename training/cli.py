@@ -202,7 +202,43 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--guidance", type=_non_negative_float, help="guidance scale (default: the model's)")
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(handler=_eval)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a bundle over HTTP",
+        description="Serve a bundle (or a teacher folder as one code) with FastAPI + uvicorn. Every setting is read "
+        "from APTP_* environment variables (see server/settings.py); these options override them.",
+    )
+    serve.add_argument("--bundle", help="bundle or teacher folder (APTP_BUNDLE)")
+    serve.add_argument("--host", help="listen address (APTP_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (APTP_PORT, default 8000)")
+    serve.add_argument("--device", help="torch device (APTP_DEVICE, default cpu)")
+    serve.set_defaults(handler=_serve)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from pruning.files import ModelFileError
+    from router.pipeline import RoutedPipeline
+    from server.app import serve
+    from server.settings import Settings
+
+    overrides = {k: getattr(args, k) for k in ("bundle", "host", "port", "device") if getattr(args, k) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        print(f"aptp serve: invalid setting ({problems})", file=sys.stderr)
+        return 2
+    try:
+        pipeline = RoutedPipeline.load(settings.bundle, device=settings.device, dtype=settings.torch_dtype)
+    except ModelFileError as e:
+        print(f"aptp serve: {e}", file=sys.stderr)
+        return 2
+    serve(settings, pipeline)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -72,7 +72,7 @@ def random_bundle(
 ) -> Path:
     """A bundle whose codes are random architectures of the teacher (no training): for development and tests of
     the serving path before a trained router exists. Code k keeps a fraction `keeps[k]` of each unit's gates;
-    the router is untrained, so its routing is arbitrary but still deterministic."""
+    the router is untrained: deterministic, but its all-on prompt gates make every prompt pick the densest code."""
     teacher, spec = load_teacher(teacher_folder)
     text_len = int(spec.text_encoder.get("max_length", 77))
     space = ArchitectureSpace.from_unet(teacher, text_len=text_len)

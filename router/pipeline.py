@@ -1,0 +1,181 @@
+"""Prompts -> codes -> images with everything a bundle holds resident: the encoder, the router and one expert per
+code. The server's engine and evaluation both build on it.
+
+A teacher folder (pruning.teacher) loads as a one-code bundle whose only expert is the full teacher and whose router
+sends every prompt to it: the unpruned model is served and measured through the same path as its pruned codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pruning.bundle import MANIFEST, BundleError, load_code_experts, read_manifest
+from pruning.diffusion import make_sampler, sample, unit_range_to_uint8
+from pruning.space import ArchitectureSpace
+from pruning.teacher import load_teacher
+
+from .encoder import EncodedPrompts, EncoderConfig, PromptEncoder
+from .model import ROUTER_WEIGHTS, Router
+
+
+@dataclass(frozen=True)
+class CodeInfo:
+    """What a client may know about one code.
+
+    Parameters:
+        code (`int`): its index.
+        macs (`int`): MACs of one U-Net call (batch 1, one branch of classifier-free guidance).
+        params (`int`): parameters of its expert.
+        training_share (`float`): share of training prompts routed to it.
+    """
+
+    code: int
+    macs: int
+    params: int
+    training_share: float
+
+
+@dataclass(frozen=True)
+class RoutedPrompts:
+    """`codes[i]` and `scores[i]` (similarity to the chosen code) of prompt i."""
+
+    codes: list[int]
+    scores: list[float]
+
+
+class RoutedPipeline:
+    """Encoder + router + experts + sampler, all resident on one device.
+
+    Parameters:
+        encoder (`PromptEncoder`): the frozen text encoder (token states for the U-Nets, pooled for the router).
+        router (`Router`, *optional*): None for a one-code pipeline (a teacher folder).
+        experts (`list[nn.Module]`): the U-Net of each code.
+        codes (`list[CodeInfo]`): their description.
+        scheduler_config (`dict`): the training noise schedule (samplers are built from it).
+        resolution (`int`): image size.
+        sampling (`dict`): default `steps` and `guidance_scale`.
+        teacher_macs (`int`): MACs of one call of the unpruned U-Net.
+        source (`str`): `"bundle"` or `"teacher"`.
+    """
+
+    def __init__(
+        self,
+        encoder: PromptEncoder,
+        router: Router | None,
+        experts: list[nn.Module],
+        codes: list[CodeInfo],
+        scheduler_config: dict[str, Any],
+        resolution: int,
+        sampling: dict[str, Any],
+        teacher_macs: int,
+        source: str,
+    ):
+        if router is None and len(experts) != 1:
+            raise ValueError("a pipeline without a router has exactly one expert")
+        self.encoder = encoder
+        self.router = router
+        self.experts = [expert.eval() for expert in experts]
+        self.codes = codes
+        self.sampler = make_sampler(scheduler_config)
+        self.resolution = resolution
+        self.default_steps = int(sampling.get("steps", 25))
+        self.default_guidance_scale = float(sampling.get("guidance_scale", 4.0))
+        self.teacher_macs = teacher_macs
+        self.source = source
+        self.empty_prompt = encoder.encode([""])
+
+    @property
+    def num_codes(self) -> int:
+        return len(self.codes)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> RoutedPipeline:
+        """Load a bundle folder (with `manifest.json`) or a teacher folder (with `teacher.json`), verifying
+        checksums; errors name the file."""
+        path = Path(path)
+        if (path / "teacher.json").is_file() and not (path / MANIFEST).is_file():
+            return cls._from_teacher(path, device, dtype)
+        manifest = read_manifest(path)  # names the folder or manifest when neither kind is found
+        encoder = PromptEncoder(EncoderConfig(**manifest.text_encoder), device=device)
+        router = Router.load(
+            path / "router", device=device, encoder=encoder, sha256=manifest.files.get(f"router/{ROUTER_WEIGHTS}")
+        )
+        if router.config.num_codes != manifest.num_codes:
+            raise BundleError(
+                path / "router", f"router has {router.config.num_codes} codes, manifest {manifest.num_codes}"
+            )
+        experts = load_code_experts(path, manifest, device=device, dtype=dtype)
+        codes = [CodeInfo(c.code, c.macs, c.params, c.training_share) for c in manifest.codes]
+        return cls(
+            encoder,
+            router,
+            experts,
+            codes,
+            manifest.scheduler_config,
+            manifest.resolution,
+            manifest.sampling,
+            manifest.teacher_macs,
+            source="bundle",
+        )
+
+    @classmethod
+    def _from_teacher(cls, path: Path, device, dtype) -> RoutedPipeline:
+        unet, spec = load_teacher(path, device=device, dtype=dtype)
+        encoder = PromptEncoder(EncoderConfig(**spec.text_encoder), device=device)
+        space = ArchitectureSpace.from_unet(unet, text_len=encoder.config.max_length)
+        macs = space.total_macs(spec.resolution)
+        params = sum(p.numel() for p in unet.parameters())
+        code = CodeInfo(code=0, macs=macs, params=params, training_share=1.0)
+        return cls(
+            encoder, None, [unet], [code], spec.scheduler_config, spec.resolution, spec.sampling, macs, "teacher"
+        )
+
+    # ------------------------------------------------------------------------------------------------- inference
+    def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
+        return self.encoder.encode(list(prompts))
+
+    def route(self, encoded: EncodedPrompts) -> RoutedPrompts:
+        """Each prompt's code; deterministic and independent of the other prompts in the call."""
+        count = encoded.pooled.shape[0]
+        if self.router is None:
+            return RoutedPrompts(codes=[0] * count, scores=[1.0] * count)
+        routing = self.router.route_embeddings(encoded.pooled)
+        return RoutedPrompts(codes=[int(c) for c in routing.codes], scores=[float(s) for s in routing.scores])
+
+    @torch.no_grad()
+    def generate(
+        self,
+        code: int,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        seeds: Sequence[int],
+        steps: int,
+        guidance_scales: Sequence[float],
+        negative_tokens: torch.Tensor | None = None,
+        negative_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Images `(N, 3, H, W)` uint8 from code `code`'s expert, one per row of `tokens` `(N, L, D)`; the
+        unconditional branch uses `negative_tokens` (one row per image) or the empty prompt."""
+        if negative_tokens is None:
+            negative_tokens, negative_mask = self.empty_prompt.tokens, self.empty_prompt.mask
+        x = sample(
+            self.experts[code],
+            self.sampler,
+            tokens,
+            mask,
+            negative_tokens,
+            negative_mask,
+            seeds,
+            steps=steps,
+            guidance_scale=list(guidance_scales),
+            resolution=self.resolution,
+        )
+        return unit_range_to_uint8(x.float().cpu())

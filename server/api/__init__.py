@@ -1,0 +1,1 @@
+"""The HTTP layer: thin routes over `server.state.ServerState` (one module per route group under `routes/`)."""

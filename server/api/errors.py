@@ -1,0 +1,82 @@
+"""One error type for the routes, rendered in the shape each API family expects: FastAPI's `{"detail": ...}` for the
+native endpoints, OpenAI's `{"error": {...}}` under `/v1/images/` (so OpenAI clients raise their usual exceptions)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+OPENAI_PREFIX = "/v1/images/"
+
+
+class ApiError(Exception):
+    """Parameters:
+    status (`int`): HTTP status.
+    message (`str`): what is wrong and, where it helps, what is accepted.
+    field (`str`, *optional*): the request field at fault (422s name it like FastAPI's own validation errors).
+    headers (`dict`, *optional*): e.g. `Retry-After`.
+    reason (`str`, *optional*): the `aptp_rejections_total` reason to count.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+        reason: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+        self.reason = reason
+
+
+def invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, message, field=field, reason="invalid")
+
+
+def _openai_type(status: int) -> str:
+    return {401: "authentication_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
+
+
+def _render(request: Request, error: ApiError) -> JSONResponse:
+    if request.url.path.startswith(OPENAI_PREFIX):
+        status = 400 if error.status == 422 else error.status  # OpenAI answers bad parameters with 400
+        body = {"error": {"message": error.message, "type": _openai_type(status), "param": error.field, "code": None}}
+        return JSONResponse(body, status_code=status, headers=error.headers)
+    if error.field is not None:
+        detail = [{"loc": ["body", error.field], "msg": error.message, "type": "value_error"}]
+        return JSONResponse({"detail": detail}, status_code=error.status, headers=error.headers)
+    return JSONResponse({"detail": error.message}, status_code=error.status, headers=error.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    def count(request: Request, reason: str | None) -> None:
+        metrics = request.app.state.aptp.metrics
+        if reason is not None and metrics is not None:
+            metrics.rejections.labels(reason=reason).inc()
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+        count(request, error.reason)
+        return _render(request, error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        count(request, "invalid")
+        problems = error.errors()
+        if request.url.path.startswith(OPENAI_PREFIX):
+            first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
+            field = ".".join(str(part) for part in first["loc"] if part != "body") or None
+            message = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in problems
+            )
+            return _render(request, ApiError(400, message, field=field))
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in problems]
+        return JSONResponse({"detail": detail}, status_code=422)

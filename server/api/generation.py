@@ -1,0 +1,159 @@
+"""One generation request from arrival to answer, shared by `/generate` and `/v1/images/generations`: check the
+operator's limits, encode and route the prompt off the event loop, queue it, wait for the engine while watching
+for the client leaving, and build the report."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+from fastapi import Request
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from ..engine import BatchFailed, EngineStopped, GenerationJob, GenerationResult, QueueTimeout
+from ..scheduler import QueueFull, SchedulerClosed
+from ..schemas import SEED_MAX, GenerationReport
+from ..state import ServerState
+from .errors import ApiError, invalid
+
+# How often a waiting request checks whether its client is still there.
+DISCONNECT_POLL_SECONDS = 0.1
+# Statuses answered to clients that left (nginx's convention; nobody reads it).
+CLIENT_CLOSED_REQUEST = 499
+
+
+@dataclass
+class GenerationParameters:
+    prompt: str
+    negative_prompt: str | None
+    num_images: int
+    steps: int | None
+    guidance_scale: float | None
+    seed: int | None
+
+
+@dataclass
+class Generation:
+    images: list[tuple[str, int]]  # (base64 PNG, seed)
+    report: GenerationReport
+
+
+def png_base64(image: torch.Tensor) -> str:
+    """`(3, H, W)` uint8 -> base64 PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def check_limits(state: ServerState, params: GenerationParameters, images_field: str = "num_images") -> None:
+    settings = state.settings
+    if len(params.prompt) > settings.max_prompt_chars:
+        raise invalid("prompt", f"at most {settings.max_prompt_chars} characters (got {len(params.prompt)})")
+    if params.negative_prompt is not None and len(params.negative_prompt) > settings.max_prompt_chars:
+        raise invalid("negative_prompt", f"at most {settings.max_prompt_chars} characters")
+    if params.num_images > settings.max_images_per_request:
+        raise invalid(images_field, f"at most {settings.max_images_per_request} images per request")
+    if params.steps is not None and params.steps > settings.max_steps:
+        raise invalid("steps", f"at most {settings.max_steps} steps (got {params.steps})")
+    if params.seed is not None and params.seed + params.num_images - 1 > SEED_MAX:
+        raise invalid("seed", f"seed + number of images must stay below {SEED_MAX}")
+
+
+async def generate(state: ServerState, request: Request, params: GenerationParameters) -> Generation:
+    arrival = time.monotonic()
+    engine, pipeline, settings = state.engine, state.pipeline, state.settings
+    if engine is None or pipeline is None or not state.ready:
+        message = "the server is not ready (loading or shutting down)"
+        raise ApiError(503, message, headers={"Retry-After": "5"}, reason="draining")
+    steps = params.steps or settings.default_steps or pipeline.default_steps
+    guidance = pipeline.default_guidance_scale if params.guidance_scale is None else params.guidance_scale
+    first_seed = secrets.randbelow(2**31) if params.seed is None else params.seed
+    seeds = [first_seed + i for i in range(params.num_images)]
+
+    def encode_and_route():
+        began = time.monotonic()
+        texts = [params.prompt] if params.negative_prompt is None else [params.prompt, params.negative_prompt]
+        encoded = pipeline.encode(texts)
+        routed = pipeline.route(encoded)
+        return encoded, routed.codes[0], routed.scores[0], time.monotonic() - began
+
+    encoded, code, score, router_seconds = await run_in_threadpool(encode_and_route)
+    state.metrics.router.observe(router_seconds)
+    job = GenerationJob(
+        tokens=encoded.tokens[:1],
+        mask=encoded.mask[:1],
+        seeds=seeds,
+        steps=steps,
+        guidance_scale=guidance,
+        negative_tokens=encoded.tokens[1:] if params.negative_prompt is not None else None,
+        negative_mask=encoded.mask[1:] if params.negative_prompt is not None else None,
+    )
+    request_id = uuid.uuid4().hex
+    try:
+        future = engine.submit(request_id, code, job, timeout_s=settings.request_timeout_s)
+    except QueueFull as full:
+        retry = str(full.retry_after_seconds)
+        raise ApiError(429, f"{full}", headers={"Retry-After": retry}, reason="queue_full") from None
+    except SchedulerClosed:
+        raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"}, reason="draining") from None
+
+    result = await _wait(state, request, request_id, code, asyncio.wrap_future(future))
+    macs = pipeline.codes[code].macs
+    total = time.monotonic() - arrival
+    state.metrics.end_to_end.labels(code=str(code)).observe(total)
+    state.metrics.requests.labels(code=str(code), status="ok").inc()
+    report = GenerationReport(
+        code=code,
+        router_score=score,
+        macs_per_call=macs,
+        teacher_macs_per_call=pipeline.teacher_macs,
+        unet_calls_per_image=result.unet_calls,
+        total_macs=macs * result.unet_calls * len(seeds),
+        steps=steps,
+        guidance_scale=guidance,
+        seeds=seeds,
+        batch_images=result.batch_images,
+        router_seconds=router_seconds,
+        queue_seconds=result.queue_seconds,
+        compute_seconds=result.compute_seconds,
+        total_seconds=total,
+    )
+    images = [(png_base64(image), seed) for image, seed in zip(result.images, seeds, strict=True)]
+    return Generation(images=images, report=report)
+
+
+async def _wait(
+    state: ServerState, request: Request, request_id: str, code: int, result: asyncio.Future
+) -> GenerationResult:
+    """The engine's result; a client that leaves meanwhile has its request dropped."""
+    count = state.metrics.requests
+    while True:
+        done, _ = await asyncio.wait({result}, timeout=DISCONNECT_POLL_SECONDS)
+        if done:
+            break
+        if await request.is_disconnected():
+            state.engine.abort(request_id)
+            count.labels(code=str(code), status="cancelled").inc()
+            raise ApiError(CLIENT_CLOSED_REQUEST, "client closed the request")
+    try:
+        return result.result()
+    except QueueTimeout as e:
+        count.labels(code=str(code), status="timeout").inc()
+        raise ApiError(504, f"{e} (limit {state.settings.request_timeout_s:g} s)") from None
+    except EngineStopped as e:
+        count.labels(code=str(code), status="cancelled").inc()
+        raise ApiError(503, str(e), reason="draining") from None
+    except BatchFailed as e:
+        count.labels(code=str(code), status="error").inc()
+        raise ApiError(500, str(e)) from None
+    except asyncio.CancelledError:
+        # The engine cancelled the future: the request was aborted elsewhere.
+        count.labels(code=str(code), status="cancelled").inc()
+        raise ApiError(CLIENT_CLOSED_REQUEST, "request cancelled") from None

@@ -1,0 +1,29 @@
+"""`POST /generate`: the native endpoint, with the full per-request report."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ...schemas import GeneratedImage, GenerateRequest, GenerateResponse
+from ..deps import Authorized, State
+from ..generation import GenerationParameters, check_limits, generate
+
+router = APIRouter(tags=["generation"], dependencies=[Authorized])
+
+
+@router.post("/generate", response_model=GenerateResponse, summary="Generate images for a prompt")
+async def generate_images(body: GenerateRequest, request: Request, state: State) -> GenerateResponse:
+    """Route the prompt to a code, queue it with other requests of that code, and return base64 PNGs with a report
+    of the code, its MACs and the time spent queued and computing."""
+    params = GenerationParameters(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        num_images=body.num_images,
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
+        seed=body.seed,
+    )
+    check_limits(state, params)
+    result = await generate(state, request, params)
+    images = [GeneratedImage(b64_png=png, seed=seed) for png, seed in result.images]
+    return GenerateResponse(images=images, report=result.report)

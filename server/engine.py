@@ -1,0 +1,322 @@
+"""The engine: every expert resident, one worker thread that turns the scheduler's batches into images.
+
+The API layer (event loop) encodes and routes a prompt, then calls `submit`, which queues the request and returns a
+`concurrent.futures.Future`; the worker thread resolves it. The worker never waits on the event loop and the event
+loop never waits on a U-Net, so slow batches cannot stall health checks or admission.
+
+Per-image seeds make an image depend only on its prompt, seed, steps and guidance, not on the batch it shares: the
+noise of each image comes from its own generator and the denoiser treats rows independently.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from router.pipeline import RoutedPipeline
+
+from .metrics import ServerMetrics
+from .scheduler import AbortOutcome, FinishedBatch, QueuedRequest, ScheduledBatch, Scheduler, SchedulerConfig
+
+logger = logging.getLogger("aptp.engine")
+
+
+# ------------------------------------------------------------------------------------------------------- outcomes
+class GenerationError(Exception):
+    """Why a queued request produced no images (the API layer maps each kind to an HTTP status)."""
+
+
+class QueueTimeout(GenerationError):
+    """The request waited in the queue longer than its timeout and was dropped (HTTP 504)."""
+
+
+class BatchFailed(GenerationError):
+    """The batch holding the request raised; the message says what went wrong (HTTP 500)."""
+
+
+class EngineStopped(GenerationError):
+    """The server stopped before the request ran (HTTP 503)."""
+
+
+@dataclass
+class GenerationJob:
+    """What the engine needs to run one request (the scheduler's payload).
+
+    Parameters:
+        tokens (`torch.Tensor`): `(1, L, D)` prompt token states.
+        mask (`torch.Tensor`): `(1, L)` attention mask.
+        seeds (`list[int]`): one per image.
+        steps (`int`): sampling steps.
+        guidance_scale (`float`): classifier-free guidance scale (1.0: no unconditional branch).
+        negative_tokens (`torch.Tensor`, *optional*): `(1, L, D)` negative prompt (default: the empty prompt).
+        negative_mask (`torch.Tensor`, *optional*): its mask.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    seeds: list[int]
+    steps: int
+    guidance_scale: float
+    negative_tokens: torch.Tensor | None = None
+    negative_mask: torch.Tensor | None = None
+
+
+@dataclass
+class GenerationResult:
+    """A finished request.
+
+    Parameters:
+        images (`torch.Tensor`): `(N, 3, H, W)` uint8.
+        code (`int`): the expert that made them.
+        unet_calls (`int`): U-Net evaluations per image (steps, doubled under guidance).
+        batch_images (`int`): images in the batch the request ran in.
+        queue_seconds (`float`): arrival to batch start.
+        compute_seconds (`float`): duration of the batch.
+    """
+
+    images: torch.Tensor
+    code: int
+    unet_calls: int
+    batch_images: int
+    queue_seconds: float
+    compute_seconds: float
+
+
+# --------------------------------------------------------------------------------------------------------- engine
+class Engine:
+    """Resident experts + scheduler + worker thread.
+
+    Parameters:
+        pipeline (`RoutedPipeline`): encoder, router and experts.
+        scheduler_config (`SchedulerConfig`): batching and admission policy (`num_codes` must match the pipeline).
+        metrics (`ServerMetrics`, *optional*): where batch and request events are recorded.
+        clock (`Callable[[], float]`): monotonic seconds (tests may pass their own).
+    """
+
+    def __init__(
+        self,
+        pipeline: RoutedPipeline,
+        scheduler_config: SchedulerConfig,
+        metrics: ServerMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if scheduler_config.num_codes != pipeline.num_codes:
+            raise ValueError(f"scheduler has {scheduler_config.num_codes} codes, the bundle {pipeline.num_codes}")
+        self.pipeline = pipeline
+        self.scheduler = Scheduler(scheduler_config)
+        self.metrics = metrics
+        self.clock = clock
+        self._futures: dict[str, Future] = {}
+        self._futures_lock = threading.Lock()
+        # Guards "schedule, else sleep" against "add, then notify": no wake-up is lost between the two.
+        self._wakeup = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        if metrics is not None:
+            metrics.watch_scheduler(self.scheduler.stats)
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    def warm_up(self, steps: int = 2) -> None:
+        """Run every expert once (guided, one image) so first requests do not pay for lazy initialisation."""
+        for code in range(self.pipeline.num_codes):
+            empty = self.pipeline.empty_prompt
+            self.pipeline.generate(code, empty.tokens, empty.mask, [0], steps, [2.0])
+            self.pipeline.generate(code, empty.tokens, empty.mask, [0], steps, [1.0])
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._thread = threading.Thread(target=self._loop, name="aptp-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def draining(self) -> bool:
+        return self.scheduler.closed
+
+    def begin_drain(self) -> None:
+        """Stop admitting; queued requests still run (partial batches go at once)."""
+        with self._wakeup:
+            self.scheduler.close()
+            self._wakeup.notify_all()
+
+    def wait_drained(self, timeout: float | None = None) -> bool:
+        """After `begin_drain`: wait until queued and running work is done; False if `timeout` passed first."""
+        deadline = None if timeout is None else self.clock() + timeout
+        while not self.scheduler.is_idle:
+            if not self.running:
+                return False
+            if deadline is not None and self.clock() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def shutdown(self, drain_timeout: float | None = 0.0) -> bool:
+        """Drain for up to `drain_timeout` seconds, then stop the worker; requests still queued get `EngineStopped`.
+        Returns whether everything was drained."""
+        self.begin_drain()
+        drained = self.wait_drained(drain_timeout) if self.running else self.scheduler.is_idle
+        with self._wakeup:
+            self._stop = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        for request in self.scheduler.expire(float("inf")):  # everything still queued
+            self._fail(request.request_id, EngineStopped("the server stopped before this request ran"))
+        return drained
+
+    # ------------------------------------------------------------------------------------------------- requests
+    def submit(self, request_id: str, code: int, job: GenerationJob, timeout_s: float | None = None) -> Future:
+        """Queue a request; raises the scheduler's `QueueFull` / `SchedulerClosed` (nothing is queued then)."""
+        now = self.clock()
+        request = QueuedRequest(
+            request_id=request_id,
+            code=code,
+            num_images=len(job.seeds),
+            arrival=now,
+            deadline=None if timeout_s is None else now + timeout_s,
+            payload=job,
+        )
+        future: Future = Future()
+        with self._futures_lock:
+            self._futures[request_id] = future
+        try:
+            with self._wakeup:
+                self.scheduler.add(request, now)
+                self._wakeup.notify()
+        except BaseException:
+            with self._futures_lock:
+                del self._futures[request_id]
+            raise
+        return future
+
+    def abort(self, request_id: str) -> AbortOutcome:
+        """The client went away: drop its queued work (or discard its running batch's output for it)."""
+        outcome = self.scheduler.abort(request_id)
+        if outcome is AbortOutcome.QUEUED:
+            future = self._pop_future(request_id)
+            if future is not None:
+                future.cancel()
+        return outcome
+
+    # ---------------------------------------------------------------------------------------------- worker loop
+    def _loop(self) -> None:
+        while True:
+            now = self.clock()
+            for request in self.scheduler.expire(now):
+                if self.metrics is not None:
+                    self.metrics.rejections.labels(reason="queue_timeout").inc()
+                self._fail(request.request_id, QueueTimeout("the request waited too long in the queue"))
+            with self._wakeup:
+                if self._stop:
+                    return
+                batch = self.scheduler.schedule(now)
+                if batch is None:
+                    self._wakeup.wait(timeout=self.scheduler.next_deadline(now))
+                    continue
+            self._run(batch)
+
+    def _run(self, batch: ScheduledBatch) -> None:
+        started = self.clock()
+        try:
+            outputs = self._compute(batch)
+        except Exception as error:  # noqa: BLE001 - any failure fails this batch only; the server keeps serving
+            logger.exception("batch %d (code %d) failed", batch.batch_id, batch.code)
+            finished = self.scheduler.finish(batch.batch_id, self.clock(), error=error)
+            message = f"generation failed: {type(error).__name__}: {error}"
+            for request in finished.failed:
+                self._fail(request.request_id, BatchFailed(message))
+            self._drop(finished)
+            return
+        finished = self.scheduler.update_from_output(batch.batch_id, outputs, self.clock())
+        compute_seconds = finished.finished_at - started
+        macs_per_call = self.pipeline.codes[batch.code].macs
+        if self.metrics is not None:
+            code = str(batch.code)
+            self.metrics.batch_size.labels(code=code).observe(batch.num_images)
+            self.metrics.compute.labels(code=code).observe(compute_seconds)
+            for request, (_, unet_calls) in zip(batch.requests, outputs, strict=True):
+                self.metrics.queue_wait.labels(code=code).observe(batch.queue_wait(request))
+                self.metrics.images.labels(code=code).inc(request.num_images)
+                self.metrics.macs.labels(code=code).inc(unet_calls * request.num_images * macs_per_call)
+        for request in finished.completed:
+            images, unet_calls = finished.outputs[request.request_id]
+            result = GenerationResult(
+                images=images,
+                code=batch.code,
+                unet_calls=unet_calls,
+                batch_images=batch.num_images,
+                queue_seconds=batch.queue_wait(request),
+                compute_seconds=compute_seconds,
+            )
+            future = self._pop_future(request.request_id)
+            if future is not None and future.set_running_or_notify_cancel():
+                future.set_result(result)
+        self._drop(finished)
+
+    def _compute(self, batch: ScheduledBatch) -> list[tuple[torch.Tensor, int]]:
+        """Per request: its `(n, 3, H, W)` uint8 images and the U-Net calls each image cost. Requests with equal step
+        counts share U-Net calls; rows carry their own seed, guidance scale and negative prompt."""
+        outputs: dict[str, tuple[torch.Tensor, int]] = {}
+        by_steps: dict[int, list[QueuedRequest]] = {}
+        for request in batch.requests:
+            by_steps.setdefault(request.payload.steps, []).append(request)
+        empty = self.pipeline.empty_prompt
+        for steps, requests in by_steps.items():
+            jobs: list[GenerationJob] = [r.payload for r in requests]
+            counts = [len(job.seeds) for job in jobs]
+            rows = list(zip(jobs, counts, strict=True))
+            tokens = torch.cat([job.tokens.expand(n, -1, -1) for job, n in rows])
+            mask = torch.cat([job.mask.expand(n, -1) for job, n in rows])
+            negative_tokens = negative_mask = None
+            if any(job.negative_tokens is not None for job in jobs):
+                negatives = [
+                    (job.negative_tokens, job.negative_mask, n)
+                    if job.negative_tokens is not None
+                    else (empty.tokens, empty.mask, n)
+                    for job, n in rows
+                ]
+                negative_tokens = torch.cat([t.expand(n, -1, -1) for t, _, n in negatives])
+                negative_mask = torch.cat([m.expand(n, -1) for _, m, n in negatives])
+            scales = [job.guidance_scale for job, n in rows for _ in range(n)]
+            images = self.pipeline.generate(
+                batch.code,
+                tokens,
+                mask,
+                seeds=[seed for job in jobs for seed in job.seeds],
+                steps=steps,
+                guidance_scales=scales,
+                negative_tokens=negative_tokens,
+                negative_mask=negative_mask,
+            )
+            # A guided call runs both branches for every row, even rows whose own scale is 1.
+            unet_calls = steps * (2 if any(scale != 1.0 for scale in scales) else 1)
+            for request, chunk in zip(requests, images.split(counts), strict=True):
+                outputs[request.request_id] = (chunk, unet_calls)
+        return [outputs[request.request_id] for request in batch.requests]
+
+    # ---------------------------------------------------------------------------------------------------- helpers
+    def _pop_future(self, request_id: str) -> Future | None:
+        with self._futures_lock:
+            return self._futures.pop(request_id, None)
+
+    def _fail(self, request_id: str, error: GenerationError) -> None:
+        future = self._pop_future(request_id)
+        if future is not None and future.set_running_or_notify_cancel():
+            future.set_exception(error)
+
+    def _drop(self, finished: FinishedBatch) -> None:
+        """Forget the futures of requests whose client left while their batch ran."""
+        for request in finished.discarded:
+            future = self._pop_future(request.request_id)
+            if future is not None:
+                future.cancel()

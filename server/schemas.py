@@ -1,0 +1,132 @@
+"""Request and response bodies. Static limits live here; limits an operator sets (steps, images per request, prompt
+length) are checked against `Settings` in the routes, with the same 422 error shape."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SEED_MAX = 2**63 - 1
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="What to draw.")
+    negative_prompt: str | None = Field(None, description="What to steer away from (replaces the empty prompt).")
+    num_images: int = Field(1, ge=1, description="Images to generate; image i uses seed + i.")
+    steps: int | None = Field(None, ge=1, description="Sampling steps (default: the bundle's).")
+    guidance_scale: float | None = Field(None, ge=1.0, le=50.0, description="Classifier-free guidance scale.")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Seed of the first image (default: random).")
+
+
+class GeneratedImage(BaseModel):
+    b64_png: str
+    seed: int
+
+
+class GenerationReport(BaseModel):
+    """Where the request went and what it cost."""
+
+    code: int = Field(description="The architecture code (expert) the router chose.")
+    router_score: float = Field(description="Similarity of the prompt's predicted architecture to the code's.")
+    macs_per_call: int = Field(description="MACs of one U-Net call of the code (batch 1, one guidance branch).")
+    teacher_macs_per_call: int = Field(description="MACs of one call of the unpruned U-Net.")
+    unet_calls_per_image: int = Field(description="Steps, doubled when the batch ran classifier-free guidance.")
+    total_macs: int = Field(description="MACs spent on this request's images.")
+    steps: int
+    guidance_scale: float
+    seeds: list[int]
+    batch_images: int = Field(description="Images in the batch this request was computed in.")
+    router_seconds: float
+    queue_seconds: float
+    compute_seconds: float = Field(description="Duration of the whole batch.")
+    total_seconds: float = Field(description="From arrival to answer.")
+
+
+class GenerateResponse(BaseModel):
+    images: list[GeneratedImage]
+    report: GenerationReport
+
+
+class RouteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(min_length=1, max_length=256)
+
+
+class RouteDecision(BaseModel):
+    prompt_index: int
+    code: int
+    score: float
+    macs_per_call: int
+    macs_ratio: float = Field(description="macs_per_call / teacher_macs_per_call.")
+
+
+class RouteResponse(BaseModel):
+    routes: list[RouteDecision]
+    teacher_macs_per_call: int
+    router_seconds: float
+
+
+class CodeDescription(BaseModel):
+    code: int
+    macs_per_call: int
+    macs_ratio: float
+    params: int
+    training_share: float
+    completed_batches_avg_seconds: float | None = Field(
+        description="Moving average duration of this code's batches (None until one has run)."
+    )
+    queued_requests: int
+
+
+class CodesResponse(BaseModel):
+    source: Literal["bundle", "teacher"]
+    resolution: int
+    teacher_macs_per_call: int
+    default_steps: int
+    default_guidance_scale: float
+    codes: list[CodeDescription]
+
+
+# ------------------------------------------------------------------------------------------ OpenAI images API shape
+class OpenAIImageRequest(BaseModel):
+    """`POST /v1/images/generations` as OpenAI clients send it; `seed`, `steps`, `guidance_scale` and
+    `negative_prompt` are this server's extras (clients pass them as `extra_body`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    n: int = Field(1, ge=1)
+    size: str | None = Field(None, description="`WxH`; only the model's own resolution is supported.")
+    response_format: str = Field("b64_json", description="Only `b64_json` (no image hosting).")
+    model: str | None = Field(None, description="Accepted and ignored: the server serves one bundle.")
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    output_format: str | None = Field(None, description="Only `png`.")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=1.0, le=50.0)
+    negative_prompt: str | None = None
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+    seed: int
+
+
+class OpenAIImageResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    # Echoed extras (OpenAI clients keep unknown fields on the response object).
+    seed: int
+    steps: int
+    guidance_scale: float
+    negative_prompt: str | None
+    size: str
+    output_format: Literal["png"] = "png"
+    aptp: GenerationReport

@@ -1,0 +1,86 @@
+"""The server's settings: one object, read from `APTP_*` environment variables (and an optional `.env` file).
+
+Examples:
+    APTP_BUNDLE=bundles/shapes/teacher APTP_PORT=8080 aptp serve
+    APTP_MAX_BATCH_SIZE='{"0": 8, "1": 4}'    # per code; a plain number applies to every code
+    APTP_API_KEYS=key-one,key-two              # generation endpoints then need `Authorization: Bearer <key>`
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_BUNDLE = Path("bundles/shapes/teacher")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Settings(BaseSettings):
+    """Parameters:
+    bundle (`Path`): a bundle folder (manifest.json) or a teacher folder (teacher.json, served as one code).
+    device (`str`): torch device of the experts and the encoder ("cpu", "cuda", "cuda:1", ...).
+    dtype (`str`): float32, float16 or bfloat16 for the experts.
+    threads (`int`, *optional*): torch intra-op threads (default: torch's choice).
+    host, port: where uvicorn listens.
+    max_batch_size (`int` or `dict[int, int]`): images per batch, for every code or per code.
+    max_wait_ms (`float`): how long a code's oldest request waits for its batch to fill.
+    max_queue_size (`int`): queued requests per code before 429.
+    request_timeout_s (`float`): a request still queued after this long is answered 504 and dropped.
+    default_steps (`int`, *optional*): sampling steps when a request names none (default: the bundle's).
+    max_steps (`int`): the most steps a request may ask for.
+    max_images_per_request (`int`): `num_images` / `n` limit.
+    max_prompt_chars (`int`): longest accepted prompt.
+    api_keys (`list[str]`): when non-empty, generation and routing need `Authorization: Bearer <key>`.
+    drain_timeout_s (`float`): on SIGTERM, how long to wait for queued and running work before exiting anyway.
+    warmup (`bool`): run every expert once before reporting ready.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="APTP_", env_file=".env", extra="ignore")
+
+    bundle: Path = DEFAULT_BUNDLE
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    threads: int | None = Field(None, ge=1)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_batch_size: int | dict[int, int] = 8
+    max_wait_ms: float = Field(50.0, ge=0)
+    max_queue_size: int = Field(16, ge=1)
+    request_timeout_s: float = Field(300.0, gt=0)
+    default_steps: int | None = Field(None, ge=1)
+    max_steps: int = Field(100, ge=1)
+    max_images_per_request: int = Field(4, ge=1)
+    max_prompt_chars: int = Field(2000, ge=1)
+    api_keys: Annotated[list[str], NoDecode] = []
+    drain_timeout_s: float = Field(300.0, ge=0)
+    warmup: bool = True
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        try:
+            torch.device(value)
+        except RuntimeError as e:
+            raise ValueError(f"not a torch device ({e})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _steps_within_limit(self) -> Settings:
+        if self.default_steps is not None and self.default_steps > self.max_steps:
+            raise ValueError(f"default_steps ({self.default_steps}) exceeds max_steps ({self.max_steps})")
+        return self
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

@@ -1,0 +1,84 @@
+"""What one running server holds: settings, the loaded pipeline, the engine, metrics, readiness."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from router.pipeline import RoutedPipeline
+
+from .engine import Engine
+from .metrics import ServerMetrics
+from .scheduler import SchedulerConfig
+from .settings import Settings
+
+logger = logging.getLogger("aptp.server")
+
+
+class ServerState:
+    """Parameters:
+    settings (`Settings`): the operator's settings.
+    pipeline (`RoutedPipeline`, *optional*): an already loaded pipeline (tests share one); else `settings.bundle`
+        is loaded by `start`.
+    """
+
+    def __init__(self, settings: Settings, pipeline: RoutedPipeline | None = None):
+        self.settings = settings
+        self.pipeline = pipeline
+        self.engine: Engine | None = None
+        self.metrics: ServerMetrics | None = None
+        self.warmed_up = False
+        self.started_at = time.time()
+
+    @property
+    def ready(self) -> bool:
+        """Loaded, warmed up, worker running, and not draining."""
+        engine = self.engine
+        return self.warmed_up and engine is not None and engine.running and not engine.draining
+
+    def start(self) -> None:
+        """Load the bundle (unless given), build the engine, warm every expert up, start the worker. Blocking."""
+        settings = self.settings
+        if settings.threads is not None:
+            torch.set_num_threads(settings.threads)
+        if self.pipeline is None:
+            began = time.monotonic()
+            self.pipeline = RoutedPipeline.load(settings.bundle, device=settings.device, dtype=settings.torch_dtype)
+            logger.info(
+                "loaded %s %s: %d code(s) in %.1f s",
+                self.pipeline.source,
+                settings.bundle,
+                self.pipeline.num_codes,
+                time.monotonic() - began,
+            )
+        self.metrics = ServerMetrics([code.macs for code in self.pipeline.codes])
+        scheduler_config = SchedulerConfig(
+            num_codes=self.pipeline.num_codes,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue_size=settings.max_queue_size,
+        )
+        self.engine = Engine(self.pipeline, scheduler_config, self.metrics)
+        if settings.warmup:
+            began = time.monotonic()
+            self.engine.warm_up()
+            logger.info("warmed up %d expert(s) in %.1f s", self.pipeline.num_codes, time.monotonic() - began)
+        self.engine.start()
+        self.warmed_up = True
+        self.metrics.ready.set(1)
+
+    def begin_drain(self) -> None:
+        """Stop admission and report not-ready; queued work keeps running."""
+        if self.engine is not None:
+            self.engine.begin_drain()
+        if self.metrics is not None:
+            self.metrics.ready.set(0)
+
+    def stop(self, drain_timeout: float) -> None:
+        self.begin_drain()
+        if self.engine is not None:
+            drained = self.engine.shutdown(drain_timeout)
+            if not drained:
+                logger.warning("stopped before all queued work finished (drain timeout %.0f s)", drain_timeout)

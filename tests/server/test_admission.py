@@ -1,0 +1,199 @@
+"""Bad input, API keys, full queues, timeouts, failing batches, clients that leave, and draining."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+
+from server.app import create_app
+from tests.server.conftest import server_settings
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x" * 3000}, "prompt"),
+        ({"prompt": "a red circle", "steps": 0}, "steps"),
+        ({"prompt": "a red circle", "steps": 101}, "steps"),
+        ({"prompt": "a red circle", "num_images": 5}, "num_images"),
+        ({"prompt": "a red circle", "guidance_scale": 0.5}, "guidance_scale"),
+        ({"prompt": "a red circle", "seed": -1}, "seed"),
+        ({"prompt": "a red circle", "seed": "abc"}, "seed"),
+        ({"prompt": "a red circle", "colour": "red"}, "colour"),
+    ],
+)
+def test_invalid_generate_requests_answer_422_naming_the_field(client, body, field):
+    response = client.post("/generate", json=body)
+    assert response.status_code == 422
+    locations = [error["loc"] for error in response.json()["detail"]]
+    assert ["body", field] in locations, locations
+
+
+def test_malformed_json_answers_422(client):
+    response = client.post("/generate", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+
+
+def test_route_rejects_empty_prompt_lists_and_empty_prompts(client):
+    assert client.post("/route", json={"prompts": []}).status_code == 422
+    response = client.post("/route", json={"prompts": ["ok", ""]})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "prompts.1"]
+
+
+def test_api_keys_guard_generation_but_not_health_or_metrics(make_client):
+    with make_client(api_keys=["k1", "k2"]) as client:
+        for path, body in [("/generate", {"prompt": "a red circle"}), ("/route", {"prompts": ["a red circle"]})]:
+            missing = client.post(path, json=body)
+            assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == "Bearer"
+            wrong = client.post(path, json=body, headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+            right = client.post(path, json=body, headers={"Authorization": "Bearer k2"})
+            assert right.status_code == 200, right.text
+        assert client.get("/v1/codes").status_code == 401
+        openai_style = client.post("/v1/images/generations", json={"prompt": "a red circle"})
+        assert openai_style.status_code == 401 and openai_style.json()["error"]["type"] == "authentication_error"
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 200
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200
+        assert 'aptp_rejections_total{reason="unauthorized"} 6.0' in metrics.text
+
+
+def test_a_full_queue_answers_429_with_retry_after(make_client):
+    # One queued request fills the queue: a long max_wait keeps it waiting for a batch that never fills.
+    with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=1500) as client, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/generate", json={"prompt": "a red circle", "seed": 1})
+        _wait_for(lambda: client.app.state.aptp.engine.scheduler.stats().queued_requests[_code(client)] == 1)
+        rejected = client.post("/generate", json={"prompt": "a red circle", "seed": 2})
+        assert rejected.status_code == 429
+        assert int(rejected.headers["Retry-After"]) >= 1
+        assert "full" in rejected.json()["detail"]
+        assert first.result().status_code == 200  # the queued one is still served
+        assert client.get("/readyz").status_code == 200
+        assert 'aptp_rejections_total{reason="queue_full"} 1.0' in client.get("/metrics").text
+
+
+def test_a_request_that_outlives_its_queue_timeout_answers_504(make_client):
+    with make_client(request_timeout_s=0.2, max_batch_size=8, max_wait_ms=3000) as client:
+        response = client.post("/generate", json={"prompt": "a red circle"})
+        assert response.status_code == 504
+        assert "waited too long" in response.json()["detail"]
+        assert sum(client.app.state.aptp.engine.scheduler.stats().queued_requests.values()) == 0
+        metrics = client.get("/metrics").text
+        assert 'aptp_rejections_total{reason="queue_timeout"} 1.0' in metrics
+        assert 'status="timeout"} 1.0' in metrics
+
+
+def test_a_failing_batch_answers_500_and_the_server_keeps_serving(make_client, pipeline, monkeypatch):
+    real_generate = pipeline.generate
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("expert exploded")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate", flaky)
+    with make_client() as client:
+        failed = client.post("/generate", json={"prompt": "a red circle"})
+        assert failed.status_code == 500
+        assert "expert exploded" in failed.json()["detail"]
+        assert client.post("/generate", json={"prompt": "a red circle"}).status_code == 200
+        assert client.get("/readyz").status_code == 200
+        assert 'status="error"} 1.0' in client.get("/metrics").text
+
+
+def test_draining_refuses_new_work_and_reports_not_ready(make_client):
+    with make_client() as client:
+        state = client.app.state.aptp
+        state.begin_drain()
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        refused = client.post("/generate", json={"prompt": "a red circle"})
+        assert refused.status_code == 503
+        assert client.get("/healthz").status_code == 200
+
+
+def test_shutdown_answers_queued_work_before_exiting(make_client):
+    # Requests wait for a batch that would fill only after 30 s; leaving the client context shuts the app down,
+    # which must run them at once rather than drop them.
+    with ThreadPoolExecutor(3) as pool:
+        with make_client(max_batch_size=8, max_wait_ms=30_000) as client:
+            futures = [
+                pool.submit(client.post, "/generate", json={"prompt": "a red circle", "seed": s}) for s in range(3)
+            ]
+            _wait_for(lambda: client.app.state.aptp.engine.scheduler.stats().admitted == 3)
+        began = time.monotonic()
+        responses = [future.result(timeout=60) for future in futures]
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert time.monotonic() - began < 20
+
+
+def test_a_client_that_disconnects_has_its_queued_work_dropped(tiny_bundle, pipeline):
+    app = create_app(server_settings(tiny_bundle, max_batch_size=8, max_wait_ms=4000, port=0), pipeline)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: server.started, timeout=60)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        scheduler = app.state.aptp.engine.scheduler
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"http://127.0.0.1:{port}/generate", json={"prompt": "a red circle"}, timeout=0.5)
+        _wait_for(lambda: scheduler.stats().aborted == 1, timeout=5)
+        stats = scheduler.stats()
+        assert sum(stats.queued_requests.values()) == 0 and stats.running_requests == 0
+        assert stats.completed == 0
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'status="cancelled"} 1.0' in metrics
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_metrics_use_base_units_and_never_carry_the_prompt(client):
+    secret_prompt = "a purple diamond whispering secrets"
+    assert client.post("/generate", json={"prompt": secret_prompt}).status_code == 200
+    text = client.get("/metrics").text
+    assert "whispering" not in text
+    for name in (
+        "aptp_requests_total",
+        "aptp_rejections_total",
+        "aptp_queue_depth",
+        "aptp_queue_images",
+        "aptp_running_batches",
+        "aptp_batch_size_bucket",
+        "aptp_queue_wait_seconds_bucket",
+        "aptp_compute_seconds_bucket",
+        "aptp_request_seconds_bucket",
+        "aptp_macs_total",
+        "aptp_images_total",
+        "aptp_router_seconds_bucket",
+        "aptp_code_macs_per_call",
+        "aptp_ready 1.0",
+    ):
+        assert name in text, name
+    assert 'aptp_request_seconds_bucket{code="0",le="600.0"}' in text  # buckets reach minutes
+    assert 'aptp_request_seconds_bucket{code="0",le="0.05"}' in text
+
+
+def _code(client) -> int:
+    return client.post("/route", json={"prompts": ["a red circle"]}).json()["routes"][0]["code"]
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)

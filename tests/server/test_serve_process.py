@@ -1,0 +1,70 @@
+"""`aptp serve` as operators run it: a real process, real sockets, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _queued(url: str) -> float:
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith("aptp_queue_depth{"))
+
+
+def test_sigterm_drains_queued_requests_then_exits(tiny_bundle):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "APTP_BUNDLE": str(tiny_bundle),
+        "APTP_PORT": str(port),
+        "APTP_DEFAULT_STEPS": "2",
+        "APTP_MAX_BATCH_SIZE": "8",
+        "APTP_MAX_WAIT_MS": "60000",  # queued requests would wait a minute for a full batch unless drained
+        "APTP_THREADS": "1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read().decode()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready in 120 s"
+            time.sleep(0.2)
+        with ThreadPoolExecutor(3) as pool:
+            futures = [
+                pool.submit(httpx.post, f"{url}/generate", json={"prompt": "a red circle", "seed": s}, timeout=120)
+                for s in range(3)
+            ]
+            while _queued(url) < 3:
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            responses = [future.result() for future in futures]
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        output = process.stdout.read().decode()
+        assert f"http://127.0.0.1:{port}" in output and "curl" in output
+        assert "drained" in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -15,14 +15,7 @@ router = APIRouter(tags=["generation"], dependencies=[Authorized])
 async def generate_images(body: GenerateRequest, request: Request, state: State) -> GenerateResponse:
     """Route the prompt to a code, queue it with other requests of that code, and return base64 PNGs with a report
     of the code, its MACs and the time spent queued and computing."""
-    params = GenerationParameters(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        num_images=body.num_images,
-        steps=body.steps,
-        guidance_scale=body.guidance_scale,
-        seed=body.seed,
-    )
+    params = GenerationParameters(**body.model_dump())  # the native request has exactly these fields
     check_limits(state, params)
     result = await generate(state, request, params)
     images = [GeneratedImage(b64_png=png, seed=seed) for png, seed in result.images]

@@ -1,0 +1,43 @@
+"""`RoutedPipeline.load` reads bundles and teacher folders alike."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pruning.bundle import BundleError
+from pruning.space import ArchitectureSpace
+from router.pipeline import RoutedPipeline
+from tests.conftest import ENCODER_MAX_LENGTH
+
+
+def test_a_teacher_folder_is_a_one_code_pipeline(teacher_folder, teacher):
+    unet, spec, space = teacher
+    pipeline = RoutedPipeline.load(teacher_folder)
+    assert pipeline.source == "teacher" and pipeline.num_codes == 1
+    assert pipeline.codes[0].macs == pipeline.teacher_macs == space.total_macs(spec.resolution)
+    assert pipeline.codes[0].params == sum(p.numel() for p in unet.parameters())
+    routed = pipeline.route(pipeline.encode(["a red circle", "the digit 7"]))
+    assert routed.codes == [0, 0] and routed.scores == [1.0, 1.0]
+    encoded = pipeline.encode(["a red circle"])
+    images = pipeline.generate(0, encoded.tokens, encoded.mask, seeds=[1], steps=2, guidance_scales=[3.0])
+    assert images.shape == (1, 3, 32, 32) and images.dtype == torch.uint8
+
+
+def test_a_bundle_pipeline_routes_with_its_router(tmp_path, teacher_folder):
+    from training.export import random_bundle
+
+    bundle = random_bundle(teacher_folder, tmp_path / "bundle", num_codes=3, seed=1)
+    pipeline = RoutedPipeline.load(bundle)
+    assert pipeline.source == "bundle" and pipeline.num_codes == 3
+    space = ArchitectureSpace.from_unet(pipeline.experts[0], text_len=ENCODER_MAX_LENGTH)
+    assert pipeline.teacher_macs == pipeline.router.space.total_macs(pipeline.resolution)
+    assert space.total_macs(pipeline.resolution) == pipeline.codes[0].macs  # code 0 keeps everything
+    routed = pipeline.route(pipeline.encode(["a red circle", "two blue squares"]))
+    expected = pipeline.router.route(["a red circle", "two blue squares"])
+    assert routed.codes == expected.codes.tolist()
+
+
+def test_a_folder_that_is_neither_names_itself(tmp_path):
+    with pytest.raises(BundleError, match="manifest.json"):
+        RoutedPipeline.load(tmp_path)

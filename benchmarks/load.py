@@ -1,0 +1,723 @@
+"""Bounded load test of `aptp serve` on loopback: N requests per round with at most C in flight, R rounds.
+
+    .venv/bin/python benchmarks/load.py                       # the shipped teacher, served as one code
+    .venv/bin/python benchmarks/load.py --codes 4             # a random 4-code bundle built from the teacher
+    .venv/bin/python benchmarks/load.py --url http://127.0.0.1:8000 --requests 32   # an already running server
+
+The script starts the server itself (a subprocess, warm-up on), waits for `/readyz`, and fires each round's
+`POST /generate` requests concurrently while probing `/readyz`. By default a round sends 4x the server's total queue
+capacity (max_queue_size x codes) all at once, so most requests must be turned away: the test passes when every
+request is answered, with an image (200) or a 429 carrying `Retry-After`, none is lost (transport error, timeout,
+any other status), and the server stays ready throughout. Between rounds it records the server's resident memory
+(VmRSS) to show whether memory stays flat. At the end it stops the server with SIGTERM and times the drain.
+
+Prints one table row per round and a verdict; writes `<out>.json` and `<out>.md`. Exit code 1 when a request was
+lost or readiness failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_BUNDLE = Path("bundles/shapes/teacher")
+DEFAULT_OUT = Path("benchmarks/results/load")
+READY_TIMEOUT_S = 180.0
+# Generous: an admitted request waits for every batch queued ahead of it, which takes minutes on a busy CPU.
+REQUEST_TIMEOUT_S = 600.0
+# A readiness probe that takes longer than this counts as failed (a load balancer would give up sooner).
+PROBE_TIMEOUT_S = 5.0
+PROBE_INTERVAL_S = 0.5
+# RSS growth over the reading after round 1 still called "flat" (the highest later reading counts). Round 1 is the
+# reference, not the idle server: the first round fills allocator caches and thread pools once.
+DEFAULT_RSS_TOLERANCE_MB = 32.0
+# Prompts routed to pick a balanced mix from (`POST /route` takes at most 256 prompts per call).
+MAX_CANDIDATE_PROMPTS = 256
+
+
+# ---------------------------------------------------------------------------------------------------- records
+@dataclass
+class Outcome:
+    """One request's answer as the client saw it."""
+
+    index: int
+    prompt_index: int
+    status: int | None  # None: no HTTP answer at all (transport error or client timeout)
+    latency_s: float
+    retry_after: str | None = None
+    code: int | None = None  # the code the server routed a 200 to
+    images: int = 0
+    error: str | None = None
+
+    @property
+    def lost(self) -> bool:
+        """Anything but an image or a well-formed refusal: the client was left without a usable answer."""
+        if self.status == 200:
+            return self.images < 1
+        if self.status == 429:
+            return not self.retry_after
+        return True
+
+
+@dataclass
+class Probes:
+    """`/readyz` answers during one round."""
+
+    statuses: list[int | None] = field(default_factory=list)
+    latencies_s: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(status != 200 for status in self.statuses)
+
+
+@dataclass
+class RoundResult:
+    round: int
+    requests: int
+    wall_s: float
+    statuses: dict[str, int]
+    lost: int
+    lost_examples: list[str]
+    latency_200_p50_s: float | None
+    latency_200_p95_s: float | None
+    latency_429_p50_s: float | None
+    retry_after_values: list[str]
+    images_per_s: float
+    ok_per_code: dict[str, int]
+    mean_batch_per_code: dict[str, float | None]
+    probes: int
+    probes_failed: int
+    probe_max_s: float | None
+    ready_after: bool
+    rss_mb: float | None
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (no interpolation: every reported latency is one a client actually saw)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+def retry_after_values(values: Iterable[str]) -> list[str]:
+    """Distinct values, numbers in numeric order."""
+    return sorted(set(values), key=lambda v: (len(v), v))
+
+
+def free_port() -> int:
+    """A port free right now. The server is given a concrete port rather than 0 because it would not tell us which
+    one it got; the race with another process taking it in between is harmless on a test machine."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def proc_memory_mb(pid: int) -> dict[str, float] | None:
+    """VmRSS (now) and VmHWM (peak) of a process, in MB; None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) / 1024  # kB -> MB
+    return values
+
+
+def shapes_captions(count: int) -> list[str]:
+    from training.data.shapes import ShapesDomain
+
+    # The test split: same distribution as training, other scenes; captions vary in length, objects and wording.
+    return [sample.caption for sample in ShapesDomain(seed=0, split="test").batch(0, count)]
+
+
+def balanced_mix(prompts: list[str], codes: list[int], count: int) -> list[int]:
+    """Indices of `count` prompts taken round-robin over the codes they route to, so every code the candidates
+    reach gets traffic (an untrained router may send most prompts to one code)."""
+    by_code: dict[int, list[int]] = {}
+    for index, code in enumerate(codes):
+        by_code.setdefault(code, []).append(index)
+    chosen: list[int] = []
+    queues = [list(indices) for _, indices in sorted(by_code.items())]
+    while len(chosen) < count and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
+def parse_metrics(text: str) -> dict[str, dict[str, float]]:
+    """The figures this report uses from `/metrics`."""
+    out: dict[str, dict[str, float]] = {"batch_sum": {}, "batch_count": {}, "rejections": {}, "requests_ok": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "aptp_batch_size_sum":
+                out["batch_sum"][sample.labels["code"]] = sample.value
+            elif sample.name == "aptp_batch_size_count":
+                out["batch_count"][sample.labels["code"]] = sample.value
+            elif sample.name == "aptp_rejections_total":
+                out["rejections"][sample.labels["reason"]] = sample.value
+            elif sample.name == "aptp_requests_total" and sample.labels.get("status") == "ok":
+                out["requests_ok"][sample.labels["code"]] = sample.value
+    return out
+
+
+def metrics_delta(after: dict, before: dict) -> dict[str, dict[str, float]]:
+    return {k: {label: v - before.get(k, {}).get(label, 0.0) for label, v in after[k].items()} for k in after}
+
+
+def mean_batches(metrics: dict) -> dict[str, float | None]:
+    return {
+        code: (metrics["batch_sum"].get(code, 0.0) / count if count else None)
+        for code, count in sorted(metrics["batch_count"].items(), key=lambda kv: int(kv[0]))
+    }
+
+
+# ------------------------------------------------------------------------------------------------- the server
+class ServerProcess:
+    """`python -m training.cli serve` as a child process, configured through APTP_* variables, its log in a file."""
+
+    def __init__(self, bundle: Path, port: int, settings: dict[str, str], log_path: Path, device: str):
+        env = dict(os.environ)
+        env.update(settings)
+        # The load test talks to its own server without keys, whatever an operator's environment or .env says.
+        env["APTP_API_KEYS"] = ""
+        command = [sys.executable, "-m", "training.cli", "serve", "--bundle", str(bundle), "--port", str(port)]
+        command += ["--host", "127.0.0.1", "--device", device]
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.pid = self.process.pid
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float) -> dict:
+        """SIGTERM (the server drains, then exits): seconds until it exited, its exit code (None: it hung and was
+        killed) and whether it shut down gracefully."""
+        began = time.monotonic()
+        code = self.process.poll()
+        if code is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                code = self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        seconds = time.monotonic() - began
+        self._log.close()
+        # uvicorn re-raises the signal it caught once its graceful shutdown is over, so a clean exit is "killed by
+        # SIGTERM" (-15 here, 143 in a shell) after its "Application shutdown complete" line, not 0.
+        graceful = "Application shutdown complete" in self.log_tail(lines=200)
+        clean = graceful and code in (0, -signal.SIGTERM)
+        return {"seconds": seconds, "exit_code": code, "graceful": graceful, "clean": clean}
+
+
+async def wait_ready(client: httpx.AsyncClient, url: str, server: ServerProcess | None) -> dict:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server is not None and server.process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {server.process.returncode} before it was ready")
+        try:
+            response = await client.get(f"{url}/readyz", timeout=PROBE_TIMEOUT_S)
+            if response.status_code == 200:
+                return response.json()
+        except httpx.HTTPError:
+            pass  # not listening yet
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"{url}/readyz did not answer 200 within {READY_TIMEOUT_S:.0f} s")
+
+
+# -------------------------------------------------------------------------------------------------- one round
+async def send(
+    client: httpx.AsyncClient, url: str, limit: asyncio.Semaphore, index: int, prompt_index: int, body: dict
+) -> Outcome:
+    async with limit:
+        began = time.perf_counter()
+        try:
+            response = await client.post(f"{url}/generate", json=body)
+        except httpx.HTTPError as e:  # connection refused/reset, client timeout, broken response
+            return Outcome(index, prompt_index, None, time.perf_counter() - began, error=f"{type(e).__name__}: {e}")
+        latency = time.perf_counter() - began
+    outcome = Outcome(index, prompt_index, response.status_code, latency)
+    if response.status_code == 200:
+        try:
+            payload = response.json()
+            outcome.images = len(payload["images"])
+            outcome.code = int(payload["report"]["code"])
+        except (ValueError, KeyError, TypeError) as e:
+            outcome.error = f"malformed 200 body: {e}"
+    elif response.status_code == 429:
+        outcome.retry_after = response.headers.get("Retry-After")
+        if not outcome.retry_after:
+            outcome.error = "429 without Retry-After"
+    else:
+        outcome.error = f"HTTP {response.status_code}: {response.text[:200]}"
+    return outcome
+
+
+async def probe_readiness(url: str, done: asyncio.Event) -> Probes:
+    """Poll `/readyz` until the round is over, on a client of its own so probes never wait behind the load's
+    connection pool (a real load balancer's probes do not share the clients' connections either)."""
+    probes = Probes()
+    async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+        while True:
+            began = time.perf_counter()
+            try:
+                response = await client.get(f"{url}/readyz")
+                probes.statuses.append(response.status_code)
+            except httpx.HTTPError as e:
+                probes.statuses.append(None)
+                probes.errors.append(f"{type(e).__name__}: {e}")
+            probes.latencies_s.append(time.perf_counter() - began)
+            if done.is_set():
+                return probes
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), PROBE_INTERVAL_S)
+            # One more probe after the round ends, so a round shorter than the interval still gets two.
+
+
+async def run_round(
+    client: httpx.AsyncClient, url: str, prompts: list[str], args: argparse.Namespace, number: int
+) -> tuple[list[Outcome], Probes, float]:
+    limit = asyncio.Semaphore(args.concurrency)
+    done = asyncio.Event()
+    prober = asyncio.create_task(probe_readiness(url, done))
+    began = time.perf_counter()
+    tasks = []
+    for i in range(args.requests):
+        prompt_index = i % len(prompts)
+        # A different seed per request and round: no two requests are the same work.
+        body = {"prompt": prompts[prompt_index], "steps": args.steps, "seed": number * args.requests + i}
+        tasks.append(send(client, url, limit, i, prompt_index, body))
+    outcomes = await asyncio.gather(*tasks)
+    wall = time.perf_counter() - began
+    done.set()
+    return list(outcomes), await prober, wall
+
+
+def summarise(
+    number: int,
+    outcomes: list[Outcome],
+    probes: Probes,
+    wall: float,
+    ready_after: bool,
+    rss_mb: float | None,
+    metrics: dict,
+) -> RoundResult:
+    statuses = Counter("error" if o.status is None else str(o.status) for o in outcomes)
+    ok = [o for o in outcomes if o.status == 200 and not o.lost]
+    lost = [o for o in outcomes if o.lost]
+    return RoundResult(
+        round=number,
+        requests=len(outcomes),
+        wall_s=wall,
+        statuses=dict(sorted(statuses.items())),
+        lost=len(lost),
+        lost_examples=[f"#{o.index}: {o.error}" for o in lost[:5]],
+        latency_200_p50_s=percentile([o.latency_s for o in ok], 50),
+        latency_200_p95_s=percentile([o.latency_s for o in ok], 95),
+        latency_429_p50_s=percentile([o.latency_s for o in outcomes if o.status == 429], 50),
+        retry_after_values=retry_after_values(o.retry_after for o in outcomes if o.retry_after),
+        images_per_s=sum(o.images for o in ok) / wall,
+        ok_per_code={str(code): n for code, n in sorted(Counter(o.code for o in ok).items())},
+        mean_batch_per_code=mean_batches(metrics),
+        probes=len(probes.statuses),
+        probes_failed=probes.failed,
+        probe_max_s=max(probes.latencies_s) if probes.latencies_s else None,
+        ready_after=ready_after,
+        rss_mb=rss_mb,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _batches(per_code: dict[str, float | None]) -> str:
+    return " ".join(f"{code}:{'-' if v is None else f'{v:.1f}'}" for code, v in per_code.items())
+
+
+TABLE_HEADER = (
+    "round",
+    "200",
+    "429",
+    "other",
+    "lost",
+    "p50 s",
+    "p95 s",
+    "img/s",
+    "mean batch by code",
+    "readyz ok",
+    "RSS MB",
+)
+
+
+def table_row(r: RoundResult) -> tuple[str, ...]:
+    other = sum(n for status, n in r.statuses.items() if status not in ("200", "429"))
+    return (
+        str(r.round),
+        str(r.statuses.get("200", 0)),
+        str(r.statuses.get("429", 0)),
+        str(other),
+        str(r.lost),
+        _seconds(r.latency_200_p50_s),
+        _seconds(r.latency_200_p95_s),
+        f"{r.images_per_s:.2f}",
+        _batches(r.mean_batch_per_code),
+        f"{r.probes - r.probes_failed}/{r.probes}" + ("" if r.ready_after else " (not after)"),
+        "-" if r.rss_mb is None else f"{r.rss_mb:.0f}",
+    )
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)), flush=True)
+
+
+async def drive(args: argparse.Namespace, url: str, server: ServerProcess | None) -> dict:
+    """Wait for readiness, pick the prompt mix, run the rounds; everything the report needs."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=10.0)) as control:
+        began = time.monotonic()
+        ready = await wait_ready(control, url, server)
+        startup_s = time.monotonic() - began
+        num_codes = int(ready.get("codes", 1))
+
+        # The prompt mix: a file's prompts as they are, or shapes captions chosen to reach every code they can.
+        if args.prompts_file is not None:
+            candidates = [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        else:
+            candidates = shapes_captions(min(MAX_CANDIDATE_PROMPTS, max(50, 5 * args.num_prompts)))
+        routed = await control.post(f"{url}/route", json={"prompts": candidates[:MAX_CANDIDATE_PROMPTS]})
+        routed.raise_for_status()
+        codes: list[int | None] = [decision["code"] for decision in routed.json()["routes"]]
+        if args.prompts_file is None:
+            chosen = balanced_mix(candidates, codes, args.num_prompts)
+            prompts, prompt_codes = [candidates[i] for i in chosen], [codes[i] for i in chosen]
+        else:
+            prompts, prompt_codes = candidates, codes + [None] * (len(candidates) - len(codes))
+
+        capacity = args.max_queue_size * num_codes
+        if args.requests is None:
+            args.requests = 4 * capacity  # the done criterion's load: 4x the total queue capacity
+        if args.concurrency is None:
+            args.concurrency = args.requests  # all at once
+        print(
+            f"ready after {startup_s:.1f} s: {num_codes} code(s), queue capacity {args.max_queue_size} x {num_codes} = "
+            f"{capacity}; {args.requests} requests per round ({args.requests / capacity:.1f}x capacity), "
+            f"concurrency {args.concurrency}, steps {args.steps}, {len(prompts)} prompts "
+            f"(by code: {dict(sorted(Counter(c for c in prompt_codes if c is not None).items()))})",
+            flush=True,
+        )
+        reached = len({c for c in prompt_codes if c is not None})
+        routing_note = None
+        if reached < num_codes:
+            # Then only the reached codes' queues take the load: each is loaded well past its share. A bundle from
+            # `random_bundle` does this: its untrained router gives every prompt the same code.
+            per_queue = args.requests / (args.max_queue_size * max(1, reached))
+            routing_note = (
+                f"the prompts reach only {reached} of {num_codes} codes, so each reached queue takes "
+                f"{per_queue:.1f}x its capacity"
+            )
+            print(f"note: {routing_note}", flush=True)
+
+        async def scrape() -> dict:
+            return parse_metrics((await control.get(f"{url}/metrics")).text)
+
+        memory_start = proc_memory_mb(server.pid) if server is not None else None
+        metrics_start = metrics_before = await scrape()
+        rounds: list[RoundResult] = []
+        # The load's own client: one connection per request in flight, so the client never queues requests itself.
+        limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+        timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=30.0)
+        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+            for number in range(1, args.rounds + 1):
+                outcomes, probes, wall = await run_round(client, url, prompts, args, number)
+                try:
+                    ready_after = (await control.get(f"{url}/readyz", timeout=PROBE_TIMEOUT_S)).status_code == 200
+                except httpx.HTTPError:
+                    ready_after = False
+                memory = proc_memory_mb(server.pid) if server is not None else None
+                metrics_after = await scrape()
+                result = summarise(
+                    number,
+                    outcomes,
+                    probes,
+                    wall,
+                    ready_after,
+                    memory["VmRSS"] if memory else None,
+                    metrics_delta(metrics_after, metrics_before),
+                )
+                metrics_before = metrics_after
+                rounds.append(result)
+                print(f"round {number}/{args.rounds} done in {wall:.1f} s", flush=True)
+                for example in result.lost_examples:
+                    print(f"  lost {example}", flush=True)
+                for error in probes.errors[:3]:
+                    print(f"  readiness probe failed: {error}", flush=True)
+        print_table([TABLE_HEADER, *(table_row(r) for r in rounds)])
+        totals = metrics_delta(metrics_before, metrics_start)
+        return {
+            "startup_s": startup_s,
+            "num_codes": num_codes,
+            "queue_capacity": capacity,
+            "codes_reached": reached,
+            "routing_note": routing_note,
+            "prompts": [{"prompt": p, "code": c} for p, c in zip(prompts, prompt_codes, strict=True)],
+            "rounds": rounds,
+            "memory_start_mb": memory_start,
+            "memory_peak_mb": (proc_memory_mb(server.pid) or {}).get("VmHWM") if server is not None else None,
+            "metrics": {
+                "mean_batch_per_code": mean_batches(totals),
+                "batches_per_code": {k: int(v) for k, v in totals["batch_count"].items()},
+                "rejections": {k: int(v) for k, v in totals["rejections"].items()},
+                "requests_ok_per_code": {k: int(v) for k, v in totals["requests_ok"].items()},
+            },
+        }
+
+
+def describe_shutdown(shutdown: dict) -> str:
+    code, seconds = shutdown["exit_code"], shutdown["seconds"]
+    if code is None:
+        return f"no exit within {seconds:.0f} s, killed"
+    how = "exited after a graceful shutdown" if shutdown["graceful"] else "exited WITHOUT a graceful shutdown"
+    return f"{how} in {seconds:.1f} s, exit code {code}" + (" (the re-raised SIGTERM)" if code == -15 else "")
+
+
+def verdict(report: dict, rss_tolerance_mb: float) -> tuple[bool, str, dict]:
+    rounds: list[RoundResult] = report["rounds"]
+    total = sum(r.requests for r in rounds)
+    ok = sum(r.statuses.get("200", 0) for r in rounds)
+    refused = sum(r.statuses.get("429", 0) for r in rounds)
+    lost = sum(r.lost for r in rounds)
+    ready = all(r.probes_failed == 0 and r.ready_after for r in rounds)
+    load = rounds[0].requests / report["queue_capacity"] if rounds else 0.0
+    parts = [
+        f"{len(rounds)} round(s) at {load:.1f}x the queue capacity: {total - lost}/{total} answered "
+        f"({ok} x 200, {refused} x 429 with Retry-After), {lost} lost"
+    ]
+    probes = sum(r.probes for r in rounds)
+    failed = sum(r.probes_failed for r in rounds)
+    parts.append("ready throughout" if ready else f"NOT READY ({failed}/{probes} probes failed or not ready after)")
+    memory = {}
+    rss = [r.rss_mb for r in rounds if r.rss_mb is not None]
+    if rss:
+        growth = max(rss[1:]) - rss[0] if len(rss) > 1 else 0.0
+        flat = growth <= rss_tolerance_mb if len(rss) > 1 else None
+        memory = {"rss_after_rounds_mb": rss, "growth_mb": growth, "tolerance_mb": rss_tolerance_mb, "flat": flat}
+        if flat is None:
+            parts.append(f"RSS {rss[0]:.0f} MB (one round: flatness not measured)")
+        else:
+            state = "flat" if flat else f"GROWING (tolerance {rss_tolerance_mb:g} MB)"
+            readings = ", ".join(f"{v:.0f}" for v in rss)
+            parts.append(f"RSS after rounds 1..{len(rss)}: {readings} MB (max growth {growth:+.0f} MB, {state})")
+    # Cross-check the client's counts against the server's own: a mismatch means answers were miscounted somewhere.
+    server_ok = sum(report["metrics"]["requests_ok_per_code"].values())
+    server_refused = report["metrics"]["rejections"].get("queue_full", 0)
+    if (server_ok, server_refused) != (ok, refused):
+        parts.append(f"server counted {server_ok} ok / {server_refused} queue_full (client: {ok} / {refused})")
+    shutdown = report.get("shutdown")
+    if shutdown is not None:
+        parts.append(f"SIGTERM: {describe_shutdown(shutdown)}")
+    passed = lost == 0 and ready
+    return passed, ("PASS: " if passed else "FAIL: ") + "; ".join(parts), memory
+
+
+def write_reports(out: Path, report: dict, command: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    serialisable = dict(report, rounds=[asdict(r) for r in report["rounds"]])
+    Path(f"{out}.json").write_text(json.dumps(serialisable, indent=1) + "\n")
+
+    rounds: list[RoundResult] = report["rounds"]
+    s = report["settings"]
+    lines = [
+        f"# Load test: {s['bundle']} ({report['num_codes']} code(s))",
+        "",
+        f"{report['date']}, {report['machine']}. Command: `{command}`",
+        "",
+        f"Settings: max_queue_size {s['max_queue_size']} per code x {report['num_codes']} code(s) = "
+        f"{report['queue_capacity']} queued requests in total; {s['requests']} requests per round "
+        f"({s['requests'] / report['queue_capacity']:.1f}x capacity) with at most {s['concurrency']} in flight; "
+        f"{s['rounds']} round(s); steps {s['steps']}; max_batch_size {s['max_batch_size']}; "
+        f"max_wait_ms {s['max_wait_ms']:g}; {len(report['prompts'])} prompts.",
+        "",
+        "| round | 200 | 429 | other | lost | p50 / p95 latency of 200s (s) | p50 latency of 429s (s) | images/s "
+        "| mean batch by code | /readyz 200 during round | ready after | RSS after (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rounds:
+        row = table_row(r)
+        lines.append(
+            f"| {r.round} | {row[1]} | {row[2]} | {row[3]} | {r.lost} | {row[5]} / {row[6]} "
+            f"| {_seconds(r.latency_429_p50_s)} | {row[7]} | {row[8]} | {r.probes - r.probes_failed}/{r.probes} "
+            f"| {'yes' if r.ready_after else 'NO'} | {row[10]} |"
+        )
+    metrics = report["metrics"]
+    lines += [
+        "",
+        f"**{report['verdict']}**",
+        "",
+        *([f"- Note: {report['routing_note']}."] if report["routing_note"] else []),
+        f"- Startup (process start to `/readyz` 200, with warm-up): {report['startup_s']:.1f} s."
+        if report["memory_start_mb"]
+        else f"- Waited {report['startup_s']:.1f} s for `/readyz` 200.",
+    ]
+    if report["memory_start_mb"]:
+        lines.append(
+            f"- Server memory: RSS {report['memory_start_mb']['VmRSS']:.0f} MB when ready, "
+            + ", ".join(f"{r.rss_mb:.0f}" for r in rounds)
+            + f" MB after each round; peak (VmHWM) {report['memory_peak_mb']:.0f} MB."
+        )
+    lines += [
+        f"- Server metrics over the rounds: mean batch size by code {_batches(metrics['mean_batch_per_code'])} "
+        f"(batches {metrics['batches_per_code']}); rejections {metrics['rejections']}.",
+        f"- Retry-After values seen: {retry_after_values(v for r in rounds for v in r.retry_after_values)}.",
+    ]
+    if report.get("shutdown"):
+        lines.append(f"- Shutdown: SIGTERM -> {describe_shutdown(report['shutdown'])}.")
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--bundle", type=Path, default=DEFAULT_BUNDLE, help=f"bundle or teacher folder ({DEFAULT_BUNDLE})"
+    )
+    parser.add_argument("--codes", type=int, default=1, help="> 1: serve a random K-code bundle of the teacher folder")
+    parser.add_argument("--requests", type=int, help="requests per round (default: 4x the total queue capacity)")
+    parser.add_argument("--concurrency", type=int, help="requests in flight at most (default: all of them)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="sampling steps per request")
+    parser.add_argument("--max-queue-size", type=int, default=4, help="APTP_MAX_QUEUE_SIZE (queued requests per code)")
+    parser.add_argument("--max-batch-size", type=int, default=4, help="APTP_MAX_BATCH_SIZE")
+    parser.add_argument("--max-wait-ms", type=float, default=50.0, help="APTP_MAX_WAIT_MS")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--port", type=int, default=0, help="0: a free port")
+    parser.add_argument("--url", help="load an already running server instead (memory is then not measured)")
+    parser.add_argument(
+        "--prompts", default="20", help="N shapes captions spread over the codes (default 20), or a file of prompts"
+    )
+    parser.add_argument("--rss-tolerance-mb", type=float, default=DEFAULT_RSS_TOLERANCE_MB)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"writes OUT.json and OUT.md ({DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    for name in ("requests", "concurrency", "rounds", "steps", "max_queue_size", "max_batch_size", "codes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.url is not None and args.codes > 1:
+        parser.error("--codes builds a bundle for a server this script starts; it cannot apply with --url")
+    # The defaults name repository paths, so they hold from any working directory; given paths are the caller's.
+    if args.bundle == DEFAULT_BUNDLE:
+        args.bundle = REPO / DEFAULT_BUNDLE
+    if args.out == DEFAULT_OUT:
+        args.out = REPO / DEFAULT_OUT
+    if args.prompts.isdigit():
+        args.num_prompts, args.prompts_file = int(args.prompts), None
+    else:
+        args.num_prompts, args.prompts_file = None, Path(args.prompts)
+        if not args.prompts_file.is_file():
+            parser.error(f"--prompts: neither a number nor a file: {args.prompts}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join(["python", "benchmarks/load.py", *(sys.argv[1:] if argv is None else argv)])
+    with tempfile.TemporaryDirectory(prefix="aptp-load-") as scratch:
+        server = None
+        bundle = args.bundle.resolve()
+        shown = bundle.relative_to(REPO) if bundle.is_relative_to(REPO) else bundle
+        bundle_label = str(shown) if args.codes == 1 else f"random {args.codes}-code bundle of {shown}"
+        if args.url is not None:
+            url = args.url.rstrip("/")
+            bundle_label = f"the server at {url}"
+        else:
+            if args.codes > 1:
+                from training.export import random_bundle
+
+                print(f"building a random {args.codes}-code bundle from {shown} ...", flush=True)
+                bundle = random_bundle(bundle, Path(scratch) / "bundle", num_codes=args.codes)
+            port = args.port or free_port()
+            url = f"http://127.0.0.1:{port}"
+            settings = {
+                "APTP_MAX_QUEUE_SIZE": str(args.max_queue_size),
+                "APTP_MAX_BATCH_SIZE": str(args.max_batch_size),
+                "APTP_MAX_WAIT_MS": str(args.max_wait_ms),
+                "APTP_WARMUP": "true",
+            }
+            server = ServerProcess(bundle, port, settings, Path(scratch) / "server.log", args.device)
+            print(f"started the server (pid {server.pid}) on {url}", flush=True)
+
+        shutdown = None
+        try:
+            report = asyncio.run(drive(args, url, server))
+        except Exception as e:
+            print(f"load test aborted: {type(e).__name__}: {e}", file=sys.stderr)
+            if server is not None:
+                print(f"--- server log (last lines) ---\n{server.log_tail()}", file=sys.stderr)
+            return 1
+        finally:
+            if server is not None:
+                # The server's own drain timeout is 300 s by default; the rounds are over, so it should exit at once.
+                shutdown = server.stop(timeout_s=330.0)
+                print(f"SIGTERM: {describe_shutdown(shutdown)}", flush=True)
+                if not shutdown["clean"]:
+                    print(f"--- server log (last lines) ---\n{server.log_tail()}", file=sys.stderr)
+
+    report["shutdown"] = shutdown
+    report["date"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    report["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {args.device}"
+    report["command"] = command
+    report["settings"] = {
+        "bundle": bundle_label,
+        "url": url,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "max_queue_size": args.max_queue_size,
+        "max_batch_size": args.max_batch_size,
+        "max_wait_ms": args.max_wait_ms,
+    }
+    passed, line, memory = verdict(report, args.rss_tolerance_mb)
+    report["verdict"], report["memory"] = line, memory
+    print(line, flush=True)
+    write_reports(args.out, report, command)
+    print(f"wrote {args.out}.json and {args.out}.md", flush=True)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

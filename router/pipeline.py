@@ -49,6 +49,14 @@ class RoutedPrompts:
     scores: list[float]
 
 
+@dataclass(frozen=True)
+class RoutedImages:
+    """`images[i]` (`(3, H, W)` uint8) for prompt i, made by code `codes[i]`."""
+
+    images: torch.Tensor
+    codes: list[int]
+
+
 class RoutedPipeline:
     """Encoder + router + experts + sampler, all resident on one device.
 
@@ -149,6 +157,38 @@ class RoutedPipeline:
             return RoutedPrompts(codes=[0] * count, scores=[1.0] * count)
         routing = self.router.route_embeddings(encoded.pooled)
         return RoutedPrompts(codes=[int(c) for c in routing.codes], scores=[float(s) for s in routing.scores])
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        batch_size: int = 32,
+    ) -> RoutedImages:
+        """Route each prompt and generate one image per prompt with its code's expert, `batch_size` images per
+        U-Net batch (prompts are grouped by code; the images come back in prompt order)."""
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        steps = steps or self.default_steps
+        guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        encoded = self.encode(prompts)
+        codes = self.route(encoded).codes
+        images = torch.empty(len(prompts), 3, self.resolution, self.resolution, dtype=torch.uint8)
+        for code in sorted(set(codes)):
+            rows = [i for i, c in enumerate(codes) if c == code]
+            for start in range(0, len(rows), batch_size):
+                chunk = torch.tensor(rows[start : start + batch_size])
+                images[chunk] = self.generate(
+                    code,
+                    encoded.tokens[chunk],
+                    encoded.mask[chunk],
+                    seeds=[seeds[i] for i in chunk.tolist()],
+                    steps=steps,
+                    guidance_scales=[guidance] * len(chunk),
+                )
+        return RoutedImages(images=images, codes=codes)
 
     @torch.no_grad()
     def generate(

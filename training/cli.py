@@ -88,49 +88,82 @@ def _train_job(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_pipeline(command: str, path: str, device: str):
+    """A bundle or teacher folder, or None after printing why it cannot be loaded."""
+    from pruning.files import ModelFileError
+    from router.pipeline import RoutedPipeline
+
+    try:
+        return RoutedPipeline.load(path, device=device)
+    except ModelFileError as e:
+        print(f"aptp {command}: error: {e}", file=sys.stderr)
+        return None
+
+
 def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from pruning.teacher import TeacherFileError
-    from training.pipeline import TextToImage
-
-    try:
-        pipeline = TextToImage.from_teacher(args.bundle, device=args.device)
-    except (TeacherFileError, ValueError) as e:
-        print(f"aptp generate: error: {e}", file=sys.stderr)
+    pipeline = _load_pipeline("generate", args.bundle, args.device)
+    if pipeline is None:
         return 2
     seeds = [args.seed + i for i in range(args.num_images)]
-    images = pipeline([args.prompt] * args.num_images, seeds, steps=args.steps, guidance_scale=args.guidance)
+    result = pipeline([args.prompt] * args.num_images, seeds, steps=args.steps, guidance_scale=args.guidance)
+    images = result.images
     row = images.permute(2, 0, 3, 1).reshape(images.shape[2], -1, 3).numpy()  # (H, N * W, 3)
     picture = Image.fromarray(row)
     picture = picture.resize((picture.width * args.scale, picture.height * args.scale), Image.Resampling.NEAREST)
     picture.save(args.out)
-    print(f"wrote {args.out} ({args.num_images} image(s), seeds {seeds[0]}..{seeds[-1]})")
+    code = result.codes[0]
+    macs = pipeline.codes[code].macs
+    print(
+        f"wrote {args.out} ({args.num_images} image(s), seeds {seeds[0]}..{seeds[-1]}; code {code}, "
+        f"{macs / 1e9:.3f} GMACs per U-Net call = {macs / pipeline.teacher_macs:.2f} x teacher)"
+    )
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pruning.teacher import TeacherFileError
-    from training.evaluate import run_eval
+    from training.evaluate import run_comparison, run_eval
     from training.evaluator import DomainEvaluator
-    from training.pipeline import TextToImage
 
+    bundles = args.bundle or ["bundles/shapes/teacher"]
+    if args.name and len(bundles) > 1:
+        print("aptp eval: error: --name names one bundle's report; with several bundles, reports take the folder names")
+        return 2
     try:
-        pipeline = TextToImage.from_teacher(args.bundle, device=args.device)
         evaluator = DomainEvaluator.load(args.evaluator)
-    except (TeacherFileError, ValueError) as e:
+    except ValueError as e:
         print(f"aptp eval: error: {e}", file=sys.stderr)
         return 2
-
-    def generate(prompts, seeds):
-        return pipeline(prompts, seeds, steps=args.steps, guidance_scale=args.guidance)
-
-    name = args.name or pathlib.Path(args.bundle).name
-    extra = {"bundle": str(args.bundle), "steps": args.steps or pipeline.spec.sampling.get("steps")}
-    report = run_eval(generate, evaluator, args.out, name, args.num_prompts, args.num_heldout, args.seed, extra)
-    for result in report["results"]:
-        print(json.dumps(result))
-    print(f"wrote {args.out}/{name}.json, .md and _samples.png")
+    pipelines = []
+    for bundle in bundles:  # load all first: a bad path fails before any hour of sampling
+        pipeline = _load_pipeline("eval", bundle, args.device)
+        if pipeline is None:
+            return 2
+        pipelines.append(pipeline)
+    reports = []
+    for bundle, pipeline in zip(bundles, pipelines, strict=True):
+        name = args.name or pathlib.Path(bundle).name
+        extra = {"bundle": str(bundle), "steps": args.steps or pipeline.default_steps}
+        report = run_eval(
+            pipeline,
+            evaluator,
+            args.out,
+            name,
+            args.num_prompts,
+            args.num_heldout,
+            args.seed,
+            extra,
+            args.steps,
+            args.guidance,
+        )
+        for result in report["results"]:
+            print(json.dumps({k: v for k, v in result.items() if k != "routing"} | {"name": name}))
+        print(f"wrote {args.out}/{name}.json, .md and _samples.png")
+        reports.append(report)
+    if len(reports) > 1:
+        path = run_comparison(reports, args.out, args.compare_name)
+        print(f"wrote {path} and {path.with_suffix('.json')}")
     return 0
 
 
@@ -180,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate images for one prompt")
     generate.add_argument("prompt")
-    generate.add_argument("--bundle", default="bundles/shapes/teacher", help="teacher folder")
+    generate.add_argument("--bundle", default="bundles/shapes/teacher", help="bundle or teacher folder")
     generate.add_argument("--out", required=True, help="PNG file (one row of images)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--steps", type=_positive_int, help="sampling steps (default: the model's)")
@@ -191,7 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=_generate)
 
     evaluate = commands.add_parser("eval", help="prompt alignment, domain FID and CMMD on the shapes domain")
-    evaluate.add_argument("--bundle", default="bundles/shapes/teacher", help="teacher folder")
+    evaluate.add_argument(
+        "--bundle",
+        action="append",
+        help="bundle or teacher folder (default bundles/shapes/teacher); repeat it to compare several in one table",
+    )
+    evaluate.add_argument("--compare-name", default="compare", help="file name of the comparison table")
     evaluate.add_argument("--evaluator", default="bundles/shapes/evaluator")
     evaluate.add_argument("--out", default="benchmarks/results")
     evaluate.add_argument("--name", help="report name (default: the bundle folder's name)")

@@ -2,13 +2,14 @@
 
 Prompts come from the `test` split (held-out prompts: same distribution as training, never trained on) and the
 `heldout` split (attribute combinations never seen in training), with a fixed seed. Every figure is given next to
-its real-vs-real floor: the same metric between two disjoint sets of real images.
+its real-vs-real floor: the same metric between two disjoint sets of real images. For a routed bundle it also reports
+where the prompts went: the share of prompts per code and the mean MACs per U-Net call (as a fraction of the
+teacher's), overall and per tier. A teacher folder is evaluated as a one-code bundle.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from router.pipeline import RoutedPipeline
+
 from .data.labels import collate
 from .data.shapes import ShapesDomain
 from .evaluator import DomainEvaluator, alignment, read_images
-
-ImageFn = Callable[[Sequence[str], Sequence[int]], torch.Tensor]  # prompts, seeds -> uint8 (N, 3, H, W)
 
 
 class EvaluatorFeatures(nn.Module):
@@ -75,29 +76,44 @@ def median_bandwidth(features: torch.Tensor) -> float:
 
 
 def evaluate_split(
-    generate: ImageFn,
+    pipeline: RoutedPipeline,
     evaluator: DomainEvaluator,
     split: str,
     num_prompts: int,
     seed: int,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
 ) -> dict[str, Any]:
-    """Alignment (overall, per tier), domain FID and CMMD of `generate` on `num_prompts` prompts of `split`."""
+    """Alignment (overall, per tier), domain FID, CMMD and routing (load per code, MACs per tier) of `pipeline`
+    on `num_prompts` prompts of `split`."""
     domain = ShapesDomain(seed=seed, split=split)
     samples = domain.batch(0, num_prompts)
     floor_samples = domain.batch(num_prompts, num_prompts)  # disjoint real set for the floors
     prompts = [s.caption for s in samples]
     seeds = [seed * 100_003 + i for i in range(num_prompts)]
-    generated = generate(prompts, seeds)
+    made = pipeline(prompts, seeds, steps=steps, guidance_scale=guidance_scale)
+    generated = made.images
     real, _ = collate(samples)
     real_other, _ = collate(floor_samples)
+    tiers = np.array([s.scene.tier for s in samples])
 
-    def alignment_by_tier(images: torch.Tensor) -> dict[str, float]:
-        scores = np.array([alignment(s.scene, r) for s, r in zip(samples, read_images(evaluator, images), strict=True)])
-        tiers = np.array([s.scene.tier for s in samples])
-        result = {"overall": float(scores.mean())}
-        result.update({f"tier{t}": float(scores[tiers == t].mean()) for t in sorted(set(tiers.tolist()))})
+    def by_tier(values: np.ndarray) -> dict[str, float]:
+        result = {"overall": float(values.mean())}
+        result.update({f"tier{t}": float(values[tiers == t].mean()) for t in sorted(set(tiers.tolist()))})
         return result
 
+    def alignment_by_tier(images: torch.Tensor) -> dict[str, float]:
+        read = read_images(evaluator, images)
+        return by_tier(np.array([alignment(s.scene, r) for s, r in zip(samples, read, strict=True)]))
+
+    codes = np.array(made.codes)
+    ratios = np.array([pipeline.codes[c].macs for c in made.codes], dtype=np.float64) / pipeline.teacher_macs
+    routing = {
+        "num_codes": pipeline.num_codes,
+        "load": {str(k): float((codes == k).mean()) for k in range(pipeline.num_codes)},
+        "macs_ratio": by_tier(ratios),
+        "teacher_macs_per_call": pipeline.teacher_macs,
+    }
     real_features, other_features = _features(evaluator, real), _features(evaluator, real_other)
     sigma = median_bandwidth(real_features)
     return {
@@ -110,7 +126,9 @@ def evaluate_split(
         "cmmd": mmd_rbf(real_features, _features(evaluator, generated), sigma),
         "cmmd_floor": mmd_rbf(real_features, other_features, sigma),
         "tier_counts": {f"tier{t}": sum(s.scene.tier == t for s in samples) for t in range(1, 5)},
+        "routing": routing,
         "_generated": generated,
+        "_codes": made.codes,
         "_samples": samples,
     }
 
@@ -119,14 +137,16 @@ def markdown_table(name: str, results: list[dict[str, Any]]) -> str:
     lines = [
         f"### {name}",
         "",
-        "| split | prompts | alignment | tier 1 | tier 2 | tier 3 | tier 4 | domain FID (floor) | CMMD (floor) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| split | prompts | MACs (x teacher) | alignment | tier 1 | tier 2 | tier 3 | tier 4 | domain FID (floor) "
+        "| CMMD (floor) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         a = r["alignment"]
         tiers = " | ".join(f"{a[f'tier{t}']:.3f}" if f"tier{t}" in a else "-" for t in range(1, 5))
         lines.append(
-            f"| {r['split']} | {r['prompts']} | {a['overall']:.3f} | {tiers} | {r['domain_fid']:.2f} "
+            f"| {r['split']} | {r['prompts']} | {r['routing']['macs_ratio']['overall']:.3f} | {a['overall']:.3f} "
+            f"| {tiers} | {r['domain_fid']:.2f} "
             f"({r['domain_fid_floor']:.2f}) | {r['cmmd']:.3f} ({r['cmmd_floor']:.3f}) |"
         )
     return "\n".join(lines) + "\n"
@@ -148,8 +168,22 @@ def tier_grid(results: dict[str, Any], per_tier: int = 8, scale: int = 4) -> tup
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST), captions
 
 
+def code_grid(results: dict[str, Any], per_code: int = 8, scale: int = 4) -> tuple[Image.Image, list[str]]:
+    """A PNG grid: one row per code that received prompts, up to `per_code` of its images."""
+    rows, captions = [], []
+    codes = results["_codes"]
+    for code in sorted(set(codes)):
+        picks = [i for i, c in enumerate(codes) if c == code][:per_code]
+        row = torch.cat([results["_generated"][i] for i in picks], dim=2)
+        rows.append(torch.nn.functional.pad(row, (0, per_code * row.shape[1] - row.shape[2])))
+        captions += [f"code {code}, image {k + 1}: {results['_samples'][i].caption}" for k, i in enumerate(picks)]
+    grid = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
+    image = Image.fromarray(grid)
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST), captions
+
+
 def run_eval(
-    generate: ImageFn,
+    pipeline: RoutedPipeline,
     evaluator: DomainEvaluator,
     out: str | Path,
     name: str,
@@ -157,19 +191,59 @@ def run_eval(
     num_heldout: int = 400,
     seed: int = 7,
     extra: dict[str, Any] | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
 ) -> dict[str, Any]:
-    """Evaluate on both splits; writes `<name>.json`, `<name>.md` and `<name>_samples.png` (+ captions) to `out`."""
+    """Evaluate on both splits; writes `<name>.json`, `<name>.md` and `<name>_samples.png` (+ captions) to `out`,
+    and `<name>_codes.png` (one row per code) for a multi-code bundle."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = [
-        evaluate_split(generate, evaluator, "test", num_prompts, seed),
-        evaluate_split(generate, evaluator, "heldout", num_heldout, seed),
+        evaluate_split(pipeline, evaluator, split, count, seed, steps, guidance_scale)
+        for split, count in (("test", num_prompts), ("heldout", num_heldout))
     ]
     grid, captions = tier_grid(results[0])
     grid.save(out / f"{name}_samples.png")
     (out / f"{name}_samples.txt").write_text("\n".join(captions) + "\n")
+    if pipeline.num_codes > 1:
+        grid, captions = code_grid(results[0])
+        grid.save(out / f"{name}_codes.png")
+        (out / f"{name}_codes.txt").write_text("\n".join(captions) + "\n")
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
     report = {"name": name, "seed": seed, **(extra or {}), "results": clean}
     (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / f"{name}.md").write_text(markdown_table(name, clean))
     return report
+
+
+def comparison_table(reports: list[dict[str, Any]]) -> str:
+    """One row per evaluated model: cost, quality and routing on the test split, alignment on held-out combinations."""
+    lines = [
+        "| model | codes | MACs (x teacher) | alignment | tier 1 | tier 2 | tier 3 | tier 4 | held-out alignment "
+        "| domain FID | CMMD | load per code | MACs (x teacher) tier 1 / 2 / 3 / 4 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for report in reports:
+        test, heldout = report["results"][0], report["results"][1]
+        a, routing = test["alignment"], test["routing"]
+        tiers = " | ".join(f"{a[f'tier{t}']:.3f}" if f"tier{t}" in a else "-" for t in range(1, 5))
+        load = " / ".join(f"{share:.2f}" for share in routing["load"].values())
+        by_tier = " / ".join(
+            f"{routing['macs_ratio'][f'tier{t}']:.3f}" if f"tier{t}" in routing["macs_ratio"] else "-"
+            for t in range(1, 5)
+        )
+        lines.append(
+            f"| {report['name']} | {routing['num_codes']} | {routing['macs_ratio']['overall']:.3f} "
+            f"| {a['overall']:.3f} | {tiers} | {heldout['alignment']['overall']:.3f} | {test['domain_fid']:.2f} "
+            f"| {test['cmmd']:.3f} | {load} | {by_tier} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_comparison(reports: list[dict[str, Any]], out: str | Path, name: str = "compare") -> Path:
+    """Write `<name>.md` (the table) and `<name>.json` (the reports) to `out`; returns the markdown path."""
+    out = Path(out)
+    (out / f"{name}.json").write_text(json.dumps(reports, indent=1) + "\n")
+    path = out / f"{name}.md"
+    path.write_text(comparison_table(reports))
+    return path

@@ -12,7 +12,7 @@ import torch
 from diffusers import DDPMScheduler
 from PIL import Image
 
-import training.pipeline as pipeline_module
+import router.pipeline as pipeline_module
 from pruning.teacher import TeacherSpec, save_teacher
 from tests.conftest import ENCODER_MAX_LENGTH, build_unet, pixel_unet_config, shared_encoder_factory
 from training.cli import main
@@ -135,3 +135,40 @@ def test_eval_with_a_missing_folder_exits_2_naming_it(tmp_path, capsys, bundle, 
     assert code == 2
     assert str(tmp_path / "missing") in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def routed_bundle(tmp_path_factory, bundle) -> Path:
+    from training.export import random_bundle
+
+    return random_bundle(bundle, tmp_path_factory.mktemp("routed") / "routed", num_codes=2, keeps=[1.0, 0.5])
+
+
+def test_eval_compares_a_teacher_and_a_routed_bundle_in_one_table(tmp_path, capsys, bundle, routed_bundle, evaluator):
+    from pruning.bundle import read_manifest
+
+    out = tmp_path / "results"
+    args = ["eval", "--bundle", bundle, "--bundle", routed_bundle, "--evaluator", evaluator]
+    code, stdout, err = _run(capsys, *args, "--num-prompts", 6, "--num-heldout", 4, "--steps", 2, "--out", out)
+    assert code == 0, err
+    rows = [line for line in (out / "compare.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [row.split("|")[1].strip() for row in rows] == [bundle.name, routed_bundle.name]
+    teacher_report, routed_report = json.loads((out / "compare.json").read_text())
+    teacher_routing = teacher_report["results"][0]["routing"]
+    assert teacher_routing["num_codes"] == 1 and teacher_routing["load"] == {"0": 1.0}
+    assert teacher_routing["macs_ratio"]["overall"] == 1.0
+    manifest = read_manifest(routed_bundle)
+    for result in routed_report["results"]:
+        routing = result["routing"]
+        assert routing["num_codes"] == 2 and math.isclose(sum(routing["load"].values()), 1.0)
+        expected = sum(routing["load"][str(c.code)] * c.macs / manifest.teacher_macs for c in manifest.codes)
+        assert math.isclose(routing["macs_ratio"]["overall"], expected)
+        assert routing["teacher_macs_per_call"] == manifest.teacher_macs
+    assert (out / f"{routed_bundle.name}_codes.png").exists()  # one row of samples per code
+    assert not (out / f"{bundle.name}_codes.png").exists()
+
+
+def test_generate_reports_the_code_and_its_cost(tmp_path, capsys, routed_bundle):
+    code, stdout, err = _run(capsys, "generate", "a red circle", "--bundle", routed_bundle, "--out", tmp_path / "x.png")
+    assert code == 0, err
+    assert "code " in stdout and "GMACs per U-Net call" in stdout

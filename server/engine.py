@@ -170,8 +170,11 @@ class Engine:
             self._wakeup.notify_all()
         if self._thread is not None:
             self._thread.join()
-        for request in self.scheduler.expire(float("inf")):  # everything still queued
-            self._fail(request.request_id, EngineStopped("the server stopped before this request ran"))
+        with self._futures_lock:
+            unanswered = list(self._futures)
+        for request_id in unanswered:  # still queued: the worker is gone, so answer them here
+            self.scheduler.abort(request_id)
+            self._fail(request_id, EngineStopped("the server stopped before this request ran"))
         return drained
 
     # ------------------------------------------------------------------------------------------------- requests

@@ -71,6 +71,8 @@ PATH_OVERRIDES = ("out", "export", "teacher", "router")
 def _train_job(args: argparse.Namespace) -> int:
     import importlib
 
+    import yaml
+
     from pruning.files import ModelFileError
     from training.config import ConfigError, load_config
 
@@ -79,12 +81,52 @@ def _train_job(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in PATH_OVERRIDES if getattr(args, k, None) is not None}
     if args.steps is not None:
         overrides[steps_path] = args.steps
+    for assignment in args.set or []:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            print(f"aptp train {args.job}: error: --set expects KEY=VALUE (got {assignment!r})", file=sys.stderr)
+            return 2
+        overrides[key.strip()] = yaml.safe_load(text)  # YAML typing: 1 -> int, false -> bool, [1, 2] -> list
     try:
         config = load_config(args.config, getattr(module, config_name), overrides)
         getattr(module, run_name)(config)
     except (ConfigError, ModelFileError) as e:
         print(f"aptp train {args.job}: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from pruning.expert import is_expert_folder, load_expert
+    from pruning.files import ModelFileError
+    from pruning.teacher import load_teacher
+    from router.model import Router
+    from training.export import export_bundle
+
+    try:
+        teacher, spec = load_teacher(args.teacher)
+        router = Router.load(args.router)
+        experts, shares = None, None
+        if args.experts is not None:
+            run = pathlib.Path(args.experts)
+            folders = [run / "experts" / str(code) for code in range(router.config.num_codes)]
+            missing = [str(f) for f in folders if not is_expert_folder(f)]
+            if missing:
+                raise ModelFileError(missing[0], "expert folder missing or incomplete (is phase 2 finished?)")
+            experts = [load_expert(folder)[0] for folder in folders]
+            routing = run / "routing.json"
+            if routing.is_file():
+                codes = json.loads(routing.read_text())["codes"]
+                shares = [codes.count(code) / len(codes) for code in range(router.config.num_codes)]
+    except ModelFileError as e:
+        print(f"aptp export: error: {e}", file=sys.stderr)
+        return 2
+    info = {"stage": "export", "teacher": args.teacher, "router": args.router, "experts": args.experts}
+    storage = getattr(torch, args.dtype)
+    export_bundle(args.out, teacher, spec, router, experts, shares, info, storage_dtype=storage)
+    print(f"bundle written to {args.out}")
     return 0
 
 
@@ -209,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         for field in PATH_OVERRIDES:
             parser_job.add_argument(f"--{field}", help=f"{field} path (overrides the config)")
         parser_job.add_argument("--steps", type=_positive_int, help="training steps (overrides the config)")
+        parser_job.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override any config field, dotted for nested ones (e.g. --set num_codes=1 --set use_ot=false)",
+        )
         parser_job.set_defaults(handler=_train_job)
 
     generate = commands.add_parser("generate", help="generate images for one prompt")
@@ -240,6 +288,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--guidance", type=_non_negative_float, help="guidance scale (default: the model's)")
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(handler=_eval)
+
+    export = commands.add_parser(
+        "export",
+        help="write a bundle from a teacher, a router and (optionally) fine-tuned experts",
+        description="Write a bundle (manifest, router, one expert per code). With --experts, the experts come from a "
+        "phase-2 run folder (experts/<code>/, training shares from routing.json); without, each code's expert is "
+        "sliced from the teacher as is.",
+    )
+    export.add_argument("--teacher", required=True, help="teacher folder")
+    export.add_argument("--router", required=True, help="router folder (e.g. runs/search-shapes/router)")
+    export.add_argument("--experts", help="phase-2 run folder (e.g. runs/finetune-shapes)")
+    export.add_argument("--out", required=True, help="bundle folder to write (replaced if it exists)")
+    export.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="weight storage")
+    export.set_defaults(handler=_export)
 
     serve = commands.add_parser(
         "serve",

@@ -124,3 +124,30 @@ def test_random_bundle_is_reproducible(teacher_folder, tmp_path):
     assert first.files == second.files  # byte-identical files
     assert [c.architecture for c in first.codes] == [c.architecture for c in second.codes]
     assert [c.architecture for c in first.codes][1] != [c.architecture for c in other.codes][1]
+
+
+def test_cli_export_from_a_router_and_a_phase2_run(teacher_folder, tmp_path, capsys):
+    from pruning.expert import save_expert
+    from training.cli import main
+
+    source = random_bundle(teacher_folder, tmp_path / "source", num_codes=2, keeps=[1.0, 0.5])
+    router = Router.load(source / "router")
+    # A phase-2 run folder: one expert per code and the routing of its training prompts.
+    run_dir = tmp_path / "finetune-run"
+    experts = load_code_experts(source, read_manifest(source))
+    for code, (expert, arch) in enumerate(zip(experts, router.code_architectures(), strict=True)):
+        save_expert(expert, router.space, arch, run_dir / "experts" / str(code))
+    (run_dir / "routing.json").write_text(json.dumps({"seed": 0, "codes": [0, 1, 1, 1]}))
+
+    out = tmp_path / "exported"
+    args = ["export", "--teacher", teacher_folder, "--router", source / "router", "--experts", run_dir, "--out", out]
+    assert main([str(a) for a in args]) == 0, capsys.readouterr().err
+    manifest = read_manifest(out)
+    assert [c.training_share for c in manifest.codes] == [0.25, 0.75]
+    assert [c.macs for c in manifest.codes] == [c.macs for c in read_manifest(source).codes]
+
+    (run_dir / "experts" / "1" / "expert.json").unlink()  # phase 2 not finished for code 1
+    assert main([str(a) for a in [*args[:-1], tmp_path / "again"]]) == 2
+    err = capsys.readouterr().err
+    assert str(run_dir / "experts" / "1") in err and "phase 2" in err
+    assert not (tmp_path / "again").exists()

@@ -209,3 +209,19 @@ def test_cli_trains_with_overrides(tmp_path, capsys):
     assert spec.training["steps"] == 1
     assert latest_checkpoint(out) is not None
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_set_overrides_any_field_and_rejects_bad_ones(tmp_path, capsys):
+    config = tiny_teacher_config(tmp_path, optim={"steps": 1})
+    path = tmp_path / "teacher.yaml"
+    path.write_text(json.dumps(config.model_dump()))
+    out = tmp_path / "set-run"
+    args = ["train", "teacher", "--config", str(path), "--out", str(out), "--export", str(tmp_path / "exp")]
+    code = main([*args, "--set", "optim.batch_size=2", "--set", "seed=5"])
+    assert code == 0, capsys.readouterr().err
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["optim"]["batch_size"] == 2 and recorded["seed"] == 5
+    assert main([*args, "--set", "no-equals-sign"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert main([*args, "--set", "optim.colour=red"]) == 2
+    assert "optim.colour" in capsys.readouterr().err

@@ -1,0 +1,49 @@
+"""The frozen prompt encoder: length-bucketed padding changes cost, not results."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.conftest import ENCODER_MAX_LENGTH
+
+PROMPTS = [
+    "a red circle",
+    "",
+    "three small crosses: a blue one in the top left corner, a green one right in the middle of the picture, "
+    "and a yellow one at the bottom right corner, all of them on a plain light grey background",
+    "the letter K in green on a white background",
+]
+
+
+def test_a_prompt_encodes_the_same_alone_or_in_any_batch(prompt_encoder):
+    together = prompt_encoder.encode(PROMPTS)
+    for row, prompt in enumerate(PROMPTS):
+        alone = prompt_encoder.encode([prompt])
+        assert torch.equal(alone.mask[0], together.mask[row])  # same padded length whatever the batch
+        # Only float rounding of differently sized matrix products remains.
+        torch.testing.assert_close(alone.tokens[0], together.tokens[row], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone.pooled[0], together.pooled[row], atol=1e-5, rtol=1e-5)
+
+
+def test_real_tokens_match_full_length_padding(prompt_encoder):
+    encoded = prompt_encoder.encode(PROMPTS)
+    full = prompt_encoder.tokenizer(
+        PROMPTS, padding="max_length", truncation=True, max_length=ENCODER_MAX_LENGTH, return_tensors="pt"
+    )
+    with torch.no_grad():
+        reference = prompt_encoder.model(**full).last_hidden_state
+    assert torch.equal(encoded.mask, full["attention_mask"])
+    real = encoded.mask.bool()
+    torch.testing.assert_close(encoded.tokens[real], reference[real], atol=1e-4, rtol=1e-4)
+
+
+def test_shapes_mask_and_pooling(prompt_encoder):
+    encoded = prompt_encoder.encode(PROMPTS)
+    assert encoded.tokens.shape == (len(PROMPTS), ENCODER_MAX_LENGTH, prompt_encoder.dim)
+    assert encoded.mask[1].sum() == 2  # the empty prompt is [CLS] [SEP]
+    assert encoded.mask[2].sum() == ENCODER_MAX_LENGTH  # truncated to max_length
+    for row in range(len(PROMPTS)):
+        length = int(encoded.mask[row].sum())
+        torch.testing.assert_close(encoded.pooled[row], encoded.tokens[row, :length].mean(0))
+        width = -(-length // 8) * 8
+        assert torch.count_nonzero(encoded.tokens[row, width:]) == 0  # nothing computed past the length bucket

@@ -20,19 +20,26 @@ class EncoderConfig(BaseModel):
     """Parameters:
     name (`str`): `all-MiniLM-L6-v2` (the packaged default) or the path of a local sentence-transformers folder.
     max_length (`int`): tokens per prompt, padded or truncated (the U-Net's cross-attention key length).
+    layers (`list[int]`): hidden-state layers whose token states are concatenated along the feature axis for the
+        U-Net (0 is the embedding layer, -1 the last). A sentence-embedding model's last layer is trained to make
+        whole sentences comparable and nearly erases the difference between words such as "left" and "right"
+        (cosine 0.89 between their last-layer states in otherwise equal prompts, against 0.50 in the embedding
+        layer); adding an early layer gives the U-Net each word's identity next to its context. The router always
+        reads the mean of the last layer (the sentence embedding).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = DEFAULT_ENCODER
     max_length: int = Field(32, ge=4, le=512)
+    layers: list[int] = Field(default_factory=lambda: [-1], min_length=1)
 
 
 @dataclass
 class EncodedPrompts:
-    tokens: torch.Tensor  # (B, L, D) token states
+    tokens: torch.Tensor  # (B, L, token_dim) token states of the configured layers
     mask: torch.Tensor  # (B, L) 1 for real tokens, 0 for padding
-    pooled: torch.Tensor  # (B, D) masked mean of the token states
+    pooled: torch.Tensor  # (B, embed_dim) masked mean of the last layer's token states
 
 
 def resolve_encoder_path(name: str) -> Path:
@@ -71,7 +78,12 @@ class PromptEncoder:
         self.model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
         self.model.requires_grad_(False)
         self.device = torch.device(device)
-        self.dim = int(self.model.config.hidden_size)
+        hidden, depth = int(self.model.config.hidden_size), int(self.model.config.num_hidden_layers)
+        bad = [layer for layer in self.config.layers if not -(depth + 1) <= layer <= depth]
+        if bad:
+            raise ValueError(f"encoder layers {bad} out of range for {self.config.name} ({depth} layers + embeddings)")
+        self.embed_dim = hidden  # the pooled sentence embedding (router input)
+        self.token_dim = hidden * len(self.config.layers)  # each token state (U-Net cross-attention input)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> EncodedPrompts:
@@ -87,7 +99,8 @@ class PromptEncoder:
         max_length = self.config.max_length
         ids = self.tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
         widths = [min(max_length, -(-len(row) // LENGTH_BUCKET) * LENGTH_BUCKET) for row in ids]
-        tokens = torch.zeros(len(prompts), max_length, self.dim, device=self.device)
+        tokens = torch.zeros(len(prompts), max_length, self.token_dim, device=self.device)
+        last = torch.zeros(len(prompts), max_length, self.embed_dim, device=self.device)
         mask = torch.zeros(len(prompts), max_length, dtype=torch.long, device=self.device)
         for width in sorted(set(widths)):
             rows = [i for i, w in enumerate(widths) if w == width]
@@ -95,8 +108,10 @@ class PromptEncoder:
                 {"input_ids": [ids[i] for i in rows]}, padding="max_length", max_length=width, return_tensors="pt"
             ).to(self.device)
             index = torch.tensor(rows, device=self.device)
-            tokens[index, :width] = self.model(**group).last_hidden_state.to(tokens.dtype)
+            hidden = self.model(**group, output_hidden_states=True).hidden_states
+            tokens[index, :width] = torch.cat([hidden[layer] for layer in self.config.layers], dim=-1)
+            last[index, :width] = hidden[-1]
             mask[index, :width] = group["attention_mask"]
-        weights = mask.unsqueeze(-1).to(tokens.dtype)
-        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
+        weights = mask.unsqueeze(-1).to(last.dtype)
+        pooled = (last * weights).sum(1) / weights.sum(1).clamp(min=1)
         return EncodedPrompts(tokens=tokens, mask=mask, pooled=pooled)

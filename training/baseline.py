@@ -118,7 +118,8 @@ def run_baseline(config: BaselineConfig) -> Path:
             name="static",
         )
         save_expert(student, space, arch, done, storage_dtype=storage)
-    router = Router(RouterConfig(num_codes=1, embed_dim=encoder.dim, encoder=encoder.config), space, spec.resolution)
+    router_config = RouterConfig(num_codes=1, embed_dim=encoder.embed_dim, encoder=encoder.config)
+    router = Router(router_config, space, spec.resolution)
     router.codes.set_architectures(arch[None])
     info = {"stage": "static-l1-baseline", "budget": config.budget, "steps": config.expert.steps}
     export_bundle(config.export, teacher, spec, router, [student], [1.0], info, storage_dtype=storage)

@@ -89,7 +89,9 @@ def run_search(config: SearchConfig) -> Path:
     text_encoder = PromptEncoder(config.encoder or EncoderConfig(**spec.text_encoder), device=device)
     embed_encoder = PromptEncoder(config.embed_encoder, device=device) if config.embed_encoder else text_encoder
     torch.manual_seed(config.seed)
-    router_config = RouterConfig(num_codes=config.num_codes, embed_dim=embed_encoder.dim, encoder=embed_encoder.config)
+    router_config = RouterConfig(
+        num_codes=config.num_codes, embed_dim=embed_encoder.embed_dim, encoder=embed_encoder.config
+    )
     router = Router(router_config, space, resolution, encoder=embed_encoder).to(device)
     lr = config.lr or 2e-4 * math.sqrt(config.batch_size)
     optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=0.0)

@@ -131,7 +131,7 @@ def train_teacher(config: TeacherConfig) -> Path:
     device = torch.device(config.device)
     encoder = PromptEncoder(config.text_encoder, device=device)
     torch.manual_seed(config.seed)  # the initial weights are part of what the seed reproduces
-    unet = build_unet(config, encoder.dim).to(device).to(memory_format=torch.channels_last)
+    unet = build_unet(config, encoder.token_dim).to(device).to(memory_format=torch.channels_last)
     scheduler = DDPMScheduler(**config.noise.model_dump())
     optim = config.optim
     optimizer = torch.optim.AdamW(unet.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)

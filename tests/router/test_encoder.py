@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.conftest import ENCODER_MAX_LENGTH
@@ -39,7 +40,7 @@ def test_real_tokens_match_full_length_padding(prompt_encoder):
 
 def test_shapes_mask_and_pooling(prompt_encoder):
     encoded = prompt_encoder.encode(PROMPTS)
-    assert encoded.tokens.shape == (len(PROMPTS), ENCODER_MAX_LENGTH, prompt_encoder.dim)
+    assert encoded.tokens.shape == (len(PROMPTS), ENCODER_MAX_LENGTH, prompt_encoder.token_dim)
     assert encoded.mask[1].sum() == 2  # the empty prompt is [CLS] [SEP]
     assert encoded.mask[2].sum() == ENCODER_MAX_LENGTH  # truncated to max_length
     for row in range(len(PROMPTS)):
@@ -47,3 +48,25 @@ def test_shapes_mask_and_pooling(prompt_encoder):
         torch.testing.assert_close(encoded.pooled[row], encoded.tokens[row, :length].mean(0))
         width = -(-length // 8) * 8
         assert torch.count_nonzero(encoded.tokens[row, width:]) == 0  # nothing computed past the length bucket
+
+
+def test_extra_layers_are_concatenated_and_the_sentence_embedding_stays(prompt_encoder):
+    from router.encoder import EncoderConfig, PromptEncoder
+
+    both = PromptEncoder(EncoderConfig(max_length=ENCODER_MAX_LENGTH, layers=[0, -1]))
+    assert both.token_dim == 2 * prompt_encoder.token_dim and both.embed_dim == prompt_encoder.embed_dim
+    last, combined = prompt_encoder.encode(PROMPTS), both.encode(PROMPTS)
+    hidden = prompt_encoder.embed_dim
+    torch.testing.assert_close(combined.tokens[..., hidden:], last.tokens)
+    torch.testing.assert_close(combined.pooled, last.pooled)
+    first = prompt_encoder.tokenizer(PROMPTS[0], return_tensors="pt")
+    with torch.no_grad():
+        embeddings = prompt_encoder.model(**first, output_hidden_states=True).hidden_states[0][0]
+    torch.testing.assert_close(combined.tokens[0, : embeddings.shape[0], :hidden], embeddings)
+
+
+def test_a_layer_the_model_does_not_have_is_refused():
+    from router.encoder import EncoderConfig, PromptEncoder
+
+    with pytest.raises(ValueError, match="layers"):
+        PromptEncoder(EncoderConfig(layers=[7]))

@@ -79,7 +79,7 @@ def test_tiny_run_writes_log_checkpoint_and_a_loadable_teacher(tmp_path):
     assert unet.config.cross_attention_dim == 384  # all-MiniLM-L6-v2's width
     assert unet.config.sample_size == 32
     assert spec.resolution == 32
-    assert spec.text_encoder == {"name": "all-MiniLM-L6-v2", "max_length": ENCODER_MAX_LENGTH}
+    assert spec.text_encoder == {"name": "all-MiniLM-L6-v2", "max_length": ENCODER_MAX_LENGTH, "layers": [-1]}
     assert spec.scheduler_config["prediction_type"] == "v_prediction"
     assert spec.scheduler_config["beta_schedule"] == "squaredcos_cap_v2"
     assert spec.sampling == {"steps": 2, "guidance_scale": 4.0}

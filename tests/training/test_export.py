@@ -112,7 +112,8 @@ def test_random_bundle_keeps_and_nested_depth(teacher_folder, teacher, tmp_path)
         assert width == pytest.approx(keep, abs=0.12)  # each width gate kept with probability `keep`
     # The router serves with the teacher's text encoder, token length and resolution.
     description = json.loads((out / "router" / "config.json").read_text())
-    assert description["router"]["encoder"] == {"name": "all-MiniLM-L6-v2", "max_length": ENCODER_MAX_LENGTH}
+    expected = {"name": "all-MiniLM-L6-v2", "max_length": ENCODER_MAX_LENGTH, "layers": [-1]}
+    assert description["router"]["encoder"] == expected
     assert description["space"]["text_len"] == ENCODER_MAX_LENGTH
     assert description["resolution"] == RESOLUTION
 

@@ -337,6 +337,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ModelFileError as e:
         print(f"aptp serve: {e}", file=sys.stderr)
         return 2
+    codes = ", ".join(f"{c.code}: {c.macs / pipeline.teacher_macs:.2f}" for c in pipeline.codes)
+    source = f"{pipeline.source} {settings.bundle}"
+    print(f"aptp serve: loaded {source}: {pipeline.num_codes} code(s) (MACs x teacher {codes})")
     serve(settings, pipeline)
     return 0
 

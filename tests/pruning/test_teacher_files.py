@@ -79,7 +79,8 @@ def test_folder_layout_is_a_plain_diffusers_unet_folder(folder, unet):
     }
     plain = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
     inputs = unet_inputs(unet, batch=1, resolution=RESOLUTION)
-    assert torch.equal(run(plain, inputs), run(unet, inputs))
+    # Plain diffusers may pick another attention kernel than our loader: same function to float rounding.
+    assert_same_output(run(plain, inputs), run(unet, inputs), rel=1e-5)
     description = _description(folder)
     assert description["format"] == "aptp-teacher"
     assert description["sha256"] == {UNET_WEIGHTS: file_sha256(folder / UNET_WEIGHTS)}

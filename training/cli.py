@@ -165,15 +165,22 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from training.evaluate import run_comparison, run_eval
+    from training.evaluate import read_report, run_comparison, run_eval
     from training.evaluator import DomainEvaluator
 
-    bundles = args.bundle or ["bundles/shapes/teacher"]
+    earlier = []
+    for path in args.compare or []:  # read first: a bad file fails before any sampling
+        try:
+            earlier.append(read_report(path))
+        except ValueError as e:
+            print(f"aptp eval: error: {e}", file=sys.stderr)
+            return 2
+    bundles = args.bundle or ([] if earlier else ["bundles/shapes/teacher"])
     if args.name and len(bundles) > 1:
         print("aptp eval: error: --name names one bundle's report; with several bundles, reports take the folder names")
         return 2
     try:
-        evaluator = DomainEvaluator.load(args.evaluator)
+        evaluator = DomainEvaluator.load(args.evaluator) if bundles else None
     except ValueError as e:
         print(f"aptp eval: error: {e}", file=sys.stderr)
         return 2
@@ -203,6 +210,7 @@ def _eval(args: argparse.Namespace) -> int:
             print(json.dumps({k: v for k, v in result.items() if k != "routing"} | {"name": name}))
         print(f"wrote {args.out}/{name}.json, .md and _samples.png")
         reports.append(report)
+    reports = earlier + reports
     if len(reports) > 1:
         path = run_comparison(reports, args.out, args.compare_name)
         print(f"wrote {path} and {path.with_suffix('.json')}")
@@ -276,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--bundle",
         action="append",
         help="bundle or teacher folder (default bundles/shapes/teacher); repeat it to compare several in one table",
+    )
+    evaluate.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="REPORT",
+        help="reports (JSON) of earlier `aptp eval` runs to put in the comparison table before the --bundle rows; "
+        "with no --bundle, only the table is written (no sampling)",
     )
     evaluate.add_argument("--compare-name", default="compare", help="file name of the comparison table")
     evaluate.add_argument("--evaluator", default="bundles/shapes/evaluator")

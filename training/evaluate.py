@@ -240,6 +240,28 @@ def comparison_table(reports: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_report(path: str | Path) -> dict[str, Any]:
+    """A report written by `run_eval` (`<name>.json`); ValueError naming the file if it is not one."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON report ({e})") from None
+    results = report.get("results") if isinstance(report, dict) else None
+    valid = (
+        isinstance(results, list)
+        and all(isinstance(r, dict) for r in results)
+        and [r.get("split") for r in results] == ["test", "heldout"]
+        and "routing" in results[0]
+        and "name" in report
+    )
+    if not valid:
+        raise ValueError(f"{path}: not a report of `aptp eval` (expected a name and test/heldout results with routing)")
+    return report
+
+
 def run_comparison(reports: list[dict[str, Any]], out: str | Path, name: str = "compare") -> Path:
     """Write `<name>.md` (the table) and `<name>.json` (the reports) to `out`; returns the markdown path."""
     out = Path(out)

@@ -167,6 +167,23 @@ def test_eval_compares_a_teacher_and_a_routed_bundle_in_one_table(tmp_path, caps
     assert (out / f"{routed_bundle.name}_codes.png").exists()  # one row of samples per code
     assert not (out / f"{bundle.name}_codes.png").exists()
 
+    # The same table from the saved reports, without sampling again (how results of separate runs are combined).
+    reports = [out / f"{bundle.name}.json", out / f"{routed_bundle.name}.json"]
+    code, _, err = _run(capsys, "eval", "--compare", *reports, "--compare-name", "again", "--out", out)
+    assert code == 0, err
+    assert (out / "again.md").read_text() == (out / "compare.md").read_text()
+
+
+@pytest.mark.parametrize("content", [None, "not json", '{"name": "x", "results": []}'])
+def test_eval_compare_names_a_file_that_is_not_a_report(tmp_path, capsys, content):
+    report = tmp_path / "report.json"
+    if content is not None:
+        report.write_text(content)
+    code, _, err = _run(capsys, "eval", "--compare", report, "--out", tmp_path / "results")
+    assert code == 2
+    assert str(report) in err
+    assert not (tmp_path / "results").exists()
+
 
 def test_generate_reports_the_code_and_its_cost(tmp_path, capsys, routed_bundle):
     code, stdout, err = _run(capsys, "generate", "a red circle", "--bundle", routed_bundle, "--out", tmp_path / "x.png")

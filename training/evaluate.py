@@ -10,6 +10,7 @@ teacher's), overall and per tier. A teacher folder is evaluated as a one-code bu
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import nn
 from router.pipeline import RoutedPipeline
 
 from .data.labels import collate
-from .data.shapes import ShapesDomain
+from .data.shapes import Sample, ShapesDomain
 from .evaluator import DomainEvaluator, alignment, read_images
 
 
@@ -75,6 +76,32 @@ def median_bandwidth(features: torch.Tensor) -> float:
     return float(distances[~torch.eye(len(features), dtype=torch.bool)].median())
 
 
+def evaluation_samples(split: str, num_prompts: int, seed: int) -> list[Sample]:
+    """The prompts (with their scenes) that `aptp eval` scores on `split`."""
+    return ShapesDomain(seed=seed, split=split).batch(0, num_prompts)
+
+
+def mean_by_tier(values: np.ndarray, tiers: np.ndarray) -> dict[str, float]:
+    """Mean of `values` overall and per difficulty tier (`tiers`: one per value)."""
+    result = {"overall": float(values.mean())}
+    result.update({f"tier{t}": float(values[tiers == t].mean()) for t in sorted(set(tiers.tolist()))})
+    return result
+
+
+def routing_summary(
+    codes: Sequence[int], code_macs: Sequence[int], teacher_macs: int, tiers: np.ndarray
+) -> dict[str, Any]:
+    """Share of prompts per code and mean MACs per U-Net call as a fraction of the teacher's, overall and per tier."""
+    chosen = np.asarray(codes)
+    ratios = np.asarray([code_macs[c] for c in chosen], dtype=np.float64) / teacher_macs
+    return {
+        "num_codes": len(code_macs),
+        "load": {str(k): float((chosen == k).mean()) for k in range(len(code_macs))},
+        "macs_ratio": mean_by_tier(ratios, tiers),
+        "teacher_macs_per_call": teacher_macs,
+    }
+
+
 def evaluate_split(
     pipeline: RoutedPipeline,
     evaluator: DomainEvaluator,
@@ -86,9 +113,8 @@ def evaluate_split(
 ) -> dict[str, Any]:
     """Alignment (overall, per tier), domain FID, CMMD and routing (load per code, MACs per tier) of `pipeline`
     on `num_prompts` prompts of `split`."""
-    domain = ShapesDomain(seed=seed, split=split)
-    samples = domain.batch(0, num_prompts)
-    floor_samples = domain.batch(num_prompts, num_prompts)  # disjoint real set for the floors
+    samples = evaluation_samples(split, num_prompts, seed)
+    floor_samples = ShapesDomain(seed=seed, split=split).batch(num_prompts, num_prompts)  # disjoint real set
     prompts = [s.caption for s in samples]
     seeds = [seed * 100_003 + i for i in range(num_prompts)]
     made = pipeline(prompts, seeds, steps=steps, guidance_scale=guidance_scale)
@@ -97,23 +123,11 @@ def evaluate_split(
     real_other, _ = collate(floor_samples)
     tiers = np.array([s.scene.tier for s in samples])
 
-    def by_tier(values: np.ndarray) -> dict[str, float]:
-        result = {"overall": float(values.mean())}
-        result.update({f"tier{t}": float(values[tiers == t].mean()) for t in sorted(set(tiers.tolist()))})
-        return result
-
     def alignment_by_tier(images: torch.Tensor) -> dict[str, float]:
         read = read_images(evaluator, images)
-        return by_tier(np.array([alignment(s.scene, r) for s, r in zip(samples, read, strict=True)]))
+        return mean_by_tier(np.array([alignment(s.scene, r) for s, r in zip(samples, read, strict=True)]), tiers)
 
-    codes = np.array(made.codes)
-    ratios = np.array([pipeline.codes[c].macs for c in made.codes], dtype=np.float64) / pipeline.teacher_macs
-    routing = {
-        "num_codes": pipeline.num_codes,
-        "load": {str(k): float((codes == k).mean()) for k in range(pipeline.num_codes)},
-        "macs_ratio": by_tier(ratios),
-        "teacher_macs_per_call": pipeline.teacher_macs,
-    }
+    routing = routing_summary(made.codes, [c.macs for c in pipeline.codes], pipeline.teacher_macs, tiers)
     real_features, other_features = _features(evaluator, real), _features(evaluator, real_other)
     sigma = median_bandwidth(real_features)
     return {

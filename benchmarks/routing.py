@@ -1,0 +1,104 @@
+"""Where a router sends the evaluation prompts, without generating: share of prompts per code, mean MACs per U-Net
+call (x teacher) overall and per tier, against the budget and the no-collapse floor of the APTP issue.
+
+    .venv/bin/python benchmarks/routing.py --router runs/search-shapes/router --name search
+    .venv/bin/python benchmarks/routing.py --bundle bundles/shapes/aptp --name aptp
+
+Run it right after phase 1 (seconds, not the hour of `aptp eval`) to see whether a router is worth fine-tuning.
+The prompts are the ones `aptp eval` scores (same seed and counts by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pruning.files import ModelFileError
+from router.model import Router
+from router.pipeline import RoutedPipeline
+from training.evaluate import evaluation_samples, routing_summary
+
+SPLITS = ("test", "heldout")
+
+
+def route_splits(router: Router, counts: dict[str, int], seed: int) -> dict[str, dict]:
+    """Routing summary of each split's evaluation prompts."""
+    code_macs = router.code_macs()
+    teacher_macs = router.space.total_macs(router.resolution)
+    summaries = {}
+    for split, count in counts.items():
+        samples = evaluation_samples(split, count, seed)
+        codes = router.route([s.caption for s in samples]).codes.tolist()
+        tiers = np.array([s.scene.tier for s in samples])
+        summaries[split] = routing_summary(codes, code_macs, teacher_macs, tiers)
+    return summaries
+
+
+def markdown(name: str, budget: float, code_ratios: list[float], summaries: dict[str, dict]) -> str:
+    lines = [
+        f"Routing of `{name}`: codes at {' / '.join(f'{r:.3f}' for r in code_ratios)} x teacher MACs; "
+        f"budget {budget:.2f} (within 5%: {budget * 0.95:.3f}..{budget * 1.05:.3f}).",
+        "",
+        "| split | MACs (x teacher) | tier 1 | tier 2 | tier 3 | tier 4 | load per code | smallest share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for split, summary in summaries.items():
+        ratio = summary["macs_ratio"]
+        tiers = " | ".join(f"{ratio[f'tier{t}']:.3f}" if f"tier{t}" in ratio else "-" for t in range(1, 5))
+        load = summary["load"].values()
+        lines.append(
+            f"| {split} | {ratio['overall']:.3f} | {tiers} | {' / '.join(f'{v:.3f}' for v in load)} | {min(load):.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--router", help="router folder (phase 1's output, e.g. runs/search-shapes/router)")
+    source.add_argument("--bundle", help="bundle folder (its router is used)")
+    parser.add_argument("--name", required=True, help="report name: writes <out>/routing_<name>.{json,md}")
+    parser.add_argument("--budget", type=float, default=0.6, help="target MACs as a fraction of the teacher's")
+    parser.add_argument("--num-prompts", type=int, default=1000, help="test-split prompts (as aptp eval)")
+    parser.add_argument("--num-heldout", type=int, default=400, help="held-out-split prompts (as aptp eval)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    try:
+        if args.router:
+            router = Router.load(args.router)
+        else:
+            pipeline = RoutedPipeline.load(args.bundle)
+            if pipeline.router is None:
+                raise ModelFileError(Path(args.bundle), "a teacher folder has no router")
+            router = pipeline.router
+    except (ModelFileError, ValueError) as e:
+        print(f"routing.py: error: {e}", file=sys.stderr)
+        return 2
+    summaries = route_splits(router, {"test": args.num_prompts, "heldout": args.num_heldout}, args.seed)
+    teacher_macs = router.space.total_macs(router.resolution)
+    code_ratios = [m / teacher_macs for m in router.code_macs()]
+    report = {
+        "name": args.name,
+        "source": args.router or args.bundle,
+        "seed": args.seed,
+        "budget": args.budget,
+        "code_macs_ratio": code_ratios,
+        "splits": summaries,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"routing_{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    table = markdown(args.name, args.budget, code_ratios, summaries)
+    (out / f"routing_{args.name}.md").write_text(table)
+    print(table, end="")
+    print(f"wrote {out}/routing_{args.name}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

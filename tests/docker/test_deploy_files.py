@@ -210,9 +210,11 @@ def logical_lines(dockerfile: Path) -> list[str]:
 def test_dockerfile_pins_torch_before_installing_the_project(dockerfile):
     lines = logical_lines(dockerfile)
     torch = [i for i, line in enumerate(lines) if re.search(r"pip install .*torch==2\.13\.0 .*--index-url", line)]
-    project = [i for i, line in enumerate(lines) if re.search(r"pip install (--?[\w-]+ )*\.(\s|$)", line)]
+    project = [i for i, line in enumerate(lines) if re.search(r"pip install (--?[\w-]+( [\w./-]+)? )*\.(\s|$)", line)]
     assert torch, "torch==2.13.0 is not installed from a wheel index"
     assert project, "the project is not installed"
+    assert all("-c constraints.txt" in lines[i] for i in project), "install under the tested versions"
+    assert any(line.startswith("COPY ") and "constraints.txt" in line for line in lines[: min(project)])
     assert max(torch) < min(project), "torch must be installed before `pip install .` (or pip pulls a CUDA build)"
     assert lines[-1] == 'CMD ["aptp", "serve"]'
     assert any(line.startswith("USER ") and "root" not in line for line in lines), "the server must not run as root"

@@ -29,7 +29,7 @@ class BaselineConfig(RunSettings):
 
     teacher: str = "bundles/shapes/teacher"
     out: str = "runs/baseline-shapes"
-    export: str = "bundles/shapes/baseline"
+    export: str = "runs/baseline-shapes/bundle"
     seed: int = 3
     budget: float = Field(0.6, gt=0, le=1, description="MACs as a fraction of the teacher's")
     training_prompts: int = Field(20_000, ge=1)

@@ -22,8 +22,6 @@ from router.model import Router
 from router.pipeline import RoutedPipeline
 from training.evaluate import evaluation_samples, routing_summary
 
-SPLITS = ("test", "heldout")
-
 
 def route_splits(router: Router, counts: dict[str, int], seed: int) -> dict[str, dict]:
     """Routing summary of each split's evaluation prompts."""

@@ -20,13 +20,13 @@ import numpy as np
 from pruning.files import ModelFileError
 from router.model import Router
 from router.pipeline import RoutedPipeline
-from training.evaluate import evaluation_samples, routing_summary
+from training.evaluate import evaluation_samples, routing_summary, tier_cells
 
 
-def route_splits(router: Router, counts: dict[str, int], seed: int) -> dict[str, dict]:
+def route_splits(
+    router: Router, counts: dict[str, int], seed: int, code_macs: list[int], teacher_macs: int
+) -> dict[str, dict]:
     """Routing summary of each split's evaluation prompts."""
-    code_macs = router.code_macs()
-    teacher_macs = router.space.total_macs(router.resolution)
     summaries = {}
     for split, count in counts.items():
         samples = evaluation_samples(split, count, seed)
@@ -46,7 +46,7 @@ def markdown(name: str, budget: float, code_ratios: list[float], summaries: dict
     ]
     for split, summary in summaries.items():
         ratio = summary["macs_ratio"]
-        tiers = " | ".join(f"{ratio[f'tier{t}']:.3f}" if f"tier{t}" in ratio else "-" for t in range(1, 5))
+        tiers = tier_cells(ratio)
         load = summary["load"].values()
         lines.append(
             f"| {split} | {ratio['overall']:.3f} | {tiers} | {' / '.join(f'{v:.3f}' for v in load)} | {min(load):.3f} |"
@@ -77,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelFileError, ValueError) as e:
         print(f"routing.py: error: {e}", file=sys.stderr)
         return 2
-    summaries = route_splits(router, {"test": args.num_prompts, "heldout": args.num_heldout}, args.seed)
-    teacher_macs = router.space.total_macs(router.resolution)
-    code_ratios = [m / teacher_macs for m in router.code_macs()]
+    code_macs, teacher_macs = router.code_macs(), router.space.total_macs(router.resolution)
+    counts = {"test": args.num_prompts, "heldout": args.num_heldout}
+    summaries = route_splits(router, counts, args.seed, code_macs, teacher_macs)
+    code_ratios = [m / teacher_macs for m in code_macs]
     report = {
         "name": args.name,
         "source": args.router or args.bundle,

@@ -81,6 +81,11 @@ def evaluation_samples(split: str, num_prompts: int, seed: int) -> list[Sample]:
     return ShapesDomain(seed=seed, split=split).batch(0, num_prompts)
 
 
+def tier_cells(by_tier: dict[str, float], separator: str = " | ") -> str:
+    """Tiers 1-4 of a `mean_by_tier` result as table cells, "-" for a tier with no prompts."""
+    return separator.join(f"{by_tier[f'tier{t}']:.3f}" if f"tier{t}" in by_tier else "-" for t in range(1, 5))
+
+
 def mean_by_tier(values: np.ndarray, tiers: np.ndarray) -> dict[str, float]:
     """Mean of `values` overall and per difficulty tier (`tiers`: one per value)."""
     result = {"overall": float(values.mean())}
@@ -157,7 +162,7 @@ def markdown_table(name: str, results: list[dict[str, Any]]) -> str:
     ]
     for r in results:
         a = r["alignment"]
-        tiers = " | ".join(f"{a[f'tier{t}']:.3f}" if f"tier{t}" in a else "-" for t in range(1, 5))
+        tiers = tier_cells(a)
         lines.append(
             f"| {r['split']} | {r['prompts']} | {r['routing']['macs_ratio']['overall']:.3f} | {a['overall']:.3f} "
             f"| {tiers} | {r['domain_fid']:.2f} "
@@ -240,12 +245,9 @@ def comparison_table(reports: list[dict[str, Any]]) -> str:
     for report in reports:
         test, heldout = report["results"][0], report["results"][1]
         a, routing = test["alignment"], test["routing"]
-        tiers = " | ".join(f"{a[f'tier{t}']:.3f}" if f"tier{t}" in a else "-" for t in range(1, 5))
+        tiers = tier_cells(a)
         load = " / ".join(f"{share:.2f}" for share in routing["load"].values())
-        by_tier = " / ".join(
-            f"{routing['macs_ratio'][f'tier{t}']:.3f}" if f"tier{t}" in routing["macs_ratio"] else "-"
-            for t in range(1, 5)
-        )
+        by_tier = tier_cells(routing["macs_ratio"], " / ")
         lines.append(
             f"| {report['name']} | {routing['num_codes']} | {routing['macs_ratio']['overall']:.3f} "
             f"| {a['overall']:.3f} | {tiers} | {heldout['alignment']['overall']:.3f} | {test['domain_fid']:.2f} "
@@ -279,6 +281,7 @@ def read_report(path: str | Path) -> dict[str, Any]:
 def run_comparison(reports: list[dict[str, Any]], out: str | Path, name: str = "compare") -> Path:
     """Write `<name>.md` (the table) and `<name>.json` (the reports) to `out`; returns the markdown path."""
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(reports, indent=1) + "\n")
     path = out / f"{name}.md"
     path.write_text(comparison_table(reports))

@@ -169,9 +169,10 @@ def test_eval_compares_a_teacher_and_a_routed_bundle_in_one_table(tmp_path, caps
 
     # The same table from the saved reports, without sampling again (how results of separate runs are combined).
     reports = [out / f"{bundle.name}.json", out / f"{routed_bundle.name}.json"]
-    code, _, err = _run(capsys, "eval", "--compare", *reports, "--compare-name", "again", "--out", out)
+    fresh = tmp_path / "tables"  # a folder that does not exist yet
+    code, _, err = _run(capsys, "eval", "--compare", *reports, "--compare-name", "again", "--out", fresh)
     assert code == 0, err
-    assert (out / "again.md").read_text() == (out / "compare.md").read_text()
+    assert (fresh / "again.md").read_text() == (out / "compare.md").read_text()
 
 
 @pytest.mark.parametrize("content", [None, "not json", '{"name": "x", "results": []}'])

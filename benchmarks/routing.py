@@ -41,15 +41,16 @@ def markdown(name: str, budget: float, code_ratios: list[float], summaries: dict
         f"Routing of `{name}`: codes at {' / '.join(f'{r:.3f}' for r in code_ratios)} x teacher MACs; "
         f"budget {budget:.2f} (within 5%: {budget * 0.95:.3f}..{budget * 1.05:.3f}).",
         "",
-        "| split | MACs (x teacher) | tier 1 | tier 2 | tier 3 | tier 4 | load per code | smallest share |",
-        "|---|---|---|---|---|---|---|---|",
+        "| split | MACs (x teacher) | tier 1 | tier 2 | tier 3 | tier 4 | tiers 3-4 | load per code | smallest share |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for split, summary in summaries.items():
         ratio = summary["macs_ratio"]
         tiers = tier_cells(ratio)
         load = summary["load"].values()
         lines.append(
-            f"| {split} | {ratio['overall']:.3f} | {tiers} | {' / '.join(f'{v:.3f}' for v in load)} | {min(load):.3f} |"
+            f"| {split} | {ratio['overall']:.3f} | {tiers} | {summary['macs_ratio_tiers_3_4']:.3f} "
+            f"| {' / '.join(f'{v:.3f}' for v in load)} | {min(load):.3f} |"
         )
     return "\n".join(lines) + "\n"
 

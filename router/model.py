@@ -15,11 +15,13 @@ from torch import nn
 from pruning.files import ModelFileError, load_matching_state, read_json_object
 from pruning.space import ArchitectureSpace
 
+from .assignment import balancing_offsets
 from .encoder import EncoderConfig, PromptEncoder
 from .gates import OFFSET, TEMPERATURE, depth_order, gumbel_sigmoid, nested_depth_logits, normalised_architecture
 
 ROUTER_CONFIG = "config.json"
 ROUTER_WEIGHTS = "model.safetensors"
+CODE_OFFSETS = "code_offsets"
 
 
 class RouterConfig(BaseModel):
@@ -122,7 +124,8 @@ class Routing:
 
 class Router(nn.Module):
     """Inference router: frozen encoder, predictor, codes. Deterministic and batch-invariant: noise-free gates,
-    each prompt scored on its own row.
+    each prompt scored on its own row. A prompt goes to `argmax_k(score_k + code_offsets_k)`; the offsets are zero
+    (the paper's plain argmax) until `balance` fits them to a sample of training prompts.
 
     Parameters:
         config (`RouterConfig`): sizes and gate settings.
@@ -144,6 +147,8 @@ class Router(nn.Module):
         self.resolution = resolution or space.default_resolution
         self.predictor = ArchitecturePredictor(space, config.embed_dim)
         self.codes = ArchitectureCodes(space, config.num_codes)
+        # Not in state_dict: fitted after training (so training checkpoints never carry it), saved with the router.
+        self.register_buffer("code_offsets", torch.zeros(config.num_codes), persistent=False)
         self._encoder = encoder
 
     @property
@@ -178,7 +183,7 @@ class Router(nn.Module):
     @torch.no_grad()
     def route_embeddings(self, embedding: torch.Tensor) -> Routing:
         all_scores = self.scores(embedding)
-        best = all_scores.argmax(dim=1)
+        best = (all_scores + self.code_offsets.double()).argmax(dim=1)
         macs = self.code_macs()
         return Routing(
             codes=best,
@@ -192,6 +197,21 @@ class Router(nn.Module):
         """Route prompts to codes. A prompt's code never depends on the other prompts in the call."""
         return self.route_embeddings(self.encoder.encode(prompts).pooled)
 
+    @torch.no_grad()
+    def balance(self, embedding: torch.Tensor, epsilon: float = 0.002, iterations: int = 3000) -> list[float]:
+        """Fit `code_offsets` so that a sample of training-prompt embeddings `(N, embed_dim)` splits about evenly
+        over the codes, as the optimal-transport assignment splits them in training.
+
+        Why: training assigns with Sinkhorn, which balances every batch, but the noise-free gates of inference sit
+        closer to the larger codes, so a plain argmax can crowd most prompts into one code. The offsets are the
+        transport problem's code potentials (`assignment.balancing_offsets`): one fixed number per code, so a
+        prompt's code still depends on that prompt alone. Returns the share of the sample per code afterwards.
+        """
+        offsets = balancing_offsets(self.scores(embedding), epsilon, iterations)
+        self.code_offsets.copy_(offsets.to(self.code_offsets))
+        codes = self.route_embeddings(embedding).codes
+        return (torch.bincount(codes, minlength=self.config.num_codes).double() / len(codes)).tolist()
+
     # -------------------------------------------------------------------------------------------- persistence
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
@@ -202,8 +222,9 @@ class Router(nn.Module):
             "space": self.space.to_dict(),
         }
         (folder / ROUTER_CONFIG).write_text(json.dumps(description, indent=1) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / ROUTER_WEIGHTS))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self._file_state().items()}, str(folder / ROUTER_WEIGHTS)
+        )
         return folder
 
     @classmethod
@@ -222,6 +243,10 @@ class Router(nn.Module):
             router = cls(config, space, int(description["resolution"]), encoder=encoder)
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFileError(folder / ROUTER_CONFIG, f"not a valid router description ({e})") from None
-        state = load_matching_state(folder / ROUTER_WEIGHTS, router.state_dict(), sha256, device)
+        state = load_matching_state(folder / ROUTER_WEIGHTS, router._file_state(), sha256, device)
+        router.code_offsets.copy_(state.pop(CODE_OFFSETS))
         router.load_state_dict(state)
         return router.to(device).eval()
+
+    def _file_state(self) -> dict[str, torch.Tensor]:
+        return {**self.state_dict(), CODE_OFFSETS: self.code_offsets}

@@ -96,13 +96,16 @@ def mean_by_tier(values: np.ndarray, tiers: np.ndarray) -> dict[str, float]:
 def routing_summary(
     codes: Sequence[int], code_macs: Sequence[int], teacher_macs: int, tiers: np.ndarray
 ) -> dict[str, Any]:
-    """Share of prompts per code and mean MACs per U-Net call as a fraction of the teacher's, overall and per tier."""
+    """Share of prompts per code and mean MACs per U-Net call as a fraction of the teacher's, overall, per tier, and
+    over tiers 3-4 together (the hard prompts, which should get more capacity than tier 1's)."""
     chosen = np.asarray(codes)
     ratios = np.asarray([code_macs[c] for c in chosen], dtype=np.float64) / teacher_macs
+    hard = (tiers == 3) | (tiers == 4)
     return {
         "num_codes": len(code_macs),
         "load": {str(k): float((chosen == k).mean()) for k in range(len(code_macs))},
         "macs_ratio": mean_by_tier(ratios, tiers),
+        "macs_ratio_tiers_3_4": float(ratios[hard].mean()) if hard.any() else None,
         "teacher_macs_per_call": teacher_macs,
     }
 

@@ -64,6 +64,10 @@ class SearchConfig(RunSettings):
     sinkhorn_epsilon: float = Field(0.05, gt=0)
     sinkhorn_iterations: int = Field(3, ge=1)
     contrastive_tau: float = Field(0.03, gt=0)
+    balance_prompts: int = Field(
+        20_000, ge=0, description="training prompts the code offsets are fitted on after training; 0: plain argmax"
+    )
+    balance_epsilon: float = Field(0.002, gt=0)
     min_snr_gamma: float = Field(5.0, gt=0)
     weights: LossWeights = LossWeights()
     encoder: EncoderConfig | None = Field(None, description="default: the teacher's text encoder")
@@ -76,6 +80,29 @@ def prunable_ratio(space: ArchitectureSpace, gates: torch.Tensor, resolution: in
     """`(..., dim)` gates -> `(...,)` share of the prunable MACs kept (differentiable)."""
     table = space.mac_table(resolution)
     return (space.differentiable_macs(gates.double(), resolution) - table.fixed) / (table.total - table.fixed)
+
+
+def balance_codes(
+    router: Router, encoder: PromptEncoder, domain: ShapesDomain, config: SearchConfig, run: TrainingRun
+) -> None:
+    """Fit the router's code offsets on `config.balance_prompts` training prompts and log the shares per code
+    before and after (see `Router.balance`). Runs again, cheaply, when a finished run is started once more."""
+    captions = [domain.sample(i).caption for i in range(config.balance_prompts)]
+    chunks = [captions[i : i + 256] for i in range(0, len(captions), 256)]
+    embedding = torch.cat([encoder.encode(chunk).pooled for chunk in tqdm(chunks, desc="balancing codes")])
+    router.code_offsets.zero_()
+    before = torch.bincount(router.route_embeddings(embedding).codes, minlength=config.num_codes) / len(captions)
+    after = router.balance(embedding, epsilon=config.balance_epsilon)
+    run.log(
+        {
+            "step": config.steps,
+            "phase": "balance",
+            "code_share_argmax": [round(v, 4) for v in before.tolist()],
+            "code_share_balanced": [round(v, 4) for v in after],
+            "code_offsets": [round(v, 6) for v in router.code_offsets.tolist()],
+        }
+    )
+    print(f"code shares of {len(captions)} training prompts: argmax {before.tolist()} -> balanced {after}")
 
 
 def run_search(config: SearchConfig) -> Path:
@@ -179,6 +206,8 @@ def run_search(config: SearchConfig) -> Path:
         run.maybe_save(step + 1)
     run.save(config.steps)
     gates.detach()
+    if config.balance_prompts:
+        balance_codes(router, embed_encoder, domain, config, run)
     router.cpu().save(run.folder / "router")
     print(f"router written to {run.folder / 'router'} ({run.state['elapsed_seconds'] / 60:.1f} min)")
     return run.folder / "router"

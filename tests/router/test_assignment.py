@@ -10,7 +10,7 @@ import ot
 import pytest
 import torch
 
-from router.assignment import assign, sinkhorn
+from router.assignment import assign, balancing_offsets, sinkhorn
 
 
 def _scores(batch: int, codes: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -124,3 +124,41 @@ def test_no_gradient_flows_through_the_assignment():
     assert not plan.requires_grad
     assert not assign(scores).requires_grad
     assert scores.grad is None
+
+
+# ------------------------------------------------------------------------------------ offsets for inference
+def _crowded_scores(count: int = 4000, codes: int = 4, seed: int = 0) -> torch.Tensor:
+    """Scores like a trained router's at inference: one code is the best match of most prompts."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = 0.6 + 0.05 * torch.randn(count, codes, generator=generator, dtype=torch.float64)
+    scores[:, 2] += 0.06
+    return scores
+
+
+def test_offsets_balance_the_plain_argmax():
+    scores = _crowded_scores()
+    crowded = torch.bincount(scores.argmax(1), minlength=4) / len(scores)
+    assert crowded[2] > 0.5  # the problem: one code takes most prompts
+    offsets = balancing_offsets(scores)
+    assert offsets.shape == (4,)
+    assert abs(offsets.sum().item()) < 1e-9  # centred: only differences matter
+    assert offsets[2] == offsets.min()  # the crowded code is pushed down
+    shares = torch.bincount((scores + offsets).argmax(1), minlength=4) / len(scores)
+    np.testing.assert_allclose(shares.numpy(), np.full(4, 0.25), atol=0.02)
+
+
+def test_offsets_are_the_transport_plans_code_potentials():
+    """argmax of the converged Sinkhorn plan's rows == argmax of scores + offsets, prompt by prompt."""
+    scores = _crowded_scores(500, 5, seed=1)
+    epsilon, iterations = 0.01, 2000
+    plan = sinkhorn(scores, epsilon, iterations)
+    offsets = balancing_offsets(scores, epsilon, iterations)
+    assert torch.equal((scores + offsets).argmax(1), plan.argmax(1))
+
+
+def test_offsets_leave_a_balanced_routing_alone():
+    scores = _scores(2000, 4, seed=6)  # uniform scores: argmax already splits evenly
+    offsets = balancing_offsets(scores)
+    assert offsets.abs().max() < 0.05  # small against scores spread over [-1, 1]
+    agree = ((scores + offsets).argmax(1) == scores.argmax(1)).double().mean()
+    assert agree > 0.97

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -257,6 +258,36 @@ def test_identical_codes_all_route_to_code_zero(small_space):
     router.codes.set_architectures(torch.stack([arch, arch, arch]))
     routing = router.route_embeddings(_embeddings(10, seed=4))
     assert routing.codes.tolist() == [0] * 10
+
+
+def test_balance_spreads_a_crowded_router_and_keeps_routing_batch_invariant(small_space):
+    router, _ = _spread_router(small_space, seed=3)
+    with torch.no_grad():  # shift every prompt's gates towards code 0's architecture: it takes most prompts
+        router.predictor.heads[0].bias.add_(4.0)
+    sample = _embeddings(800, seed=21)
+    assert torch.equal(router.code_offsets, torch.zeros(4))
+    crowded = torch.bincount(router.route_embeddings(sample).codes, minlength=4) / len(sample)
+    shares = router.balance(sample)
+    assert max(shares) < crowded.max().item()
+    np.testing.assert_allclose(shares, np.full(4, 0.25), atol=0.05)
+    embedding = _embeddings(16, seed=7)
+    routing = router.route_embeddings(embedding)
+    for row in range(16):  # the offsets are fixed numbers: a prompt's code still depends on it alone
+        assert router.route_embeddings(embedding[row : row + 1]).codes.item() == routing.codes[row].item()
+    # Offsets change the decision, not the reported similarity to every code.
+    scores = router.scores(embedding)
+    assert torch.equal(routing.all_scores, scores)
+    assert torch.equal(routing.codes, (scores + router.code_offsets.double()).argmax(1))
+
+
+def test_balance_offsets_survive_save_and_load(small_space, tmp_path):
+    router, _ = _spread_router(small_space, seed=3)
+    router.balance(_embeddings(400, seed=22))
+    assert router.code_offsets.abs().sum() > 0
+    loaded = Router.load(router.save(tmp_path / "router"))
+    assert torch.equal(loaded.code_offsets, router.code_offsets)
+    embedding = _embeddings(32, seed=23)
+    _assert_same_routing(loaded.route_embeddings(embedding), router.route_embeddings(embedding))
 
 
 # ------------------------------------------------------------------------------------------------ persistence

@@ -8,7 +8,7 @@ import torch
 
 from training.data.labels import BACKGROUND_NAMES, COLOUR_NAMES, HEADS, PER_CELL_HEADS, collate
 from training.data.shapes import CELLS, DEFAULT_CELL, GLYPHS, SHAPES, SIZES, Scene, SceneObject, ShapesDomain
-from training.evaluate import median_bandwidth, mmd_rbf
+from training.evaluate import median_bandwidth, mmd_rbf, routing_summary
 from training.evaluator import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -200,3 +200,17 @@ def test_load_corrupt_weights_raises_value_error_naming_the_folder(tmp_path):
     (tmp_path / "evaluator" / WEIGHTS_NAME).write_bytes(b"corrupt" * 8)
     with pytest.raises(ValueError, match=str(tmp_path / "evaluator")):
         DomainEvaluator.load(tmp_path / "evaluator")
+
+
+def test_routing_summary_shares_and_macs_per_tier():
+    codes = [0, 1, 1, 0, 1, 2]
+    tiers = np.array([1, 1, 3, 4, 3, 2])
+    summary = routing_summary(codes, code_macs=[50, 100, 80], teacher_macs=200, tiers=tiers)
+    assert summary["num_codes"] == 3
+    assert summary["load"] == pytest.approx({"0": 2 / 6, "1": 3 / 6, "2": 1 / 6})
+    ratio = summary["macs_ratio"]
+    assert ratio["overall"] == pytest.approx((50 + 100 + 100 + 50 + 100 + 80) / 6 / 200)
+    assert ratio["tier1"] == pytest.approx(0.375) and ratio["tier3"] == pytest.approx(0.5)
+    assert ratio["tier4"] == pytest.approx(0.25) and ratio["tier2"] == pytest.approx(0.4)
+    assert summary["macs_ratio_tiers_3_4"] == pytest.approx((100 + 50 + 100) / 3 / 200)
+    assert routing_summary([0], [50], 200, np.array([1]))["macs_ratio_tiers_3_4"] is None

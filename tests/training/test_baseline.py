@@ -1,0 +1,66 @@
+"""`aptp train baseline` on a tiny teacher: static L1-norm pruning to the MAC budget (the most important gates
+of every unit kept), fine-tuned and exported as a one-code bundle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import training.baseline as baseline_module
+from pruning.bundle import read_manifest
+from pruning.space import ArchitectureSpace
+from pruning.teacher import load_teacher
+from tests.conftest import save_tiny_teacher, shared_encoder_factory
+from training.baseline import BaselineConfig, l1_architecture, l1_importance, run_baseline
+
+
+@pytest.fixture(autouse=True)
+def shared_encoder(monkeypatch, prompt_encoder):
+    monkeypatch.setattr(baseline_module, "PromptEncoder", shared_encoder_factory(prompt_encoder))
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory):
+    return save_tiny_teacher(tmp_path_factory.mktemp("baseline") / "teacher", seed=4)
+
+
+def test_l1_architecture_keeps_the_largest_gates_of_every_unit(teacher_folder):
+    unet, spec = load_teacher(teacher_folder)
+    space = ArchitectureSpace.from_unet(unet, text_len=int(spec.text_encoder["max_length"]))
+    importance = l1_importance(unet, space)
+    assert importance.shape == (space.width_dim,)
+    arch = l1_architecture(space, importance, 0.5)
+    assert torch.equal(arch[space.width_dim :], torch.ones(len(space.depth_units)))  # depth is not pruned
+    for unit in space.width_units:
+        sl = space.slices[unit.name]
+        kept, scores = arch[sl].bool(), importance[sl]
+        assert int(kept.sum()) == max(1, round(0.5 * unit.num_gates))
+        if not kept.all():
+            assert scores[kept].min() >= scores[~kept].max(), unit.name
+
+
+def _baseline(teacher_folder, folder, budget: float):
+    config = BaselineConfig.model_validate(
+        {
+            "teacher": str(teacher_folder),
+            "out": str(folder / "run"),
+            "export": str(folder / "bundle"),
+            "budget": budget,
+            "training_prompts": 16,
+            "expert": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
+            "export_dtype": "float32",
+        }
+    )
+    return read_manifest(run_baseline(config))
+
+
+def test_baseline_bundles_meet_their_budgets(teacher_folder, tmp_path):
+    ratios = {}
+    for budget in (0.6, 0.9):
+        manifest = _baseline(teacher_folder, tmp_path / str(budget), budget)
+        (code,) = manifest.codes
+        assert code.training_share == 1.0
+        assert manifest.info["stage"] == "static-l1-baseline"
+        ratios[budget] = code.macs / manifest.teacher_macs
+        assert ratios[budget] <= budget
+    assert ratios[0.6] < ratios[0.9]  # the larger budget keeps more (the tiny teacher's width steps are coarse)

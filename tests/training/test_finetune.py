@@ -1,0 +1,98 @@
+"""`aptp train finetune` on a tiny teacher: the routed pool is kept, each code's expert is fine-tuned on its own
+prompts and logged, the bundle holds the router's architectures and training shares, and a rerun reuses finished
+experts instead of training them again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import training.finetune as finetune_module
+from pruning.bundle import load_code_experts, read_manifest
+from pruning.expert import load_expert
+from pruning.teacher import load_teacher
+from router.model import Router, RouterConfig
+from tests.conftest import save_tiny_teacher, shared_encoder_factory
+from tests.router.test_model import nested_architectures
+from training.data.shapes import ShapesDomain
+from training.finetune import FinetuneConfig, run_finetune
+
+POOL = 24
+SEED = 2
+
+
+@pytest.fixture(autouse=True)
+def shared_encoder(monkeypatch, prompt_encoder):
+    monkeypatch.setattr(finetune_module, "PromptEncoder", shared_encoder_factory(prompt_encoder))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, prompt_encoder):
+    """A tiny teacher and a two-code router (a large and a small code) balanced on the phase-2 pool."""
+    root = tmp_path_factory.mktemp("finetune")
+    teacher = save_tiny_teacher(root / "teacher")
+    unet, spec = load_teacher(teacher)
+    torch.manual_seed(0)
+    space = finetune_module.ArchitectureSpace.from_unet(unet, text_len=prompt_encoder.config.max_length)
+    router = Router(RouterConfig(num_codes=2, encoder=prompt_encoder.config), space, spec.resolution)
+    router.codes.set_architectures(nested_architectures(space, keeps=(0.9, 0.4)))
+    captions = [ShapesDomain(seed=SEED, split="train").sample(i).caption for i in range(POOL)]
+    router.balance(prompt_encoder.encode(captions).pooled)
+    return teacher, router.save(root / "router")
+
+
+def _config(models, tmp_path, **overrides) -> FinetuneConfig:
+    teacher, router = models
+    data = {
+        "teacher": str(teacher),
+        "router": str(router),
+        "out": str(tmp_path / "run"),
+        "export": str(tmp_path / "bundle"),
+        "seed": SEED,
+        "routing_prompts": POOL,
+        "expert": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
+        "log_every": 1,
+        "export_dtype": "float32",
+        **overrides,
+    }
+    return FinetuneConfig.model_validate(data)
+
+
+def test_finetune_trains_each_code_on_its_prompts_and_exports_the_bundle(models, tmp_path):
+    bundle = run_finetune(_config(models, tmp_path))
+    run = tmp_path / "run"
+    codes = json.loads((run / "routing.json").read_text())["codes"]
+    assert len(codes) == POOL and set(codes) == {0, 1}  # the balanced router uses both codes
+
+    router = Router.load(models[1])
+    manifest = read_manifest(bundle)
+    assert [c.code for c in manifest.codes] == [0, 1]
+    for entry, arch in zip(manifest.codes, router.code_architectures(), strict=True):
+        assert torch.equal(entry.architecture_tensor(), arch)
+        assert entry.training_share == pytest.approx(codes.count(entry.code) / POOL)
+        log = [json.loads(line) for line in (run / f"log-{entry.code}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [0, 1]
+    assert manifest.codes[0].macs > manifest.codes[1].macs
+    assert manifest.info["stage"] == "aptp"
+
+    # The exported experts are the fine-tuned ones, not fresh slices of the teacher.
+    teacher, _ = load_teacher(models[0])
+    sliced = finetune_module.slice_unet(teacher, router.space, router.code_architectures()[0])
+    exported = load_code_experts(bundle, manifest)[0]
+    tuned, fresh = exported.state_dict(), sliced.state_dict()
+    assert tuned.keys() == fresh.keys()
+    assert any(not torch.equal(tuned[k], fresh[k]) for k in tuned)
+
+
+def test_a_rerun_reuses_finished_experts(models, tmp_path):
+    config = _config(models, tmp_path)
+    run_finetune(config)
+    first = load_expert(tmp_path / "run" / "experts" / "1")[0].state_dict()
+    logs = {p.name: p.read_text() for p in (tmp_path / "run").glob("log-*.jsonl")}
+    run_finetune(config)
+    again = load_expert(tmp_path / "run" / "experts" / "1")[0].state_dict()
+    assert all(torch.equal(again[k], v) for k, v in first.items())
+    assert {p.name: p.read_text() for p in (tmp_path / "run").glob("log-*.jsonl")} == logs
+    read_manifest(config.export)

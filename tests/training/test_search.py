@@ -1,0 +1,120 @@
+"""`aptp train search` on a tiny teacher: the per-step log of METHOD.md's losses, warm-up then codes, a loadable
+router whose code offsets balance the training prompts, exact resume after a kill, and a finished run that
+re-balances instead of retraining."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import training.search as search_module
+from router.model import Router
+from tests.conftest import save_tiny_teacher, shared_encoder_factory
+from training.search import SearchConfig, run_search
+
+STEPS = 4
+BATCH = 4
+LOSS_KEYS = {"loss", "denoise", "output", "features", "resource", "contrastive", "spread_std", "spread_max"}
+
+
+@pytest.fixture(autouse=True)
+def shared_encoder(monkeypatch, prompt_encoder):
+    monkeypatch.setattr(search_module, "PromptEncoder", shared_encoder_factory(prompt_encoder))
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory):
+    return save_tiny_teacher(tmp_path_factory.mktemp("search") / "teacher")
+
+
+def _config(teacher_folder, out, **overrides) -> SearchConfig:
+    data = {
+        "teacher": str(teacher_folder),
+        "out": str(out),
+        "steps": STEPS,
+        "batch_size": BATCH,
+        "num_codes": 2,
+        "warmup_fraction": 0.5,
+        "lr": 1e-2,
+        "log_every": 1,
+        "balance_prompts": 48,
+        "checkpoint_minutes": 60.0,
+        **overrides,
+    }
+    return SearchConfig.model_validate(data)
+
+
+def _records(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_search_logs_every_loss_and_writes_a_balanced_router(teacher_folder, tmp_path):
+    folder = run_search(_config(teacher_folder, tmp_path / "run"))
+    assert folder == tmp_path / "run" / "router"
+    records = _records(tmp_path / "run")
+    steps = [r for r in records if r["phase"] != "balance"]
+    assert [r["step"] for r in steps] == list(range(STEPS))
+    assert [r["phase"] for r in steps] == ["warmup", "warmup", "codes", "codes"]
+    for record in steps:
+        assert record.keys() >= LOSS_KEYS
+        assert all(math.isfinite(record[k]) for k in LOSS_KEYS)
+        assert 0 < record["routed_prunable_ratio"] <= 1
+        assert len(record["code_prunable_ratio"]) == 2 and len(record["code_usage"]) == 2
+        assert sum(record["code_usage"]) == pytest.approx(1.0)
+    (balance,) = [r for r in records if r["phase"] == "balance"]
+
+    router = Router.load(folder)
+    assert router.config.num_codes == 2
+    assert router.code_offsets.tolist() == pytest.approx(balance["code_offsets"], abs=1e-6)
+    # The logged balanced shares are what the saved router does with the same training prompts.
+    domain = search_module.ShapesDomain(seed=1, split="train")
+    codes = router.route([domain.sample(i).caption for i in range(48)]).codes
+    shares = (torch.bincount(codes, minlength=2) / 48).tolist()
+    assert shares == pytest.approx(balance["code_share_balanced"], abs=1e-6)
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: raised from inside the training loop."""
+
+
+def test_search_resumes_exactly_after_a_kill(teacher_folder, tmp_path, monkeypatch):
+    straight = Router.load(run_search(_config(teacher_folder, tmp_path / "straight")))
+
+    class DyingDomain(search_module.ShapesDomain):
+        def batch(self, start, count):
+            if start == 3 * BATCH:
+                raise Killed("killed at step 3")
+            return super().batch(start, count)
+
+    config = _config(teacher_folder, tmp_path / "killed", checkpoint_minutes=1e-9)
+    healthy = search_module.ShapesDomain
+    monkeypatch.setattr(search_module, "ShapesDomain", DyingDomain)
+    with pytest.raises(Killed):
+        run_search(config)
+    assert not (tmp_path / "killed" / "router").exists()
+    monkeypatch.setattr(search_module, "ShapesDomain", healthy)
+    resumed = Router.load(run_search(config))
+    # Steps 0-2 ran before the kill and were not run again: the run went on from its checkpoint.
+    assert [r["step"] for r in _records(tmp_path / "killed") if r["phase"] != "balance"] == list(range(STEPS))
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert torch.equal(resumed.code_architectures(), straight.code_architectures())
+
+
+def test_a_finished_search_only_rebalances(teacher_folder, tmp_path):
+    config = _config(teacher_folder, tmp_path / "run")
+    first = Router.load(run_search(config))
+    again = Router.load(run_search(config.model_copy(update={"balance_prompts": 24})))
+    for name, tensor in first.state_dict().items():  # no further training
+        assert torch.equal(again.state_dict()[name], tensor), name
+    phases = [r["phase"] for r in _records(tmp_path / "run")]
+    assert phases.count("balance") == 2 and phases.count("codes") == 2
+
+
+def test_balance_can_be_switched_off(teacher_folder, tmp_path):
+    router = Router.load(run_search(_config(teacher_folder, tmp_path / "run", balance_prompts=0)))
+    assert torch.equal(router.code_offsets, torch.zeros(2))
+    assert all(r["phase"] != "balance" for r in _records(tmp_path / "run"))

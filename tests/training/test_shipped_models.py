@@ -42,3 +42,40 @@ def test_the_teacher_draws_what_simple_prompts_ask_for(evaluator):
     made = pipeline([s.caption for s in samples], seeds=list(range(len(samples))), steps=12)
     scores = [alignment(s.scene, r) for s, r in zip(samples, read_images(evaluator, made.images), strict=True)]
     assert np.mean(scores) >= 0.8, list(zip([s.caption for s in samples], scores, strict=True))
+
+
+# ----------------------------------------------------------------------------------------------- the APTP bundle
+APTP = BUNDLES / "shapes" / "aptp"
+
+
+@pytest.fixture(scope="module")
+def aptp() -> RoutedPipeline:
+    return RoutedPipeline.load(APTP)
+
+
+def test_the_aptp_bundle_routes_held_out_prompts_within_budget_over_every_code(aptp):
+    """The APTP issue's bars on a sample of the held-out combinations: routed MACs within 5% of 0.6 x the
+    teacher's, every code at least 5% of prompts, and the hard tiers (3-4) given more MACs than tier 1."""
+    samples = evaluation_samples("heldout", 400, seed=7)
+    codes = aptp.router.route([s.caption for s in samples]).codes.numpy()
+    tiers = np.array([s.scene.tier for s in samples])
+    ratios = np.array([aptp.codes[c].macs for c in codes]) / aptp.teacher_macs
+    assert abs(ratios.mean() / 0.6 - 1) <= 0.05, ratios.mean()
+    shares = np.bincount(codes, minlength=len(aptp.codes)) / len(codes)
+    assert len(shares) >= 4 and shares.min() >= 0.05, shares
+    assert ratios[(tiers == 3) | (tiers == 4)].mean() > ratios[tiers == 1].mean()
+
+
+def test_the_aptp_bundle_routes_each_prompt_alone(aptp):
+    captions = [s.caption for s in evaluation_samples("test", 48, seed=3)]
+    together = aptp.router.route(captions).codes.tolist()
+    assert len(set(together)) >= 2
+    assert [aptp.router.route([c]).codes.item() for c in captions] == together
+    assert aptp.router.route(captions[::-1]).codes.tolist() == together[::-1]
+
+
+def test_the_aptp_bundle_draws_what_simple_prompts_ask_for(aptp, evaluator):
+    samples = [s for s in evaluation_samples("test", 80, seed=5) if s.scene.tier in (1, 4)][:12]
+    made = aptp([s.caption for s in samples], seeds=list(range(len(samples))), steps=12)
+    scores = [alignment(s.scene, r) for s, r in zip(samples, read_images(evaluator, made.images), strict=True)]
+    assert np.mean(scores) >= 0.8, list(zip([s.caption for s in samples], scores, strict=True))

@@ -1,6 +1,7 @@
 """Bounded load test of `aptp serve` on loopback: N requests per round with at most C in flight, R rounds.
 
-    .venv/bin/python benchmarks/load.py                       # the shipped teacher, served as one code
+    .venv/bin/python benchmarks/load.py                       # what `make serve` serves: the shipped APTP bundle
+    .venv/bin/python benchmarks/load.py --bundle bundles/shapes/teacher   # the teacher, served as one code
     .venv/bin/python benchmarks/load.py --codes 4             # a random 4-code bundle built from the teacher
     .venv/bin/python benchmarks/load.py --url http://127.0.0.1:8000 --requests 32   # an already running server
 
@@ -40,8 +41,11 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.settings import DEFAULT_BUNDLE as SERVER_DEFAULT_BUNDLE
+
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_BUNDLE = Path("bundles/shapes/teacher")
+DEFAULT_BUNDLE = SERVER_DEFAULT_BUNDLE
+DEFAULT_TEACHER = Path("bundles/shapes/teacher")  # what --codes K builds its random bundle from by default
 DEFAULT_OUT = Path("benchmarks/results/load")
 READY_TIMEOUT_S = 180.0
 # Generous: an admitted request waits for every batch queued ahead of it, which takes minutes on a busy CPU.
@@ -615,7 +619,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--bundle", type=Path, default=DEFAULT_BUNDLE, help=f"bundle or teacher folder ({DEFAULT_BUNDLE})"
     )
-    parser.add_argument("--codes", type=int, default=1, help="> 1: serve a random K-code bundle of the teacher folder")
+    parser.add_argument(
+        "--codes", type=int, default=1, help=f"> 1: a random K-code bundle of a teacher ({DEFAULT_TEACHER})"
+    )
     parser.add_argument("--requests", type=int, help="requests per round (default: 4x the total queue capacity)")
     parser.add_argument("--concurrency", type=int, help="requests in flight at most (default: all of them)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -640,7 +646,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--codes builds a bundle for a server this script starts; it cannot apply with --url")
     # The defaults name repository paths, so they hold from any working directory; given paths are the caller's.
     if args.bundle == DEFAULT_BUNDLE:
-        args.bundle = REPO / DEFAULT_BUNDLE
+        args.bundle = REPO / (DEFAULT_TEACHER if args.codes > 1 else DEFAULT_BUNDLE)
     if args.out == DEFAULT_OUT:
         args.out = REPO / DEFAULT_OUT
     if args.prompts.isdigit():

@@ -22,6 +22,7 @@ from .gates import OFFSET, TEMPERATURE, depth_order, gumbel_sigmoid, nested_dept
 ROUTER_CONFIG = "config.json"
 ROUTER_WEIGHTS = "model.safetensors"
 CODE_OFFSETS = "code_offsets"
+HELD_OPEN_LOGIT = 1e4
 
 
 class RouterConfig(BaseModel):
@@ -29,6 +30,8 @@ class RouterConfig(BaseModel):
     num_codes (`int`): K, the number of architecture codes.
     embed_dim (`int`): the prompt encoder's output size.
     temperature (`float`), offset (`float`): Gumbel-sigmoid settings (METHOD.md: 0.4 and 3).
+    prune_depth (`bool`): whether codes may drop whole blocks (METHOD.md: yes). With `False` every depth gate is
+        held open, in training and at inference, and only widths are searched.
     encoder (`EncoderConfig`): the frozen prompt encoder.
     """
 
@@ -36,6 +39,7 @@ class RouterConfig(BaseModel):
     embed_dim: int = Field(384, ge=1)
     temperature: float = Field(TEMPERATURE, gt=0)
     offset: float = OFFSET
+    prune_depth: bool = True
     encoder: EncoderConfig = EncoderConfig()
 
 
@@ -158,6 +162,10 @@ class Router(nn.Module):
         return self._encoder
 
     def gates(self, logits: torch.Tensor, noise: bool = False, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.config.prune_depth and self.space.depth_units:
+            # Far past any logistic noise draw: the gates are exactly 1 and pass no gradient to the depth logits.
+            held_open = torch.full_like(logits[..., self.space.width_dim :], HELD_OPEN_LOGIT)
+            logits = torch.cat([logits[..., : self.space.width_dim], held_open], dim=-1)
         return gumbel_sigmoid(logits, self.config.temperature, self.config.offset, noise=noise, generator=generator)
 
     def code_architectures(self) -> torch.Tensor:

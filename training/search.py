@@ -61,6 +61,7 @@ class SearchConfig(RunSettings):
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     lr_warmup_steps: int = Field(100, ge=0)
     use_ot: bool = True
+    prune_depth: bool = Field(True, description="False: hold every block and search widths only")
     sinkhorn_epsilon: float = Field(0.05, gt=0)
     sinkhorn_iterations: int = Field(3, ge=1)
     contrastive_tau: float = Field(0.03, gt=0)
@@ -117,7 +118,10 @@ def run_search(config: SearchConfig) -> Path:
     embed_encoder = PromptEncoder(config.embed_encoder, device=device) if config.embed_encoder else text_encoder
     torch.manual_seed(config.seed)
     router_config = RouterConfig(
-        num_codes=config.num_codes, embed_dim=embed_encoder.embed_dim, encoder=embed_encoder.config
+        num_codes=config.num_codes,
+        embed_dim=embed_encoder.embed_dim,
+        encoder=embed_encoder.config,
+        prune_depth=config.prune_depth,
     )
     router = Router(router_config, space, resolution, encoder=embed_encoder).to(device)
     lr = config.lr or 2e-4 * math.sqrt(config.batch_size)

@@ -406,3 +406,20 @@ def test_loaded_router_routes_prompts_the_same(prompt_router, prompt_encoder, tm
 
 def test_prompt_routing_is_spread(prompt_router):
     assert len(set(prompt_router.route(PROMPTS).codes.tolist())) >= 3
+
+
+def test_width_only_routers_hold_every_block(small_space):
+    archs = nested_architectures(small_space)
+    assert (archs[:, small_space.width_dim :] == 0).any()  # the codes' own depth parts drop blocks
+    torch.manual_seed(0)
+    router = Router(RouterConfig(num_codes=4, prune_depth=False), small_space)
+    router.codes.set_architectures(archs)
+    held = router.code_architectures()
+    assert (held[:, small_space.width_dim :] == 1).all()
+    assert torch.equal(held[:, : small_space.width_dim], archs[:, : small_space.width_dim])
+    logits = router.predictor(_embeddings(6, seed=1))
+    soft, hard = router.gates(logits, noise=True, generator=torch.Generator().manual_seed(0))
+    assert (hard[:, small_space.width_dim :] == 1).all() and (soft[:, small_space.width_dim :] == 1).all()
+    soft.sum().backward()
+    assert router.predictor.depth.weight.grad is None or (router.predictor.depth.weight.grad == 0).all()
+    assert router.predictor.heads[0].weight.grad.abs().sum() > 0

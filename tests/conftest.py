@@ -145,6 +145,21 @@ def assert_same_output(actual: torch.Tensor, expected: torch.Tensor, rel: float 
     assert diff <= bound, f"max abs difference {diff:.3e} exceeds {bound:.3e}"
 
 
+def assert_json_or_safetensors(files: list[Path]) -> None:
+    """Every file parses as what its suffix says, JSON or safetensors: nothing a loader could unpickle. (Checking
+    the first byte for pickle's 0x80 opcode is not enough: a safetensors header of 0x..80 bytes starts with it.)"""
+    from safetensors import safe_open
+
+    assert files
+    assert {p.suffix for p in files} <= {".json", ".safetensors"}, files
+    for path in files:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        else:
+            with safe_open(str(path), framework="pt") as weights:
+                assert list(weights.keys()), path
+
+
 # ------------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def small_unet() -> UNet2DConditionModel:

@@ -210,10 +210,11 @@ class Router(nn.Module):
         """Fit `code_offsets` so that a sample of training-prompt embeddings `(N, embed_dim)` splits about evenly
         over the codes, as the optimal-transport assignment splits them in training.
 
-        Why: training assigns with Sinkhorn, which balances every batch, but the noise-free gates of inference sit
-        closer to the larger codes, so a plain argmax can crowd most prompts into one code. The offsets are the
-        transport problem's code potentials (`assignment.balancing_offsets`): one fixed number per code, so a
-        prompt's code still depends on that prompt alone. Returns the share of the sample per code afterwards.
+        Why: training assigns with Sinkhorn, which balances every batch, but the noise-free gates of inference can
+        sit much closer to some codes than to others, so a plain argmax can crowd most prompts into one or two.
+        The offsets are the transport problem's code potentials (`assignment.balancing_offsets`): one fixed number
+        per code, so a prompt's code still depends on that prompt alone. Returns the share of the sample per code
+        afterwards.
         """
         offsets = balancing_offsets(self.scores(embedding), epsilon, iterations)
         self.code_offsets.copy_(offsets.to(self.code_offsets))

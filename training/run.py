@@ -7,18 +7,25 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ConfigError
 
 
 class RunSettings(BaseModel):
     """Fields every stage's config has."""
 
     model_config = ConfigDict(extra="forbid")
+    # Fields (dotted paths) a run may resume with changed: runtime settings, outputs, and the step count (a
+    # finished run re-run with more steps continues from its checkpoint).
+    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset(
+        {"threads", "device", "checkpoint_minutes", "log_every", "export", "export_dtype"}
+        | {"steps", "optim.steps", "expert.steps"}
+    )
 
     out: str
     seed: int = 0
@@ -26,6 +33,17 @@ class RunSettings(BaseModel):
     threads: int | None = None
     checkpoint_minutes: float = Field(5.0, gt=0)
     log_every: int = Field(10, ge=1)
+
+
+def _dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {"optim.steps": ..., ...}."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class TrainingRun:
@@ -51,12 +69,29 @@ class TrainingRun:
         self.settings = settings
         self.folder = Path(settings.out)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_name = checkpoint_name
+        self._refuse_a_foreign_checkpoint()
         (self.folder / "config.json").write_text(settings.model_dump_json(indent=1) + "\n")
         self.modules, self.optimizer = modules, optimizer
-        self.checkpoint_name = checkpoint_name
         self.state: dict[str, Any] = {"step": 0, "elapsed_seconds": 0.0}
         self._log_path = self.folder / log_name
         self._started = self._last_save = time.time()
+
+    def _refuse_a_foreign_checkpoint(self) -> None:
+        """A checkpoint in `out` left by a run with other settings must not be resumed (its weights and step would
+        continue under the new config) nor have its config.json overwritten."""
+        saved = self.folder / "config.json"
+        if latest_checkpoint(self.folder, self.checkpoint_name) is None or not saved.is_file():
+            return
+        before = _dotted(json.loads(saved.read_text()))
+        now = _dotted(self.settings.model_dump(mode="json"))
+        free = self.settings.RESUME_MAY_CHANGE
+        changed = sorted(k for k in before.keys() | now.keys() if k not in free and before.get(k) != now.get(k))
+        if changed:
+            raise ConfigError(
+                f"{self.folder}: holds a checkpoint of a run with other settings ({', '.join(changed)} differ); "
+                "resume it with its own config (see its config.json), or choose another output folder"
+            )
 
     def resume(self) -> int:
         """Restore the latest checkpoint if there is one; returns the step to start from."""

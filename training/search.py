@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from diffusers import DDPMScheduler
@@ -49,6 +50,9 @@ class LossWeights(BaseModel):
 
 class SearchConfig(RunSettings):
     """Config of `aptp train search` (see configs/shapes/search.yaml)."""
+
+    # Re-running a finished search with other balance settings only re-fits the code offsets.
+    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = RunSettings.RESUME_MAY_CHANGE | {"balance_prompts", "balance_epsilon"}
 
     teacher: str = "bundles/shapes/teacher"
     out: str = "runs/search-shapes"

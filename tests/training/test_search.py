@@ -118,3 +118,17 @@ def test_balance_can_be_switched_off(teacher_folder, tmp_path):
     router = Router.load(run_search(_config(teacher_folder, tmp_path / "run", balance_prompts=0)))
     assert torch.equal(router.code_offsets, torch.zeros(2))
     assert all(r["phase"] != "balance" for r in _records(tmp_path / "run"))
+
+
+def test_a_run_folder_of_other_settings_is_not_resumed(teacher_folder, tmp_path, capsys):
+    from training.config import ConfigError
+
+    config = _config(teacher_folder, tmp_path / "run", checkpoint_minutes=1e-9)
+    run_search(config)
+    saved = (tmp_path / "run" / "config.json").read_text()
+    other = config.model_copy(update={"use_ot": False, "lr": 1e-3})
+    with pytest.raises(ConfigError, match=r"lr, use_ot differ"):
+        run_search(other)
+    assert (tmp_path / "run" / "config.json").read_text() == saved  # the old run's record is kept
+    # Runtime-only fields may change: the finished run just re-balances.
+    run_search(config.model_copy(update={"threads": 1, "log_every": 2, "balance_prompts": 24}))

@@ -191,7 +191,7 @@ class Router(nn.Module):
     @torch.no_grad()
     def route_embeddings(self, embedding: torch.Tensor) -> Routing:
         all_scores = self.scores(embedding)
-        best = (all_scores + self.code_offsets.double()).argmax(dim=1)
+        best = self._choose(all_scores)
         macs = self.code_macs()
         return Routing(
             codes=best,
@@ -199,6 +199,10 @@ class Router(nn.Module):
             all_scores=all_scores,
             macs=[macs[int(c)] for c in best],
         )
+
+    def _choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """`(B, K)` similarities -> `(B,)` codes: the decision rule, one row at a time."""
+        return (scores + self.code_offsets.double()).argmax(dim=1)
 
     @torch.no_grad()
     def route(self, prompts: list[str]) -> Routing:
@@ -216,9 +220,9 @@ class Router(nn.Module):
         per code, so a prompt's code still depends on that prompt alone. Returns the share of the sample per code
         afterwards.
         """
-        offsets = balancing_offsets(self.scores(embedding), epsilon, iterations)
-        self.code_offsets.copy_(offsets.to(self.code_offsets))
-        codes = self.route_embeddings(embedding).codes
+        scores = self.scores(embedding)
+        self.code_offsets.copy_(balancing_offsets(scores, epsilon, iterations).to(self.code_offsets))
+        codes = self._choose(scores)
         return (torch.bincount(codes, minlength=self.config.num_codes).double() / len(codes)).tolist()
 
     # -------------------------------------------------------------------------------------------- persistence

@@ -23,11 +23,15 @@ def gumbel_sigmoid(
     offset: float = OFFSET,
     noise: bool = True,
     generator: torch.Generator | None = None,
+    noise_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft gates `sigmoid((l + G + b) / T)` and straight-through hard gates `1[soft >= 0.5]` (value hard, gradient
-    soft). `noise=False` gives the deterministic inference gates."""
+    """Soft gates `sigmoid((l + s G + b) / T)` and straight-through hard gates `1[soft >= 0.5]` (value hard,
+    gradient soft). `noise=False` gives the deterministic inference gates; `noise_scale` s (1 in METHOD.md) lets a
+    search anneal the noise towards them. The noise is drawn whatever s is, so a generator's stream does not depend
+    on the schedule."""
     if noise:
-        logits = logits + logistic_noise(logits.shape, generator, logits.device, logits.dtype)
+        draw = logistic_noise(logits.shape, generator, logits.device, logits.dtype)
+        logits = logits + noise_scale * draw
     soft = torch.sigmoid((logits + offset) / temperature)
     hard = (soft >= 0.5).to(soft.dtype)
     return soft, hard + (soft - soft.detach())  # grouped so the value is exactly 0 or 1

@@ -161,12 +161,16 @@ class Router(nn.Module):
             self._encoder = PromptEncoder(self.config.encoder, device=self.codes.embedding.weight.device)
         return self._encoder
 
-    def gates(self, logits: torch.Tensor, noise: bool = False, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def gates(
+        self, logits: torch.Tensor, noise: bool = False, generator=None, noise_scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.config.prune_depth and self.space.depth_units:
             # Far past any logistic noise draw: the gates are exactly 1 and pass no gradient to the depth logits.
             held_open = torch.full_like(logits[..., self.space.width_dim :], HELD_OPEN_LOGIT)
             logits = torch.cat([logits[..., : self.space.width_dim], held_open], dim=-1)
-        return gumbel_sigmoid(logits, self.config.temperature, self.config.offset, noise=noise, generator=generator)
+        return gumbel_sigmoid(
+            logits, self.config.temperature, self.config.offset, noise=noise, generator=generator, noise_scale=noise_scale
+        )
 
     def code_architectures(self) -> torch.Tensor:
         """`(K, dim)` hard architectures of the codes (non-empty guard applied)."""

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 from diffusers import DDPMScheduler
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from pruning.diffusion import denoise
@@ -63,6 +63,11 @@ class SearchConfig(RunSettings):
     batch_size: int = Field(32, ge=2)
     lr: float | None = Field(None, gt=0, description="default: 2e-4 * sqrt(batch_size), as in the paper")
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    noise_anneal: tuple[float, float] | None = Field(
+        None,
+        description="(start, end) fractions of the steps over which the gates' logistic noise falls linearly to 0; "
+        "None: full noise throughout (METHOD.md)",
+    )
     lr_warmup_steps: int = Field(100, ge=0)
     use_ot: bool = True
     prune_depth: bool = Field(True, description="False: hold every block and search widths only")
@@ -79,6 +84,21 @@ class SearchConfig(RunSettings):
     embed_encoder: EncoderConfig | None = Field(
         None, description="router's prompt encoder if different from the teacher's (e.g. all-mpnet-base-v2)"
     )
+
+    @model_validator(mode="after")
+    def _check_noise_anneal(self) -> SearchConfig:
+        if self.noise_anneal is not None:
+            start, end = self.noise_anneal
+            if not 0 <= start < end <= 1:
+                raise ValueError(f"noise_anneal: need 0 <= start < end <= 1, got {list(self.noise_anneal)}")
+        return self
+
+    def noise_scale(self, step: int) -> float:
+        """Scale of the gates' logistic noise at `step`: 1, then a linear fall to 0 over `noise_anneal`."""
+        if self.noise_anneal is None:
+            return 1.0
+        start, end = (round(f * self.steps) for f in self.noise_anneal)
+        return min(1.0, max(0.0, (end - 1 - step) / max(1, end - 1 - start)))
 
 
 def prunable_ratio(space: ArchitectureSpace, gates: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -152,8 +172,13 @@ def run_search(config: SearchConfig) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / max(1, config.lr_warmup_steps))
 
-        prompt_soft, prompt_hard = router.gates(router.predictor(embedding), noise=True, generator=generator)
-        code_soft, code_hard = router.gates(router.codes(), noise=True, generator=generator)  # (K, dim)
+        noise_scale = config.noise_scale(step)
+        prompt_soft, prompt_hard = router.gates(
+            router.predictor(embedding), noise=True, generator=generator, noise_scale=noise_scale
+        )
+        code_soft, code_hard = router.gates(
+            router.codes(), noise=True, generator=generator, noise_scale=noise_scale
+        )  # (K, dim)
         with torch.no_grad():
             scores = normalised_architecture(prompt_hard, space) @ normalised_architecture(code_hard, space).T
             if config.use_ot:
@@ -204,6 +229,7 @@ def run_search(config: SearchConfig) -> Path:
                 "contrastive": round(contrastive.item(), 6),
                 "spread_std": round(spread_std.item(), 5),
                 "spread_max": round(spread_max.item(), 5),
+                "noise_scale": round(noise_scale, 4),
                 "routed_prunable_ratio": round(ratios.mean().item(), 4),
                 "target_prunable_ratio": round(budget, 4),
                 "code_prunable_ratio": [round(r, 4) for r in code_ratios.tolist()],

@@ -71,6 +71,31 @@ def test_noise_free_gates_are_deterministic_thresholded_sigmoids(temperature, of
     assert torch.equal(soft, again_soft) and torch.equal(hard, again_hard)
 
 
+def test_noise_scale_moves_from_the_noisy_to_the_noise_free_gates():
+    logits = _randn(4, 100) * 3 - OFFSET
+    noise_free = gumbel_sigmoid(logits, noise=False)
+    full = gumbel_sigmoid(logits, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(gumbel_sigmoid(logits, generator=torch.Generator().manual_seed(3), noise_scale=1.0)[0], full[0])
+    off = gumbel_sigmoid(logits, generator=torch.Generator().manual_seed(3), noise_scale=0.0)
+    assert torch.equal(off[0], noise_free[0]) and torch.equal(off[1], noise_free[1])
+    # Fewer gates flip against their noise-free value as the scale falls.
+    flips = [
+        (gumbel_sigmoid(logits, generator=torch.Generator().manual_seed(3), noise_scale=s)[1] != noise_free[1]).sum()
+        for s in (1.0, 0.3, 0.0)
+    ]
+    assert flips[0] > flips[1] > flips[2] == 0
+
+
+def test_noise_scale_does_not_change_the_generator_stream():
+    """A scheduled search must draw the same random numbers after the gates whatever the noise scale."""
+    streams = []
+    for scale in (1.0, 0.0):
+        generator = torch.Generator().manual_seed(5)
+        gumbel_sigmoid(torch.zeros(10), generator=generator, noise_scale=scale)
+        streams.append(torch.rand(3, generator=generator))
+    assert torch.equal(streams[0], streams[1])
+
+
 def test_zero_logits_with_the_default_offset_give_the_full_network():
     soft, hard = gumbel_sigmoid(torch.zeros(1000), noise=False)
     assert (soft > 0.99).all()

@@ -76,6 +76,23 @@ def test_search_logs_every_loss_and_writes_a_balanced_router(teacher_folder, tmp
     assert shares == pytest.approx(balance["code_share_balanced"], abs=1e-6)
 
 
+def test_noise_anneal_ends_the_search_on_the_noise_free_gates(teacher_folder, tmp_path):
+    run_search(_config(teacher_folder, tmp_path / "run", noise_anneal=[0.5, 1.0], balance_prompts=0))
+    steps = [r for r in _records(tmp_path / "run") if r["phase"] != "balance"]
+    assert [r["noise_scale"] for r in steps] == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_constant_noise_is_the_default(teacher_folder, tmp_path):
+    run_search(_config(teacher_folder, tmp_path / "run", steps=2, balance_prompts=0))
+    assert [r["noise_scale"] for r in _records(tmp_path / "run")] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("bad", [[0.9, 0.5], [0.5, 0.5], [-0.1, 0.5], [0.5, 1.2]])
+def test_a_noise_anneal_outside_the_run_is_refused(teacher_folder, tmp_path, bad):
+    with pytest.raises(ValueError, match="noise_anneal"):
+        _config(teacher_folder, tmp_path / "run", noise_anneal=bad)
+
+
 class Killed(Exception):
     """Stands in for SIGKILL: raised from inside the training loop."""
 

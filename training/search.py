@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 from diffusers import DDPMScheduler
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
 from pruning.diffusion import denoise
@@ -85,13 +85,12 @@ class SearchConfig(RunSettings):
         None, description="router's prompt encoder if different from the teacher's (e.g. all-mpnet-base-v2)"
     )
 
-    @model_validator(mode="after")
-    def _check_noise_anneal(self) -> SearchConfig:
-        if self.noise_anneal is not None:
-            start, end = self.noise_anneal
-            if not 0 <= start < end <= 1:
-                raise ValueError(f"noise_anneal: need 0 <= start < end <= 1, got {list(self.noise_anneal)}")
-        return self
+    @field_validator("noise_anneal")
+    @classmethod
+    def _anneal_inside_the_run(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 <= value[0] < value[1] <= 1:
+            raise ValueError(f"need 0 <= start < end <= 1, got {list(value)}")
+        return value
 
     def noise_scale(self, step: int) -> float:
         """Scale of the gates' logistic noise at `step`: 1, then a linear fall to 0 over `noise_anneal`."""

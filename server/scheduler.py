@@ -113,12 +113,13 @@ class QueueFull(AdmissionError):
     """The code's queue holds `max_queue_size` requests (HTTP 429).
 
     Parameters:
-        code (`int`): the code whose queue is full.
+        code (`int | None`): the code whose queue is full; None when every code's queue is (refused before routing).
         retry_after_seconds (`int`): estimated seconds until the queue has room (>= 1; for `Retry-After`).
     """
 
-    def __init__(self, code: int, retry_after_seconds: int):
-        super().__init__(f"the queue of code {code} is full; retry after {retry_after_seconds} s")
+    def __init__(self, code: int | None, retry_after_seconds: int):
+        which = "every code's queue is" if code is None else f"the queue of code {code} is"
+        super().__init__(f"{which} full; retry after {retry_after_seconds} s")
         self.code = code
         self.retry_after_seconds = retry_after_seconds
 
@@ -318,6 +319,24 @@ class Scheduler:
             self._queued_code[request.request_id] = request.code
             self._admission_seq[request.request_id] = next(self._next_seq)
             self._counts["admitted"] += 1
+
+    def check_room(self, now: float) -> None:
+        """Refuse a request before it is encoded and routed when `add` would refuse it whatever its code: admission
+        is closed, or every code's queue is full. Under overload this spares the router's encoder the work of
+        requests that cannot be queued. Passing is no promise: `add` checks again for the routed code.
+
+        Raises:
+            SchedulerClosed: after `close()`.
+            QueueFull: every queue is full (`code` None); `retry_after_seconds` is the soonest any has room.
+        """
+        with self._lock:
+            if self._closed:
+                self._rejected[REJECT_CLOSED] += 1
+                raise SchedulerClosed()
+            if all(len(queue) >= self.config.max_queue_size for queue in self._queues):
+                self._rejected[REJECT_QUEUE_FULL] += 1
+                soonest = min(self._retry_after(code, now) for code in range(self.config.num_codes))
+                raise QueueFull(None, soonest)
 
     def _check_request(self, request: QueuedRequest) -> None:
         if not 0 <= request.code < self.config.num_codes:

@@ -10,6 +10,8 @@ import io
 import secrets
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +86,8 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
         routed = pipeline.route(encoded)
         return encoded, routed.codes[0], routed.scores[0], time.monotonic() - began
 
+    with _admission_errors():
+        engine.check_room()  # a full server answers 429 before the encoder runs
     encoded, code, score, router_seconds = await run_in_threadpool(encode_and_route)
     state.metrics.router.observe(router_seconds)
     job = GenerationJob(
@@ -96,13 +100,8 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
         negative_mask=encoded.mask[1:] if params.negative_prompt is not None else None,
     )
     request_id = uuid.uuid4().hex
-    try:
+    with _admission_errors():
         future = engine.submit(request_id, code, job, timeout_s=settings.request_timeout_s)
-    except QueueFull as full:
-        retry = str(full.retry_after_seconds)
-        raise ApiError(429, f"{full}", headers={"Retry-After": retry}, reason="queue_full") from None
-    except SchedulerClosed:
-        raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"}, reason="draining") from None
 
     result = await _wait(state, request, request_id, code, asyncio.wrap_future(future))
     macs = pipeline.codes[code].macs
@@ -127,6 +126,18 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
     )
     images = [(png_base64(image), seed) for image, seed in zip(result.images, seeds, strict=True)]
     return Generation(images=images, report=report)
+
+
+@contextmanager
+def _admission_errors() -> Iterator[None]:
+    """The scheduler's refusals as HTTP errors: a full queue is 429 with Retry-After, a closed one 503."""
+    try:
+        yield
+    except QueueFull as full:
+        retry = str(full.retry_after_seconds)
+        raise ApiError(429, f"{full}", headers={"Retry-After": retry}, reason="queue_full") from None
+    except SchedulerClosed:
+        raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"}, reason="draining") from None
 
 
 async def _wait(

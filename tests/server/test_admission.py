@@ -82,6 +82,24 @@ def test_a_full_queue_answers_429_with_retry_after(make_client):
         assert 'aptp_rejections_total{reason="queue_full"} 1.0' in client.get("/metrics").text
 
 
+def test_when_every_queue_is_full_the_prompt_is_not_even_encoded(make_client, pipeline, monkeypatch):
+    encoded = pipeline.encode(["a red circle"])
+    with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=3000) as client:
+        engine = client.app.state.aptp.engine
+        job = GenerationJob(tokens=encoded.tokens, mask=encoded.mask, seeds=[0], steps=2, guidance_scale=3.0)
+        for code in range(engine.scheduler.config.num_codes):
+            engine.submit(f"filler-{code}", code, job)
+        encodes = []
+        original = pipeline.encode
+        monkeypatch.setattr(pipeline, "encode", lambda texts: encodes.append(texts) or original(texts))
+        rejected = client.post("/generate", json={"prompt": "a red circle"})
+        assert rejected.status_code == 429, rejected.text
+        assert int(rejected.headers["Retry-After"]) >= 1
+        assert "every code's queue is full" in rejected.json()["detail"]
+        assert encodes == []
+        assert 'aptp_rejections_total{reason="queue_full"} 1.0' in client.get("/metrics").text
+
+
 def test_a_request_that_outlives_its_queue_timeout_answers_504(make_client):
     with make_client(request_timeout_s=0.2, max_batch_size=8, max_wait_ms=3000) as client:
         response = client.post("/generate", json={"prompt": "a red circle"})

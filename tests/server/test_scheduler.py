@@ -196,6 +196,25 @@ def test_full_queue_raises_queue_full_and_other_codes_are_unaffected():
     scheduler.add(req("c"), 1.0)
 
 
+def test_check_room_refuses_only_when_no_code_could_take_a_request():
+    scheduler = make(max_queue_size=1)
+    scheduler.check_room(0.0)
+    scheduler.add(req("a", code=0), 0.0)
+    scheduler.check_room(0.0)  # code 1 still has room
+    scheduler.add(req("b", code=1), 0.0)
+    with pytest.raises(QueueFull) as caught:
+        scheduler.check_room(0.0)
+    assert caught.value.code is None and "every code's queue is full" in str(caught.value)
+    assert caught.value.retry_after_seconds >= 1
+    assert scheduler.stats().rejected == {"queue_full": 1, "closed": 0}
+    run_one(scheduler, 1.0)  # a batch leaves a queue with room
+    scheduler.check_room(1.0)
+    scheduler.close()
+    with pytest.raises(SchedulerClosed):
+        scheduler.check_room(1.0)
+    assert scheduler.stats().rejected == {"queue_full": 1, "closed": 1}
+
+
 def test_retry_after_follows_batch_durations_and_queue_depth():
     scheduler = make(max_batch_size=1, max_wait_ms=0.0, max_queue_size=2)
     scheduler.add(req("warm"), 0.0)

@@ -169,7 +169,12 @@ class Router(nn.Module):
             held_open = torch.full_like(logits[..., self.space.width_dim :], HELD_OPEN_LOGIT)
             logits = torch.cat([logits[..., : self.space.width_dim], held_open], dim=-1)
         return gumbel_sigmoid(
-            logits, self.config.temperature, self.config.offset, noise=noise, generator=generator, noise_scale=noise_scale
+            logits,
+            self.config.temperature,
+            self.config.offset,
+            noise=noise,
+            generator=generator,
+            noise_scale=noise_scale,
         )
 
     def code_architectures(self) -> torch.Tensor:

@@ -176,6 +176,12 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"aptp eval: error: {e}", file=sys.stderr)
             return 2
     bundles = args.bundle or ([] if earlier else ["bundles/shapes/teacher"])
+    names = [r["name"] for r in earlier] + [args.name or pathlib.Path(b).name for b in bundles]
+    if args.reference is not None and args.reference not in names:
+        print(
+            f"aptp eval: error: --reference {args.reference!r} is none of the compared models {names}", file=sys.stderr
+        )
+        return 2
     if args.name and len(bundles) > 1:
         print("aptp eval: error: --name names one bundle's report; with several bundles, reports take the folder names")
         return 2
@@ -207,12 +213,13 @@ def _eval(args: argparse.Namespace) -> int:
             args.guidance,
         )
         for result in report["results"]:
-            print(json.dumps({k: v for k, v in result.items() if k != "routing"} | {"name": name}))
+            summary = {k: v for k, v in result.items() if k not in ("routing", "alignment_per_prompt")}
+            print(json.dumps(summary | {"name": name}))
         print(f"wrote {args.out}/{name}.json, .md and _samples.png")
         reports.append(report)
     reports = earlier + reports
     if len(reports) > 1:
-        path = run_comparison(reports, args.out, args.compare_name)
+        path = run_comparison(reports, args.out, args.compare_name, args.reference)
         print(f"wrote {path} and {path.with_suffix('.json')}")
     return 0
 
@@ -293,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
         "with no --bundle, only the table is written (no sampling)",
     )
     evaluate.add_argument("--compare-name", default="compare", help="file name of the comparison table")
+    evaluate.add_argument(
+        "--reference",
+        metavar="NAME",
+        help="report name to compare every other model's alignment with, prompt by prompt (paired differences "
+        "with 95%% bootstrap intervals, below the table)",
+    )
     evaluate.add_argument("--evaluator", default="bundles/shapes/evaluator")
     evaluate.add_argument("--out", default="benchmarks/results")
     evaluate.add_argument("--name", help="report name (default: the bundle folder's name)")

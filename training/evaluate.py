@@ -131,9 +131,11 @@ def evaluate_split(
     real_other, _ = collate(floor_samples)
     tiers = np.array([s.scene.tier for s in samples])
 
-    def alignment_by_tier(images: torch.Tensor) -> dict[str, float]:
+    def alignment_per_prompt(images: torch.Tensor) -> np.ndarray:
         read = read_images(evaluator, images)
-        return mean_by_tier(np.array([alignment(s.scene, r) for s, r in zip(samples, read, strict=True)]), tiers)
+        return np.array([alignment(s.scene, r) for s, r in zip(samples, read, strict=True)])
+
+    aligned = alignment_per_prompt(generated)
 
     routing = routing_summary(made.codes, [c.macs for c in pipeline.codes], pipeline.teacher_macs, tiers)
     real_features, other_features = _features(evaluator, real), _features(evaluator, real_other)
@@ -141,8 +143,10 @@ def evaluate_split(
     return {
         "split": split,
         "prompts": num_prompts,
-        "alignment": alignment_by_tier(generated),
-        "alignment_real": alignment_by_tier(real),
+        "alignment": mean_by_tier(aligned, tiers),
+        "alignment_real": mean_by_tier(alignment_per_prompt(real), tiers),
+        # Same prompts and seeds in every report of this seed and size, so models can be compared prompt by prompt.
+        "alignment_per_prompt": [round(float(v), 4) for v in aligned],
         "domain_fid": domain_fid(evaluator, real, generated),
         "domain_fid_floor": domain_fid(evaluator, real, real_other),
         "cmmd": mmd_rbf(real_features, _features(evaluator, generated), sigma),
@@ -259,6 +263,44 @@ def comparison_table(reports: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_difference(
+    values: Sequence[float], reference: Sequence[float], resamples: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """Mean of `values - reference`, two models' scores on the same prompts with the same seeds, and its 95%
+    bootstrap interval over prompts (resampling prompts keeps each prompt's pair together)."""
+    diff = np.asarray(values, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(diff), size=(resamples, len(diff)))
+    low, high = np.quantile(diff[picks].mean(axis=1), [0.025, 0.975])
+    return {"mean": float(diff.mean()), "low": float(low), "high": float(high)}
+
+
+def _paired_cell(result: dict[str, Any], reference: dict[str, Any], same_seed: bool) -> str:
+    values, base = result.get("alignment_per_prompt"), reference.get("alignment_per_prompt")
+    if not same_seed or values is None or base is None or len(values) != len(base):
+        return "-"
+    d = paired_difference(values, base)
+    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
+def difference_table(reports: list[dict[str, Any]], reference: str) -> str:
+    """Alignment of every model minus `reference`'s, prompt by prompt, on both splits."""
+    base = next(r for r in reports if r["name"] == reference)
+    lines = [
+        f"Alignment minus `{reference}`'s on the same prompts and seeds: mean [95% bootstrap interval over prompts]. "
+        "'-': a report without per-prompt scores (written by an older `aptp eval`) or of other prompts.",
+        "",
+        "| model | test | held-out |",
+        "|---|---|---|",
+    ]
+    for report in reports:
+        if report is base:
+            continue
+        same_seed = report.get("seed") == base.get("seed")
+        cells = [_paired_cell(r, b, same_seed) for r, b in zip(report["results"], base["results"], strict=True)]
+        lines.append(f"| {report['name']} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 def read_report(path: str | Path) -> dict[str, Any]:
     """A report written by `run_eval` (`<name>.json`); ValueError naming the file if it is not one."""
     path = Path(path)
@@ -281,11 +323,19 @@ def read_report(path: str | Path) -> dict[str, Any]:
     return report
 
 
-def run_comparison(reports: list[dict[str, Any]], out: str | Path, name: str = "compare") -> Path:
-    """Write `<name>.md` (the table) and `<name>.json` (the reports) to `out`; returns the markdown path."""
+def run_comparison(
+    reports: list[dict[str, Any]], out: str | Path, name: str = "compare", reference: str | None = None
+) -> Path:
+    """Write `<name>.md` (the table, then each model's alignment against `reference`'s prompt by prompt when a
+    reference is named) and `<name>.json` (the reports) to `out`; returns the markdown path."""
+    if reference is not None and reference not in [r["name"] for r in reports]:
+        raise ValueError(f"reference {reference!r} is none of the compared reports ({[r['name'] for r in reports]})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(reports, indent=1) + "\n")
     path = out / f"{name}.md"
-    path.write_text(comparison_table(reports))
+    table = comparison_table(reports)
+    if reference is not None:
+        table += "\n" + difference_table(reports, reference)
+    path.write_text(table)
     return path

@@ -174,6 +174,22 @@ def test_eval_compares_a_teacher_and_a_routed_bundle_in_one_table(tmp_path, caps
     assert code == 0, err
     assert (fresh / "again.md").read_text() == (out / "compare.md").read_text()
 
+    # Prompt-by-prompt alignment against a named reference, below the same table.
+    for result in routed_report["results"]:
+        assert len(result["alignment_per_prompt"]) == result["prompts"]
+        assert math.isclose(
+            sum(result["alignment_per_prompt"]) / result["prompts"], result["alignment"]["overall"], abs_tol=1e-3
+        )
+    code, _, err = _run(capsys, "eval", "--compare", *reports, "--reference", bundle.name, "--out", fresh)
+    assert code == 0, err
+    table = (fresh / "compare.md").read_text()
+    assert table.startswith((out / "compare.md").read_text())
+    (row,) = [line for line in table.splitlines() if line.startswith(f"| {routed_bundle.name} |")][1:]
+    cells = [cell.strip() for cell in row.split("|")[2:4]]
+    assert all(cell.count("[") == 1 for cell in cells), row
+    code, _, err = _run(capsys, "eval", "--compare", *reports, "--reference", "nobody", "--out", fresh)
+    assert code == 2 and "nobody" in err
+
 
 @pytest.mark.parametrize("content", [None, "not json", '{"name": "x", "results": []}'])
 def test_eval_compare_names_a_file_that_is_not_a_report(tmp_path, capsys, content):

@@ -8,7 +8,7 @@ import torch
 
 from training.data.labels import BACKGROUND_NAMES, COLOUR_NAMES, HEADS, PER_CELL_HEADS, collate
 from training.data.shapes import CELLS, DEFAULT_CELL, GLYPHS, SHAPES, SIZES, Scene, SceneObject, ShapesDomain
-from training.evaluate import median_bandwidth, mmd_rbf, routing_summary
+from training.evaluate import median_bandwidth, mmd_rbf, paired_difference, routing_summary
 from training.evaluator import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -214,3 +214,23 @@ def test_routing_summary_shares_and_macs_per_tier():
     assert ratio["tier4"] == pytest.approx(0.25) and ratio["tier2"] == pytest.approx(0.4)
     assert summary["macs_ratio_tiers_3_4"] == pytest.approx((100 + 50 + 100) / 3 / 200)
     assert routing_summary([0], [50], 200, np.array([1]))["macs_ratio_tiers_3_4"] is None
+
+
+def test_paired_difference_of_identical_and_shifted_scores():
+    scores = np.random.default_rng(0).random(300)
+    assert paired_difference(scores, scores) == {"mean": 0.0, "low": 0.0, "high": 0.0}
+    shifted = paired_difference(scores + 0.1, scores)
+    assert shifted["mean"] == pytest.approx(0.1) and shifted["low"] == pytest.approx(0.1)
+    assert shifted["high"] == pytest.approx(0.1)
+
+
+def test_paired_difference_interval_narrows_with_more_prompts_and_covers_the_mean():
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (100, 1600):
+        reference = rng.random(n)
+        values = np.clip(reference + rng.normal(0.02, 0.1, n), 0, 1)
+        d = paired_difference(values, reference)
+        assert d["low"] < d["mean"] < d["high"]
+        widths.append(d["high"] - d["low"])
+    assert widths[1] < widths[0] / 2  # about 1/sqrt(16) as wide

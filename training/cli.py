@@ -164,6 +164,11 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_name(args: argparse.Namespace, bundle: str) -> str:
+    """An evaluated bundle's report name: --name, else the bundle folder's name."""
+    return args.name or pathlib.Path(bundle).name
+
+
 def _eval(args: argparse.Namespace) -> int:
     from training.evaluate import read_report, run_comparison, run_eval
     from training.evaluator import DomainEvaluator
@@ -176,7 +181,7 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"aptp eval: error: {e}", file=sys.stderr)
             return 2
     bundles = args.bundle or ([] if earlier else ["bundles/shapes/teacher"])
-    names = [r["name"] for r in earlier] + [args.name or pathlib.Path(b).name for b in bundles]
+    names = [r["name"] for r in earlier] + [_report_name(args, bundle) for bundle in bundles]
     if args.reference is not None and args.reference not in names:
         print(
             f"aptp eval: error: --reference {args.reference!r} is none of the compared models {names}", file=sys.stderr
@@ -198,7 +203,7 @@ def _eval(args: argparse.Namespace) -> int:
         pipelines.append(pipeline)
     reports = []
     for bundle, pipeline in zip(bundles, pipelines, strict=True):
-        name = args.name or pathlib.Path(bundle).name
+        name = _report_name(args, bundle)
         extra = {"bundle": str(bundle), "steps": args.steps or pipeline.default_steps}
         report = run_eval(
             pipeline,

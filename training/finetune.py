@@ -8,9 +8,11 @@ The same per-expert fine-tuning serves the static baseline (`training/baseline.p
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from diffusers import DDPMScheduler
@@ -42,6 +44,9 @@ class ExpertTraining(BaseModel):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(50, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warm-up: hold `lr`, or follow a cosine from `lr` towards 0 at the end"
+    )
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     prompt_dropout: float = Field(0.1, ge=0, lt=1, description="keeps the unconditional branch for guidance")
@@ -62,6 +67,17 @@ class FinetuneConfig(RunSettings):
     routing_prompts: int = Field(20_000, ge=1, description="size of the routed training-prompt pool")
     expert: ExpertTraining = ExpertTraining()
     export_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
+
+
+def expert_lr(training: ExpertTraining, step: int) -> float:
+    """Learning rate of step `step` (0-based): linear warm-up to `lr`, then constant or a cosine to 0. Without an
+    EMA, a short run's last weights carry the noise of its last updates; the cosine removes it."""
+    warm = min(1.0, (step + 1) / max(1, training.warmup_steps))
+    if training.lr_schedule == "constant" or step < training.warmup_steps:
+        return training.lr * warm
+    decay_steps = max(1, training.steps - training.warmup_steps)
+    progress = min(1.0, (step - training.warmup_steps) / decay_steps)
+    return training.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def finetune_expert(
@@ -98,7 +114,7 @@ def finetune_expert(
         encoded = encoder.encode(["" if d else s.caption for s, d in zip(samples, drop.tolist(), strict=True)])
         batch = NoisyBatch.make(scheduler, x0, generator, training.min_snr_gamma)
         for group in optimizer.param_groups:
-            group["lr"] = training.lr * min(1.0, (step + 1) / max(1, training.warmup_steps))
+            group["lr"] = expert_lr(training, step)
         losses = student_losses(student, teacher, batch, encoded.tokens, encoded.mask)
         loss = losses.weighted(training.denoise_weight, training.output_weight, training.features_weight)
         optimizer.zero_grad(set_to_none=True)

@@ -96,3 +96,25 @@ def test_a_rerun_reuses_finished_experts(models, tmp_path):
     assert all(torch.equal(again[k], v) for k, v in first.items())
     assert {p.name: p.read_text() for p in (tmp_path / "run").glob("log-*.jsonl")} == logs
     read_manifest(config.export)
+
+
+def test_cosine_schedule_warms_up_then_decays_towards_zero():
+    training = finetune_module.ExpertTraining(steps=100, lr=1e-3, warmup_steps=10, lr_schedule="cosine")
+    rates = [finetune_module.expert_lr(training, step) for step in range(training.steps)]
+    assert rates[0] == pytest.approx(1e-4)
+    assert rates[9] == pytest.approx(1e-3)  # warm-up reaches the peak
+    assert rates[10] == pytest.approx(1e-3)  # the cosine starts at the peak
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:], strict=False))
+    assert 0 < rates[-1] < 1e-5  # the last update is tiny but still an update
+    assert rates[55] == pytest.approx(5e-4, rel=0.05)  # half-way down at the middle of the decay
+
+
+def test_constant_schedule_holds_the_rate_after_warm_up():
+    training = finetune_module.ExpertTraining(steps=100, lr=1e-3, warmup_steps=10)
+    assert training.lr_schedule == "constant"
+    assert [finetune_module.expert_lr(training, s) for s in (9, 50, 99)] == pytest.approx([1e-3] * 3)
+
+
+def test_an_unknown_schedule_is_refused_by_name():
+    with pytest.raises(ValueError, match="lr_schedule"):
+        finetune_module.ExpertTraining(lr_schedule="linear")

@@ -16,11 +16,9 @@ adapter) is the comparison. Real images are not involved: it asks what the text 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +29,7 @@ from router.encoder import PromptEncoder
 from router.pipeline import RoutedPipeline
 from training.data.labels import collate
 from training.data.shapes import COLOURS, SHAPES, Sample, ShapesDomain
-from training.evaluate import evaluation_samples
+from training.evaluate import evaluation_samples, write_report
 from training.evaluator import DomainEvaluator, Reading, read_images
 
 COLOUR_NAMES = list(COLOURS)
@@ -235,13 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "readout": {"train": args.train, "test": args.test, "steps": args.steps, "accuracy": accuracy},
         "seconds": round(time.time() - started, 1),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"binding_{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    table = markdown(report)
-    (out / f"binding_{args.name}.md").write_text(table)
-    print(table, end="")
-    print(f"wrote {out}/binding_{args.name}.json and .md")
+    write_report(args.out, f"binding_{args.name}", report, markdown(report), echo=True)
     return 0
 
 

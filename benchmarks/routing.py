@@ -11,7 +11,6 @@ The prompts are the ones `aptp eval` scores (same seed and counts by default).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 from pruning.files import ModelFileError
 from router.model import Router
 from router.pipeline import RoutedPipeline
-from training.evaluate import evaluation_samples, routing_summary, tier_cells
+from training.evaluate import evaluation_samples, routing_summary, tier_cells, write_report
 
 
 def route_splits(
@@ -90,13 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         "code_macs_ratio": code_ratios,
         "splits": summaries,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"routing_{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
     table = markdown(args.name, args.budget, code_ratios, summaries)
-    (out / f"routing_{args.name}.md").write_text(table)
-    print(table, end="")
-    print(f"wrote {out}/routing_{args.name}.json and .md")
+    write_report(args.out, f"routing_{args.name}", report, table, echo=True)
     return 0
 
 

@@ -208,6 +208,19 @@ def code_grid(results: dict[str, Any], per_code: int = 8, scale: int = 4) -> tup
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST), captions
 
 
+def write_report(out: str | Path, stem: str, report: Any, table: str, echo: bool = False) -> Path:
+    """Write `<out>/<stem>.json` (the figures) and `<out>/<stem>.md` (`table`), and with `echo` print the table
+    and where it went (the benchmark scripts); returns the markdown path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(table)
+    if echo:
+        print(table, end="")
+        print(f"wrote {out / stem}.json and .md")
+    return out / f"{stem}.md"
+
+
 def run_eval(
     pipeline: RoutedPipeline,
     evaluator: DomainEvaluator,
@@ -237,8 +250,7 @@ def run_eval(
         (out / f"{name}_codes.txt").write_text("\n".join(captions) + "\n")
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
     report = {"name": name, "seed": seed, **(extra or {}), "results": clean}
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / f"{name}.md").write_text(markdown_table(name, clean))
+    write_report(out, name, report, markdown_table(name, clean))
     return report
 
 
@@ -330,12 +342,7 @@ def run_comparison(
     reference is named) and `<name>.json` (the reports) to `out`; returns the markdown path."""
     if reference is not None and reference not in [r["name"] for r in reports]:
         raise ValueError(f"reference {reference!r} is none of the compared reports ({[r['name'] for r in reports]})")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(reports, indent=1) + "\n")
-    path = out / f"{name}.md"
     table = comparison_table(reports)
     if reference is not None:
         table += "\n" + difference_table(reports, reference)
-    path.write_text(table)
-    return path
+    return write_report(out, name, reports, table)

@@ -53,8 +53,9 @@ REQUEST_TIMEOUT_S = 600.0
 # A readiness probe that takes longer than this counts as failed (a load balancer would give up sooner).
 PROBE_TIMEOUT_S = 5.0
 PROBE_INTERVAL_S = 0.5
-# RSS growth over the reading after round 1 still called "flat" (the highest later reading counts). Round 1 is the
-# reference, not the idle server: the first round fills allocator caches and thread pools once.
+# RSS growth over the reading after round 1 still called "flat" (the highest later reading counts), and the most
+# the second half of the rounds may add for memory that grew to be called "settled". Round 1 is the reference, not
+# the idle server: the first round fills allocator caches and thread pools once.
 DEFAULT_RSS_TOLERANCE_MB = 32.0
 # Prompts routed to pick a balanced mix from (`POST /route` takes at most 256 prompts per call).
 MAX_CANDIDATE_PROMPTS = 256
@@ -520,6 +521,34 @@ def describe_shutdown(shutdown: dict) -> str:
     return f"{how} in {seconds:.1f} s, exit code {code}" + (" (the re-raised SIGTERM)" if code == -15 else "")
 
 
+def memory_trend(rss: list[float], tolerance_mb: float) -> dict:
+    """Judge the server's RSS after each round: "flat" when no reading exceeds round 1's by more than the
+    tolerance; "settles" when it does, but the second half of the rounds adds no more than the tolerance (caches
+    and allocator arenas filling up to a bound, measured here over 40 rounds); "GROWING" otherwise (a leak)."""
+    if len(rss) < 2:
+        return {"rss_after_rounds_mb": rss, "flat": None, "summary": f"RSS {rss[0]:.0f} MB (one round: not judged)"}
+    growth = max(rss[1:]) - rss[0]
+    half = len(rss) // 2
+    late_growth = max(rss[half:]) - rss[half - 1]
+    if growth <= tolerance_mb:
+        state = "flat"
+    elif len(rss) >= 4 and late_growth <= tolerance_mb:
+        state = f"settles: {late_growth:+.0f} MB over rounds {half + 1}..{len(rss)}"
+    else:
+        state = f"GROWING: {late_growth:+.0f} MB over rounds {half + 1}..{len(rss)}"
+    readings = ", ".join(f"{v:.0f}" for v in rss)
+    return {
+        "rss_after_rounds_mb": rss,
+        "growth_mb": growth,
+        "second_half_growth_mb": late_growth,
+        "tolerance_mb": tolerance_mb,
+        "flat": growth <= tolerance_mb,
+        "state": state.split(":")[0],
+        "summary": f"RSS after rounds 1..{len(rss)}: {readings} MB (max growth {growth:+.0f} MB, {state}; "
+        f"tolerance {tolerance_mb:g} MB)",
+    }
+
+
 def verdict(report: dict, rss_tolerance_mb: float) -> tuple[bool, str, dict]:
     rounds: list[RoundResult] = report["rounds"]
     total = sum(r.requests for r in rounds)
@@ -535,18 +564,10 @@ def verdict(report: dict, rss_tolerance_mb: float) -> tuple[bool, str, dict]:
     probes = sum(r.probes for r in rounds)
     failed = sum(r.probes_failed for r in rounds)
     parts.append("ready throughout" if ready else f"NOT READY ({failed}/{probes} probes failed or not ready after)")
-    memory = {}
     rss = [r.rss_mb for r in rounds if r.rss_mb is not None]
-    if rss:
-        growth = max(rss[1:]) - rss[0] if len(rss) > 1 else 0.0
-        flat = growth <= rss_tolerance_mb if len(rss) > 1 else None
-        memory = {"rss_after_rounds_mb": rss, "growth_mb": growth, "tolerance_mb": rss_tolerance_mb, "flat": flat}
-        if flat is None:
-            parts.append(f"RSS {rss[0]:.0f} MB (one round: flatness not measured)")
-        else:
-            state = "flat" if flat else f"GROWING (tolerance {rss_tolerance_mb:g} MB)"
-            readings = ", ".join(f"{v:.0f}" for v in rss)
-            parts.append(f"RSS after rounds 1..{len(rss)}: {readings} MB (max growth {growth:+.0f} MB, {state})")
+    memory = memory_trend(rss, rss_tolerance_mb) if rss else {}
+    if memory:
+        parts.append(memory["summary"])
     # Cross-check the client's counts against the server's own: a mismatch means answers were miscounted somewhere.
     server_ok = sum(report["metrics"]["requests_ok_per_code"].values())
     server_refused = report["metrics"]["rejections"].get("queue_full", 0)

@@ -1,0 +1,31 @@
+"""benchmarks/load.py's memory judgement: flat, settling to a bound, or growing."""
+
+from __future__ import annotations
+
+from benchmarks.load import memory_trend
+
+# RSS (MB) after each of 40 rounds of `benchmarks/load.py --rounds 40` against the shipped bundle on this machine.
+MEASURED = [794, 826, 844, 857, 872, 880, 888, 895, 906, 908, 915, 922, 923, 926, 928, 933, 933, 935, 937, 937]
+MEASURED += [938, 938, 941, 943, 943, 943, 944, 946, 946, 953, 954, 959, 964, 966, 967, 967, 944, 967, 967, 967]
+
+
+def test_memory_that_levels_off_settles():
+    trend = memory_trend(MEASURED, tolerance_mb=32)
+    assert trend["state"] == "settles" and trend["flat"] is False
+    assert trend["second_half_growth_mb"] == 967 - 937
+    assert "settles: +30 MB over rounds 21..40" in trend["summary"]
+
+
+def test_memory_within_tolerance_of_round_one_is_flat():
+    assert memory_trend([800, 810, 805, 830], tolerance_mb=32)["state"] == "flat"
+
+
+def test_memory_still_climbing_in_the_second_half_is_growing():
+    leak = [800 + 10 * i for i in range(20)]
+    trend = memory_trend(leak, tolerance_mb=32)
+    assert trend["state"] == "GROWING"
+    assert "GROWING: +100 MB over rounds 11..20" in trend["summary"]
+
+
+def test_one_round_is_not_judged():
+    assert memory_trend([800], tolerance_mb=32)["flat"] is None

@@ -1,0 +1,65 @@
+"""The teacher's text adapter: batch- and padding-invariant, its MACs counted, saved and loaded with safetensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pruning.conditioning import ADAPTER_WEIGHTS, TextAdapter, TextAdapterConfig
+from pruning.files import ModelFileError
+
+
+@pytest.fixture
+def adapter():
+    torch.manual_seed(0)
+    return TextAdapter(TextAdapterConfig(token_dim=24, width=16, layers=2, heads=4)).eval()
+
+
+def _prompts(lengths: list[int], padded_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randn(len(lengths), padded_to, 24, generator=generator)
+    mask = torch.zeros(len(lengths), padded_to, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    return tokens, mask
+
+
+@torch.no_grad()
+def test_a_prompts_states_do_not_depend_on_its_batch_or_its_padding(adapter):
+    tokens, mask = _prompts([5, 9, 3], padded_to=12)
+    together = adapter(tokens, mask)
+    alone = adapter(tokens[1:2], mask[1:2])
+    torch.testing.assert_close(together[1:2], alone, atol=1e-5, rtol=1e-5)
+    garbage = tokens.clone()
+    garbage[0, 5:] = 100.0  # whatever sits in the padding
+    torch.testing.assert_close(adapter(garbage, mask)[0, :5], together[0, :5], atol=1e-5, rtol=1e-5)
+    shorter = adapter(tokens[:1, :8], mask[:1, :8])  # padded to 8 instead of 12
+    torch.testing.assert_close(shorter[0, :5], together[0, :5], atol=1e-5, rtol=1e-5)
+
+
+def test_macs_match_a_flop_count(adapter):
+    tokens, mask = _prompts([10], padded_to=10)
+    with FlopCounterMode(display=False) as counter:
+        adapter(tokens, mask)
+    # The counter does not see the fused attention kernel: the two token-by-token products (scores, then the
+    # weighted sum of values) of each layer are added by hand.
+    attention = adapter.config.layers * 2 * 10 * 10 * adapter.config.width
+    assert counter.get_total_flops() / 2 + attention == adapter.macs(10)
+
+
+def test_save_and_load_round_trip_and_refuse_a_damaged_file(adapter, tmp_path):
+    hashes = adapter.save(tmp_path / "adapter")
+    loaded = TextAdapter.load(tmp_path / "adapter", sha256=hashes[ADAPTER_WEIGHTS])
+    tokens, mask = _prompts([4, 7], padded_to=7)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens, mask), adapter(tokens, mask))
+    assert not any(p.requires_grad for p in loaded.parameters())
+    (tmp_path / "adapter" / ADAPTER_WEIGHTS).write_bytes(b"not safetensors")
+    with pytest.raises(ModelFileError, match=ADAPTER_WEIGHTS):
+        TextAdapter.load(tmp_path / "adapter", sha256=hashes[ADAPTER_WEIGHTS])
+
+
+def test_a_width_that_heads_do_not_divide_is_refused():
+    with pytest.raises(ValueError, match="width 30 is not a multiple of heads 4"):
+        TextAdapter(TextAdapterConfig(token_dim=8, width=30, heads=4))

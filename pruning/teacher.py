@@ -6,6 +6,8 @@ teacher/
   unet/config.json             diffusers UNet2DConditionModel config
   unet/diffusion_pytorch_model.safetensors
   scheduler/scheduler_config.json   the training noise schedule (samplers are built from it)
+  text_adapter/config.json     optional: the trainable text adapter between the frozen encoder and the U-Net
+  text_adapter/model.safetensors
 ```
 The `unet/` folder is a plain diffusers folder, so `UNet2DConditionModel.from_pretrained("teacher/unet")` reads it.
 """
@@ -21,11 +23,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .conditioning import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TextAdapter
 from .files import ModelFileError, file_sha256, load_matching_state, read_json_object, stored_tensor
 
 TEACHER_FORMAT = "aptp-teacher"
 TEACHER_VERSION = 1
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+TEXT_ADAPTER = "text_adapter"
 
 
 class TeacherFileError(ModelFileError):
@@ -42,6 +46,8 @@ class TeacherSpec:
         scheduler_config (`dict`): the training noise schedule.
         sampling (`dict`): default `steps` and `guidance_scale`.
         training (`dict`): a summary of how it was trained.
+        text_adapter (`dict`, *optional*): `TextAdapterConfig` fields when the teacher reads the encoder's token
+            states through a trained adapter (`text_adapter/`), None when it reads them directly.
     """
 
     resolution: int
@@ -49,12 +55,18 @@ class TeacherSpec:
     scheduler_config: dict[str, Any]
     sampling: dict[str, Any] = field(default_factory=lambda: {"steps": 25, "guidance_scale": 4.0})
     training: dict[str, Any] = field(default_factory=dict)
+    text_adapter: dict[str, Any] | None = None
 
 
 def save_teacher(
-    unet: nn.Module, spec: TeacherSpec, folder: str | Path, storage_dtype: torch.dtype = torch.float32
+    unet: nn.Module,
+    spec: TeacherSpec,
+    folder: str | Path,
+    storage_dtype: torch.dtype = torch.float32,
+    text_adapter: TextAdapter | None = None,
 ) -> Path:
-    """Write a teacher folder; floating weights are stored as `storage_dtype`."""
+    """Write a teacher folder (with its text adapter, if it has one); floating weights are stored as
+    `storage_dtype`."""
     folder = Path(folder)
     (folder / "unet").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
@@ -73,6 +85,10 @@ def save_teacher(
         "training": spec.training,
         "sha256": {UNET_WEIGHTS: file_sha256(folder / UNET_WEIGHTS)},
     }
+    if text_adapter is not None:
+        hashes = text_adapter.save(folder / TEXT_ADAPTER, storage_dtype)
+        description["text_adapter"] = text_adapter.config.model_dump()
+        description["sha256"].update({f"{TEXT_ADAPTER}/{name}": digest for name, digest in hashes.items()})
     (folder / "teacher.json").write_text(json.dumps(description, indent=1) + "\n")
     return folder
 
@@ -112,7 +128,23 @@ def load_teacher(
             scheduler_config=scheduler_config,
             sampling=dict(description.get("sampling", {})),
             training=dict(description.get("training", {})),
+            text_adapter=dict(description["text_adapter"]) if description.get("text_adapter") else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise TeacherFileError(folder / "teacher.json", f"missing or invalid field ({e})") from None
     return unet, spec
+
+
+def load_text_adapter(folder: str | Path, device: str | torch.device = "cpu") -> TextAdapter | None:
+    """The teacher folder's text adapter (frozen, checked against the checksums in `teacher.json`), or None for a
+    teacher that reads the encoder's token states directly."""
+    folder = Path(folder)
+    description = _teacher_json(folder / "teacher.json")
+    if not description.get("text_adapter"):
+        return None
+    hashes = description.get("sha256", {})
+    config_hash = hashes.get(f"{TEXT_ADAPTER}/{ADAPTER_CONFIG}")
+    config_path = folder / TEXT_ADAPTER / ADAPTER_CONFIG
+    if config_hash is not None and config_path.is_file() and file_sha256(config_path) != config_hash:
+        raise TeacherFileError(config_path, "checksum mismatch")
+    return TextAdapter.load(folder / TEXT_ADAPTER, device, sha256=hashes.get(f"{TEXT_ADAPTER}/{ADAPTER_WEIGHTS}"))

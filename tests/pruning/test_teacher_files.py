@@ -9,8 +9,17 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from pruning.conditioning import ADAPTER_WEIGHTS, TextAdapter, TextAdapterConfig
 from pruning.files import ModelFileError, file_sha256
-from pruning.teacher import UNET_WEIGHTS, TeacherFileError, TeacherSpec, load_teacher, save_teacher
+from pruning.teacher import (
+    TEXT_ADAPTER,
+    UNET_WEIGHTS,
+    TeacherFileError,
+    TeacherSpec,
+    load_teacher,
+    load_text_adapter,
+    save_teacher,
+)
 from tests.conftest import assert_same_output, build_unet, pixel_unet_config, run, unet_inputs
 
 CROSS_DIM = 16
@@ -203,3 +212,26 @@ def test_unet_config_that_cannot_build(folder):
     config["down_block_types"] = ["NoSuchBlock2D"] * 3
     (folder / "unet" / "config.json").write_text(json.dumps(config))
     assert str(folder / "unet" / "config.json") in str(_load_error(folder))
+
+
+# ---------------------------------------------------------------------------------------------------- text adapter
+def test_a_teacher_without_an_adapter_loads_none(folder):
+    assert load_teacher(folder)[1].text_adapter is None
+    assert load_text_adapter(folder) is None
+
+
+def test_the_text_adapter_is_saved_beside_the_unet_and_checked_on_load(tmp_path, unet):
+    torch.manual_seed(0)
+    adapter = TextAdapter(TextAdapterConfig(token_dim=12, width=16, layers=1, heads=4))
+    folder = save_teacher(unet, _spec(), tmp_path / "teacher", text_adapter=adapter)
+    assert load_teacher(folder)[1].text_adapter == adapter.config.model_dump()
+    loaded = load_text_adapter(folder)
+    tokens, mask = torch.randn(2, 5, 12), torch.ones(2, 5, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens, mask), adapter.eval()(tokens, mask))
+    weights = folder / TEXT_ADAPTER / ADAPTER_WEIGHTS
+    torch.manual_seed(1)  # same shapes, other weights: only the checksum can tell
+    TextAdapter(adapter.config).save(tmp_path / "other")
+    weights.write_bytes((tmp_path / "other" / ADAPTER_WEIGHTS).read_bytes())
+    with pytest.raises(ModelFileError, match="sha256|checksum"):
+        load_text_adapter(folder)

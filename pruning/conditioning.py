@@ -50,10 +50,11 @@ class TextAdapter(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`tokens` `(B, L, token_dim)` and `mask` `(B, L)` (1 = a real token) -> `(B, L, width)`. Padding is
-        masked out of attention, so a prompt's states do not depend on how far it was padded or on its batch."""
+        masked out of attention (and its outputs are zero), so a prompt's states do not depend on how far it was padded
+        or on its batch."""
         states = self.project(tokens)
         states = self.layers(states, src_key_padding_mask=~mask.bool())
-        return self.norm(states)
+        return self.norm(states) * mask.unsqueeze(-1).to(states.dtype)  # zero at padding, as the encoder's states
 
     def macs(self, length: int) -> int:
         """Multiply-accumulates for one prompt of `length` tokens (projections, attention, feed-forward)."""

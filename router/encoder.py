@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from pruning.conditioning import TextAdapter
+
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 
 
@@ -115,3 +117,34 @@ class PromptEncoder:
         weights = mask.unsqueeze(-1).to(last.dtype)
         pooled = (last * weights).sum(1) / weights.sum(1).clamp(min=1)
         return EncodedPrompts(tokens=tokens, mask=mask, pooled=pooled)
+
+
+class Conditioner:
+    """What the U-Nets read: the frozen encoder's token states, passed through the teacher's text adapter when it
+    has one (`pruning.conditioning`). The pooled embedding, the router's input, is the encoder's own. Stands in
+    for a `PromptEncoder` wherever token states go to a U-Net.
+
+    Parameters:
+        encoder (`PromptEncoder`): the frozen encoder.
+        adapter (`TextAdapter`, *optional*): the teacher's adapter, frozen; None passes the states through.
+    """
+
+    def __init__(self, encoder: PromptEncoder, adapter: TextAdapter | None = None):
+        if adapter is not None and adapter.config.token_dim != encoder.token_dim:
+            raise ValueError(
+                f"text adapter reads {adapter.config.token_dim}-wide token states, the encoder gives "
+                f"{encoder.token_dim} ({encoder.config.name}, layers {encoder.config.layers})"
+            )
+        self.encoder = encoder
+        self.adapter = adapter.to(encoder.device).eval().requires_grad_(False) if adapter is not None else None
+        self.config = encoder.config
+        self.device = encoder.device
+        self.embed_dim = encoder.embed_dim
+        self.token_dim = adapter.config.width if adapter is not None else encoder.token_dim
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> EncodedPrompts:
+        encoded = self.encoder.encode(prompts)
+        if self.adapter is None:
+            return encoded
+        return EncodedPrompts(self.adapter(encoded.tokens, encoded.mask), encoded.mask, encoded.pooled)

@@ -70,3 +70,31 @@ def test_a_layer_the_model_does_not_have_is_refused():
 
     with pytest.raises(ValueError, match="layers"):
         PromptEncoder(EncoderConfig(layers=[7]))
+
+
+# ---------------------------------------------------------------------------------------------------- conditioner
+def test_conditioner_adapts_token_states_and_keeps_the_routers_embedding(prompt_encoder):
+    from pruning.conditioning import TextAdapter, TextAdapterConfig
+    from router.encoder import Conditioner
+
+    torch.manual_seed(0)
+    adapter = TextAdapter(TextAdapterConfig(token_dim=prompt_encoder.token_dim, width=32, layers=1, heads=4))
+    conditioner = Conditioner(prompt_encoder, adapter)
+    prompts = ["a red circle in the top left and a blue square", "a green 7"]
+    plain, adapted = prompt_encoder.encode(prompts), conditioner.encode(prompts)
+    assert conditioner.token_dim == 32 and adapted.tokens.shape == (2, plain.tokens.shape[1], 32)
+    torch.testing.assert_close(adapted.pooled, plain.pooled)
+    torch.testing.assert_close(adapted.mask, plain.mask)
+    assert not adapted.tokens[plain.mask == 0].any()  # zero at padding, like the encoder's own states
+    alone = conditioner.encode(prompts[1:])
+    torch.testing.assert_close(alone.tokens[0], adapted.tokens[1], atol=1e-5, rtol=1e-4)
+    assert Conditioner(prompt_encoder).encode(prompts).tokens.equal(plain.tokens)
+
+
+def test_conditioner_refuses_an_adapter_for_other_token_states(prompt_encoder):
+    from pruning.conditioning import TextAdapter, TextAdapterConfig
+    from router.encoder import Conditioner
+
+    adapter = TextAdapter(TextAdapterConfig(token_dim=prompt_encoder.token_dim + 1, width=16, heads=4))
+    with pytest.raises(ValueError, match=f"{prompt_encoder.token_dim + 1}-wide"):
+        Conditioner(prompt_encoder, adapter)

@@ -18,6 +18,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
+from pruning.conditioning import TextAdapter, TextAdapterConfig
 from pruning.diffusion import COORDINATE_CHANNELS, denoise
 from pruning.teacher import TeacherSpec, save_teacher
 from router.encoder import EncoderConfig, PromptEncoder
@@ -52,6 +53,17 @@ class UNetSettings(BaseModel):
         return self
 
 
+class AdapterSettings(BaseModel):
+    """A trainable text adapter between the frozen encoder and the U-Net (`pruning.conditioning`); the U-Net's
+    cross-attention then reads `width`-wide states."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(128, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+
+
 class NoiseSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -82,6 +94,7 @@ class TeacherConfig(RunSettings):
     export: str = "bundles/shapes/teacher"
     unet: UNetSettings = UNetSettings()
     text_encoder: EncoderConfig = EncoderConfig(max_length=40)
+    text_adapter: AdapterSettings | None = None
     noise: NoiseSettings = NoiseSettings()
     optim: OptimSettings = OptimSettings()
     sampling: dict[str, Any] = {"steps": 25, "guidance_scale": 4.0}
@@ -131,18 +144,26 @@ def train_teacher(config: TeacherConfig) -> Path:
     device = torch.device(config.device)
     encoder = PromptEncoder(config.text_encoder, device=device)
     torch.manual_seed(config.seed)  # the initial weights are part of what the seed reproduces
-    unet = build_unet(config, encoder.token_dim).to(device).to(memory_format=torch.channels_last)
+    adapter = None
+    if config.text_adapter is not None:
+        adapter = TextAdapter(TextAdapterConfig(token_dim=encoder.token_dim, **config.text_adapter.model_dump()))
+        adapter.to(device)
+    context_dim = adapter.config.width if adapter is not None else encoder.token_dim
+    unet = build_unet(config, context_dim).to(device).to(memory_format=torch.channels_last)
+    # One module holds what is trained, so the optimiser, the EMA and the checkpoint see the adapter too; a teacher
+    # without one keeps the U-Net's own parameter names (and its older checkpoints).
+    trained = unet if adapter is None else torch.nn.ModuleDict({"unet": unet, "adapter": adapter})
     scheduler = DDPMScheduler(**config.noise.model_dump())
     optim = config.optim
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
-    ema = EMA(unet, optim.ema_decay)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    ema = EMA(trained, optim.ema_decay)
     domain = ShapesDomain(seed=config.seed, split="train")
-    run = TrainingRun(config, {"unet": unet, "ema": ema.shadow}, optimizer)
+    run = TrainingRun(config, {"unet": trained, "ema": ema.shadow}, optimizer)
     start = run.resume()
 
     progress = tqdm(range(start, optim.steps), desc="teacher", initial=start, total=optim.steps)
     for step in progress:
-        unet.train()
+        trained.train()
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         samples = domain.batch(step * optim.batch_size, optim.batch_size)
         images, _ = collate(samples)
@@ -152,12 +173,13 @@ def train_teacher(config: TeacherConfig) -> Path:
         encoded = encoder.encode(captions)
         for group in optimizer.param_groups:
             group["lr"] = optim.lr * _lr_factor(step, optim)
-        loss = diffusion_loss(unet, scheduler, x0, encoded.tokens, encoded.mask, generator, optim.min_snr_gamma)
+        context = encoded.tokens if adapter is None else adapter(encoded.tokens, encoded.mask)
+        loss = diffusion_loss(unet, scheduler, x0, context, encoded.mask, generator, optim.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), optim.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), optim.grad_clip)
         optimizer.step()
-        ema.update(unet, step)
+        ema.update(trained, step)
         check_finite(loss, step, run)
         if run.should_log(step, optim.steps):
             lr = optimizer.param_groups[0]["lr"]
@@ -165,7 +187,7 @@ def train_teacher(config: TeacherConfig) -> Path:
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         run.maybe_save(step + 1)
     run.save(optim.steps)
-    ema.copy_to(unet)
+    ema.copy_to(trained)
     spec = TeacherSpec(
         resolution=config.unet.sample_size,
         text_encoder=config.text_encoder.model_dump(),
@@ -178,8 +200,11 @@ def train_teacher(config: TeacherConfig) -> Path:
             "torch_threads": torch.get_num_threads(),
             "device": config.device,
         },
+        text_adapter=adapter.config.model_dump() if adapter is not None else None,
     )
     storage = getattr(torch, config.export_dtype)
-    save_teacher(unet.to(memory_format=torch.contiguous_format).cpu(), spec, config.export, storage_dtype=storage)
+    unet = unet.to(memory_format=torch.contiguous_format).cpu()
+    adapter = adapter.cpu().eval() if adapter is not None else None
+    save_teacher(unet, spec, config.export, storage_dtype=storage, text_adapter=adapter)
     print(f"teacher written to {config.export} ({run.state['elapsed_seconds'] / 60:.1f} min of training)")
     return Path(config.export)

@@ -11,7 +11,8 @@ import torch
 from diffusers import DDPMScheduler
 
 import training.teacher as teacher_module
-from pruning.teacher import load_teacher
+from pruning.conditioning import TextAdapter, TextAdapterConfig
+from pruning.teacher import load_teacher, load_text_adapter
 from tests.conftest import ENCODER_MAX_LENGTH, TINY_TEACHER_UNET, shared_encoder_factory, tiny_teacher_config
 from training.checkpoint import latest_checkpoint, load_checkpoint
 from training.cli import main
@@ -133,6 +134,31 @@ def test_extending_a_finished_run_resumes_from_its_checkpoint(tmp_path):
     fresh = _train(tiny_teacher_config(tmp_path / "c", optim={**optim, "steps": 2}))
     a, b = _weights(resumed), _weights(fresh)
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-5  # the 2 extra steps did train
+
+
+def test_a_teacher_with_a_text_adapter_trains_it_exports_it_and_resumes(tmp_path, monkeypatch):
+    """The adapter is trained with the U-Net (its EMA exported beside it, the U-Net reading its width), and a run
+    killed mid-way resumes to the same adapter and U-Net."""
+    adapter = {"width": 16, "layers": 1, "heads": 4}
+    config = tiny_teacher_config(tmp_path / "a", optim={"steps": 3}, text_adapter=adapter)
+    straight = _train(config)
+    unet, spec = load_teacher(straight)
+    assert unet.config.cross_attention_dim == 16
+    assert spec.text_adapter == {"token_dim": 384, **adapter}
+    trained = load_text_adapter(straight)
+    torch.manual_seed(config.seed)  # the run draws the adapter's initial weights first
+    initial = TextAdapter(TextAdapterConfig(**spec.text_adapter))
+    pairs = zip(trained.parameters(), initial.parameters(), strict=True)
+    assert any(not torch.equal(p, q.half().float()) for p, q in pairs)  # stored in half precision
+
+    killed = tiny_teacher_config(tmp_path / "b", optim={"steps": 3}, text_adapter=adapter, checkpoint_minutes=1e-9)
+    with monkeypatch.context() as patch:
+        _kill_at_step(patch, 2, batch_size=4)
+        with pytest.raises(Killed):
+            _train(killed)
+    resumed = _train(killed, init_seed=1)
+    _assert_same_weights(_weights(resumed), _weights(straight))
+    _assert_same_weights(load_text_adapter(resumed).state_dict(), trained.state_dict())
 
 
 def test_same_config_gives_the_same_teacher(tmp_path):

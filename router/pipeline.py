@@ -18,9 +18,9 @@ from torch import nn
 from pruning.bundle import MANIFEST, BundleError, load_code_experts, read_manifest
 from pruning.diffusion import make_sampler, sample, unit_range_to_uint8
 from pruning.space import ArchitectureSpace
-from pruning.teacher import load_teacher
+from pruning.teacher import load_teacher, load_text_adapter
 
-from .encoder import EncodedPrompts, EncoderConfig, PromptEncoder
+from .encoder import Conditioner, EncodedPrompts, EncoderConfig, PromptEncoder
 from .model import ROUTER_WEIGHTS, Router
 
 
@@ -137,7 +137,8 @@ class RoutedPipeline:
     @classmethod
     def _from_teacher(cls, path: Path, device, dtype) -> RoutedPipeline:
         unet, spec = load_teacher(path, device=device, dtype=dtype)
-        encoder = PromptEncoder(EncoderConfig(**spec.text_encoder), device=device)
+        frozen = PromptEncoder(EncoderConfig(**spec.text_encoder), device=device)
+        encoder = Conditioner(frozen, load_text_adapter(path, device=device)) if spec.text_adapter else frozen
         space = ArchitectureSpace.from_unet(unet, text_len=encoder.config.max_length)
         macs = space.total_macs(spec.resolution)
         params = sum(p.numel() for p in unet.parameters())

@@ -24,6 +24,26 @@ def test_a_teacher_folder_is_a_one_code_pipeline(teacher_folder, teacher):
     assert images.shape == (1, 3, 32, 32) and images.dtype == torch.uint8
 
 
+def test_a_teacher_with_a_text_adapter_conditions_its_unet_through_it(tmp_path, prompt_encoder):
+    from pruning.conditioning import TextAdapter, TextAdapterConfig
+    from pruning.teacher import save_teacher
+    from tests.conftest import build_unet, tiny_teacher_spec, tiny_teacher_unet_config
+
+    torch.manual_seed(0)
+    adapter = TextAdapter(TextAdapterConfig(token_dim=prompt_encoder.token_dim, width=16, layers=1, heads=4))
+    unet = build_unet(tiny_teacher_unet_config(cross_attention_dim=16))
+    folder = save_teacher(unet, tiny_teacher_spec(), tmp_path / "teacher", text_adapter=adapter)
+    pipeline = RoutedPipeline.load(folder)
+    prompts = ["a red circle top left and a blue square"]
+    encoded, plain = pipeline.encode(prompts), prompt_encoder.encode(prompts)
+    assert encoded.tokens.shape[-1] == 16
+    with torch.no_grad():
+        expected = adapter.eval()(plain.tokens, plain.mask)
+    torch.testing.assert_close(encoded.tokens, expected)
+    images = pipeline.generate(0, encoded.tokens, encoded.mask, seeds=[1], steps=2, guidance_scales=[3.0])
+    assert images.shape == (1, 3, 32, 32)
+
+
 def test_a_bundle_pipeline_routes_with_its_router(tmp_path, teacher_folder):
     from training.export import random_bundle
 

@@ -531,11 +531,10 @@ def memory_trend(rss: list[float], tolerance_mb: float) -> dict:
     half = len(rss) // 2
     late_growth = max(rss[half:]) - rss[half - 1]
     if growth <= tolerance_mb:
-        state = "flat"
-    elif len(rss) >= 4 and late_growth <= tolerance_mb:
-        state = f"settles: {late_growth:+.0f} MB over rounds {half + 1}..{len(rss)}"
+        state, detail = "flat", "flat"
     else:
-        state = f"GROWING: {late_growth:+.0f} MB over rounds {half + 1}..{len(rss)}"
+        state = "settles" if len(rss) >= 4 and late_growth <= tolerance_mb else "GROWING"
+        detail = f"{state}: {late_growth:+.0f} MB over rounds {half + 1}..{len(rss)}"
     readings = ", ".join(f"{v:.0f}" for v in rss)
     return {
         "rss_after_rounds_mb": rss,
@@ -543,8 +542,8 @@ def memory_trend(rss: list[float], tolerance_mb: float) -> dict:
         "second_half_growth_mb": late_growth,
         "tolerance_mb": tolerance_mb,
         "flat": growth <= tolerance_mb,
-        "state": state.split(":")[0],
-        "summary": f"RSS after rounds 1..{len(rss)}: {readings} MB (max growth {growth:+.0f} MB, {state}; "
+        "state": state,
+        "summary": f"RSS after rounds 1..{len(rss)}: {readings} MB (max growth {growth:+.0f} MB, {detail}; "
         f"tolerance {tolerance_mb:g} MB)",
     }
 

@@ -8,7 +8,6 @@ The same per-expert fine-tuning serves the static baseline (`training/baseline.p
 from __future__ import annotations
 
 import json
-import math
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from .data.shapes import ShapesDomain
 from .distill import student_losses
 from .export import export_bundle
 from .noise import NoisyBatch
-from .run import RunSettings, TrainingRun, check_finite
+from .run import RunSettings, TrainingRun, check_finite, warmup_cosine
 
 
 class ExpertTraining(BaseModel):
@@ -72,12 +71,9 @@ class FinetuneConfig(RunSettings):
 def expert_lr(training: ExpertTraining, step: int) -> float:
     """Learning rate of step `step` (0-based): linear warm-up to `lr`, then constant or a cosine to 0. Without an
     EMA, a short run's last weights carry the noise of its last updates; the cosine removes it."""
-    warm = min(1.0, (step + 1) / max(1, training.warmup_steps))
-    if training.lr_schedule == "constant" or step < training.warmup_steps:
-        return training.lr * warm
-    decay_steps = max(1, training.steps - training.warmup_steps)
-    progress = min(1.0, (step - training.warmup_steps) / decay_steps)
-    return training.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if training.lr_schedule == "constant":
+        return training.lr * min(1.0, (step + 1) / max(1, training.warmup_steps))
+    return training.lr * warmup_cosine(step, training.warmup_steps, training.steps)
 
 
 def finetune_expert(

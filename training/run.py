@@ -5,6 +5,7 @@ need saving)."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -124,6 +125,15 @@ class TrainingRun:
         """Checkpoint if `checkpoint_minutes` have passed since the last one."""
         if time.time() - self._last_save > self.settings.checkpoint_minutes * 60:
             self.save(next_step)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, floor: float = 0.0) -> float:
+    """Learning-rate factor of step `step` (0-based): linear warm-up to 1 over `warmup_steps`, then a cosine from 1
+    down to `floor` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def check_finite(loss: torch.Tensor, step: int, run: TrainingRun) -> None:

@@ -8,7 +8,6 @@ and the exported teacher folder.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from router.encoder import EncoderConfig, PromptEncoder
 from .data.labels import collate, images_to_unit_range
 from .data.shapes import ShapesDomain
 from .noise import NoisyBatch
-from .run import RunSettings, TrainingRun, check_finite
+from .run import RunSettings, TrainingRun, check_finite, warmup_cosine
 
 
 class UNetSettings(BaseModel):
@@ -105,13 +104,6 @@ def build_unet(config: TeacherConfig, cross_attention_dim: int) -> UNet2DConditi
     return UNet2DConditionModel(**config.unet.model_dump(), cross_attention_dim=cross_attention_dim)
 
 
-def _lr_factor(step: int, optim: OptimSettings) -> float:
-    if step < optim.warmup_steps:
-        return (step + 1) / optim.warmup_steps
-    progress = (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps)
-    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def diffusion_loss(unet, scheduler: DDPMScheduler, x0, context, mask, generator, gamma: float) -> torch.Tensor:
     """Min-SNR-weighted denoising loss for one batch; noise and timesteps come from `generator`."""
     batch = NoisyBatch.make(scheduler, x0, generator, gamma)
@@ -172,7 +164,7 @@ def train_teacher(config: TeacherConfig) -> Path:
         captions = ["" if d else s.caption for s, d in zip(samples, drop.tolist(), strict=True)]
         encoded = encoder.encode(captions)
         for group in optimizer.param_groups:
-            group["lr"] = optim.lr * _lr_factor(step, optim)
+            group["lr"] = optim.lr * warmup_cosine(step, optim.warmup_steps, optim.steps, optim.min_lr_ratio)
         context = encoded.tokens if adapter is None else adapter(encoded.tokens, encoded.mask)
         loss = diffusion_loss(unet, scheduler, x0, context, encoded.mask, generator, optim.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)

@@ -6,6 +6,8 @@ bundle/
                        architecture, MACs per U-Net call, params, training share; sha256 of every file
   router/              config.json + model.safetensors (see router.model.Router)
   experts/<code>/      one sliced U-Net per code (see pruning.expert)
+  text_adapter/        only when the teacher has one: config.json + model.safetensors (see pruning.conditioning),
+                       the teacher's trained adapter, shared by every code
 ```
 Reading a bundle checks the manifest's fields and every file's checksum before anything is built; errors name the
 file. This module knows the layout; the router is loaded by `router.model.Router.load`.
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .conditioning import ADAPTER_WEIGHTS, TEXT_ADAPTER, TextAdapter
 from .expert import load_expert
 from .files import ModelFileError, file_sha256, read_json_object
 
@@ -69,6 +72,8 @@ class Manifest:
     sampling (`dict`): default steps and guidance scale.
     files (`dict[str, str]`): sha256 of every file, by path relative to the bundle.
     info (`dict`): free-form training summary.
+    text_adapter (`dict`, *optional*): `pruning.conditioning.TextAdapterConfig` fields of the teacher's text adapter
+        (stored in `text_adapter/`), None when the U-Nets read the encoder's token states directly.
     """
 
     teacher_config: dict[str, Any]
@@ -80,6 +85,7 @@ class Manifest:
     sampling: dict[str, Any] = field(default_factory=lambda: {"steps": 25, "guidance_scale": 4.0})
     files: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    text_adapter: dict[str, Any] | None = None
 
     @property
     def num_codes(self) -> int:
@@ -127,6 +133,7 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
             sampling=dict(data.get("sampling", {})),
             files=dict(data["files"]),
             info=dict(data.get("info", {})),
+            text_adapter=dict(data["text_adapter"]) if data.get("text_adapter") else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(path, f"missing or invalid field ({e})") from None
@@ -154,3 +161,16 @@ def load_code_experts(
             raise BundleError(folder / entry.expert, f"expert architecture differs from code {entry.code} in manifest")
         experts.append(unet)
     return experts
+
+
+def load_bundle_text_adapter(
+    folder: str | Path, manifest: Manifest, device: str | torch.device = "cpu"
+) -> TextAdapter | None:
+    """The bundle's text adapter (frozen), or None when its U-Nets read the encoder's token states directly."""
+    if manifest.text_adapter is None:
+        return None
+    folder = Path(folder) / TEXT_ADAPTER
+    adapter = TextAdapter.load(folder, device, sha256=manifest.files.get(f"{TEXT_ADAPTER}/{ADAPTER_WEIGHTS}"))
+    if adapter.config.model_dump() != manifest.text_adapter:
+        raise BundleError(folder, f"text adapter config differs from manifest.json ({manifest.text_adapter})")
+    return adapter

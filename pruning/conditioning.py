@@ -19,6 +19,7 @@ from torch import nn
 
 from .files import ModelFileError, file_sha256, load_matching_state, read_json_object, stored_tensor
 
+TEXT_ADAPTER = "text_adapter"  # its folder in a teacher folder and in a bundle
 ADAPTER_CONFIG = "config.json"
 ADAPTER_WEIGHTS = "model.safetensors"
 

@@ -23,13 +23,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .conditioning import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TextAdapter
+from .conditioning import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TEXT_ADAPTER, TextAdapter
 from .files import ModelFileError, file_sha256, load_matching_state, read_json_object, stored_tensor
 
 TEACHER_FORMAT = "aptp-teacher"
 TEACHER_VERSION = 1
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
-TEXT_ADAPTER = "text_adapter"
 
 
 class TeacherFileError(ModelFileError):

@@ -142,6 +142,12 @@ class Conditioner:
         self.embed_dim = encoder.embed_dim
         self.token_dim = adapter.config.width if adapter is not None else encoder.token_dim
 
+    @property
+    def adapter_macs_per_prompt(self) -> int:
+        """MACs of the adapter for one prompt (it runs over all `max_length` positions, padding masked); 0 without
+        an adapter. The frozen encoder's own cost is not counted, as for a teacher without an adapter."""
+        return self.adapter.macs(self.config.max_length) if self.adapter is not None else 0
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> EncodedPrompts:
         encoded = self.encoder.encode(prompts)

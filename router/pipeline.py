@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruning.bundle import MANIFEST, BundleError, load_code_experts, read_manifest
+from pruning.bundle import MANIFEST, BundleError, load_bundle_text_adapter, load_code_experts, read_manifest
 from pruning.diffusion import make_sampler, sample, unit_range_to_uint8
 from pruning.space import ArchitectureSpace
 from pruning.teacher import load_teacher, load_text_adapter
@@ -61,7 +61,8 @@ class RoutedPipeline:
     """Encoder + router + experts + sampler, all resident on one device.
 
     Parameters:
-        encoder (`PromptEncoder`): the frozen text encoder (token states for the U-Nets, pooled for the router).
+        encoder (`Conditioner`): the frozen text encoder and the teacher's text adapter, if it has one (token
+            states for the U-Nets, the encoder's pooled embedding for the router).
         router (`Router`, *optional*): None for a one-code pipeline (a teacher folder).
         experts (`list[nn.Module]`): the U-Net of each code.
         codes (`list[CodeInfo]`): their description.
@@ -74,7 +75,7 @@ class RoutedPipeline:
 
     def __init__(
         self,
-        encoder: PromptEncoder,
+        encoder: Conditioner,
         router: Router | None,
         experts: list[nn.Module],
         codes: list[CodeInfo],
@@ -97,6 +98,7 @@ class RoutedPipeline:
         self.teacher_macs = teacher_macs
         self.source = source
         self.empty_prompt = encoder.encode([""])
+        self.adapter_macs_per_prompt = encoder.adapter_macs_per_prompt
 
     @property
     def num_codes(self) -> int:
@@ -112,9 +114,10 @@ class RoutedPipeline:
         if (path / "teacher.json").is_file() and not (path / MANIFEST).is_file():
             return cls._from_teacher(path, device, dtype)
         manifest = read_manifest(path)  # names the folder or manifest when neither kind is found
-        encoder = PromptEncoder(EncoderConfig(**manifest.text_encoder), device=device)
+        frozen = PromptEncoder(EncoderConfig(**manifest.text_encoder), device=device)
+        encoder = Conditioner(frozen, load_bundle_text_adapter(path, manifest, device=device))
         router = Router.load(
-            path / "router", device=device, encoder=encoder, sha256=manifest.files.get(f"router/{ROUTER_WEIGHTS}")
+            path / "router", device=device, encoder=frozen, sha256=manifest.files.get(f"router/{ROUTER_WEIGHTS}")
         )
         if router.config.num_codes != manifest.num_codes:
             raise BundleError(
@@ -138,7 +141,7 @@ class RoutedPipeline:
     def _from_teacher(cls, path: Path, device, dtype) -> RoutedPipeline:
         unet, spec = load_teacher(path, device=device, dtype=dtype)
         frozen = PromptEncoder(EncoderConfig(**spec.text_encoder), device=device)
-        encoder = Conditioner(frozen, load_text_adapter(path, device=device)) if spec.text_adapter else frozen
+        encoder = Conditioner(frozen, load_text_adapter(path, device=device))
         space = ArchitectureSpace.from_unet(unet, text_len=encoder.config.max_length)
         macs = space.total_macs(spec.resolution)
         params = sum(p.numel() for p in unet.parameters())

@@ -34,7 +34,11 @@ class GenerationReport(BaseModel):
     macs_per_call: int = Field(description="MACs of one U-Net call of the code (batch 1, one guidance branch).")
     teacher_macs_per_call: int = Field(description="MACs of one call of the unpruned U-Net.")
     unet_calls_per_image: int = Field(description="Steps, doubled when the batch ran classifier-free guidance.")
-    total_macs: int = Field(description="MACs spent on this request's images.")
+    text_adapter_macs: int = Field(
+        description="MACs of the teacher's text adapter on this request's prompt (and negative prompt): once per "
+        "request, not per step; 0 when the model has no adapter."
+    )
+    total_macs: int = Field(description="MACs spent on this request: its images' U-Net calls plus the text adapter.")
     steps: int
     guidance_scale: float
     seeds: list[int]
@@ -86,6 +90,9 @@ class CodesResponse(BaseModel):
     source: Literal["bundle", "teacher"]
     resolution: int
     teacher_macs_per_call: int
+    text_adapter_macs_per_prompt: int = Field(
+        description="MACs of the teacher's text adapter for one prompt, shared by every code (0 without one)."
+    )
     default_steps: int
     default_guidance_scale: float
     codes: list[CodeDescription]

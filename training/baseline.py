@@ -14,8 +14,8 @@ from torch import nn
 from pruning.expert import is_expert_folder, load_expert, save_expert
 from pruning.slicing import group_channels, slice_unet
 from pruning.space import ArchitectureSpace, UnitKind, feed_forward_layers
-from pruning.teacher import load_teacher
-from router.encoder import EncoderConfig, PromptEncoder
+from pruning.teacher import load_teacher, load_text_adapter
+from router.encoder import Conditioner, EncoderConfig, PromptEncoder
 from router.model import Router, RouterConfig
 
 from .data.shapes import ShapesDomain
@@ -99,7 +99,9 @@ def run_baseline(config: BaselineConfig) -> Path:
     teacher.requires_grad_(False)
     space = ArchitectureSpace.from_unet(teacher, text_len=int(spec.text_encoder.get("max_length", 77)))
     arch = l1_architecture_for_budget(teacher, space, config.budget, spec.resolution)
-    encoder = PromptEncoder(EncoderConfig(**spec.text_encoder), device=device)
+    encoder = Conditioner(
+        PromptEncoder(EncoderConfig(**spec.text_encoder), device=device), load_text_adapter(config.teacher, device)
+    )
     domain = ShapesDomain(seed=config.seed, split="train")
     storage = getattr(torch, config.export_dtype)
     done = Path(config.out) / "expert"
@@ -122,6 +124,7 @@ def run_baseline(config: BaselineConfig) -> Path:
     router = Router(router_config, space, spec.resolution)
     router.codes.set_architectures(arch[None])
     info = {"stage": "static-l1-baseline", "budget": config.budget, "steps": config.expert.steps}
-    export_bundle(config.export, teacher, spec, router, [student], [1.0], info, storage_dtype=storage)
+    experts, shares = [student], [1.0]
+    export_bundle(config.export, teacher, spec, router, experts, shares, info, storage, text_adapter=encoder.adapter)
     print(f"baseline bundle written to {config.export}: {space.macs(arch, spec.resolution) / 1e6:.1f} MMACs per call")
     return Path(config.export)

@@ -101,12 +101,13 @@ def _export(args: argparse.Namespace) -> int:
 
     from pruning.expert import is_expert_folder, load_expert
     from pruning.files import ModelFileError
-    from pruning.teacher import load_teacher
+    from pruning.teacher import load_teacher, load_text_adapter
     from router.model import Router
     from training.export import export_bundle
 
     try:
         teacher, spec = load_teacher(args.teacher)
+        adapter = load_text_adapter(args.teacher)
         router = Router.load(args.router)
         experts, shares = None, None
         if args.experts is not None:
@@ -125,7 +126,7 @@ def _export(args: argparse.Namespace) -> int:
         return 2
     info = {"stage": "export", "teacher": args.teacher, "router": args.router, "experts": args.experts}
     storage = getattr(torch, args.dtype)
-    export_bundle(args.out, teacher, spec, router, experts, shares, info, storage_dtype=storage)
+    export_bundle(args.out, teacher, spec, router, experts, shares, info, storage_dtype=storage, text_adapter=adapter)
     print(f"bundle written to {args.out}")
     return 0
 

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from pruning.bundle import CodeEntry, Manifest, write_manifest
+from pruning.conditioning import TEXT_ADAPTER, TextAdapter
 from pruning.expert import save_expert
 from pruning.slicing import slice_unet
 from pruning.space import ArchitectureSpace
-from pruning.teacher import TeacherSpec, load_teacher
+from pruning.teacher import TeacherSpec, load_teacher, load_text_adapter
 from router.model import Router, RouterConfig
 
 
@@ -26,9 +27,14 @@ def export_bundle(
     training_shares: Sequence[float] | None = None,
     info: dict | None = None,
     storage_dtype: torch.dtype = torch.float32,
+    text_adapter: TextAdapter | None = None,
 ) -> Path:
     """Write the bundle folder `out` (replaced if it exists). `experts[k]` is code k's sliced (fine-tuned) U-Net;
-    when not given, each code's expert is sliced from the teacher as is. Weights are stored as `storage_dtype`."""
+    when not given, each code's expert is sliced from the teacher as is. Expert weights are stored as
+    `storage_dtype`; the teacher's `text_adapter` (required when it has one) in float32, so every code reads
+    exactly the states it was fine-tuned on (it is small: about half a million parameters)."""
+    if (text_adapter is None) != (spec.text_adapter is None):
+        raise ValueError("export_bundle: pass the teacher's text adapter exactly when the teacher has one")
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -51,6 +57,8 @@ def export_bundle(
             )
         )
     router.save(tmp / "router")
+    if text_adapter is not None:
+        text_adapter.save(tmp / TEXT_ADAPTER)
     manifest = Manifest(
         teacher_config={k: v for k, v in teacher.config.items() if not k.startswith("_")},
         scheduler_config=spec.scheduler_config,
@@ -60,6 +68,7 @@ def export_bundle(
         codes=entries,
         sampling=spec.sampling,
         info=info or {},
+        text_adapter=text_adapter.config.model_dump() if text_adapter is not None else None,
     )
     write_manifest(tmp, manifest)
     shutil.rmtree(out, ignore_errors=True)
@@ -88,4 +97,4 @@ def random_bundle(
         arch[space.width_dim :] = depth
     router.codes.set_architectures(architectures, router.config.offset)
     info = {"kind": "random-codes", "keeps": keeps, "seed": seed}
-    return export_bundle(out, teacher, spec, router, info=info)
+    return export_bundle(out, teacher, spec, router, info=info, text_adapter=load_text_adapter(teacher_folder))

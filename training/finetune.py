@@ -22,8 +22,8 @@ from tqdm import tqdm
 from pruning.expert import is_expert_folder, load_expert, save_expert
 from pruning.slicing import slice_unet
 from pruning.space import ArchitectureSpace
-from pruning.teacher import TeacherSpec, load_teacher
-from router.encoder import EncoderConfig, PromptEncoder
+from pruning.teacher import TeacherSpec, load_teacher, load_text_adapter
+from router.encoder import Conditioner, EncoderConfig, PromptEncoder
 from router.model import Router
 
 from .data.labels import collate, images_to_unit_range
@@ -80,7 +80,7 @@ def finetune_expert(
     student: nn.Module,
     teacher: nn.Module,
     spec: TeacherSpec,
-    encoder: PromptEncoder,
+    encoder: Conditioner,
     pool: Sequence[int],
     domain: ShapesDomain,
     training: ExpertTraining,
@@ -152,10 +152,12 @@ def run_finetune(config: FinetuneConfig) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     teacher, spec = load_teacher(config.teacher, device=device)
     teacher.requires_grad_(False)
-    encoder = PromptEncoder(EncoderConfig(**spec.text_encoder), device=device)
+    encoder = Conditioner(
+        PromptEncoder(EncoderConfig(**spec.text_encoder), device=device), load_text_adapter(config.teacher, device)
+    )
     router = Router.load(config.router, device=device)
     if router.config.encoder == encoder.config:
-        router._encoder = encoder  # one MiniLM in memory when the router reads the same encoder
+        router._encoder = encoder.encoder  # one MiniLM in memory when the router reads the same encoder
     space: ArchitectureSpace = router.space
     domain = ShapesDomain(seed=config.seed, split="train")
 
@@ -190,6 +192,8 @@ def run_finetune(config: FinetuneConfig) -> Path:
         "teacher": config.teacher,
         "router": config.router,
     }
-    export_bundle(config.export, teacher, spec, router, experts, shares, info, storage_dtype=storage)
+    export_bundle(
+        config.export, teacher, spec, router, experts, shares, info, storage_dtype=storage, text_adapter=encoder.adapter
+    )
     print(f"bundle written to {config.export}")
     return Path(config.export)

@@ -20,9 +20,9 @@ from tqdm import tqdm
 from pruning.diffusion import denoise
 from pruning.gates import UNetGates
 from pruning.space import ArchitectureSpace
-from pruning.teacher import load_teacher
+from pruning.teacher import load_teacher, load_text_adapter
 from router.assignment import assign
-from router.encoder import EncoderConfig, PromptEncoder
+from router.encoder import Conditioner, EncoderConfig, PromptEncoder
 from router.gates import normalised_architecture
 from router.losses import contrastive_loss, prunable_budget, resource_loss, spread_losses
 from router.model import Router, RouterConfig
@@ -137,8 +137,9 @@ def run_search(config: SearchConfig) -> Path:
     unet.train()  # no dropout or batch norm in these U-Nets; train mode only matters for gradient checkpointing
     space = ArchitectureSpace.from_unet(unet, text_len=int(spec.text_encoder.get("max_length", 77)))
     resolution = spec.resolution
-    text_encoder = PromptEncoder(config.encoder or EncoderConfig(**spec.text_encoder), device=device)
-    embed_encoder = PromptEncoder(config.embed_encoder, device=device) if config.embed_encoder else text_encoder
+    frozen = PromptEncoder(config.encoder or EncoderConfig(**spec.text_encoder), device=device)
+    text_encoder = Conditioner(frozen, load_text_adapter(config.teacher, device=device))
+    embed_encoder = PromptEncoder(config.embed_encoder, device=device) if config.embed_encoder else frozen
     torch.manual_seed(config.seed)
     router_config = RouterConfig(
         num_codes=config.num_codes,
@@ -166,7 +167,7 @@ def run_search(config: SearchConfig) -> Path:
         x0 = images_to_unit_range(images).to(device)
         captions = [s.caption for s in samples]
         encoded = text_encoder.encode(captions)
-        embedding = encoded.pooled if embed_encoder is text_encoder else embed_encoder.encode(captions).pooled
+        embedding = encoded.pooled if embed_encoder is frozen else embed_encoder.encode(captions).pooled
         batch = NoisyBatch.make(scheduler, x0, generator, config.min_snr_gamma)
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / max(1, config.lr_warmup_steps))

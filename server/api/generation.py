@@ -105,6 +105,7 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
 
     result = await _wait(state, request, request_id, code, asyncio.wrap_future(future))
     macs = pipeline.codes[code].macs
+    adapter_macs = pipeline.adapter_macs_per_prompt * encoded.tokens.shape[0]
     total = time.monotonic() - arrival
     state.metrics.end_to_end.labels(code=str(code)).observe(total)
     state.metrics.requests.labels(code=str(code), status="ok").inc()
@@ -114,7 +115,8 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
         macs_per_call=macs,
         teacher_macs_per_call=pipeline.teacher_macs,
         unet_calls_per_image=result.unet_calls,
-        total_macs=macs * result.unet_calls * len(seeds),
+        text_adapter_macs=adapter_macs,
+        total_macs=macs * result.unet_calls * len(seeds) + adapter_macs,
         steps=steps,
         guidance_scale=guidance,
         seeds=seeds,

@@ -9,10 +9,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from pruning.conditioning import ADAPTER_WEIGHTS, TextAdapter, TextAdapterConfig
+from pruning.conditioning import ADAPTER_WEIGHTS, TEXT_ADAPTER, TextAdapter, TextAdapterConfig
 from pruning.files import ModelFileError, file_sha256
 from pruning.teacher import (
-    TEXT_ADAPTER,
     UNET_WEIGHTS,
     TeacherFileError,
     TeacherSpec,

@@ -8,7 +8,7 @@ import torch
 from pruning.bundle import BundleError
 from pruning.space import ArchitectureSpace
 from router.pipeline import RoutedPipeline
-from tests.conftest import ENCODER_MAX_LENGTH
+from tests.conftest import ENCODER_MAX_LENGTH, save_tiny_teacher
 
 
 def test_a_teacher_folder_is_a_one_code_pipeline(teacher_folder, teacher):
@@ -25,23 +25,53 @@ def test_a_teacher_folder_is_a_one_code_pipeline(teacher_folder, teacher):
 
 
 def test_a_teacher_with_a_text_adapter_conditions_its_unet_through_it(tmp_path, prompt_encoder):
-    from pruning.conditioning import TextAdapter, TextAdapterConfig
-    from pruning.teacher import save_teacher
-    from tests.conftest import build_unet, tiny_teacher_spec, tiny_teacher_unet_config
+    from pruning.teacher import load_text_adapter
 
-    torch.manual_seed(0)
-    adapter = TextAdapter(TextAdapterConfig(token_dim=prompt_encoder.token_dim, width=16, layers=1, heads=4))
-    unet = build_unet(tiny_teacher_unet_config(cross_attention_dim=16))
-    folder = save_teacher(unet, tiny_teacher_spec(), tmp_path / "teacher", text_adapter=adapter)
+    folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16)
+    adapter = load_text_adapter(folder)
     pipeline = RoutedPipeline.load(folder)
     prompts = ["a red circle top left and a blue square"]
     encoded, plain = pipeline.encode(prompts), prompt_encoder.encode(prompts)
     assert encoded.tokens.shape[-1] == 16
     with torch.no_grad():
-        expected = adapter.eval()(plain.tokens, plain.mask)
+        expected = adapter(plain.tokens, plain.mask)
     torch.testing.assert_close(encoded.tokens, expected)
+    torch.testing.assert_close(encoded.pooled, plain.pooled)  # the router's input is the encoder's own
+    assert pipeline.adapter_macs_per_prompt == adapter.macs(ENCODER_MAX_LENGTH) > 0
     images = pipeline.generate(0, encoded.tokens, encoded.mask, seeds=[1], steps=2, guidance_scales=[3.0])
     assert images.shape == (1, 3, 32, 32)
+
+
+def test_a_bundle_conditions_every_code_through_the_teachers_adapter(tmp_path):
+    from training.export import random_bundle
+
+    folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16)
+    bundle = random_bundle(folder, tmp_path / "bundle", num_codes=2, keeps=[1.0, 0.5])
+    teacher, routed = RoutedPipeline.load(folder), RoutedPipeline.load(bundle)
+    prompts = ["a red circle top left and a blue square", "the letter K"]
+    torch.testing.assert_close(routed.encode(prompts).tokens, teacher.encode(prompts).tokens)
+    assert routed.adapter_macs_per_prompt == teacher.adapter_macs_per_prompt > 0
+    encoded = routed.encode(prompts)
+    for code in range(routed.num_codes):  # every code's expert reads the adapted states
+        images = routed.generate(code, encoded.tokens, encoded.mask, seeds=[0, 1], steps=2, guidance_scales=[3.0] * 2)
+        assert images.shape == (2, 3, 32, 32)
+
+
+def test_a_replaced_adapter_in_a_bundle_is_refused_by_name(tmp_path):
+    from pruning.conditioning import TextAdapter
+    from training.export import random_bundle
+
+    folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16)
+    bundle = random_bundle(folder, tmp_path / "bundle", num_codes=2)
+    weights = bundle / "text_adapter" / "model.safetensors"
+    other = TextAdapter.load(bundle / "text_adapter")
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    other.save(tmp_path / "other")
+    weights.write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(BundleError, match="checksum") as error:
+        RoutedPipeline.load(bundle)
+    assert str(weights) in str(error.value)
 
 
 def test_a_bundle_pipeline_routes_with_its_router(tmp_path, teacher_folder):

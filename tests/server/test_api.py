@@ -30,6 +30,7 @@ def test_generate_returns_images_and_a_consistent_report(client, pipeline):
     assert report["macs_per_call"] == pipeline.codes[report["code"]].macs
     assert report["teacher_macs_per_call"] == pipeline.teacher_macs
     assert report["unet_calls_per_image"] == 2 * 3  # guided: both branches per step
+    assert report["text_adapter_macs"] == 0  # the tiny teacher reads the encoder's states directly
     assert report["total_macs"] == report["macs_per_call"] * 6 * 2
     assert report["steps"] == 3 and report["guidance_scale"] == pipeline.default_guidance_scale
     assert report["total_seconds"] >= report["queue_seconds"] >= 0
@@ -151,3 +152,25 @@ def test_openapi_schema_lists_the_api(client):
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
     request_fields = schema["components"]["schemas"]["GenerateRequest"]["properties"]
     assert set(request_fields) == {"prompt", "negative_prompt", "num_images", "steps", "guidance_scale", "seed"}
+
+
+def test_a_model_with_a_text_adapter_reports_its_cost(tmp_path):
+    """The adapter runs once per prompt (here the prompt and the negative prompt), not once per U-Net call."""
+    from fastapi.testclient import TestClient
+
+    from router.pipeline import RoutedPipeline
+    from server.app import create_app
+    from tests.conftest import save_tiny_teacher
+    from tests.server.conftest import server_settings
+    from training.export import random_bundle
+
+    teacher = save_tiny_teacher(tmp_path / "teacher", adapter_width=16)
+    bundle = random_bundle(teacher, tmp_path / "bundle", num_codes=2, keeps=[1.0, 0.5])
+    pipeline = RoutedPipeline.load(bundle)
+    per_prompt = pipeline.encoder.adapter.macs(pipeline.encoder.config.max_length)
+    with TestClient(create_app(server_settings(bundle), pipeline)) as client:
+        assert client.get("/v1/codes").json()["text_adapter_macs_per_prompt"] == per_prompt > 0
+        body = {"prompt": "a red circle", "negative_prompt": "a blue square", "steps": 2}
+        report = client.post("/generate", json=body).json()["report"]
+    assert report["text_adapter_macs"] == 2 * per_prompt
+    assert report["total_macs"] == report["macs_per_call"] * report["unet_calls_per_image"] + 2 * per_prompt

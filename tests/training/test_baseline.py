@@ -64,3 +64,14 @@ def test_baseline_bundles_meet_their_budgets(teacher_folder, tmp_path):
         ratios[budget] = code.macs / manifest.teacher_macs
         assert ratios[budget] <= budget
     assert ratios[0.6] < ratios[0.9]  # the larger budget keeps more (the tiny teacher's width steps are coarse)
+
+
+def test_a_baseline_of_a_teacher_with_a_text_adapter_carries_it(tmp_path):
+    from router.pipeline import RoutedPipeline
+
+    teacher_folder = save_tiny_teacher(tmp_path / "teacher", seed=4, adapter_width=16)
+    manifest = _baseline(teacher_folder, tmp_path, 0.6)
+    assert manifest.text_adapter == load_teacher(teacher_folder)[1].text_adapter
+    pipeline = RoutedPipeline.load(tmp_path / "bundle")
+    made = pipeline(["a red circle in the top left and a blue square"], seeds=[0], steps=2)
+    assert made.images.shape == (1, 3, 32, 32)

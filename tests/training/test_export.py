@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from pruning import ArchitectureSpace, slice_unet
-from pruning.bundle import MANIFEST, load_code_experts, read_manifest
+from pruning.bundle import MANIFEST, load_bundle_text_adapter, load_code_experts, read_manifest
 from router.gates import depth_order
 from router.model import Router, RouterConfig
-from tests.conftest import ENCODER_MAX_LENGTH, run, unet_inputs
+from tests.conftest import ENCODER_MAX_LENGTH, run, save_tiny_teacher, unet_inputs
 from training.export import export_bundle, random_bundle
 
 RESOLUTION = 32
@@ -152,3 +152,28 @@ def test_cli_export_from_a_router_and_a_phase2_run(teacher_folder, tmp_path, cap
     err = capsys.readouterr().err
     assert str(run_dir / "experts" / "1") in err and "phase 2" in err
     assert not (tmp_path / "again").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- text adapter
+def test_a_teachers_text_adapter_travels_in_the_bundle(tmp_path):
+    from pruning.teacher import load_teacher, load_text_adapter
+
+    teacher_folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16)
+    out = random_bundle(teacher_folder, tmp_path / "bundle", num_codes=2)
+    manifest = read_manifest(out)
+    adapter = load_text_adapter(teacher_folder)
+    assert manifest.text_adapter == adapter.config.model_dump() == load_teacher(teacher_folder)[1].text_adapter
+    assert {"text_adapter/config.json", "text_adapter/model.safetensors"} <= manifest.files.keys()
+    exported = load_bundle_text_adapter(out, manifest)
+    assert exported.state_dict().keys() == adapter.state_dict().keys()
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in adapter.state_dict().items())
+
+    unet, spec = load_teacher(teacher_folder)
+    router = Router.load(out / "router")
+    with pytest.raises(ValueError, match="text adapter"):
+        export_bundle(tmp_path / "without", unet, spec, router)  # the experts would read states nobody produces
+
+
+def test_a_teacher_without_an_adapter_exports_none(teacher_folder, tmp_path):
+    manifest = read_manifest(random_bundle(teacher_folder, tmp_path / "bundle", num_codes=2))
+    assert manifest.text_adapter is None and not any(f.startswith("text_adapter/") for f in manifest.files)

@@ -31,6 +31,7 @@ async def list_codes(state: State) -> CodesResponse:
         source=pipeline.source,
         resolution=pipeline.resolution,
         teacher_macs_per_call=teacher,
+        text_adapter_macs_per_prompt=pipeline.adapter_macs_per_prompt,
         default_steps=state.settings.default_steps or pipeline.default_steps,
         default_guidance_scale=pipeline.default_guidance_scale,
         codes=codes,

@@ -249,7 +249,9 @@ def run_eval(
         grid.save(out / f"{name}_codes.png")
         (out / f"{name}_codes.txt").write_text("\n".join(captions) + "\n")
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
-    report = {"name": name, "seed": seed, **(extra or {}), "results": clean}
+    # Runs once per prompt, not per U-Net call, so it is reported beside the per-call MACs rather than in them.
+    adapter = {"text_adapter_macs_per_prompt": pipeline.adapter_macs_per_prompt}
+    report = {"name": name, "seed": seed, **adapter, **(extra or {}), "results": clean}
     write_report(out, name, report, markdown_table(name, clean))
     return report
 

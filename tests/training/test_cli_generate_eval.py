@@ -112,6 +112,7 @@ def test_eval_writes_the_report_and_sample_grid(tmp_path, capsys, bundle, evalua
     assert {p.name for p in out.iterdir()} >= {f"{name}.json", f"{name}.md", f"{name}_samples.png"}
     report = json.loads((out / f"{name}.json").read_text())
     assert report["name"] == name and report["steps"] == 2 and report["bundle"] == str(bundle)
+    assert report["text_adapter_macs_per_prompt"] == 0  # the tiny teacher has no text adapter
     results = report["results"]
     assert [r["split"] for r in results] == ["test", "heldout"]
     for result in results:

@@ -25,8 +25,10 @@ ADAPTER_WEIGHTS = "model.safetensors"
 
 
 class TextAdapterConfig(BaseModel):
-    """Shape of the adapter: `token_dim` (the encoder's token-state width) in, `width` out (the U-Net's
-    `cross_attention_dim`), `layers` pre-norm transformer layers of `heads` heads in between."""
+    """Shape of the adapter: `token_dim` (the encoder's token-state width) in, `layers` pre-norm transformer layers
+    of `width` and `heads` heads. With `passthrough`, each output token is the encoder's state followed by the
+    adapter's (the U-Net keeps every word's own state and gains the adapter's), else the adapter's alone;
+    `out_dim` is the U-Net's `cross_attention_dim`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -34,6 +36,11 @@ class TextAdapterConfig(BaseModel):
     width: int = Field(128, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
+    passthrough: bool = False
+
+    @property
+    def out_dim(self) -> int:
+        return self.width + (self.token_dim if self.passthrough else 0)
 
 
 class TextAdapter(nn.Module):
@@ -50,12 +57,12 @@ class TextAdapter(nn.Module):
         self.norm = nn.LayerNorm(config.width)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """`tokens` `(B, L, token_dim)` and `mask` `(B, L)` (1 = a real token) -> `(B, L, width)`. Padding is
-        masked out of attention (and its outputs are zero), so a prompt's states do not depend on how far it was padded
-        or on its batch."""
-        states = self.project(tokens)
-        states = self.layers(states, src_key_padding_mask=~mask.bool())
-        return self.norm(states) * mask.unsqueeze(-1).to(states.dtype)  # zero at padding, as the encoder's states
+        """`tokens` `(B, L, token_dim)` and `mask` `(B, L)` (1 = a real token) -> `(B, L, out_dim)`. Padding is
+        masked out of attention (and the adapter's outputs there are zero), so a prompt's states do not depend on how
+        far it was padded or on its batch."""
+        states = self.layers(self.project(tokens), src_key_padding_mask=~mask.bool())
+        states = self.norm(states) * mask.unsqueeze(-1).to(states.dtype)
+        return torch.cat([tokens, states], dim=-1) if self.config.passthrough else states
 
     def macs(self, length: int) -> int:
         """Multiply-accumulates for one prompt of `length` tokens (projections, attention, feed-forward)."""

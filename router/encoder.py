@@ -140,7 +140,7 @@ class Conditioner:
         self.config = encoder.config
         self.device = encoder.device
         self.embed_dim = encoder.embed_dim
-        self.token_dim = adapter.config.width if adapter is not None else encoder.token_dim
+        self.token_dim = adapter.config.out_dim if adapter is not None else encoder.token_dim
 
     @property
     def adapter_macs_per_prompt(self) -> int:

@@ -24,6 +24,7 @@ from router.encoder import EncoderConfig, PromptEncoder
 
 from .data.labels import collate, images_to_unit_range
 from .data.shapes import ShapesDomain
+from .layout import PromptLayoutHead, layout_loss
 from .noise import NoisyBatch
 from .run import RunSettings, TrainingRun, check_finite, warmup_cosine
 
@@ -53,14 +54,18 @@ class UNetSettings(BaseModel):
 
 
 class AdapterSettings(BaseModel):
-    """A trainable text adapter between the frozen encoder and the U-Net (`pruning.conditioning`); the U-Net's
-    cross-attention then reads `width`-wide states."""
+    """A trainable text adapter between the frozen encoder and the U-Net (`pruning.conditioning`): `width`,
+    `layers`, `heads` and `passthrough` as in `TextAdapterConfig`. With `layout_weight` > 0, a layout read-out
+    (`training.layout`) trained on the adapter's states adds its loss, times this weight, to the denoising loss; the
+    read-out is used in training only and not exported."""
 
     model_config = ConfigDict(extra="forbid")
 
     width: int = Field(128, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
+    passthrough: bool = False
+    layout_weight: float = Field(0.0, ge=0.0)
 
 
 class NoiseSettings(BaseModel):
@@ -136,15 +141,19 @@ def train_teacher(config: TeacherConfig) -> Path:
     device = torch.device(config.device)
     encoder = PromptEncoder(config.text_encoder, device=device)
     torch.manual_seed(config.seed)  # the initial weights are part of what the seed reproduces
-    adapter = None
-    if config.text_adapter is not None:
-        adapter = TextAdapter(TextAdapterConfig(token_dim=encoder.token_dim, **config.text_adapter.model_dump()))
-        adapter.to(device)
-    context_dim = adapter.config.width if adapter is not None else encoder.token_dim
+    settings = config.text_adapter
+    adapter, layout, text_side = None, None, torch.nn.ModuleDict()
+    if settings is not None:
+        shape = settings.model_dump(exclude={"layout_weight"})
+        adapter = text_side["adapter"] = TextAdapter(TextAdapterConfig(token_dim=encoder.token_dim, **shape))
+        if settings.layout_weight > 0:
+            layout = text_side["layout"] = PromptLayoutHead(settings.width)
+        text_side.to(device)
+    context_dim = adapter.config.out_dim if adapter is not None else encoder.token_dim
     unet = build_unet(config, context_dim).to(device).to(memory_format=torch.channels_last)
     # One module holds what is trained, so the optimiser, the EMA and the checkpoint see the adapter too; a teacher
     # without one keeps the U-Net's own parameter names (and its older checkpoints).
-    trained = unet if adapter is None else torch.nn.ModuleDict({"unet": unet, "adapter": adapter})
+    trained = unet if adapter is None else torch.nn.ModuleDict({"unet": unet, **text_side})
     scheduler = DDPMScheduler(**config.noise.model_dump())
     optim = config.optim
     optimizer = torch.optim.AdamW(trained.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
@@ -158,7 +167,7 @@ def train_teacher(config: TeacherConfig) -> Path:
         trained.train()
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         samples = domain.batch(step * optim.batch_size, optim.batch_size)
-        images, _ = collate(samples)
+        images, targets = collate(samples)
         x0 = images_to_unit_range(images).to(device).contiguous(memory_format=torch.channels_last)
         drop = torch.rand(len(samples), generator=generator) < optim.prompt_dropout
         captions = ["" if d else s.caption for s, d in zip(samples, drop.tolist(), strict=True)]
@@ -167,15 +176,29 @@ def train_teacher(config: TeacherConfig) -> Path:
             group["lr"] = optim.lr * warmup_cosine(step, optim.warmup_steps, optim.steps, optim.min_lr_ratio)
         context = encoded.tokens if adapter is None else adapter(encoded.tokens, encoded.mask)
         loss = diffusion_loss(unet, scheduler, x0, context, encoded.mask, generator, optim.min_snr_gamma)
+        total, record = loss, {}
+        if layout is not None:
+            # The read-out sees the adapter's own states (the last `width` channels), on the prompts not dropped.
+            logits = layout(context[..., -settings.width :], encoded.mask)
+            layout_term, accuracy = layout_loss(logits, targets, ~drop.to(device))
+            total = loss + settings.layout_weight * layout_term
+            record = {
+                "layout": round(layout_term.item(), 4),
+                "layout_accuracy": {k: round(v, 3) for k, v in accuracy.items()},
+            }
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), optim.grad_clip)
+        total.backward()
+        # Clipped apart, so the text side's early, larger gradients never shrink the U-Net's step.
+        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), optim.grad_clip)
+        if adapter is not None:
+            torch.nn.utils.clip_grad_norm_(text_side.parameters(), optim.grad_clip)
         optimizer.step()
         ema.update(trained, step)
-        check_finite(loss, step, run)
+        check_finite(total, step, run)
         if run.should_log(step, optim.steps):
             lr = optimizer.param_groups[0]["lr"]
-            run.log({"step": step, "loss": round(loss.item(), 5), "grad_norm": round(float(grad_norm), 4), "lr": lr})
+            entry = {"step": step, "loss": round(loss.item(), 5), "grad_norm": round(float(grad_norm), 4), "lr": lr}
+            run.log(entry | record)
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         run.maybe_save(step + 1)
     run.save(optim.steps)

@@ -63,3 +63,17 @@ def test_save_and_load_round_trip_and_refuse_a_damaged_file(adapter, tmp_path):
 def test_a_width_that_heads_do_not_divide_is_refused():
     with pytest.raises(ValueError, match="width 30 is not a multiple of heads 4"):
         TextAdapter(TextAdapterConfig(token_dim=8, width=30, heads=4))
+
+
+@torch.no_grad()
+def test_passthrough_keeps_the_encoders_states_before_the_adapters(adapter):
+    torch.manual_seed(0)
+    config = adapter.config.model_copy(update={"passthrough": True})
+    both = TextAdapter(config).eval()
+    both.load_state_dict(adapter.state_dict())
+    tokens, mask = _prompts([5, 9], padded_to=12)
+    out = both(tokens, mask)
+    assert config.out_dim == 24 + 16 and out.shape == (2, 12, config.out_dim)
+    torch.testing.assert_close(out[..., :24], tokens)
+    torch.testing.assert_close(out[..., 24:], adapter(tokens, mask))
+    assert both.macs(12) == adapter.macs(12)  # the concatenation costs no multiply-accumulates

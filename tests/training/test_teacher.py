@@ -136,15 +136,25 @@ def test_extending_a_finished_run_resumes_from_its_checkpoint(tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-5  # the 2 extra steps did train
 
 
-def test_a_teacher_with_a_text_adapter_trains_it_exports_it_and_resumes(tmp_path, monkeypatch):
-    """The adapter is trained with the U-Net (its EMA exported beside it, the U-Net reading its width), and a run
-    killed mid-way resumes to the same adapter and U-Net."""
-    adapter = {"width": 16, "layers": 1, "heads": 4}
+@pytest.mark.parametrize("extra", [{}, {"passthrough": True, "layout_weight": 0.1}], ids=["plain", "layout"])
+def test_a_teacher_with_a_text_adapter_trains_it_exports_it_and_resumes(tmp_path, monkeypatch, extra):
+    """The adapter is trained with the U-Net (its EMA exported beside it, the U-Net reading its output), with the
+    layout read-out's loss logged when it has one, and a run killed mid-way resumes to the same adapter and U-Net
+    (and read-out)."""
+    shape = {"width": 16, "layers": 1, "heads": 4}
+    adapter = shape | extra
     config = tiny_teacher_config(tmp_path / "a", optim={"steps": 3}, text_adapter=adapter)
     straight = _train(config)
     unet, spec = load_teacher(straight)
-    assert unet.config.cross_attention_dim == 16
-    assert spec.text_adapter == {"token_dim": 384, **adapter}
+    passthrough = extra.get("passthrough", False)
+    assert unet.config.cross_attention_dim == 16 + (384 if passthrough else 0)
+    assert spec.text_adapter == {"token_dim": 384, **shape, "passthrough": passthrough}
+    records = [json.loads(line) for line in (tmp_path / "a" / "run" / "log.jsonl").read_text().splitlines()]
+    if "layout_weight" in extra:
+        assert all(math.isfinite(r["layout"]) and r["layout"] > 0 for r in records)
+        assert all(0 <= value <= 1 for r in records for value in r["layout_accuracy"].values())
+    else:
+        assert not any("layout" in r for r in records)
     trained = load_text_adapter(straight)
     torch.manual_seed(config.seed)  # the run draws the adapter's initial weights first
     initial = TextAdapter(TextAdapterConfig(**spec.text_adapter))

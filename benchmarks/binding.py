@@ -31,6 +31,7 @@ from training.data.labels import collate
 from training.data.shapes import COLOURS, SHAPES, Sample, ShapesDomain
 from training.evaluate import evaluation_samples, write_report
 from training.evaluator import DomainEvaluator, Reading, read_images
+from training.layout import AttentionRead
 
 COLOUR_NAMES = list(COLOURS)
 
@@ -92,9 +93,7 @@ class CellReadout(nn.Module):
         self.adapter = None
         if adapter_layers:
             self.adapter = nn.TransformerEncoder(layer, adapter_layers, enable_nested_tensor=False)
-        self.queries = nn.Parameter(torch.randn(cells, width) * 0.1)
-        self.key = nn.Linear(width, width)
-        self.value = nn.Linear(width, width)
+        self.read = AttentionRead(width, cells, width)
         self.shape_head = nn.Linear(width, len(SHAPES))
         self.colour_head = nn.Linear(width, len(COLOUR_NAMES))
 
@@ -103,9 +102,7 @@ class CellReadout(nn.Module):
         padding = ~mask.bool()
         if self.adapter is not None:
             states = self.adapter(states, src_key_padding_mask=padding)
-        scores = torch.einsum("qd,bld->bql", self.queries, self.key(states)) / states.shape[-1] ** 0.5
-        weights = scores.masked_fill(padding[:, None, :], float("-inf")).softmax(-1)
-        read = torch.einsum("bql,bld->bqd", weights, self.value(states))
+        read = self.read(states, mask)
         return self.shape_head(read), self.colour_head(read)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.labels import HEADS, IGNORE, PER_CELL_HEADS
+from .data.labels import HEADS, IGNORE, PER_CELL_HEADS, collate
 from .data.shapes import CELLS
 
 SCENE_HEADS = tuple(name for name in HEADS if name not in PER_CELL_HEADS)
@@ -42,6 +42,7 @@ class PromptLayoutHead(nn.Module):
 
     def __init__(self, token_dim: int, width: int = 128):
         super().__init__()
+        self.token_dim = token_dim
         self.read = AttentionRead(token_dim, len(CELLS) + 1, width)
         self.heads = nn.ModuleDict({name: nn.Linear(width, classes) for name, classes in HEADS.items()})
 
@@ -70,3 +71,65 @@ def layout_loss(
         if labelled.any():
             accuracy[name] = (predicted.argmax(-1) == target)[labelled].float().mean().item()
     return loss, accuracy
+
+
+def pretrain_adapter(
+    adapter: nn.Module,
+    head: PromptLayoutHead,
+    encoder,
+    domain,
+    steps: int,
+    captions: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log,
+) -> dict[str, float]:
+    """Train the text adapter and the read-out on the layout loss alone, before the U-Net reads the adapter: trained
+    from scratch together with the U-Net, the adapter learns binding far too slowly (at step 2000 of 6000 its
+    per-cell read on unseen three-object captions was still at the frozen encoder's level, about 50%). A fixed pool
+    of `captions` training captions is encoded once; each step draws `batch_size` of them. `log(record)` receives
+    the loss and accuracies every 100 steps. Returns the read-out's accuracy per head on unseen multi-object
+    (tier 3) captions of the test split."""
+    device = next(adapter.parameters()).device
+    samples = domain.batch(0, captions)
+    _, targets = collate(samples)
+    encoded = [encoder.encode([s.caption for s in samples[i : i + 512]]) for i in range(0, captions, 512)]
+    tokens, mask = torch.cat([e.tokens for e in encoded]), torch.cat([e.mask for e in encoded])
+    parameters = list(adapter.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    adapter.train()
+    every = torch.ones(batch_size, dtype=torch.bool, device=device)
+    for step in range(steps):
+        rows = torch.randint(captions, (batch_size,), generator=generator)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 100)
+        states = adapter(tokens[rows].to(device), mask[rows].to(device))
+        batch_targets = {name: value[rows] for name, value in targets.items()}
+        loss, accuracy = layout_loss(head(states[..., -head.token_dim :], mask[rows].to(device)), batch_targets, every)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        if step % 100 == 0 or step == steps - 1:
+            log({"pretrain_step": step, "layout": round(loss.item(), 4), "layout_accuracy": _rounded(accuracy)})
+    return layout_accuracy_on_unseen(adapter, head, encoder, type(domain), tier=3)
+
+
+@torch.no_grad()
+def layout_accuracy_on_unseen(adapter, head, encoder, domain_class, tier: int, count: int = 512) -> dict[str, float]:
+    """The read-out's accuracy per head on the first `count` tier-`tier` captions of the test split."""
+    samples = [s for s in domain_class(seed=7, split="test").batch(0, 8 * count) if s.scene.tier == tier][:count]
+    _, targets = collate(samples)
+    encoded = encoder.encode([s.caption for s in samples])
+    was_training = adapter.training
+    adapter.eval()
+    states = adapter(encoded.tokens, encoded.mask)
+    adapter.train(was_training)
+    rows = torch.ones(len(samples), dtype=torch.bool, device=states.device)
+    return _rounded(layout_loss(head(states[..., -head.token_dim :], encoded.mask), targets, rows)[1])
+
+
+def _rounded(accuracy: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 3) for name, value in accuracy.items()}

@@ -24,7 +24,7 @@ from router.encoder import EncoderConfig, PromptEncoder
 
 from .data.labels import collate, images_to_unit_range
 from .data.shapes import ShapesDomain
-from .layout import PromptLayoutHead, layout_loss
+from .layout import PromptLayoutHead, layout_loss, pretrain_adapter
 from .noise import NoisyBatch
 from .run import RunSettings, TrainingRun, check_finite, warmup_cosine
 
@@ -57,7 +57,9 @@ class AdapterSettings(BaseModel):
     """A trainable text adapter between the frozen encoder and the U-Net (`pruning.conditioning`): `width`,
     `layers`, `heads` and `passthrough` as in `TextAdapterConfig`. With `layout_weight` > 0, a layout read-out
     (`training.layout`) trained on the adapter's states adds its loss, times this weight, to the denoising loss; the
-    read-out is used in training only and not exported."""
+    read-out is used in training only and not exported. With `pretrain_steps` > 0, the adapter and the read-out
+    are first trained on the layout loss alone (`training.layout.pretrain_adapter`: `pretrain_captions` captions
+    encoded once, batches of `pretrain_batch_size`, learning rate `pretrain_lr`), before the U-Net's first step."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -66,6 +68,15 @@ class AdapterSettings(BaseModel):
     heads: int = Field(4, ge=1)
     passthrough: bool = False
     layout_weight: float = Field(0.0, ge=0.0)
+    pretrain_steps: int = Field(0, ge=0)
+    pretrain_captions: int = Field(32768, ge=1)
+    pretrain_batch_size: int = Field(128, ge=1)
+    pretrain_lr: float = Field(2e-3, gt=0.0)
+
+    def adapter_config(self, token_dim: int) -> TextAdapterConfig:
+        return TextAdapterConfig(
+            token_dim=token_dim, **self.model_dump(include={"width", "layers", "heads", "passthrough"})
+        )
 
 
 class NoiseSettings(BaseModel):
@@ -131,6 +142,11 @@ class EMA:
             self.shadow[name].lerp_(param.detach(), 1 - decay)
 
     @torch.no_grad()
+    def reset(self, model: torch.nn.Module) -> None:
+        for name, param in model.named_parameters():
+            self.shadow[name].copy_(param)
+
+    @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
         for name, param in model.named_parameters():
             param.copy_(self.shadow[name])
@@ -144,9 +160,8 @@ def train_teacher(config: TeacherConfig) -> Path:
     settings = config.text_adapter
     adapter, layout, text_side = None, None, torch.nn.ModuleDict()
     if settings is not None:
-        shape = settings.model_dump(exclude={"layout_weight"})
-        adapter = text_side["adapter"] = TextAdapter(TextAdapterConfig(token_dim=encoder.token_dim, **shape))
-        if settings.layout_weight > 0:
+        adapter = text_side["adapter"] = TextAdapter(settings.adapter_config(encoder.token_dim))
+        if settings.layout_weight > 0 or settings.pretrain_steps > 0:
             layout = text_side["layout"] = PromptLayoutHead(settings.width)
         text_side.to(device)
     context_dim = adapter.config.out_dim if adapter is not None else encoder.token_dim
@@ -161,6 +176,22 @@ def train_teacher(config: TeacherConfig) -> Path:
     domain = ShapesDomain(seed=config.seed, split="train")
     run = TrainingRun(config, {"unet": trained, "ema": ema.shadow}, optimizer)
     start = run.resume()
+    if start == 0 and settings is not None and settings.pretrain_steps > 0:
+        unseen = pretrain_adapter(
+            adapter,
+            layout,
+            encoder,
+            domain,
+            settings.pretrain_steps,
+            settings.pretrain_captions,
+            settings.pretrain_batch_size,
+            settings.pretrain_lr,
+            config.seed,
+            run.log,
+        )
+        run.log({"pretrained": settings.pretrain_steps, "layout_accuracy_unseen_tier3": unseen})
+        print(f"text adapter pre-trained; read-out on unseen three-object captions: {unseen}")
+        ema.reset(trained)  # the average starts from the pre-trained adapter, not its random initial weights
 
     progress = tqdm(range(start, optim.steps), desc="teacher", initial=start, total=optim.steps)
     for step in progress:
@@ -177,7 +208,7 @@ def train_teacher(config: TeacherConfig) -> Path:
         context = encoded.tokens if adapter is None else adapter(encoded.tokens, encoded.mask)
         loss = diffusion_loss(unet, scheduler, x0, context, encoded.mask, generator, optim.min_snr_gamma)
         total, record = loss, {}
-        if layout is not None:
+        if layout is not None and settings.layout_weight > 0:
             # The read-out sees the adapter's own states (the last `width` channels), on the prompts not dropped.
             logits = layout(context[..., -settings.width :], encoded.mask)
             layout_term, accuracy = layout_loss(logits, targets, ~drop.to(device))

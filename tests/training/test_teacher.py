@@ -136,7 +136,16 @@ def test_extending_a_finished_run_resumes_from_its_checkpoint(tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-5  # the 2 extra steps did train
 
 
-@pytest.mark.parametrize("extra", [{}, {"passthrough": True, "layout_weight": 0.1}], ids=["plain", "layout"])
+LAYOUT = {
+    "passthrough": True,
+    "layout_weight": 0.1,
+    "pretrain_steps": 3,
+    "pretrain_captions": 16,
+    "pretrain_batch_size": 4,
+}
+
+
+@pytest.mark.parametrize("extra", [{}, LAYOUT], ids=["plain", "layout"])
 def test_a_teacher_with_a_text_adapter_trains_it_exports_it_and_resumes(tmp_path, monkeypatch, extra):
     """The adapter is trained with the U-Net (its EMA exported beside it, the U-Net reading its output), with the
     layout read-out's loss logged when it has one, and a run killed mid-way resumes to the same adapter and U-Net
@@ -150,9 +159,13 @@ def test_a_teacher_with_a_text_adapter_trains_it_exports_it_and_resumes(tmp_path
     assert unet.config.cross_attention_dim == 16 + (384 if passthrough else 0)
     assert spec.text_adapter == {"token_dim": 384, **shape, "passthrough": passthrough}
     records = [json.loads(line) for line in (tmp_path / "a" / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "step" in r]
+    assert [r["step"] for r in steps] == [0, 1, 2]
     if "layout_weight" in extra:
-        assert all(math.isfinite(r["layout"]) and r["layout"] > 0 for r in records)
-        assert all(0 <= value <= 1 for r in records for value in r["layout_accuracy"].values())
+        assert [r["pretrain_step"] for r in records if "pretrain_step" in r] == [0, 2]  # every 100 and the last
+        assert [r["pretrained"] for r in records if "pretrained" in r] == [3]
+        assert all(math.isfinite(r["layout"]) and r["layout"] > 0 for r in steps)
+        assert all(0 <= value <= 1 for r in steps for value in r["layout_accuracy"].values())
     else:
         assert not any("layout" in r for r in records)
     trained = load_text_adapter(straight)

@@ -17,8 +17,6 @@ from torch import nn
 from .data.labels import HEADS, IGNORE, PER_CELL_HEADS, collate
 from .data.shapes import CELLS
 
-SCENE_HEADS = tuple(name for name in HEADS if name not in PER_CELL_HEADS)
-
 
 class AttentionRead(nn.Module):
     """`queries` learned queries, each reading the tokens once (single head, padding masked): `(B, L, D)` ->
@@ -113,7 +111,7 @@ def pretrain_adapter(
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         if step % 100 == 0 or step == steps - 1:
-            log({"pretrain_step": step, "layout": round(loss.item(), 4), "layout_accuracy": _rounded(accuracy)})
+            log({"pretrain_step": step, "layout": round(loss.item(), 4), "layout_accuracy": rounded_accuracy(accuracy)})
     return layout_accuracy_on_unseen(adapter, head, encoder, type(domain), tier=3)
 
 
@@ -128,8 +126,8 @@ def layout_accuracy_on_unseen(adapter, head, encoder, domain_class, tier: int, c
     states = adapter(encoded.tokens, encoded.mask)
     adapter.train(was_training)
     rows = torch.ones(len(samples), dtype=torch.bool, device=states.device)
-    return _rounded(layout_loss(head(states[..., -head.token_dim :], encoded.mask), targets, rows)[1])
+    return rounded_accuracy(layout_loss(head(states[..., -head.token_dim :], encoded.mask), targets, rows)[1])
 
 
-def _rounded(accuracy: dict[str, float]) -> dict[str, float]:
+def rounded_accuracy(accuracy: dict[str, float]) -> dict[str, float]:
     return {name: round(value, 3) for name, value in accuracy.items()}

@@ -24,7 +24,7 @@ from router.encoder import EncoderConfig, PromptEncoder
 
 from .data.labels import collate, images_to_unit_range
 from .data.shapes import ShapesDomain
-from .layout import PromptLayoutHead, layout_loss, pretrain_adapter
+from .layout import PromptLayoutHead, layout_loss, pretrain_adapter, rounded_accuracy
 from .noise import NoisyBatch
 from .run import RunSettings, TrainingRun, check_finite, warmup_cosine
 
@@ -215,7 +215,7 @@ def train_teacher(config: TeacherConfig) -> Path:
             total = loss + settings.layout_weight * layout_term
             record = {
                 "layout": round(layout_term.item(), 4),
-                "layout_accuracy": {k: round(v, 3) for k, v in accuracy.items()},
+                "layout_accuracy": rounded_accuracy(accuracy),
             }
         optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -87,9 +87,7 @@ class TextAdapter(nn.Module):
             if isinstance(e, ModelFileError):
                 raise
             raise ModelFileError(folder / ADAPTER_CONFIG, f"not a text adapter config ({e})") from None
-        with torch.device("meta"):
-            skeleton = cls(config)
-        state = load_matching_state(folder / ADAPTER_WEIGHTS, skeleton.state_dict(), sha256, device)
         adapter = cls(config).to(device)
+        state = load_matching_state(folder / ADAPTER_WEIGHTS, adapter.state_dict(), sha256, device)
         adapter.load_state_dict(state, strict=True)
         return adapter.eval().requires_grad_(False)

@@ -98,11 +98,14 @@ class RoutedPipeline:
         self.teacher_macs = teacher_macs
         self.source = source
         self.empty_prompt = encoder.encode([""])
-        self.adapter_macs_per_prompt = encoder.adapter_macs_per_prompt
 
     @property
     def num_codes(self) -> int:
         return len(self.codes)
+
+    @property
+    def adapter_macs_per_prompt(self) -> int:
+        return self.encoder.adapter_macs_per_prompt
 
     @classmethod
     def load(

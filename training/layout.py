@@ -10,12 +10,17 @@ states do not (benchmarks/binding.py: about chance per cell).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from router.encoder import PromptEncoder
+
 from .data.labels import HEADS, IGNORE, PER_CELL_HEADS, collate
-from .data.shapes import CELLS
+from .data.shapes import CELLS, ShapesDomain
 
 
 class AttentionRead(nn.Module):
@@ -36,7 +41,8 @@ class AttentionRead(nn.Module):
 
 class PromptLayoutHead(nn.Module):
     """One read per grid cell (shape, colour, size of the object there) and one for the scene (background, glyph,
-    glyph colour); logits by head name, per-cell ones `(B, cells, classes)`."""
+    glyph colour); logits by head name, per-cell ones `(B, cells, classes)`. It reads the last `token_dim` channels
+    of each token state: the adapter's own, also when the adapter passes the encoder's states through before them."""
 
     def __init__(self, token_dim: int, width: int = 128):
         super().__init__()
@@ -45,7 +51,7 @@ class PromptLayoutHead(nn.Module):
         self.heads = nn.ModuleDict({name: nn.Linear(width, classes) for name, classes in HEADS.items()})
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        read = self.read(tokens, mask)
+        read = self.read(tokens[..., -self.token_dim :], mask)
         cells, scene = read[:, : len(CELLS)], read[:, len(CELLS)]
         return {name: head(cells if name in PER_CELL_HEADS else scene) for name, head in self.heads.items()}
 
@@ -74,14 +80,14 @@ def layout_loss(
 def pretrain_adapter(
     adapter: nn.Module,
     head: PromptLayoutHead,
-    encoder,
-    domain,
+    encoder: PromptEncoder,
+    domain: ShapesDomain,
     steps: int,
     captions: int,
     batch_size: int,
     lr: float,
     seed: int,
-    log,
+    log: Callable[[dict[str, Any]], None],
 ) -> dict[str, float]:
     """Train the text adapter and the read-out on the layout loss alone, before the U-Net reads the adapter: trained
     from scratch together with the U-Net, the adapter learns binding far too slowly (at step 2000 of 6000 its
@@ -105,20 +111,22 @@ def pretrain_adapter(
             group["lr"] = lr * min(1.0, (step + 1) / 100)
         states = adapter(tokens[rows].to(device), mask[rows].to(device))
         batch_targets = {name: value[rows] for name, value in targets.items()}
-        loss, accuracy = layout_loss(head(states[..., -head.token_dim :], mask[rows].to(device)), batch_targets, every)
+        loss, accuracy = layout_loss(head(states, mask[rows].to(device)), batch_targets, every)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         if step % 100 == 0 or step == steps - 1:
             log({"pretrain_step": step, "layout": round(loss.item(), 4), "layout_accuracy": rounded_accuracy(accuracy)})
-    return layout_accuracy_on_unseen(adapter, head, encoder, type(domain), tier=3)
+    return layout_accuracy_on_unseen(adapter, head, encoder, tier=3)
 
 
 @torch.no_grad()
-def layout_accuracy_on_unseen(adapter, head, encoder, domain_class, tier: int, count: int = 512) -> dict[str, float]:
+def layout_accuracy_on_unseen(
+    adapter: nn.Module, head: PromptLayoutHead, encoder: PromptEncoder, tier: int, count: int = 512
+) -> dict[str, float]:
     """The read-out's accuracy per head on the first `count` tier-`tier` captions of the test split."""
-    samples = [s for s in domain_class(seed=7, split="test").batch(0, 8 * count) if s.scene.tier == tier][:count]
+    samples = [s for s in ShapesDomain(seed=7, split="test").batch(0, 8 * count) if s.scene.tier == tier][:count]
     _, targets = collate(samples)
     encoded = encoder.encode([s.caption for s in samples])
     was_training = adapter.training
@@ -126,7 +134,7 @@ def layout_accuracy_on_unseen(adapter, head, encoder, domain_class, tier: int, c
     states = adapter(encoded.tokens, encoded.mask)
     adapter.train(was_training)
     rows = torch.ones(len(samples), dtype=torch.bool, device=states.device)
-    return rounded_accuracy(layout_loss(head(states[..., -head.token_dim :], encoded.mask), targets, rows)[1])
+    return rounded_accuracy(layout_loss(head(states, encoded.mask), targets, rows)[1])
 
 
 def rounded_accuracy(accuracy: dict[str, float]) -> dict[str, float]:

@@ -209,8 +209,8 @@ def train_teacher(config: TeacherConfig) -> Path:
         loss = diffusion_loss(unet, scheduler, x0, context, encoded.mask, generator, optim.min_snr_gamma)
         total, record = loss, {}
         if layout is not None and settings.layout_weight > 0:
-            # The read-out sees the adapter's own states (the last `width` channels), on the prompts not dropped.
-            logits = layout(context[..., -settings.width :], encoded.mask)
+            # On the prompts not dropped: an empty prompt describes nothing.
+            logits = layout(context, encoded.mask)
             layout_term, accuracy = layout_loss(logits, targets, ~drop.to(device))
             total = loss + settings.layout_weight * layout_term
             record = {

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruning.conditioning import AttentionRead
 from pruning.files import ModelFileError
 from router.encoder import PromptEncoder
 from router.pipeline import RoutedPipeline
@@ -31,7 +32,6 @@ from training.data.labels import collate
 from training.data.shapes import COLOURS, SHAPES, Sample, ShapesDomain
 from training.evaluate import evaluation_samples, write_report
 from training.evaluator import DomainEvaluator, Reading, read_images
-from training.layout import AttentionRead
 
 COLOUR_NAMES = list(COLOURS)
 

@@ -5,6 +5,11 @@ object ("a red circle top left and a blue square bottom right": `benchmarks/bind
 per grid cell at about chance on the frozen states, and at 99% after two trainable layers). The adapter is trained
 with the teacher, then frozen and shared by every expert (it is not pruned), and it runs once per prompt, not once
 per U-Net call, so its cost is per image, not per sampling step.
+
+With `summary_tokens`, the adapter also ends in a few learned queries that each read its states once (as
+`AttentionRead`); their results are appended to the prompt's tokens. A U-Net pixel then finds "what is drawn here"
+in one token (the one whose query stands for its place) rather than by weighing every word of the prompt; the
+teacher's training can supervise what each summary token holds (`training.layout`).
 """
 
 from __future__ import annotations
@@ -24,11 +29,32 @@ ADAPTER_CONFIG = "config.json"
 ADAPTER_WEIGHTS = "model.safetensors"
 
 
+class AttentionRead(nn.Module):
+    """`queries` learned queries, each reading the tokens once (single head, padding masked): `(B, L, D)` ->
+    `(B, queries, width)`."""
+
+    def __init__(self, token_dim: int, queries: int, width: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(queries, width) * 0.1)
+        self.key = nn.Linear(token_dim, width)
+        self.value = nn.Linear(token_dim, width)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = torch.einsum("qd,bld->bql", self.queries, self.key(tokens)) / self.queries.shape[-1] ** 0.5
+        weights = scores.masked_fill(~mask.bool()[:, None, :], float("-inf")).softmax(-1)
+        return torch.einsum("bql,bld->bqd", weights, self.value(tokens))
+
+    def macs(self, length: int) -> int:
+        width, token_dim = self.queries.shape[1], self.key.in_features
+        return 2 * length * token_dim * width + 2 * self.queries.shape[0] * length * width
+
+
 class TextAdapterConfig(BaseModel):
     """Shape of the adapter: `token_dim` (the encoder's token-state width) in, `layers` pre-norm transformer layers
     of `width` and `heads` heads. With `passthrough`, each output token is the encoder's state followed by the
     adapter's (the U-Net keeps every word's own state and gains the adapter's), else the adapter's alone;
-    `out_dim` is the U-Net's `cross_attention_dim`."""
+    `out_dim` is the U-Net's `cross_attention_dim`. `summary_tokens` learned-query tokens follow the prompt's
+    (their encoder part zero under `passthrough`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -37,6 +63,7 @@ class TextAdapterConfig(BaseModel):
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
     passthrough: bool = False
+    summary_tokens: int = Field(0, ge=0)
 
     @property
     def out_dim(self) -> int:
@@ -55,20 +82,39 @@ class TextAdapter(nn.Module):
         )
         self.layers = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.width)
+        if config.summary_tokens:
+            self.summary = AttentionRead(config.width, config.summary_tokens, config.width)
+            self.summary_norm = nn.LayerNorm(config.width)
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """`tokens` `(B, L, token_dim)` and `mask` `(B, L)` (1 = a real token) -> `(B, L, out_dim)`. Padding is
-        masked out of attention (and the adapter's outputs there are zero), so a prompt's states do not depend on how
-        far it was padded or on its batch."""
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`tokens` `(B, L, token_dim)` and `mask` `(B, L)` (1 = a real token) -> states `(B, L + summary_tokens,
+        out_dim)` and their mask. Padding is masked out of attention (and the adapter's outputs there are zero), so a
+        prompt's states do not depend on how far it was padded or on its batch."""
         states = self.layers(self.project(tokens), src_key_padding_mask=~mask.bool())
         states = self.norm(states) * mask.unsqueeze(-1).to(states.dtype)
-        return torch.cat([tokens, states], dim=-1) if self.config.passthrough else states
+        if self.config.passthrough:
+            states = torch.cat([tokens, states], dim=-1)
+        if not self.config.summary_tokens:
+            return states, mask
+        adapted = states[..., -self.config.width :]
+        # The query is added back so that each summary token's key says which query it answers, whatever it read.
+        summary = self.summary_norm(self.summary(adapted, mask) + self.summary.queries)
+        if self.config.passthrough:
+            summary = torch.cat([summary.new_zeros(*summary.shape[:2], self.config.token_dim), summary], dim=-1)
+        summary_mask = mask.new_ones(mask.shape[0], self.config.summary_tokens)
+        return torch.cat([states, summary], dim=1), torch.cat([mask, summary_mask], dim=1)
 
     def macs(self, length: int) -> int:
-        """Multiply-accumulates for one prompt of `length` tokens (projections, attention, feed-forward)."""
+        """Multiply-accumulates for one prompt of `length` tokens (projections, attention, feed-forward, summary
+        reads)."""
         width, token_dim = self.config.width, self.config.token_dim
         per_layer = length * (4 * width * width + 2 * width * 4 * width) + 2 * length * length * width
-        return length * token_dim * width + self.config.layers * per_layer
+        summary = self.summary.macs(length) if self.config.summary_tokens else 0
+        return length * token_dim * width + self.config.layers * per_layer + summary
+
+    def context_length(self, length: int) -> int:
+        """Tokens the U-Net reads for prompts padded to `length`."""
+        return length + self.config.summary_tokens
 
     def save(self, folder: str | Path, storage_dtype: torch.dtype = torch.float32) -> dict[str, str]:
         """Write config and weights to `folder`; returns each file's sha256 by name."""

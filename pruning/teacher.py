@@ -56,6 +56,13 @@ class TeacherSpec:
     training: dict[str, Any] = field(default_factory=dict)
     text_adapter: dict[str, Any] | None = None
 
+    @property
+    def context_length(self) -> int:
+        """Tokens the U-Net reads per prompt (its cross-attention's key length): the encoder's padded length, plus
+        the adapter's summary tokens."""
+        summary = int((self.text_adapter or {}).get("summary_tokens", 0))
+        return int(self.text_encoder.get("max_length", 77)) + summary
+
 
 def save_teacher(
     unet: nn.Module,

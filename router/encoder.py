@@ -148,9 +148,15 @@ class Conditioner:
         an adapter. The frozen encoder's own cost is not counted, as for a teacher without an adapter."""
         return self.adapter.macs(self.config.max_length) if self.adapter is not None else 0
 
+    @property
+    def context_length(self) -> int:
+        """Tokens a U-Net reads per prompt (the key length of its cross-attention)."""
+        length = self.config.max_length
+        return self.adapter.context_length(length) if self.adapter is not None else length
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> EncodedPrompts:
         encoded = self.encoder.encode(prompts)
         if self.adapter is None:
             return encoded
-        return EncodedPrompts(self.adapter(encoded.tokens, encoded.mask), encoded.mask, encoded.pooled)
+        return EncodedPrompts(*self.adapter(encoded.tokens, encoded.mask), encoded.pooled)

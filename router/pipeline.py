@@ -145,7 +145,7 @@ class RoutedPipeline:
         unet, spec = load_teacher(path, device=device, dtype=dtype)
         frozen = PromptEncoder(EncoderConfig(**spec.text_encoder), device=device)
         encoder = Conditioner(frozen, load_text_adapter(path, device=device))
-        space = ArchitectureSpace.from_unet(unet, text_len=encoder.config.max_length)
+        space = ArchitectureSpace.from_unet(unet, text_len=encoder.context_length)
         macs = space.total_macs(spec.resolution)
         params = sum(p.numel() for p in unet.parameters())
         code = CodeInfo(code=0, macs=macs, params=params, training_share=1.0)

@@ -97,7 +97,7 @@ def run_baseline(config: BaselineConfig) -> Path:
     device = torch.device(config.device)
     teacher, spec = load_teacher(config.teacher, device=device)
     teacher.requires_grad_(False)
-    space = ArchitectureSpace.from_unet(teacher, text_len=int(spec.text_encoder.get("max_length", 77)))
+    space = ArchitectureSpace.from_unet(teacher, text_len=spec.context_length)
     arch = l1_architecture_for_budget(teacher, space, config.budget, spec.resolution)
     encoder = Conditioner(
         PromptEncoder(EncoderConfig(**spec.text_encoder), device=device), load_text_adapter(config.teacher, device)

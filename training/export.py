@@ -83,8 +83,7 @@ def random_bundle(
     the serving path before a trained router exists. Code k keeps a fraction `keeps[k]` of each unit's gates;
     the router is untrained: deterministic, but its all-on prompt gates make every prompt pick the densest code."""
     teacher, spec = load_teacher(teacher_folder)
-    text_len = int(spec.text_encoder.get("max_length", 77))
-    space = ArchitectureSpace.from_unet(teacher, text_len=text_len)
+    space = ArchitectureSpace.from_unet(teacher, text_len=spec.context_length)
     keeps = list(keeps) if keeps is not None else [1.0 - 0.6 * k / max(1, num_codes - 1) for k in range(num_codes)]
     torch.manual_seed(seed)
     router = Router(RouterConfig(num_codes=num_codes, encoder=spec.text_encoder), space, spec.resolution)

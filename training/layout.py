@@ -17,41 +17,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruning.conditioning import AttentionRead
 from router.encoder import PromptEncoder
 
 from .data.labels import HEADS, IGNORE, PER_CELL_HEADS, collate
 from .data.shapes import CELLS, ShapesDomain
 
-
-class AttentionRead(nn.Module):
-    """`queries` learned queries, each reading the tokens once (single head, padding masked): `(B, L, D)` ->
-    `(B, queries, width)`."""
-
-    def __init__(self, token_dim: int, queries: int, width: int):
-        super().__init__()
-        self.queries = nn.Parameter(torch.randn(queries, width) * 0.1)
-        self.key = nn.Linear(token_dim, width)
-        self.value = nn.Linear(token_dim, width)
-
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        scores = torch.einsum("qd,bld->bql", self.queries, self.key(tokens)) / self.queries.shape[-1] ** 0.5
-        weights = scores.masked_fill(~mask.bool()[:, None, :], float("-inf")).softmax(-1)
-        return torch.einsum("bql,bld->bqd", weights, self.value(tokens))
+LAYOUT_READS = len(CELLS) + 1  # one per grid cell, one for the scene
 
 
 class PromptLayoutHead(nn.Module):
     """One read per grid cell (shape, colour, size of the object there) and one for the scene (background, glyph,
     glyph colour); logits by head name, per-cell ones `(B, cells, classes)`. It reads the last `token_dim` channels
-    of each token state: the adapter's own, also when the adapter passes the encoder's states through before them."""
+    of each token state: the adapter's own, also when the adapter passes the encoder's states through before them.
 
-    def __init__(self, token_dim: int, width: int = 128):
+    With `summary`, the adapter's last `LAYOUT_READS` tokens (its summary tokens) are the reads, classified as they
+    are: the loss then teaches those tokens, which the U-Net reads, to hold each cell's object. Otherwise the head
+    makes its own reads (`AttentionRead`, `width` wide) over the adapter's states."""
+
+    def __init__(self, token_dim: int, width: int = 128, summary: bool = False):
         super().__init__()
         self.token_dim = token_dim
-        self.read = AttentionRead(token_dim, len(CELLS) + 1, width)
-        self.heads = nn.ModuleDict({name: nn.Linear(width, classes) for name, classes in HEADS.items()})
+        self.read = None if summary else AttentionRead(token_dim, LAYOUT_READS, width)
+        read_dim = token_dim if summary else width
+        self.heads = nn.ModuleDict({name: nn.Linear(read_dim, classes) for name, classes in HEADS.items()})
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        read = self.read(tokens[..., -self.token_dim :], mask)
+        tokens = tokens[..., -self.token_dim :]
+        read = tokens[:, -LAYOUT_READS:] if self.read is None else self.read(tokens, mask)
         cells, scene = read[:, : len(CELLS)], read[:, len(CELLS)]
         return {name: head(cells if name in PER_CELL_HEADS else scene) for name, head in self.heads.items()}
 
@@ -109,9 +102,9 @@ def pretrain_adapter(
         rows = torch.randint(captions, (batch_size,), generator=generator)
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 100)
-        states = adapter(tokens[rows].to(device), mask[rows].to(device))
+        states, states_mask = adapter(tokens[rows].to(device), mask[rows].to(device))
         batch_targets = {name: value[rows] for name, value in targets.items()}
-        loss, accuracy = layout_loss(head(states, mask[rows].to(device)), batch_targets, every)
+        loss, accuracy = layout_loss(head(states, states_mask), batch_targets, every)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -131,10 +124,10 @@ def layout_accuracy_on_unseen(
     encoded = encoder.encode([s.caption for s in samples])
     was_training = adapter.training
     adapter.eval()
-    states = adapter(encoded.tokens, encoded.mask)
+    states, states_mask = adapter(encoded.tokens, encoded.mask)
     adapter.train(was_training)
     rows = torch.ones(len(samples), dtype=torch.bool, device=states.device)
-    return rounded_accuracy(layout_loss(head(states, encoded.mask), targets, rows)[1])
+    return rounded_accuracy(layout_loss(head(states, states_mask), targets, rows)[1])
 
 
 def rounded_accuracy(accuracy: dict[str, float]) -> dict[str, float]:

@@ -135,7 +135,7 @@ def run_search(config: SearchConfig) -> Path:
     unet, spec = load_teacher(config.teacher, device=device)
     unet.requires_grad_(False)
     unet.train()  # no dropout or batch norm in these U-Nets; train mode only matters for gradient checkpointing
-    space = ArchitectureSpace.from_unet(unet, text_len=int(spec.text_encoder.get("max_length", 77)))
+    space = ArchitectureSpace.from_unet(unet, text_len=spec.context_length)
     resolution = spec.resolution
     frozen = PromptEncoder(config.encoder or EncoderConfig(**spec.text_encoder), device=device)
     text_encoder = Conditioner(frozen, load_text_adapter(config.teacher, device=device))

@@ -24,7 +24,7 @@ from router.encoder import EncoderConfig, PromptEncoder
 
 from .data.labels import collate, images_to_unit_range
 from .data.shapes import ShapesDomain
-from .layout import PromptLayoutHead, layout_loss, pretrain_adapter, rounded_accuracy
+from .layout import LAYOUT_READS, PromptLayoutHead, layout_loss, pretrain_adapter, rounded_accuracy
 from .noise import NoisyBatch
 from .run import RunSettings, TrainingRun, check_finite, warmup_cosine
 
@@ -55,11 +55,13 @@ class UNetSettings(BaseModel):
 
 class AdapterSettings(BaseModel):
     """A trainable text adapter between the frozen encoder and the U-Net (`pruning.conditioning`): `width`,
-    `layers`, `heads` and `passthrough` as in `TextAdapterConfig`. With `layout_weight` > 0, a layout read-out
-    (`training.layout`) trained on the adapter's states adds its loss, times this weight, to the denoising loss; the
-    read-out is used in training only and not exported. With `pretrain_steps` > 0, the adapter and the read-out
-    are first trained on the layout loss alone (`training.layout.pretrain_adapter`: `pretrain_captions` captions
-    encoded once, batches of `pretrain_batch_size`, learning rate `pretrain_lr`), before the U-Net's first step."""
+    `layers`, `heads`, `passthrough` and `summary_tokens` as in `TextAdapterConfig`. With `layout_weight` > 0, a
+    layout read-out (`training.layout`) trained on the adapter's states adds its loss, times this weight, to the
+    denoising loss; the read-out is used in training only and not exported. With `summary_tokens` it classifies the
+    adapter's summary tokens themselves, one per grid cell and one for the scene (so there must be that many).
+    With `pretrain_steps` > 0, the adapter and the read-out are first trained on the layout loss alone
+    (`training.layout.pretrain_adapter`: `pretrain_captions` captions encoded once, batches of
+    `pretrain_batch_size`, learning rate `pretrain_lr`), before the U-Net's first step."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -67,16 +69,29 @@ class AdapterSettings(BaseModel):
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
     passthrough: bool = False
+    summary_tokens: int = Field(0, ge=0)
     layout_weight: float = Field(0.0, ge=0.0)
     pretrain_steps: int = Field(0, ge=0)
     pretrain_captions: int = Field(32768, ge=1)
     pretrain_batch_size: int = Field(128, ge=1)
     pretrain_lr: float = Field(2e-3, gt=0.0)
 
+    @model_validator(mode="after")
+    def _summary_tokens_fit_the_layout_read(self) -> AdapterSettings:
+        if self.summary_tokens and self.has_layout_read and self.summary_tokens != LAYOUT_READS:
+            raise ValueError(
+                f"summary_tokens: the layout read-out classifies one summary token per grid cell plus one for the "
+                f"scene, so it must be {LAYOUT_READS} (or 0), not {self.summary_tokens}"
+            )
+        return self
+
+    @property
+    def has_layout_read(self) -> bool:
+        return self.layout_weight > 0 or self.pretrain_steps > 0
+
     def adapter_config(self, token_dim: int) -> TextAdapterConfig:
-        return TextAdapterConfig(
-            token_dim=token_dim, **self.model_dump(include={"width", "layers", "heads", "passthrough"})
-        )
+        fields = {"width", "layers", "heads", "passthrough", "summary_tokens"}
+        return TextAdapterConfig(token_dim=token_dim, **self.model_dump(include=fields))
 
 
 class NoiseSettings(BaseModel):
@@ -161,8 +176,8 @@ def train_teacher(config: TeacherConfig) -> Path:
     adapter, layout, text_side = None, None, torch.nn.ModuleDict()
     if settings is not None:
         adapter = text_side["adapter"] = TextAdapter(settings.adapter_config(encoder.token_dim))
-        if settings.layout_weight > 0 or settings.pretrain_steps > 0:
-            layout = text_side["layout"] = PromptLayoutHead(settings.width)
+        if settings.has_layout_read:
+            layout = text_side["layout"] = PromptLayoutHead(settings.width, summary=settings.summary_tokens > 0)
         text_side.to(device)
     context_dim = adapter.config.out_dim if adapter is not None else encoder.token_dim
     unet = build_unet(config, context_dim).to(device).to(memory_format=torch.channels_last)
@@ -205,12 +220,12 @@ def train_teacher(config: TeacherConfig) -> Path:
         encoded = encoder.encode(captions)
         for group in optimizer.param_groups:
             group["lr"] = optim.lr * warmup_cosine(step, optim.warmup_steps, optim.steps, optim.min_lr_ratio)
-        context = encoded.tokens if adapter is None else adapter(encoded.tokens, encoded.mask)
-        loss = diffusion_loss(unet, scheduler, x0, context, encoded.mask, generator, optim.min_snr_gamma)
+        context, mask = (encoded.tokens, encoded.mask) if adapter is None else adapter(encoded.tokens, encoded.mask)
+        loss = diffusion_loss(unet, scheduler, x0, context, mask, generator, optim.min_snr_gamma)
         total, record = loss, {}
         if layout is not None and settings.layout_weight > 0:
             # On the prompts not dropped: an empty prompt describes nothing.
-            logits = layout(context, encoded.mask)
+            logits = layout(context, mask)
             layout_term, accuracy = layout_loss(logits, targets, ~drop.to(device))
             total = loss + settings.layout_weight * layout_term
             record = {

@@ -16,6 +16,13 @@ def adapter():
     return TextAdapter(TextAdapterConfig(token_dim=24, width=16, layers=2, heads=4)).eval()
 
 
+@pytest.fixture
+def summarising():
+    torch.manual_seed(0)
+    config = TextAdapterConfig(token_dim=24, width=16, layers=2, heads=4, passthrough=True, summary_tokens=3)
+    return TextAdapter(config).eval()
+
+
 def _prompts(lengths: list[int], padded_to: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randn(len(lengths), padded_to, 24, generator=generator)
@@ -26,19 +33,40 @@ def _prompts(lengths: list[int], padded_to: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def test_a_prompts_states_do_not_depend_on_its_batch_or_its_padding(adapter):
+@pytest.mark.parametrize("which", ["adapter", "summarising"])
+def test_a_prompts_states_do_not_depend_on_its_batch_or_its_padding(which, request):
+    adapter = request.getfixturevalue(which)
+    summary = adapter.config.summary_tokens
+
+    def states(tokens, mask):  # the prompt's first 5 positions, then the summary tokens
+        out, _ = adapter(tokens, mask)
+        return torch.cat([out[:, :5], out[:, out.shape[1] - summary :]], dim=1)
+
     tokens, mask = _prompts([5, 9, 3], padded_to=12)
-    together = adapter(tokens, mask)
-    alone = adapter(tokens[1:2], mask[1:2])
+    together, _ = adapter(tokens, mask)
+    alone, _ = adapter(tokens[1:2], mask[1:2])
     torch.testing.assert_close(together[1:2], alone, atol=1e-5, rtol=1e-5)
     garbage = tokens.clone()
     garbage[0, 5:] = 100.0  # whatever sits in the padding
-    torch.testing.assert_close(adapter(garbage, mask)[0, :5], together[0, :5], atol=1e-5, rtol=1e-5)
-    shorter = adapter(tokens[:1, :8], mask[:1, :8])  # padded to 8 instead of 12
-    torch.testing.assert_close(shorter[0, :5], together[0, :5], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(states(garbage[:1], mask[:1]), states(tokens[:1], mask[:1]), atol=1e-5, rtol=1e-5)
+    shorter = states(tokens[:1, :8], mask[:1, :8])  # padded to 8 instead of 12
+    torch.testing.assert_close(shorter, states(tokens[:1], mask[:1]), atol=1e-5, rtol=1e-5)
 
 
-def test_macs_match_a_flop_count(adapter):
+@torch.no_grad()
+def test_summary_tokens_follow_the_prompts_and_are_always_read(summarising):
+    tokens, mask = _prompts([5, 9], padded_to=12)
+    out, out_mask = summarising(tokens, mask)
+    assert out.shape == (2, 12 + 3, 24 + 16) and summarising.context_length(12) == 15
+    torch.testing.assert_close(out[:, :12, :24], tokens)  # the prompt's own states pass through
+    assert (out[:, 12:, :24] == 0).all()  # a summary token has no encoder state
+    torch.testing.assert_close(out_mask, torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], dim=1))
+    assert not torch.allclose(out[0, 12:], out[1, 12:])  # what a summary token holds depends on the prompt
+
+
+@pytest.mark.parametrize("which", ["adapter", "summarising"])
+def test_macs_match_a_flop_count(which, request):
+    adapter = request.getfixturevalue(which)
     tokens, mask = _prompts([10], padded_to=10)
     with FlopCounterMode(display=False) as counter:
         adapter(tokens, mask)
@@ -53,7 +81,7 @@ def test_save_and_load_round_trip_and_refuse_a_damaged_file(adapter, tmp_path):
     loaded = TextAdapter.load(tmp_path / "adapter", sha256=hashes[ADAPTER_WEIGHTS])
     tokens, mask = _prompts([4, 7], padded_to=7)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(tokens, mask), adapter(tokens, mask))
+        torch.testing.assert_close(loaded(tokens, mask)[0], adapter(tokens, mask)[0])
     assert not any(p.requires_grad for p in loaded.parameters())
     (tmp_path / "adapter" / ADAPTER_WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(ModelFileError, match=ADAPTER_WEIGHTS):
@@ -72,8 +100,9 @@ def test_passthrough_keeps_the_encoders_states_before_the_adapters(adapter):
     both = TextAdapter(config).eval()
     both.load_state_dict(adapter.state_dict())
     tokens, mask = _prompts([5, 9], padded_to=12)
-    out = both(tokens, mask)
+    out, out_mask = both(tokens, mask)
     assert config.out_dim == 24 + 16 and out.shape == (2, 12, config.out_dim)
     torch.testing.assert_close(out[..., :24], tokens)
-    torch.testing.assert_close(out[..., 24:], adapter(tokens, mask))
+    torch.testing.assert_close(out[..., 24:], adapter(tokens, mask)[0])
+    assert out_mask is mask
     assert both.macs(12) == adapter.macs(12)  # the concatenation costs no multiply-accumulates

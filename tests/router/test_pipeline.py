@@ -7,6 +7,7 @@ import torch
 
 from pruning.bundle import BundleError
 from pruning.space import ArchitectureSpace
+from pruning.teacher import load_teacher
 from router.pipeline import RoutedPipeline
 from tests.conftest import ENCODER_MAX_LENGTH, save_tiny_teacher
 
@@ -24,33 +25,42 @@ def test_a_teacher_folder_is_a_one_code_pipeline(teacher_folder, teacher):
     assert images.shape == (1, 3, 32, 32) and images.dtype == torch.uint8
 
 
-def test_a_teacher_with_a_text_adapter_conditions_its_unet_through_it(tmp_path, prompt_encoder):
+@pytest.mark.parametrize("summary_tokens", [0, 3])
+def test_a_teacher_with_a_text_adapter_conditions_its_unet_through_it(tmp_path, prompt_encoder, summary_tokens):
     from pruning.teacher import load_text_adapter
 
-    folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16)
+    folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16, summary_tokens=summary_tokens)
     adapter = load_text_adapter(folder)
     pipeline = RoutedPipeline.load(folder)
     prompts = ["a red circle top left and a blue square"]
     encoded, plain = pipeline.encode(prompts), prompt_encoder.encode(prompts)
-    assert encoded.tokens.shape[-1] == 16
+    assert encoded.tokens.shape[1:] == (ENCODER_MAX_LENGTH + summary_tokens, 16)
     with torch.no_grad():
-        expected = adapter(plain.tokens, plain.mask)
+        expected, expected_mask = adapter(plain.tokens, plain.mask)
     torch.testing.assert_close(encoded.tokens, expected)
+    torch.testing.assert_close(encoded.mask, expected_mask)
     torch.testing.assert_close(encoded.pooled, plain.pooled)  # the router's input is the encoder's own
     assert pipeline.adapter_macs_per_prompt == adapter.macs(ENCODER_MAX_LENGTH) > 0
+    # The U-Net's cross-attention reads the summary tokens too, and its MACs count them.
+    unet, spec = load_teacher(folder)
+    longer = ArchitectureSpace.from_unet(unet, text_len=ENCODER_MAX_LENGTH + summary_tokens)
+    assert pipeline.teacher_macs == longer.total_macs(spec.resolution)
     images = pipeline.generate(0, encoded.tokens, encoded.mask, seeds=[1], steps=2, guidance_scales=[3.0])
     assert images.shape == (1, 3, 32, 32)
 
 
-def test_a_bundle_conditions_every_code_through_the_teachers_adapter(tmp_path):
+@pytest.mark.parametrize("summary_tokens", [0, 3])
+def test_a_bundle_conditions_every_code_through_the_teachers_adapter(tmp_path, summary_tokens):
     from training.export import random_bundle
 
-    folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16)
+    folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16, summary_tokens=summary_tokens)
     bundle = random_bundle(folder, tmp_path / "bundle", num_codes=2, keeps=[1.0, 0.5])
     teacher, routed = RoutedPipeline.load(folder), RoutedPipeline.load(bundle)
     prompts = ["a red circle top left and a blue square", "the letter K"]
     torch.testing.assert_close(routed.encode(prompts).tokens, teacher.encode(prompts).tokens)
     assert routed.adapter_macs_per_prompt == teacher.adapter_macs_per_prompt > 0
+    # MACs are counted over the tokens the U-Nets read, summary tokens included, in the bundle as in the teacher.
+    assert routed.teacher_macs == teacher.teacher_macs == routed.codes[0].macs
     encoded = routed.encode(prompts)
     for code in range(routed.num_codes):  # every code's expert reads the adapted states
         images = routed.generate(code, encoded.tokens, encoded.mask, seeds=[0, 1], steps=2, guidance_scales=[3.0] * 2)

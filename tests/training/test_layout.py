@@ -9,7 +9,7 @@ import torch
 
 from training.data.labels import HEADS, IGNORE, collate
 from training.data.shapes import CELLS, ShapesDomain
-from training.layout import PromptLayoutHead, layout_loss
+from training.layout import LAYOUT_READS, PromptLayoutHead, layout_loss
 
 
 def _batch(count: int, start: int = 0):
@@ -71,3 +71,17 @@ def test_the_read_out_learns_where_things_are_from_token_states():
         loss.backward()
         optimizer.step()
     assert accuracy["cell_shape"] > 0.9
+
+
+def test_with_summary_tokens_the_head_classifies_the_adapters_last_tokens():
+    """The read-out of a summarising adapter is its summary tokens themselves: the loss must reach them, and only
+    them, so what the U-Net reads is what was taught."""
+    torch.manual_seed(0)
+    head = PromptLayoutHead(token_dim=12, summary=True)
+    tokens = torch.randn(2, 7 + LAYOUT_READS, 12, requires_grad=True)
+    mask = torch.ones(2, 7 + LAYOUT_READS, dtype=torch.long)
+    logits = head(tokens, mask)
+    assert logits["cell_shape"].shape == (2, len(CELLS), HEADS["cell_shape"])
+    sum(value.sum() for value in logits.values()).backward()
+    reached = tokens.grad.abs().sum(dim=(0, 2)) > 0
+    assert not reached[:7].any() and reached[7:].all()

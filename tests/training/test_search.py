@@ -13,7 +13,7 @@ import torch
 import training.search as search_module
 from pruning.teacher import load_teacher
 from router.model import Router
-from tests.conftest import save_tiny_teacher, shared_encoder_factory
+from tests.conftest import ENCODER_MAX_LENGTH, save_tiny_teacher, shared_encoder_factory
 from training.search import SearchConfig, run_search
 
 STEPS = 4
@@ -152,11 +152,13 @@ def test_a_run_folder_of_other_settings_is_not_resumed(teacher_folder, tmp_path,
     run_search(config.model_copy(update={"threads": 1, "log_every": 2, "balance_prompts": 24}))
 
 
-def test_search_on_a_teacher_with_a_text_adapter(tmp_path):
+@pytest.mark.parametrize("summary_tokens", [0, 3])
+def test_search_on_a_teacher_with_a_text_adapter(tmp_path, summary_tokens):
     """The U-Nets read the adapter's states; the router reads the frozen encoder's sentence embedding."""
-    teacher_folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16)
+    teacher_folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16, summary_tokens=summary_tokens)
     router = Router.load(run_search(_config(teacher_folder, tmp_path / "run", steps=2, balance_prompts=8)))
     assert router.config.embed_dim == 384
+    assert router.space.text_len == ENCODER_MAX_LENGTH + summary_tokens  # its MACs count the summary tokens
     assert router.config.encoder.model_dump() == load_teacher(teacher_folder)[1].text_encoder | {"layers": [-1]}
     for record in [r for r in _records(tmp_path / "run") if r["phase"] != "balance"]:
         assert all(math.isfinite(record[k]) for k in LOSS_KEYS)

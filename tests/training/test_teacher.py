@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from pydantic import ValidationError
 
 import training.teacher as teacher_module
 from pruning.conditioning import TextAdapter, TextAdapterConfig
@@ -16,6 +17,7 @@ from pruning.teacher import load_teacher, load_text_adapter
 from tests.conftest import ENCODER_MAX_LENGTH, TINY_TEACHER_UNET, shared_encoder_factory, tiny_teacher_config
 from training.checkpoint import latest_checkpoint, load_checkpoint
 from training.cli import main
+from training.layout import LAYOUT_READS
 from training.noise import min_snr_weight
 from training.teacher import train_teacher
 
@@ -145,7 +147,9 @@ LAYOUT = {
 }
 
 
-@pytest.mark.parametrize("extra", [{}, LAYOUT], ids=["plain", "layout"])
+@pytest.mark.parametrize(
+    "extra", [{}, LAYOUT, LAYOUT | {"summary_tokens": LAYOUT_READS}], ids=["plain", "layout", "summary"]
+)
 def test_a_teacher_with_a_text_adapter_trains_it_exports_it_and_resumes(tmp_path, monkeypatch, extra):
     """The adapter is trained with the U-Net (its EMA exported beside it, the U-Net reading its output), with the
     layout read-out's loss logged when it has one, and a run killed mid-way resumes to the same adapter and U-Net
@@ -157,7 +161,9 @@ def test_a_teacher_with_a_text_adapter_trains_it_exports_it_and_resumes(tmp_path
     unet, spec = load_teacher(straight)
     passthrough = extra.get("passthrough", False)
     assert unet.config.cross_attention_dim == 16 + (384 if passthrough else 0)
-    assert spec.text_adapter == {"token_dim": 384, **shape, "passthrough": passthrough}
+    summary = extra.get("summary_tokens", 0)
+    assert spec.text_adapter == {"token_dim": 384, **shape, "passthrough": passthrough, "summary_tokens": summary}
+    assert spec.context_length == spec.text_encoder["max_length"] + summary
     records = [json.loads(line) for line in (tmp_path / "a" / "run" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "step" in r]
     assert [r["step"] for r in steps] == [0, 1, 2]
@@ -182,6 +188,11 @@ def test_a_teacher_with_a_text_adapter_trains_it_exports_it_and_resumes(tmp_path
     resumed = _train(killed, init_seed=1)
     _assert_same_weights(_weights(resumed), _weights(straight))
     _assert_same_weights(load_text_adapter(resumed).state_dict(), trained.state_dict())
+
+
+def test_summary_tokens_the_layout_read_cannot_use_are_refused(tmp_path):
+    with pytest.raises(ValidationError, match=f"summary_tokens: .* must be {LAYOUT_READS}"):
+        tiny_teacher_config(tmp_path, text_adapter={"width": 16, "summary_tokens": 4, **LAYOUT})
 
 
 def test_same_config_gives_the_same_teacher(tmp_path):

@@ -177,6 +177,8 @@ def markdown(report: dict) -> str:
             f"| {o['colour_right_when_drawn']:.3f} | {o['both_right']:.3f} "
             f"| {o['wrong_shape_from_another_object']:.3f} | {o['wrong_colour_from_another_object']:.3f} |"
         )
+    if not report["readout"]["accuracy"]:
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         f"One single-head attention read per cell over the frozen `{report['encoder']['name']}` token states "
@@ -200,12 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=8192, help="tier-3 captions the read-out trains on (part 2)")
     parser.add_argument("--test", type=int, default=2048, help="tier-3 captions it is scored on")
     parser.add_argument("--steps", type=int, default=1500, help="read-out training steps (batch 128)")
-    parser.add_argument("--adapter-layers", default="0,2", help="adapter depths to compare, comma-separated")
+    parser.add_argument(
+        "--adapter-layers",
+        default="0,2",
+        help="adapter depths to compare, comma-separated; empty ('') skips part 2 (to compare models' images only)",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     try:
-        depths = tuple(int(d) for d in args.adapter_layers.split(","))
+        depths = tuple(int(d) for d in args.adapter_layers.split(",")) if args.adapter_layers.strip() else ()
         if any(d < 0 for d in depths):
             raise ValueError
     except ValueError:
@@ -219,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"binding.py: error: {e}", file=sys.stderr)
         return 2
     objects = model_outcomes(pipeline, evaluator, args.prompts, args.seed)
-    encoder = pipeline.encoder
-    accuracy = readout_accuracy(encoder, depths, args.train, args.test, args.steps, args.seed)
+    encoder = pipeline.encoder.encoder  # part 2 reads the frozen encoder, not the teacher's own adapter
+    accuracy = readout_accuracy(encoder, depths, args.train, args.test, args.steps, args.seed) if depths else {}
     report = {
         "name": args.name,
         "bundle": args.bundle,

@@ -64,3 +64,15 @@ def test_report_on_a_tiny_teacher(tmp_path, capsys):
     assert report["objects"]["real"]["objects"] >= 8  # 4 tier-3 prompts hold 2-3 objects each
     assert report["objects"]["real"]["both_right"] > 0.9  # the evaluator reads real scenes
     assert "| generated |" in (tmp_path / "binding_tiny.md").read_text()
+
+
+def test_part_one_alone_on_a_teacher_with_an_adapter(tmp_path):
+    """`--adapter-layers ''` compares models' images only (no text-side read-out), whatever the teacher reads."""
+    from tests.conftest import save_tiny_teacher
+
+    teacher = save_tiny_teacher(tmp_path / "teacher", adapter_width=16, summary_tokens=3)
+    args = ["--bundle", str(teacher), "--name", "tiny", "--out", str(tmp_path), "--prompts", "2"]
+    assert main([*args, "--adapter-layers", ""]) == 0
+    report = json.loads((tmp_path / "binding_tiny.json").read_text())
+    assert report["readout"]["accuracy"] == {} and report["objects"]["generated"]["objects"] >= 4
+    assert "attention read per cell" not in (tmp_path / "binding_tiny.md").read_text()

@@ -10,15 +10,23 @@ With `summary_tokens`, the adapter also ends in a few learned queries that each 
 `AttentionRead`); their results are appended to the prompt's tokens. A U-Net pixel then finds "what is drawn here"
 in one token (the one whose query stands for its place) rather than by weighing every word of the prompt; the
 teacher's training can supervise what each summary token holds (`training.layout`).
+
+With `map_grid`, the first `map_grid**2` summary tokens also stand for the cells of a coarse grid over the image,
+row by row: each is projected to `map_channels` values, and the resulting `(map_channels, grid, grid)` prompt map is
+stretched over the image and fed to the U-Net as input channels (`pruning.diffusion.denoise`). A pixel then gets
+what the prompt says about its place as an input, instead of having to find the token that says it: on this
+project's domain, U-Nets reading the summary tokens through cross-attention alone still swapped colours between
+objects (README, teacher section).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import save_file
 from torch import nn
 
@@ -54,7 +62,8 @@ class TextAdapterConfig(BaseModel):
     of `width` and `heads` heads. With `passthrough`, each output token is the encoder's state followed by the
     adapter's (the U-Net keeps every word's own state and gains the adapter's), else the adapter's alone;
     `out_dim` is the U-Net's `cross_attention_dim`. `summary_tokens` learned-query tokens follow the prompt's
-    (their encoder part zero under `passthrough`)."""
+    (their encoder part zero under `passthrough`). `map_grid` > 0 makes a `map_channels`-deep prompt map of the first
+    `map_grid**2` summary tokens (the U-Net then takes `map_channels` more input channels)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -64,10 +73,29 @@ class TextAdapterConfig(BaseModel):
     heads: int = Field(4, ge=1)
     passthrough: bool = False
     summary_tokens: int = Field(0, ge=0)
+    map_grid: int = Field(0, ge=0)
+    map_channels: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _map_needs_summary_tokens(self) -> TextAdapterConfig:
+        if bool(self.map_grid) != bool(self.map_channels):
+            raise ValueError(f"map_grid ({self.map_grid}) and map_channels ({self.map_channels}) go together")
+        if self.map_grid**2 > self.summary_tokens:
+            raise ValueError(
+                f"a {self.map_grid}x{self.map_grid} prompt map needs {self.map_grid**2} summary tokens, "
+                f"summary_tokens is {self.summary_tokens}"
+            )
+        return self
 
     @property
     def out_dim(self) -> int:
         return self.width + (self.token_dim if self.passthrough else 0)
+
+
+class AdaptedPrompts(NamedTuple):
+    states: torch.Tensor  # (B, L', out_dim) what the U-Net's cross-attention reads
+    mask: torch.Tensor  # (B, L') 1 for a real token
+    prompt_map: torch.Tensor | None  # (B, map_channels, map_grid, map_grid), or None without a map
 
 
 class TextAdapter(nn.Module):
@@ -85,32 +113,40 @@ class TextAdapter(nn.Module):
         if config.summary_tokens:
             self.summary = AttentionRead(config.width, config.summary_tokens, config.width)
             self.summary_norm = nn.LayerNorm(config.width)
+        if config.map_grid:
+            self.map = nn.Linear(config.width, config.map_channels)
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> AdaptedPrompts:
         """`tokens` `(B, L, token_dim)` and `mask` `(B, L)` (1 = a real token) -> states `(B, L + summary_tokens,
-        out_dim)` and their mask. Padding is masked out of attention (and the adapter's outputs there are zero), so a
-        prompt's states do not depend on how far it was padded or on its batch."""
+        out_dim)`, their mask, and the prompt map (None without `map_grid`). Padding is masked out of attention (and
+        the adapter's outputs there are zero), so a prompt's states do not depend on how far it was padded or on its
+        batch."""
         states = self.layers(self.project(tokens), src_key_padding_mask=~mask.bool())
         states = self.norm(states) * mask.unsqueeze(-1).to(states.dtype)
         if self.config.passthrough:
             states = torch.cat([tokens, states], dim=-1)
         if not self.config.summary_tokens:
-            return states, mask
+            return AdaptedPrompts(states, mask, None)
         adapted = states[..., -self.config.width :]
         # The query is added back so that each summary token's key says which query it answers, whatever it read.
         summary = self.summary_norm(self.summary(adapted, mask) + self.summary.queries)
+        prompt_map = None
+        if self.config.map_grid:
+            grid = self.config.map_grid
+            prompt_map = self.map(summary[:, : grid * grid]).transpose(1, 2).unflatten(2, (grid, grid))
         if self.config.passthrough:
             summary = torch.cat([summary.new_zeros(*summary.shape[:2], self.config.token_dim), summary], dim=-1)
         summary_mask = mask.new_ones(mask.shape[0], self.config.summary_tokens)
-        return torch.cat([states, summary], dim=1), torch.cat([mask, summary_mask], dim=1)
+        return AdaptedPrompts(torch.cat([states, summary], dim=1), torch.cat([mask, summary_mask], dim=1), prompt_map)
 
     def macs(self, length: int) -> int:
         """Multiply-accumulates for one prompt of `length` tokens (projections, attention, feed-forward, summary
-        reads)."""
+        reads, prompt map)."""
         width, token_dim = self.config.width, self.config.token_dim
         per_layer = length * (4 * width * width + 2 * width * 4 * width) + 2 * length * length * width
         summary = self.summary.macs(length) if self.config.summary_tokens else 0
-        return length * token_dim * width + self.config.layers * per_layer + summary
+        prompt_map = self.config.map_grid**2 * width * self.config.map_channels
+        return length * token_dim * width + self.config.layers * per_layer + summary + prompt_map
 
     def context_length(self, length: int) -> int:
         """Tokens the U-Net reads for prompts padded to `length`."""

@@ -7,6 +7,10 @@ Coordinate input: a U-Net whose config has `in_channels == out_channels + 2` tak
 constant planes holding each pixel's row and column in [-1, 1] (CoordConv). Convolutions and attention are otherwise
 translation-equivariant, so without them a small model has no reliable way to put "the square in the top left"
 in the top left. `denoise` appends the planes; every caller goes through it.
+
+Prompt map input: any further input channels (`in_channels = out_channels + 2 + C`) take a text adapter's prompt
+map (`pruning.conditioning`: `(B, C, g, g)`, one value vector per cell of a coarse grid), stretched over the image
+by nearest-neighbour resizing and appended after the coordinate planes.
 """
 
 from __future__ import annotations
@@ -14,21 +18,32 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers import DPMSolverMultistepScheduler, SchedulerMixin
 from torch import nn
 
 COORDINATE_CHANNELS = 2
 
 
+def input_layout(in_channels: int, out_channels: int) -> tuple[int, int]:
+    """(coordinate planes, prompt-map channels) a U-Net with these channel counts takes after the image channels."""
+    extra = in_channels - out_channels
+    if extra < 0 or 0 < extra < COORDINATE_CHANNELS:
+        raise ValueError(
+            f"U-Net config has in_channels={in_channels}, out_channels={out_channels}: supported are equal counts, "
+            f"or in_channels = out_channels + {COORDINATE_CHANNELS} (coordinate planes) + prompt-map channels"
+        )
+    return min(extra, COORDINATE_CHANNELS), max(extra - COORDINATE_CHANNELS, 0)
+
+
 def coordinate_channels(unet: nn.Module) -> int:
     """How many coordinate planes `unet` expects after the image channels (0 or 2), from its config alone."""
-    extra = unet.config.in_channels - unet.config.out_channels
-    if extra not in (0, COORDINATE_CHANNELS):
-        raise ValueError(
-            f"U-Net config has in_channels={unet.config.in_channels}, out_channels={unet.config.out_channels}: "
-            f"supported are equal counts, or in_channels = out_channels + {COORDINATE_CHANNELS} (coordinate planes)"
-        )
-    return extra
+    return input_layout(unet.config.in_channels, unet.config.out_channels)[0]
+
+
+def prompt_map_channels(unet: nn.Module) -> int:
+    """How many prompt-map channels `unet` expects after the coordinate planes, from its config alone."""
+    return input_layout(unet.config.in_channels, unet.config.out_channels)[1]
 
 
 def coordinate_planes(batch: int, height: int, width: int, device, dtype) -> torch.Tensor:
@@ -39,11 +54,29 @@ def coordinate_planes(batch: int, height: int, width: int, device, dtype) -> tor
     return grid.unsqueeze(0).expand(batch, -1, -1, -1)
 
 
-def denoise(unet: nn.Module, x: torch.Tensor, timesteps, context: torch.Tensor, mask: torch.Tensor | None):
-    """One U-Net call on noisy images `x` `(B, C, H, W)`; returns the diffusers output (`.sample`)."""
-    if coordinate_channels(unet):
-        batch, _, height, width = x.shape
-        x = torch.cat([x, coordinate_planes(batch, height, width, x.device, x.dtype)], dim=1)
+def denoise(
+    unet: nn.Module,
+    x: torch.Tensor,
+    timesteps,
+    context: torch.Tensor,
+    mask: torch.Tensor | None,
+    prompt_map: torch.Tensor | None = None,
+):
+    """One U-Net call on noisy images `x` `(B, C, H, W)`, reading `context` `(B, L, D)` (and `prompt_map`
+    `(B, C', g, g)` when the U-Net takes one); returns the diffusers output (`.sample`)."""
+    coordinates, map_channels = input_layout(unet.config.in_channels, unet.config.out_channels)
+    batch, _, height, width = x.shape
+    planes = [x]
+    if coordinates:
+        planes.append(coordinate_planes(batch, height, width, x.device, x.dtype))
+    if map_channels:
+        if prompt_map is None or prompt_map.shape[:2] != (batch, map_channels):
+            got = "none" if prompt_map is None else tuple(prompt_map.shape)
+            raise ValueError(f"the U-Net takes a {map_channels}-channel prompt map for {batch} images, got {got}")
+        planes.append(F.interpolate(prompt_map.to(x.dtype), size=(height, width), mode="nearest"))
+    elif prompt_map is not None:
+        raise ValueError("a prompt map was given to a U-Net that takes none")
+    x = torch.cat(planes, dim=1) if len(planes) > 1 else x
     return unet(x, timesteps, encoder_hidden_states=context, encoder_attention_mask=mask)
 
 
@@ -75,11 +108,14 @@ def sample(
     steps: int = 25,
     guidance_scale: float | Sequence[float] = 4.0,
     resolution: int = 32,
+    cond_map: torch.Tensor | None = None,
+    uncond_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate one image per row of `cond` (`(B, L, D)` token states) with classifier-free guidance against
     `uncond` (`(B, L, D)` or `(1, L, D)`: a negative prompt per row, or the empty prompt for all); returns the
     model-space samples `(B, C, H, W)`, unclipped. `guidance_scale` is one value or one per row; 1.0 everywhere
-    skips the unconditional branch."""
+    skips the unconditional branch. `cond_map` and `uncond_map` are the prompt maps of `cond` and `uncond`, for a
+    U-Net that takes them."""
     batch = cond.shape[0]
     if len(seeds) != batch:
         raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
@@ -102,12 +138,13 @@ def sample(
             mask = torch.cat([uncond_mask.expand(batch, -1), cond_mask])
         else:
             mask = None
+        prompt_map = None if cond_map is None else torch.cat([uncond_map.expand(batch, -1, -1, -1), cond_map])
     else:
-        context, mask = cond.to(param.dtype), cond_mask
+        context, mask, prompt_map = cond.to(param.dtype), cond_mask, cond_map
     for t in sampler.timesteps:
         model_in = torch.cat([x, x]) if guided else x
         model_in = sampler.scale_model_input(model_in, t)
-        out = denoise(unet, model_in, t, context, mask).sample
+        out = denoise(unet, model_in, t, context, mask, prompt_map).sample
         if guided:
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + scale * (out_cond - out_uncond)

@@ -42,6 +42,7 @@ class EncodedPrompts:
     tokens: torch.Tensor  # (B, L, token_dim) token states of the configured layers
     mask: torch.Tensor  # (B, L) 1 for real tokens, 0 for padding
     pooled: torch.Tensor  # (B, embed_dim) masked mean of the last layer's token states
+    prompt_map: torch.Tensor | None = None  # (B, C, g, g) the text adapter's prompt map, if it makes one
 
 
 def resolve_encoder_path(name: str) -> Path:
@@ -159,4 +160,5 @@ class Conditioner:
         encoded = self.encoder.encode(prompts)
         if self.adapter is None:
             return encoded
-        return EncodedPrompts(*self.adapter(encoded.tokens, encoded.mask), encoded.pooled)
+        adapted = self.adapter(encoded.tokens, encoded.mask)
+        return EncodedPrompts(adapted.states, adapted.mask, encoded.pooled, adapted.prompt_map)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pruning.bundle import MANIFEST, BundleError, load_bundle_text_adapter, load_code_experts, read_manifest
-from pruning.diffusion import make_sampler, sample, unit_range_to_uint8
+from pruning.diffusion import make_sampler, prompt_map_channels, sample, unit_range_to_uint8
 from pruning.space import ArchitectureSpace
 from pruning.teacher import load_teacher, load_text_adapter
 
@@ -87,6 +87,14 @@ class RoutedPipeline:
     ):
         if router is None and len(experts) != 1:
             raise ValueError("a pipeline without a router has exactly one expert")
+        adapter = encoder.adapter
+        made = adapter.config.map_channels if adapter is not None else 0
+        for code, expert in enumerate(experts):
+            if prompt_map_channels(expert) != made:
+                raise ValueError(
+                    f"code {code}'s U-Net takes a {prompt_map_channels(expert)}-channel prompt map, the text adapter "
+                    f"makes {made}"
+                )
         self.encoder = encoder
         self.router = router
         self.experts = [expert.eval() for expert in experts]
@@ -194,6 +202,7 @@ class RoutedPipeline:
                     seeds=[seeds[i] for i in chunk.tolist()],
                     steps=steps,
                     guidance_scales=[guidance] * len(chunk),
+                    prompt_map=None if encoded.prompt_map is None else encoded.prompt_map[chunk],
                 )
         return RoutedImages(images=images, codes=codes)
 
@@ -208,11 +217,15 @@ class RoutedPipeline:
         guidance_scales: Sequence[float],
         negative_tokens: torch.Tensor | None = None,
         negative_mask: torch.Tensor | None = None,
+        prompt_map: torch.Tensor | None = None,
+        negative_map: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Images `(N, 3, H, W)` uint8 from code `code`'s expert, one per row of `tokens` `(N, L, D)`; the
-        unconditional branch uses `negative_tokens` (one row per image) or the empty prompt."""
+        """Images `(N, 3, H, W)` uint8 from code `code`'s expert, one per row of `tokens` `(N, L, D)` (and of
+        `prompt_map`, when the text adapter makes one); the unconditional branch uses `negative_tokens` (one row per
+        image, with `negative_map`) or the empty prompt."""
         if negative_tokens is None:
             negative_tokens, negative_mask = self.empty_prompt.tokens, self.empty_prompt.mask
+            negative_map = self.empty_prompt.prompt_map
         x = sample(
             self.experts[code],
             self.sampler,
@@ -224,5 +237,7 @@ class RoutedPipeline:
             steps=steps,
             guidance_scale=list(guidance_scales),
             resolution=self.resolution,
+            cond_map=prompt_map,
+            uncond_map=negative_map,
         )
         return unit_range_to_uint8(x.float().cpu())

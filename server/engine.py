@@ -56,6 +56,8 @@ class GenerationJob:
         guidance_scale (`float`): classifier-free guidance scale (1.0: no unconditional branch).
         negative_tokens (`torch.Tensor`, *optional*): `(1, L, D)` negative prompt (default: the empty prompt).
         negative_mask (`torch.Tensor`, *optional*): its mask.
+        prompt_map (`torch.Tensor`, *optional*): `(1, C, g, g)` the prompt's map, when the text adapter makes one.
+        negative_map (`torch.Tensor`, *optional*): the negative prompt's.
     """
 
     tokens: torch.Tensor
@@ -65,6 +67,16 @@ class GenerationJob:
     guidance_scale: float
     negative_tokens: torch.Tensor | None = None
     negative_mask: torch.Tensor | None = None
+    prompt_map: torch.Tensor | None = None
+    negative_map: torch.Tensor | None = None
+
+
+def repeat_rows(tensors: list[torch.Tensor | None], counts: list[int]) -> torch.Tensor | None:
+    """Each one-row tensor repeated `counts[i]` times, stacked along the first axis (None when they are None: a
+    pipeline whose text adapter makes no prompt map)."""
+    if tensors[0] is None:
+        return None
+    return torch.cat([t.expand(n, *t.shape[1:]) for t, n in zip(tensors, counts, strict=True)])
 
 
 @dataclass
@@ -126,8 +138,8 @@ class Engine:
         """Run every expert once (guided, one image) so first requests do not pay for lazy initialisation."""
         for code in range(self.pipeline.num_codes):
             empty = self.pipeline.empty_prompt
-            self.pipeline.generate(code, empty.tokens, empty.mask, [0], steps, [2.0])
-            self.pipeline.generate(code, empty.tokens, empty.mask, [0], steps, [1.0])
+            for scale in (2.0, 1.0):
+                self.pipeline.generate(code, empty.tokens, empty.mask, [0], steps, [scale], prompt_map=empty.prompt_map)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -283,18 +295,16 @@ class Engine:
             jobs: list[GenerationJob] = [r.payload for r in requests]
             counts = [len(job.seeds) for job in jobs]
             rows = list(zip(jobs, counts, strict=True))
-            tokens = torch.cat([job.tokens.expand(n, -1, -1) for job, n in rows])
-            mask = torch.cat([job.mask.expand(n, -1) for job, n in rows])
-            negative_tokens = negative_mask = None
+            tokens = repeat_rows([job.tokens for job in jobs], counts)
+            mask = repeat_rows([job.mask for job in jobs], counts)
+            prompt_map = repeat_rows([job.prompt_map for job in jobs], counts)
+            negative_tokens = negative_mask = negative_map = None
             if any(job.negative_tokens is not None for job in jobs):
-                negatives = [
-                    (job.negative_tokens, job.negative_mask, n)
-                    if job.negative_tokens is not None
-                    else (empty.tokens, empty.mask, n)
-                    for job, n in rows
-                ]
-                negative_tokens = torch.cat([t.expand(n, -1, -1) for t, _, n in negatives])
-                negative_mask = torch.cat([m.expand(n, -1) for _, m, n in negatives])
+                # A job without a negative prompt is guided against the empty prompt.
+                own = [job if job.negative_tokens is not None else None for job in jobs]
+                negative_tokens = repeat_rows([j.negative_tokens if j else empty.tokens for j in own], counts)
+                negative_mask = repeat_rows([j.negative_mask if j else empty.mask for j in own], counts)
+                negative_map = repeat_rows([j.negative_map if j else empty.prompt_map for j in own], counts)
             scales = [job.guidance_scale for job, n in rows for _ in range(n)]
             images = self.pipeline.generate(
                 batch.code,
@@ -305,6 +315,8 @@ class Engine:
                 guidance_scales=scales,
                 negative_tokens=negative_tokens,
                 negative_mask=negative_mask,
+                prompt_map=prompt_map,
+                negative_map=negative_map,
             )
             # A guided call runs both branches for every row, even rows whose own scale is 1.
             unet_calls = steps * (2 if any(scale != 1.0 for scale in scales) else 1)

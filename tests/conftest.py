@@ -285,19 +285,31 @@ def tiny_teacher_spec(resolution: int = 32):
     )
 
 
-def save_tiny_teacher(folder: Path, seed: int = 0, adapter_width: int | None = None, summary_tokens: int = 0) -> Path:
+def save_tiny_teacher(
+    folder: Path, seed: int = 0, adapter_width: int | None = None, summary_tokens: int = 0, map_channels: int = 0
+) -> Path:
     """Write a teacher folder holding a random tiny teacher U-Net (float32 weights); returns `folder`. With
     `adapter_width`, the U-Net reads all-MiniLM-L6-v2's states through a random one-layer text adapter of that
-    width, ending in `summary_tokens` summary tokens."""
+    width, ending in `summary_tokens` summary tokens; with `map_channels`, the first four of them make a 2x2 prompt
+    map that the U-Net takes as input channels, after coordinate planes."""
     from pruning.conditioning import TextAdapter, TextAdapterConfig
     from pruning.teacher import save_teacher
 
     if adapter_width is None:
         return save_teacher(build_unet(tiny_teacher_unet_config(), seed=seed), tiny_teacher_spec(), folder)
     torch.manual_seed(seed)
-    config = TextAdapterConfig(token_dim=384, width=adapter_width, layers=1, heads=4, summary_tokens=summary_tokens)
+    config = TextAdapterConfig(
+        token_dim=384,
+        width=adapter_width,
+        layers=1,
+        heads=4,
+        summary_tokens=summary_tokens,
+        map_grid=2 if map_channels else 0,
+        map_channels=map_channels,
+    )
     adapter = TextAdapter(config)
-    unet = build_unet(tiny_teacher_unet_config(cross_attention_dim=adapter_width), seed=seed)
+    inputs = {"in_channels": 3 + 2 + map_channels} if map_channels else {}
+    unet = build_unet(tiny_teacher_unet_config(cross_attention_dim=adapter_width, **inputs), seed=seed)
     return save_teacher(unet, tiny_teacher_spec(), folder, text_adapter=adapter)
 
 

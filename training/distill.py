@@ -52,15 +52,17 @@ def student_losses(
     mask: torch.Tensor | None,
     teacher_out: torch.Tensor | None = None,
     teacher_features: list[torch.Tensor] | None = None,
+    prompt_map: torch.Tensor | None = None,
 ) -> DistillLosses:
     """Denoising loss (min-SNR weighted) plus output and block-feature MSE against the teacher. Pass `teacher`
-    to run it here (under no_grad), or its precomputed `teacher_out` / `teacher_features`."""
+    to run it here (under no_grad), or its precomputed `teacher_out` / `teacher_features`. `prompt_map` goes with
+    `context` to U-Nets that take one (`pruning.diffusion.denoise`)."""
     if teacher is not None:
         with torch.no_grad(), block_features(teacher) as features:
-            teacher_out = denoise(teacher, batch.noisy, batch.timesteps, context, mask).sample
+            teacher_out = denoise(teacher, batch.noisy, batch.timesteps, context, mask, prompt_map).sample
         teacher_features = [f.detach() for f in features]
     with block_features(student) as student_features:
-        out = denoise(student, batch.noisy, batch.timesteps, context, mask).sample
+        out = denoise(student, batch.noisy, batch.timesteps, context, mask, prompt_map).sample
     per_sample = F.mse_loss(out.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
     denoising = (batch.weight * per_sample).mean()
     output = F.mse_loss(out.float(), teacher_out.float())

@@ -102,7 +102,7 @@ def pretrain_adapter(
         rows = torch.randint(captions, (batch_size,), generator=generator)
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 100)
-        states, states_mask = adapter(tokens[rows].to(device), mask[rows].to(device))
+        states, states_mask, _ = adapter(tokens[rows].to(device), mask[rows].to(device))
         batch_targets = {name: value[rows] for name, value in targets.items()}
         loss, accuracy = layout_loss(head(states, states_mask), batch_targets, every)
         optimizer.zero_grad(set_to_none=True)
@@ -124,7 +124,7 @@ def layout_accuracy_on_unseen(
     encoded = encoder.encode([s.caption for s in samples])
     was_training = adapter.training
     adapter.eval()
-    states, states_mask = adapter(encoded.tokens, encoded.mask)
+    states, states_mask, _ = adapter(encoded.tokens, encoded.mask)
     adapter.train(was_training)
     rows = torch.ones(len(samples), dtype=torch.bool, device=states.device)
     return rounded_accuracy(layout_loss(head(states, states_mask), targets, rows)[1])

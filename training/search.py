@@ -190,10 +190,17 @@ def run_search(config: SearchConfig) -> Path:
 
         with torch.no_grad(), block_features(unet) as teacher_features:
             gates.set(None)
-            teacher_out = denoise(unet, batch.noisy, batch.timesteps, encoded.tokens, encoded.mask)
+            teacher_out = denoise(unet, batch.noisy, batch.timesteps, encoded.tokens, encoded.mask, encoded.prompt_map)
         gates.set(soft)
         distill = student_losses(
-            unet, None, batch, encoded.tokens, encoded.mask, teacher_out.sample, list(teacher_features)
+            unet,
+            None,
+            batch,
+            encoded.tokens,
+            encoded.mask,
+            teacher_out.sample,
+            list(teacher_features),
+            prompt_map=encoded.prompt_map,
         )
         gates.set(None)
         ratios = prunable_ratio(space, hard, resolution).float()  # (B,)

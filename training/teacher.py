@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from pruning.conditioning import TextAdapter, TextAdapterConfig
-from pruning.diffusion import COORDINATE_CHANNELS, denoise
+from pruning.diffusion import denoise, input_layout
 from pruning.teacher import TeacherSpec, save_teacher
 from router.encoder import EncoderConfig, PromptEncoder
 
@@ -45,17 +45,14 @@ class UNetSettings(BaseModel):
 
     @model_validator(mode="after")
     def _known_input_layout(self) -> UNetSettings:
-        if self.in_channels not in (self.out_channels, self.out_channels + COORDINATE_CHANNELS):
-            raise ValueError(
-                f"in_channels must equal out_channels ({self.out_channels}) or out_channels + {COORDINATE_CHANNELS} "
-                "(image plus row/column coordinate planes)"
-            )
+        input_layout(self.in_channels, self.out_channels)  # names the supported layouts when this is none
         return self
 
 
 class AdapterSettings(BaseModel):
     """A trainable text adapter between the frozen encoder and the U-Net (`pruning.conditioning`): `width`,
-    `layers`, `heads`, `passthrough` and `summary_tokens` as in `TextAdapterConfig`. With `layout_weight` > 0, a
+    `layers`, `heads`, `passthrough`, `summary_tokens`, `map_grid` and `map_channels` as in `TextAdapterConfig` (the
+    U-Net's `in_channels` must then count the map's channels). With `layout_weight` > 0, a
     layout read-out (`training.layout`) trained on the adapter's states adds its loss, times this weight, to the
     denoising loss; the read-out is used in training only and not exported. With `summary_tokens` it classifies the
     adapter's summary tokens themselves, one per grid cell and one for the scene (so there must be that many).
@@ -70,6 +67,8 @@ class AdapterSettings(BaseModel):
     heads: int = Field(4, ge=1)
     passthrough: bool = False
     summary_tokens: int = Field(0, ge=0)
+    map_grid: int = Field(0, ge=0)
+    map_channels: int = Field(0, ge=0)
     layout_weight: float = Field(0.0, ge=0.0)
     pretrain_steps: int = Field(0, ge=0)
     pretrain_captions: int = Field(32768, ge=1)
@@ -83,6 +82,12 @@ class AdapterSettings(BaseModel):
                 f"summary_tokens: the layout read-out classifies one summary token per grid cell plus one for the "
                 f"scene, so it must be {LAYOUT_READS} (or 0), not {self.summary_tokens}"
             )
+        if self.map_grid and self.has_layout_read and self.map_grid**2 != LAYOUT_READS - 1:
+            raise ValueError(
+                f"map_grid: the layout read-out's cell tokens make the map, so it must be the domain's grid "
+                f"({LAYOUT_READS - 1} cells), not {self.map_grid}x{self.map_grid}"
+            )
+        self.adapter_config(token_dim=1)  # the adapter's own checks (map and summary tokens), named by field
         return self
 
     @property
@@ -90,7 +95,7 @@ class AdapterSettings(BaseModel):
         return self.layout_weight > 0 or self.pretrain_steps > 0
 
     def adapter_config(self, token_dim: int) -> TextAdapterConfig:
-        fields = {"width", "layers", "heads", "passthrough", "summary_tokens"}
+        fields = {"width", "layers", "heads", "passthrough", "summary_tokens", "map_grid", "map_channels"}
         return TextAdapterConfig(token_dim=token_dim, **self.model_dump(include=fields))
 
 
@@ -130,15 +135,28 @@ class TeacherConfig(RunSettings):
     sampling: dict[str, Any] = {"steps": 25, "guidance_scale": 4.0}
     export_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
 
+    @model_validator(mode="after")
+    def _unet_takes_the_prompt_map(self) -> TeacherConfig:
+        made = self.text_adapter.map_channels if self.text_adapter is not None else 0
+        taken = input_layout(self.unet.in_channels, self.unet.out_channels)[1]
+        if taken != made:
+            raise ValueError(
+                f"unet.in_channels: {self.unet.in_channels} leaves {taken} prompt-map channels after the image and "
+                f"coordinate planes, but the text adapter makes {made} (text_adapter.map_channels)"
+            )
+        return self
+
 
 def build_unet(config: TeacherConfig, cross_attention_dim: int) -> UNet2DConditionModel:
     return UNet2DConditionModel(**config.unet.model_dump(), cross_attention_dim=cross_attention_dim)
 
 
-def diffusion_loss(unet, scheduler: DDPMScheduler, x0, context, mask, generator, gamma: float) -> torch.Tensor:
+def diffusion_loss(
+    unet, scheduler: DDPMScheduler, x0, context, mask, generator, gamma: float, prompt_map=None
+) -> torch.Tensor:
     """Min-SNR-weighted denoising loss for one batch; noise and timesteps come from `generator`."""
     batch = NoisyBatch.make(scheduler, x0, generator, gamma)
-    pred = denoise(unet, batch.noisy, batch.timesteps, context, mask).sample
+    pred = denoise(unet, batch.noisy, batch.timesteps, context, mask, prompt_map).sample
     per_sample = F.mse_loss(pred.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (batch.weight * per_sample).mean()
 
@@ -220,8 +238,11 @@ def train_teacher(config: TeacherConfig) -> Path:
         encoded = encoder.encode(captions)
         for group in optimizer.param_groups:
             group["lr"] = optim.lr * warmup_cosine(step, optim.warmup_steps, optim.steps, optim.min_lr_ratio)
-        context, mask = (encoded.tokens, encoded.mask) if adapter is None else adapter(encoded.tokens, encoded.mask)
-        loss = diffusion_loss(unet, scheduler, x0, context, mask, generator, optim.min_snr_gamma)
+        if adapter is None:
+            context, mask, prompt_map = encoded.tokens, encoded.mask, None
+        else:
+            context, mask, prompt_map = adapter(encoded.tokens, encoded.mask)
+        loss = diffusion_loss(unet, scheduler, x0, context, mask, generator, optim.min_snr_gamma, prompt_map)
         total, record = loss, {}
         if layout is not None and settings.layout_weight > 0:
             # On the prompts not dropped: an empty prompt describes nothing.

@@ -90,14 +90,18 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
         engine.check_room()  # a full server answers 429 before the encoder runs
     encoded, code, score, router_seconds = await run_in_threadpool(encode_and_route)
     state.metrics.router.observe(router_seconds)
+    negative = params.negative_prompt is not None  # row 1 of `encoded`
+    prompt_maps = encoded.prompt_map
     job = GenerationJob(
         tokens=encoded.tokens[:1],
         mask=encoded.mask[:1],
         seeds=seeds,
         steps=steps,
         guidance_scale=guidance,
-        negative_tokens=encoded.tokens[1:] if params.negative_prompt is not None else None,
-        negative_mask=encoded.mask[1:] if params.negative_prompt is not None else None,
+        negative_tokens=encoded.tokens[1:] if negative else None,
+        negative_mask=encoded.mask[1:] if negative else None,
+        prompt_map=prompt_maps[:1] if prompt_maps is not None else None,
+        negative_map=prompt_maps[1:] if prompt_maps is not None and negative else None,
     )
     request_id = uuid.uuid4().hex
     with _admission_errors():

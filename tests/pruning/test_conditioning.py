@@ -23,6 +23,16 @@ def summarising():
     return TextAdapter(config).eval()
 
 
+@pytest.fixture
+def mapping():
+    """Summary tokens, the first four of which make a 2x2 prompt map of 3 channels."""
+    torch.manual_seed(0)
+    config = TextAdapterConfig(
+        token_dim=24, width=16, layers=2, heads=4, passthrough=True, summary_tokens=5, map_grid=2, map_channels=3
+    )
+    return TextAdapter(config).eval()
+
+
 def _prompts(lengths: list[int], padded_to: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randn(len(lengths), padded_to, 24, generator=generator)
@@ -33,19 +43,22 @@ def _prompts(lengths: list[int], padded_to: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("which", ["adapter", "summarising"])
+@pytest.mark.parametrize("which", ["adapter", "summarising", "mapping"])
 def test_a_prompts_states_do_not_depend_on_its_batch_or_its_padding(which, request):
     adapter = request.getfixturevalue(which)
     summary = adapter.config.summary_tokens
 
-    def states(tokens, mask):  # the prompt's first 5 positions, then the summary tokens
-        out, _ = adapter(tokens, mask)
-        return torch.cat([out[:, :5], out[:, out.shape[1] - summary :]], dim=1)
+    def states(tokens, mask):  # the prompt's first 5 positions, then the summary tokens, then its map
+        out, _, prompt_map = adapter(tokens, mask)
+        maps = [] if prompt_map is None else [prompt_map.flatten(1).unsqueeze(-1).expand(-1, -1, out.shape[-1])]
+        return torch.cat([out[:, :5], out[:, out.shape[1] - summary :], *maps], dim=1)
 
     tokens, mask = _prompts([5, 9, 3], padded_to=12)
-    together, _ = adapter(tokens, mask)
-    alone, _ = adapter(tokens[1:2], mask[1:2])
-    torch.testing.assert_close(together[1:2], alone, atol=1e-5, rtol=1e-5)
+    together = adapter(tokens, mask)
+    alone = adapter(tokens[1:2], mask[1:2])
+    torch.testing.assert_close(together.states[1:2], alone.states, atol=1e-5, rtol=1e-5)
+    if together.prompt_map is not None:
+        torch.testing.assert_close(together.prompt_map[1:2], alone.prompt_map, atol=1e-5, rtol=1e-5)
     garbage = tokens.clone()
     garbage[0, 5:] = 100.0  # whatever sits in the padding
     torch.testing.assert_close(states(garbage[:1], mask[:1]), states(tokens[:1], mask[:1]), atol=1e-5, rtol=1e-5)
@@ -56,7 +69,8 @@ def test_a_prompts_states_do_not_depend_on_its_batch_or_its_padding(which, reque
 @torch.no_grad()
 def test_summary_tokens_follow_the_prompts_and_are_always_read(summarising):
     tokens, mask = _prompts([5, 9], padded_to=12)
-    out, out_mask = summarising(tokens, mask)
+    out, out_mask, prompt_map = summarising(tokens, mask)
+    assert prompt_map is None
     assert out.shape == (2, 12 + 3, 24 + 16) and summarising.context_length(12) == 15
     torch.testing.assert_close(out[:, :12, :24], tokens)  # the prompt's own states pass through
     assert (out[:, 12:, :24] == 0).all()  # a summary token has no encoder state
@@ -64,7 +78,27 @@ def test_summary_tokens_follow_the_prompts_and_are_always_read(summarising):
     assert not torch.allclose(out[0, 12:], out[1, 12:])  # what a summary token holds depends on the prompt
 
 
-@pytest.mark.parametrize("which", ["adapter", "summarising"])
+@torch.no_grad()
+def test_the_prompt_map_is_made_of_the_first_summary_tokens(mapping):
+    tokens, mask = _prompts([5, 9], padded_to=12)
+    out = mapping(tokens, mask)
+    assert out.prompt_map.shape == (2, 3, 2, 2)
+    assert not torch.allclose(out.prompt_map[0], out.prompt_map[1])  # it says something about the prompt
+    # Cell (row, col) of the map is summary token 2 * row + col, projected: a map read off the U-Net's own
+    # tokens, so the layout loss that shapes those tokens shapes the map too.
+    summary = out.states[:, 12:16, 24:]
+    expected = mapping.map(summary).transpose(1, 2).reshape(2, 3, 2, 2)
+    torch.testing.assert_close(out.prompt_map, expected)
+
+
+def test_a_prompt_map_needs_enough_summary_tokens_and_a_channel_count():
+    with pytest.raises(ValueError, match="a 3x3 prompt map needs 9 summary tokens, summary_tokens is 5"):
+        TextAdapterConfig(token_dim=24, summary_tokens=5, map_grid=3, map_channels=4)
+    with pytest.raises(ValueError, match=r"map_grid \(2\) and map_channels \(0\) go together"):
+        TextAdapterConfig(token_dim=24, summary_tokens=5, map_grid=2)
+
+
+@pytest.mark.parametrize("which", ["adapter", "summarising", "mapping"])
 def test_macs_match_a_flop_count(which, request):
     adapter = request.getfixturevalue(which)
     tokens, mask = _prompts([10], padded_to=10)
@@ -81,7 +115,7 @@ def test_save_and_load_round_trip_and_refuse_a_damaged_file(adapter, tmp_path):
     loaded = TextAdapter.load(tmp_path / "adapter", sha256=hashes[ADAPTER_WEIGHTS])
     tokens, mask = _prompts([4, 7], padded_to=7)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(tokens, mask)[0], adapter(tokens, mask)[0])
+        torch.testing.assert_close(loaded(tokens, mask).states, adapter(tokens, mask).states)
     assert not any(p.requires_grad for p in loaded.parameters())
     (tmp_path / "adapter" / ADAPTER_WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(ModelFileError, match=ADAPTER_WEIGHTS):
@@ -100,9 +134,9 @@ def test_passthrough_keeps_the_encoders_states_before_the_adapters(adapter):
     both = TextAdapter(config).eval()
     both.load_state_dict(adapter.state_dict())
     tokens, mask = _prompts([5, 9], padded_to=12)
-    out, out_mask = both(tokens, mask)
+    out, out_mask, _ = both(tokens, mask)
     assert config.out_dim == 24 + 16 and out.shape == (2, 12, config.out_dim)
     torch.testing.assert_close(out[..., :24], tokens)
-    torch.testing.assert_close(out[..., 24:], adapter(tokens, mask)[0])
+    torch.testing.assert_close(out[..., 24:], adapter(tokens, mask).states)
     assert out_mask is mask
     assert both.macs(12) == adapter.macs(12)  # the concatenation costs no multiply-accumulates

@@ -6,7 +6,15 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
-from pruning.diffusion import coordinate_channels, coordinate_planes, denoise, initial_noise, make_sampler, sample
+from pruning.diffusion import (
+    coordinate_channels,
+    coordinate_planes,
+    denoise,
+    initial_noise,
+    make_sampler,
+    prompt_map_channels,
+    sample,
+)
 from tests.conftest import build_unet, pixel_unet_config
 
 CROSS_DIM = 16
@@ -128,6 +136,34 @@ def test_denoise_appends_the_coordinate_planes_after_the_image(unet, prompts):
         expected = unet(full_input, t, encoder_hidden_states=cond, encoder_attention_mask=mask).sample
     assert got.shape == x.shape
     torch.testing.assert_close(got, expected)
+
+
+def test_denoise_stretches_the_prompt_map_over_the_image_after_the_coordinates(prompts):
+    unet = build_unet(pixel_unet_config(RESOLUTION, CROSS_DIM, in_channels=3 + 2 + 4), seed=0)
+    assert prompt_map_channels(unet) == 4
+    cond, mask, _, _ = prompts
+    x = torch.randn(3, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 500, 900])
+    prompt_map = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = denoise(unet, x, t, cond, mask, prompt_map).sample
+        # Cell (row, col) of a 2x2 map covers the matching quarter of the image.
+        stretched = prompt_map.repeat_interleave(RESOLUTION // 2, dim=2).repeat_interleave(RESOLUTION // 2, dim=3)
+        planes = coordinate_planes(3, RESOLUTION, RESOLUTION, "cpu", x.dtype)
+        full_input = torch.cat([x, planes, stretched], dim=1)
+        expected = unet(full_input, t, encoder_hidden_states=cond, encoder_attention_mask=mask).sample
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="takes a 4-channel prompt map for 3 images, got none"):
+        denoise(unet, x, t, cond, mask)
+    with pytest.raises(ValueError, match=r"got \(3, 2, 2, 2\)"):
+        denoise(unet, x, t, cond, mask, prompt_map[:, :2])
+
+
+def test_a_prompt_map_for_a_unet_that_takes_none_is_refused(unet, prompts):
+    cond, mask, _, _ = prompts
+    x = torch.zeros(3, 3, RESOLUTION, RESOLUTION)
+    with pytest.raises(ValueError, match="a prompt map was given to a U-Net that takes none"):
+        denoise(unet, x, torch.tensor([1, 2, 3]), cond, mask, torch.zeros(3, 4, 2, 2))
 
 
 def test_an_unknown_input_layout_is_refused():

@@ -25,35 +25,66 @@ def test_a_teacher_folder_is_a_one_code_pipeline(teacher_folder, teacher):
     assert images.shape == (1, 3, 32, 32) and images.dtype == torch.uint8
 
 
-@pytest.mark.parametrize("summary_tokens", [0, 3])
-def test_a_teacher_with_a_text_adapter_conditions_its_unet_through_it(tmp_path, prompt_encoder, summary_tokens):
+ADAPTER_SHAPES = pytest.mark.parametrize(
+    "summary_tokens, map_channels", [(0, 0), (3, 0), (5, 4)], ids=["plain", "summary", "prompt-map"]
+)
+
+
+@ADAPTER_SHAPES
+def test_a_teacher_with_a_text_adapter_conditions_its_unet_through_it(
+    tmp_path, prompt_encoder, summary_tokens, map_channels
+):
     from pruning.teacher import load_text_adapter
 
-    folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16, summary_tokens=summary_tokens)
+    folder = save_tiny_teacher(
+        tmp_path / "teacher", adapter_width=16, summary_tokens=summary_tokens, map_channels=map_channels
+    )
     adapter = load_text_adapter(folder)
     pipeline = RoutedPipeline.load(folder)
     prompts = ["a red circle top left and a blue square"]
     encoded, plain = pipeline.encode(prompts), prompt_encoder.encode(prompts)
     assert encoded.tokens.shape[1:] == (ENCODER_MAX_LENGTH + summary_tokens, 16)
     with torch.no_grad():
-        expected, expected_mask = adapter(plain.tokens, plain.mask)
-    torch.testing.assert_close(encoded.tokens, expected)
-    torch.testing.assert_close(encoded.mask, expected_mask)
+        expected = adapter(plain.tokens, plain.mask)
+    torch.testing.assert_close(encoded.tokens, expected.states)
+    torch.testing.assert_close(encoded.mask, expected.mask)
+    if map_channels:
+        assert encoded.prompt_map.shape == (1, map_channels, 2, 2)
+        torch.testing.assert_close(encoded.prompt_map, expected.prompt_map)
+    else:
+        assert encoded.prompt_map is None
     torch.testing.assert_close(encoded.pooled, plain.pooled)  # the router's input is the encoder's own
     assert pipeline.adapter_macs_per_prompt == adapter.macs(ENCODER_MAX_LENGTH) > 0
     # The U-Net's cross-attention reads the summary tokens too, and its MACs count them.
     unet, spec = load_teacher(folder)
     longer = ArchitectureSpace.from_unet(unet, text_len=ENCODER_MAX_LENGTH + summary_tokens)
     assert pipeline.teacher_macs == longer.total_macs(spec.resolution)
-    images = pipeline.generate(0, encoded.tokens, encoded.mask, seeds=[1], steps=2, guidance_scales=[3.0])
+    images = pipeline.generate(
+        0, encoded.tokens, encoded.mask, seeds=[1], steps=2, guidance_scales=[3.0], prompt_map=encoded.prompt_map
+    )
     assert images.shape == (1, 3, 32, 32)
 
 
-@pytest.mark.parametrize("summary_tokens", [0, 3])
-def test_a_bundle_conditions_every_code_through_the_teachers_adapter(tmp_path, summary_tokens):
+def test_the_prompt_map_conditions_the_image_and_is_required(tmp_path):
+    folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16, summary_tokens=5, map_channels=4)
+    pipeline = RoutedPipeline.load(folder)
+    encoded = pipeline.encode(["a red circle top left"])
+
+    def generate(prompt_map):
+        return pipeline.generate(0, encoded.tokens, encoded.mask, [1], 2, [3.0], prompt_map=prompt_map)
+
+    assert not torch.equal(generate(encoded.prompt_map), generate(encoded.prompt_map + 1.0))
+    with pytest.raises(ValueError, match="takes a 4-channel prompt map for 2 images, got none"):
+        generate(None)
+
+
+@ADAPTER_SHAPES
+def test_a_bundle_conditions_every_code_through_the_teachers_adapter(tmp_path, summary_tokens, map_channels):
     from training.export import random_bundle
 
-    folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16, summary_tokens=summary_tokens)
+    folder = save_tiny_teacher(
+        tmp_path / "teacher", adapter_width=16, summary_tokens=summary_tokens, map_channels=map_channels
+    )
     bundle = random_bundle(folder, tmp_path / "bundle", num_codes=2, keeps=[1.0, 0.5])
     teacher, routed = RoutedPipeline.load(folder), RoutedPipeline.load(bundle)
     prompts = ["a red circle top left and a blue square", "the letter K"]
@@ -62,9 +93,14 @@ def test_a_bundle_conditions_every_code_through_the_teachers_adapter(tmp_path, s
     # MACs are counted over the tokens the U-Nets read, summary tokens included, in the bundle as in the teacher.
     assert routed.teacher_macs == teacher.teacher_macs == routed.codes[0].macs
     encoded = routed.encode(prompts)
-    for code in range(routed.num_codes):  # every code's expert reads the adapted states
-        images = routed.generate(code, encoded.tokens, encoded.mask, seeds=[0, 1], steps=2, guidance_scales=[3.0] * 2)
+    for code in range(routed.num_codes):  # every code's expert reads the adapted states (and the prompt map)
+        images = routed.generate(
+            code, encoded.tokens, encoded.mask, [0, 1], 2, [3.0] * 2, prompt_map=encoded.prompt_map
+        )
         assert images.shape == (2, 3, 32, 32)
+    # A prompt's image does not depend on the prompts routed beside it.
+    together = routed(prompts, seeds=[3, 4], steps=2).images
+    torch.testing.assert_close(routed(prompts[1:], seeds=[4], steps=2).images, together[1:], atol=1, rtol=0)
 
 
 def test_a_replaced_adapter_in_a_bundle_is_refused_by_name(tmp_path):

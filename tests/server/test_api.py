@@ -164,7 +164,8 @@ def test_a_model_with_a_text_adapter_reports_its_cost(tmp_path):
     from tests.server.conftest import server_settings
     from training.export import random_bundle
 
-    teacher = save_tiny_teacher(tmp_path / "teacher", adapter_width=16)
+    # Its U-Nets also take the adapter's prompt map, of the prompt and of the negative prompt.
+    teacher = save_tiny_teacher(tmp_path / "teacher", adapter_width=16, summary_tokens=5, map_channels=4)
     bundle = random_bundle(teacher, tmp_path / "bundle", num_codes=2, keeps=[1.0, 0.5])
     pipeline = RoutedPipeline.load(bundle)
     per_prompt = pipeline.encoder.adapter.macs(pipeline.encoder.config.max_length)

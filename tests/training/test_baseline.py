@@ -67,9 +67,10 @@ def test_baseline_bundles_meet_their_budgets(teacher_folder, tmp_path):
 
 
 def test_a_baseline_of_a_teacher_with_a_text_adapter_carries_it(tmp_path):
+    """Distilled through the adapter's states and its prompt map, like every expert of such a teacher."""
     from router.pipeline import RoutedPipeline
 
-    teacher_folder = save_tiny_teacher(tmp_path / "teacher", seed=4, adapter_width=16)
+    teacher_folder = save_tiny_teacher(tmp_path / "teacher", seed=4, adapter_width=16, summary_tokens=5, map_channels=4)
     manifest = _baseline(teacher_folder, tmp_path, 0.6)
     assert manifest.text_adapter == load_teacher(teacher_folder)[1].text_adapter
     pipeline = RoutedPipeline.load(tmp_path / "bundle")

@@ -152,10 +152,13 @@ def test_a_run_folder_of_other_settings_is_not_resumed(teacher_folder, tmp_path,
     run_search(config.model_copy(update={"threads": 1, "log_every": 2, "balance_prompts": 24}))
 
 
-@pytest.mark.parametrize("summary_tokens", [0, 3])
-def test_search_on_a_teacher_with_a_text_adapter(tmp_path, summary_tokens):
-    """The U-Nets read the adapter's states; the router reads the frozen encoder's sentence embedding."""
-    teacher_folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16, summary_tokens=summary_tokens)
+@pytest.mark.parametrize("summary_tokens, map_channels", [(0, 0), (3, 0), (5, 4)])
+def test_search_on_a_teacher_with_a_text_adapter(tmp_path, summary_tokens, map_channels):
+    """The U-Nets read the adapter's states (and its prompt map); the router reads the frozen encoder's sentence
+    embedding."""
+    teacher_folder = save_tiny_teacher(
+        tmp_path / "teacher", adapter_width=16, summary_tokens=summary_tokens, map_channels=map_channels
+    )
     router = Router.load(run_search(_config(teacher_folder, tmp_path / "run", steps=2, balance_prompts=8)))
     assert router.config.embed_dim == 384
     assert router.space.text_len == ENCODER_MAX_LENGTH + summary_tokens  # its MACs count the summary tokens

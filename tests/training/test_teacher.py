@@ -147,22 +147,34 @@ LAYOUT = {
 }
 
 
-@pytest.mark.parametrize(
-    "extra", [{}, LAYOUT, LAYOUT | {"summary_tokens": LAYOUT_READS}], ids=["plain", "layout", "summary"]
-)
+SUMMARY = LAYOUT | {"summary_tokens": LAYOUT_READS}
+PROMPT_MAP = SUMMARY | {"map_grid": 3, "map_channels": 4}
+
+
+@pytest.mark.parametrize("extra", [{}, LAYOUT, SUMMARY, PROMPT_MAP], ids=["plain", "layout", "summary", "prompt-map"])
 def test_a_teacher_with_a_text_adapter_trains_it_exports_it_and_resumes(tmp_path, monkeypatch, extra):
     """The adapter is trained with the U-Net (its EMA exported beside it, the U-Net reading its output), with the
     layout read-out's loss logged when it has one, and a run killed mid-way resumes to the same adapter and U-Net
     (and read-out)."""
     shape = {"width": 16, "layers": 1, "heads": 4}
     adapter = shape | extra
-    config = tiny_teacher_config(tmp_path / "a", optim={"steps": 3}, text_adapter=adapter)
+    map_channels = extra.get("map_channels", 0)
+    unet_settings = {**TINY_TEACHER_UNET, "sample_size": 32, "in_channels": 5 + map_channels}
+    config = tiny_teacher_config(tmp_path / "a", optim={"steps": 3}, text_adapter=adapter, unet=unet_settings)
     straight = _train(config)
     unet, spec = load_teacher(straight)
     passthrough = extra.get("passthrough", False)
     assert unet.config.cross_attention_dim == 16 + (384 if passthrough else 0)
+    assert unet.config.in_channels == 3 + 2 + map_channels
     summary = extra.get("summary_tokens", 0)
-    assert spec.text_adapter == {"token_dim": 384, **shape, "passthrough": passthrough, "summary_tokens": summary}
+    assert spec.text_adapter == {
+        "token_dim": 384,
+        **shape,
+        "passthrough": passthrough,
+        "summary_tokens": summary,
+        "map_grid": extra.get("map_grid", 0),
+        "map_channels": map_channels,
+    }
     assert spec.context_length == spec.text_encoder["max_length"] + summary
     records = [json.loads(line) for line in (tmp_path / "a" / "run" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "step" in r]
@@ -180,7 +192,9 @@ def test_a_teacher_with_a_text_adapter_trains_it_exports_it_and_resumes(tmp_path
     pairs = zip(trained.parameters(), initial.parameters(), strict=True)
     assert any(not torch.equal(p, q.half().float()) for p, q in pairs)  # stored in half precision
 
-    killed = tiny_teacher_config(tmp_path / "b", optim={"steps": 3}, text_adapter=adapter, checkpoint_minutes=1e-9)
+    killed = tiny_teacher_config(
+        tmp_path / "b", optim={"steps": 3}, text_adapter=adapter, unet=unet_settings, checkpoint_minutes=1e-9
+    )
     with monkeypatch.context() as patch:
         _kill_at_step(patch, 2, batch_size=4)
         with pytest.raises(Killed):
@@ -193,6 +207,14 @@ def test_a_teacher_with_a_text_adapter_trains_it_exports_it_and_resumes(tmp_path
 def test_summary_tokens_the_layout_read_cannot_use_are_refused(tmp_path):
     with pytest.raises(ValidationError, match=f"summary_tokens: .* must be {LAYOUT_READS}"):
         tiny_teacher_config(tmp_path, text_adapter={"width": 16, "summary_tokens": 4, **LAYOUT})
+
+
+def test_a_prompt_map_the_unet_does_not_take_or_the_layout_read_cannot_make_is_refused(tmp_path):
+    with pytest.raises(ValidationError, match="unet.in_channels: 5 leaves 0 prompt-map channels .* makes 4"):
+        tiny_teacher_config(tmp_path, text_adapter={"width": 16, **PROMPT_MAP})
+    unet = {**TINY_TEACHER_UNET, "sample_size": 32, "in_channels": 9}
+    with pytest.raises(ValidationError, match="map_grid: .* must be the domain's grid \\(9 cells\\), not 2x2"):
+        tiny_teacher_config(tmp_path, text_adapter={"width": 16, **PROMPT_MAP, "map_grid": 2}, unet=unet)
 
 
 def test_same_config_gives_the_same_teacher(tmp_path):

@@ -31,8 +31,8 @@ def export_bundle(
 ) -> Path:
     """Write the bundle folder `out` (replaced if it exists). `experts[k]` is code k's sliced (fine-tuned) U-Net;
     when not given, each code's expert is sliced from the teacher as is. Expert weights are stored as
-    `storage_dtype`; the teacher's `text_adapter` (required when it has one) in float32, so every code reads
-    exactly the states it was fine-tuned on (it is small: about half a million parameters)."""
+    `storage_dtype`; the teacher's `text_adapter` (required when it has one) too when that is exact (it is when the
+    teacher folder stored it so), else in float32, so every code reads exactly the states it was fine-tuned on."""
     if (text_adapter is None) != (spec.text_adapter is None):
         raise ValueError("export_bundle: pass the teacher's text adapter exactly when the teacher has one")
     out = Path(out)
@@ -58,7 +58,8 @@ def export_bundle(
         )
     router.save(tmp / "router")
     if text_adapter is not None:
-        text_adapter.save(tmp / TEXT_ADAPTER)
+        exact = all(torch.equal(t, t.to(storage_dtype).to(t.dtype)) for t in text_adapter.state_dict().values())
+        text_adapter.save(tmp / TEXT_ADAPTER, storage_dtype if exact else torch.float32)
     manifest = Manifest(
         teacher_config={k: v for k, v in teacher.config.items() if not k.startswith("_")},
         scheduler_config=spec.scheduler_config,

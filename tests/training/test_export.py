@@ -174,6 +174,32 @@ def test_a_teachers_text_adapter_travels_in_the_bundle(tmp_path):
         export_bundle(tmp_path / "without", unet, spec, router)  # the experts would read states nobody produces
 
 
+def test_the_adapter_is_stored_in_half_precision_only_when_that_is_exact(tmp_path):
+    """A teacher exported in half precision gives its adapter to the bundle in half precision (half the bytes); an
+    adapter whose weights half precision would round is kept in float32, so the experts read what they trained on."""
+    from safetensors import safe_open
+
+    from pruning.teacher import load_teacher, load_text_adapter
+
+    teacher_folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16)
+    unet, spec = load_teacher(teacher_folder)
+    router = Router.load(random_bundle(teacher_folder, tmp_path / "random", num_codes=2) / "router")
+    full = load_text_adapter(teacher_folder)  # stored in float32 by the tiny teacher: not exact in half precision
+    rounded = load_text_adapter(teacher_folder)
+    with torch.no_grad():
+        for parameter in rounded.parameters():
+            parameter.copy_(parameter.half().float())
+    for adapter, stored in [(full, torch.float32), (rounded, torch.float16)]:
+        out = export_bundle(
+            tmp_path / str(stored), unet, spec, router, storage_dtype=torch.float16, text_adapter=adapter
+        )
+        with safe_open(out / "text_adapter" / "model.safetensors", "pt") as weights:
+            dtypes = {weights.get_tensor(k).dtype for k in weights.keys()}  # noqa: SIM118 - not a dict
+            assert dtypes == {stored}
+        exported = load_bundle_text_adapter(out, read_manifest(out))
+        assert all(torch.equal(exported.state_dict()[k], v) for k, v in adapter.state_dict().items())
+
+
 def test_a_teacher_without_an_adapter_exports_none(teacher_folder, tmp_path):
     manifest = read_manifest(random_bundle(teacher_folder, tmp_path / "bundle", num_codes=2))
     assert manifest.text_adapter is None and not any(f.startswith("text_adapter/") for f in manifest.files)

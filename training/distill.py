@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruning.diffusion import denoise
+from router.encoder import EncodedPrompts
 
 from .noise import NoisyBatch
 
@@ -48,15 +49,14 @@ def student_losses(
     student: nn.Module,
     teacher: nn.Module | None,
     batch: NoisyBatch,
-    context: torch.Tensor,
-    mask: torch.Tensor | None,
+    prompts: EncodedPrompts,
     teacher_out: torch.Tensor | None = None,
     teacher_features: list[torch.Tensor] | None = None,
-    prompt_map: torch.Tensor | None = None,
 ) -> DistillLosses:
-    """Denoising loss (min-SNR weighted) plus output and block-feature MSE against the teacher. Pass `teacher`
-    to run it here (under no_grad), or its precomputed `teacher_out` / `teacher_features`. `prompt_map` goes with
-    `context` to U-Nets that take one (`pruning.diffusion.denoise`)."""
+    """Denoising loss (min-SNR weighted) plus output and block-feature MSE against the teacher, both U-Nets reading
+    `prompts` (token states, mask and, for U-Nets that take one, the prompt map). Pass `teacher` to run it here
+    (under no_grad), or its precomputed `teacher_out` / `teacher_features`."""
+    context, mask, prompt_map = prompts.tokens, prompts.mask, prompts.prompt_map
     if teacher is not None:
         with torch.no_grad(), block_features(teacher) as features:
             teacher_out = denoise(teacher, batch.noisy, batch.timesteps, context, mask, prompt_map).sample

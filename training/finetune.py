@@ -111,7 +111,7 @@ def finetune_expert(
         batch = NoisyBatch.make(scheduler, x0, generator, training.min_snr_gamma)
         for group in optimizer.param_groups:
             group["lr"] = expert_lr(training, step)
-        losses = student_losses(student, teacher, batch, encoded.tokens, encoded.mask, prompt_map=encoded.prompt_map)
+        losses = student_losses(student, teacher, batch, encoded)
         loss = losses.weighted(training.denoise_weight, training.output_weight, training.features_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

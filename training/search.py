@@ -192,16 +192,7 @@ def run_search(config: SearchConfig) -> Path:
             gates.set(None)
             teacher_out = denoise(unet, batch.noisy, batch.timesteps, encoded.tokens, encoded.mask, encoded.prompt_map)
         gates.set(soft)
-        distill = student_losses(
-            unet,
-            None,
-            batch,
-            encoded.tokens,
-            encoded.mask,
-            teacher_out.sample,
-            list(teacher_features),
-            prompt_map=encoded.prompt_map,
-        )
+        distill = student_losses(unet, None, batch, encoded, teacher_out.sample, list(teacher_features))
         gates.set(None)
         ratios = prunable_ratio(space, hard, resolution).float()  # (B,)
         resource = resource_loss(ratios, budget)

@@ -2,14 +2,21 @@
 each code's expert from the teacher, fine-tune it on its own prompts with distillation from the frozen teacher,
 and export the bundle. Each code is its own resumable run; finished experts are kept and skipped on a rerun.
 
+Optionally (`shared_steps`, a departure from METHOD.md explained in the README) a shared stage comes first: one
+copy of the teacher is fine-tuned on the whole routed pool, each sample gated by the hard architecture of its
+prompt's code, so every step trains every code's sub-network; the experts are then sliced from that copy instead of
+the teacher, and specialised by their own `expert.steps`.
+
 The same per-expert fine-tuning serves the static baseline (`training/baseline.py`): one architecture, all prompts.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pruning.expert import is_expert_folder, load_expert, save_expert
+from pruning.gates import UNetGates
 from pruning.slicing import slice_unet
 from pruning.space import ArchitectureSpace
 from pruning.teacher import TeacherSpec, load_teacher, load_text_adapter
@@ -39,7 +47,7 @@ class ExpertTraining(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(600, ge=1)
+    steps: int = Field(600, ge=0, description="0: no fine-tuning (the slice is kept as it is)")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(50, ge=0)
@@ -65,7 +73,29 @@ class FinetuneConfig(RunSettings):
     seed: int = 2
     routing_prompts: int = Field(20_000, ge=1, description="size of the routed training-prompt pool")
     expert: ExpertTraining = ExpertTraining()
+    shared_steps: int = Field(
+        0,
+        ge=0,
+        description="steps of the shared stage before the per-code fine-tuning (same settings as `expert`); 0: "
+        "none, every expert starts from the teacher (METHOD.md)",
+    )
     export_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
+
+    def total_steps(self, num_codes: int) -> int:
+        """Optimizer steps of the whole phase (what the static baseline is given to compare at equal steps)."""
+        return self.shared_steps + num_codes * self.expert.steps
+
+
+@dataclass
+class CodeGating:
+    """Gates a full U-Net per sample by the hard architecture of the code each training prompt was routed to."""
+
+    gates: UNetGates  # attached to the student
+    architectures: torch.Tensor  # (K, dim) hard
+    codes: torch.Tensor  # (N,) code of each domain index of the pool
+
+    def select(self, picks: list[int]) -> None:
+        self.gates.set(self.architectures[self.codes[picks]])
 
 
 def expert_lr(training: ExpertTraining, step: int) -> float:
@@ -86,9 +116,11 @@ def finetune_expert(
     training: ExpertTraining,
     run_settings: RunSettings,
     name: str,
+    gating: CodeGating | None = None,
 ) -> nn.Module:
-    """Fine-tune `student` (a sliced copy of `teacher`) on the domain samples `pool` (indices into `domain`).
-    Resumable: the run's checkpoint is `<out>/checkpoint-<name>`, its log `<out>/log-<name>.jsonl`."""
+    """Fine-tune `student` (a sliced copy of `teacher`) on the domain samples `pool` (indices into `domain`); with
+    `gating`, `student` is a full copy run as each sample's code. Resumable: the run's checkpoint is
+    `<out>/checkpoint-<name>`, its log `<out>/log-<name>.jsonl`."""
     device = next(student.parameters()).device
     scheduler = DDPMScheduler.from_config(spec.scheduler_config)
     student.requires_grad_(True)
@@ -103,6 +135,8 @@ def finetune_expert(
             run_settings.seed * 1_000_003 + step * 7919 + zlib.crc32(name.encode())
         )
         picks = pool_t[torch.randint(len(pool_t), (training.batch_size,), generator=generator)].tolist()
+        if gating is not None:
+            gating.select(picks)
         samples = [domain.sample(i) for i in picks]
         images, _ = collate(samples)
         x0 = images_to_unit_range(images).to(device)
@@ -143,6 +177,35 @@ def route_pool(router: Router, domain: ShapesDomain, count: int, batch: int = 25
     return codes
 
 
+def train_shared(
+    teacher: nn.Module,
+    spec: TeacherSpec,
+    encoder: Conditioner,
+    space: ArchitectureSpace,
+    architectures: torch.Tensor,
+    codes: Sequence[int],
+    domain: ShapesDomain,
+    config: FinetuneConfig,
+) -> nn.Module:
+    """The shared stage: a copy of `teacher` fine-tuned on the whole routed pool, each sample gated by its code's
+    hard architecture (exactly the sliced expert's computation, see `pruning.gates`), for `config.shared_steps`.
+    Kept in `<out>/shared` (float32) and reused on a rerun; resumable like an expert."""
+    device = next(teacher.parameters()).device
+    folder = Path(config.out) / "shared"
+    if is_expert_folder(folder):
+        return load_expert(folder, device=device)[0]
+    student = copy.deepcopy(teacher)
+    gates = UNetGates(student, space).attach()
+    gating = CodeGating(gates, architectures.to(device), torch.as_tensor(list(codes), dtype=torch.long))
+    training = config.expert.model_copy(update={"steps": config.shared_steps})
+    try:
+        finetune_expert(student, teacher, spec, encoder, range(len(codes)), domain, training, config, "shared", gating)
+    finally:
+        gates.detach()
+    save_expert(student, space, space.full(), folder, storage_dtype=torch.float32)
+    return student
+
+
 def run_finetune(config: FinetuneConfig) -> Path:
     """Phase 2 end to end: route, fine-tune every code's expert (resumable per code), export the bundle."""
     if config.threads:
@@ -171,15 +234,19 @@ def run_finetune(config: FinetuneConfig) -> Path:
     shares = [len(p) / len(codes) for p in pools]
     print("training share per code:", [round(s, 3) for s in shares])
 
+    architectures = router.code_architectures()
+    source = teacher
+    if config.shared_steps:
+        source = train_shared(teacher, spec, encoder, space, architectures, codes, domain, config)
     experts = []
     storage = getattr(torch, config.export_dtype)
-    for code, (arch, pool) in enumerate(zip(router.code_architectures(), pools, strict=True)):
+    for code, (arch, pool) in enumerate(zip(architectures, pools, strict=True)):
         done = folder / "experts" / str(code)
         if is_expert_folder(done):
             experts.append(load_expert(done, device=device)[0])
             continue
-        student = slice_unet(teacher, space, arch)
-        if pool:
+        student = slice_unet(source, space, arch)
+        if pool and config.expert.steps:
             student = finetune_expert(
                 student, teacher, spec, encoder, pool, domain, config.expert, config, name=str(code)
             )
@@ -189,6 +256,8 @@ def run_finetune(config: FinetuneConfig) -> Path:
         "stage": "aptp",
         "routing_prompts": config.routing_prompts,
         "steps_per_code": config.expert.steps,
+        "shared_steps": config.shared_steps,
+        "total_steps": config.total_steps(router.config.num_codes),
         "teacher": config.teacher,
         "router": config.router,
     }

@@ -118,3 +118,37 @@ def test_constant_schedule_holds_the_rate_after_warm_up():
 def test_an_unknown_schedule_is_refused_by_name():
     with pytest.raises(ValueError, match="lr_schedule"):
         finetune_module.ExpertTraining(lr_schedule="linear")
+
+
+def test_the_shared_stage_trains_every_code_inside_one_copy_and_the_experts_are_cut_from_it(models, tmp_path):
+    config = _config(models, tmp_path, shared_steps=3, expert={"steps": 0, "batch_size": 4, "warmup_steps": 1})
+    bundle = run_finetune(config)
+    run = tmp_path / "run"
+    assert [json.loads(line)["step"] for line in (run / "log-shared.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert not list(run.glob("log-[0-9]*.jsonl"))  # no per-code steps were asked for
+    manifest = read_manifest(bundle)
+    assert manifest.info["shared_steps"] == 3 and manifest.info["total_steps"] == 3
+
+    router = Router.load(models[1])
+    teacher, _ = load_teacher(models[0])
+    shared = load_expert(run / "shared")[0]
+    for arch, exported in zip(router.code_architectures(), load_code_experts(bundle, manifest), strict=True):
+        expected = finetune_module.slice_unet(shared, router.space, arch).state_dict()
+        assert all(torch.equal(exported.state_dict()[k], v) for k, v in expected.items())
+
+    # Each sample ran as its own code's sub-network: a ResNet group that no code keeps never received a gradient.
+    kept_by_any = router.code_architectures().amax(dim=0)
+    unit = next(
+        u
+        for u in router.space.width_units
+        if u.kind.value == "resnet" and not kept_by_any[router.space.slices[u.name]].all()
+    )
+    dropped = (kept_by_any[router.space.slices[unit.name]] == 0).repeat_interleave(unit.channels_per_gate)
+    tuned, original = shared.get_submodule(unit.module).conv1.weight, teacher.get_submodule(unit.module).conv1.weight
+    assert torch.equal(tuned[dropped], original[dropped])
+    assert not torch.equal(tuned, original)
+
+
+def test_total_steps_count_the_shared_stage_and_every_code():
+    config = FinetuneConfig.model_validate({"out": "x", "shared_steps": 1800, "expert": {"steps": 150}})
+    assert config.total_steps(num_codes=4) == 2400

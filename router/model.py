@@ -32,6 +32,8 @@ class RouterConfig(BaseModel):
     temperature (`float`), offset (`float`): Gumbel-sigmoid settings (METHOD.md: 0.4 and 3).
     prune_depth (`bool`): whether codes may drop whole blocks (METHOD.md: yes). With `False` every depth gate is
         held open, in training and at inference, and only widths are searched.
+    held_open (`list[int]`): width gates held open for every prompt and code, in training and at inference: a
+        floor under each layer's width (see `training.search.SearchConfig.min_width`). Empty in METHOD.md.
     encoder (`EncoderConfig`): the frozen prompt encoder.
     """
 
@@ -40,6 +42,7 @@ class RouterConfig(BaseModel):
     temperature: float = Field(TEMPERATURE, gt=0)
     offset: float = OFFSET
     prune_depth: bool = True
+    held_open: list[int] = Field(default_factory=list)
     encoder: EncoderConfig = EncoderConfig()
 
 
@@ -153,6 +156,15 @@ class Router(nn.Module):
         self.codes = ArchitectureCodes(space, config.num_codes)
         # Not in state_dict: fitted after training (so training checkpoints never carry it), saved with the router.
         self.register_buffer("code_offsets", torch.zeros(config.num_codes), persistent=False)
+        held = torch.zeros(space.dim, dtype=torch.bool)
+        if config.held_open:
+            index = torch.as_tensor(config.held_open)
+            if index.min() < 0 or index.max() >= space.width_dim:
+                raise ValueError(
+                    f"held_open: width gate indices must lie in [0, {space.width_dim}), got {config.held_open}"
+                )
+            held[index] = True
+        self.register_buffer("held_open", held, persistent=False)
         self._encoder = encoder
 
     @property
@@ -164,10 +176,13 @@ class Router(nn.Module):
     def gates(
         self, logits: torch.Tensor, noise: bool = False, generator=None, noise_scale: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Held-open gates sit far past any logistic noise draw: exactly 1, and no gradient reaches their logits.
+        held = self.held_open
         if not self.config.prune_depth and self.space.depth_units:
-            # Far past any logistic noise draw: the gates are exactly 1 and pass no gradient to the depth logits.
-            held_open = torch.full_like(logits[..., self.space.width_dim :], HELD_OPEN_LOGIT)
-            logits = torch.cat([logits[..., : self.space.width_dim], held_open], dim=-1)
+            held = held.clone()
+            held[self.space.width_dim :] = True
+        if held.any():
+            logits = torch.where(held.to(logits.device), torch.full_like(logits, HELD_OPEN_LOGIT), logits)
         return gumbel_sigmoid(
             logits,
             self.config.temperature,

@@ -27,6 +27,7 @@ from router.gates import normalised_architecture
 from router.losses import contrastive_loss, prunable_budget, resource_loss, spread_losses
 from router.model import Router, RouterConfig
 
+from .baseline import l1_importance
 from .data.labels import collate, images_to_unit_range
 from .data.shapes import ShapesDomain
 from .distill import block_features, student_losses
@@ -71,6 +72,13 @@ class SearchConfig(RunSettings):
     lr_warmup_steps: int = Field(100, ge=0)
     use_ot: bool = True
     prune_depth: bool = Field(True, description="False: hold every block and search widths only")
+    min_width: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of each width unit's gates held open (those of largest L1 norm in the teacher), a floor "
+        "under every layer's width; 0: none (METHOD.md)",
+    )
     sinkhorn_epsilon: float = Field(0.05, gt=0)
     sinkhorn_iterations: int = Field(3, ge=1)
     contrastive_tau: float = Field(0.03, gt=0)
@@ -104,6 +112,20 @@ def prunable_ratio(space: ArchitectureSpace, gates: torch.Tensor, resolution: in
     """`(..., dim)` gates -> `(...,)` share of the prunable MACs kept (differentiable)."""
     table = space.mac_table(resolution)
     return (space.differentiable_macs(gates.double(), resolution) - table.fixed) / (table.total - table.fixed)
+
+
+def width_floor(unet: torch.nn.Module, space: ArchitectureSpace, min_width: float) -> list[int]:
+    """Indices of the gates `min_width` holds open: in each width unit, the ceil(min_width x gates) of largest L1
+    norm (the static baseline's ranking, `training.baseline.l1_importance`)."""
+    if min_width == 0:
+        return []
+    importance = l1_importance(unet, space)
+    held: list[int] = []
+    for unit in space.width_units:
+        sl = space.slices[unit.name]
+        count = math.ceil(min_width * unit.num_gates)
+        held += (importance[sl].topk(count).indices + sl.start).sort().values.tolist()
+    return held
 
 
 def balance_codes(
@@ -146,6 +168,7 @@ def run_search(config: SearchConfig) -> Path:
         embed_dim=embed_encoder.embed_dim,
         encoder=embed_encoder.config,
         prune_depth=config.prune_depth,
+        held_open=width_floor(unet, space, config.min_width),
     )
     router = Router(router_config, space, resolution, encoder=embed_encoder).to(device)
     lr = config.lr or 2e-4 * math.sqrt(config.batch_size)

@@ -423,3 +423,25 @@ def test_width_only_routers_hold_every_block(small_space):
     soft.sum().backward()
     assert router.predictor.depth.weight.grad is None or (router.predictor.depth.weight.grad == 0).all()
     assert router.predictor.heads[0].weight.grad.abs().sum() > 0
+
+
+def test_held_open_gates_are_kept_for_every_prompt_and_code_and_survive_a_save(small_space, tmp_path):
+    held = [0, 1, small_space.width_dim - 1]
+    torch.manual_seed(0)
+    router = Router(RouterConfig(num_codes=3, held_open=held), small_space)
+    router.codes.set_architectures(nested_architectures(small_space, keeps=(0.8, 0.5, 0.3)))
+    logits = router.predictor(_embeddings(5, seed=2))
+    soft, hard = router.gates(logits, noise=True, generator=torch.Generator().manual_seed(1))
+    assert (soft[:, held] == 1).all() and (hard[:, held] == 1).all()
+    soft.sum().backward()
+    head = router.predictor.heads[0]  # its first two gates are held: no gradient reaches their rows
+    assert (head.weight.grad[:2] == 0).all() and head.weight.grad[2:].abs().sum() > 0
+    assert (router.code_architectures()[:, held] == 1).all()
+    loaded = Router.load(router.save(tmp_path / "router"))
+    assert loaded.config.held_open == held
+    assert torch.equal(loaded.code_architectures(), router.code_architectures())
+
+
+def test_held_open_gates_must_be_width_gates(small_space):
+    with pytest.raises(ValueError, match="held_open"):
+        Router(RouterConfig(num_codes=2, held_open=[small_space.dim - 1]), small_space)

@@ -14,6 +14,7 @@ import training.search as search_module
 from pruning.teacher import load_teacher
 from router.model import Router
 from tests.conftest import ENCODER_MAX_LENGTH, save_tiny_teacher, shared_encoder_factory
+from tests.router.test_model import nested_architectures
 from training.search import SearchConfig, run_search
 
 STEPS = 4
@@ -165,3 +166,17 @@ def test_search_on_a_teacher_with_a_text_adapter(tmp_path, summary_tokens, map_c
     assert router.config.encoder.model_dump() == load_teacher(teacher_folder)[1].text_encoder | {"layers": [-1]}
     for record in [r for r in _records(tmp_path / "run") if r["phase"] != "balance"]:
         assert all(math.isfinite(record[k]) for k in LOSS_KEYS)
+
+
+def test_min_width_holds_each_layers_strongest_gates_open(teacher_folder, tmp_path):
+    router = Router.load(run_search(_config(teacher_folder, tmp_path / "run", min_width=0.5, balance_prompts=0)))
+    unet, _ = load_teacher(teacher_folder)
+    importance = search_module.l1_importance(unet, router.space)
+    strongest = []
+    for unit in router.space.width_units:
+        sl = router.space.slices[unit.name]
+        strongest += (importance[sl].topk(math.ceil(unit.num_gates / 2)).indices + sl.start).tolist()
+    assert router.config.held_open == sorted(strongest)
+    # However small the codes become, the floor stays.
+    router.codes.set_architectures(nested_architectures(router.space, keeps=(0.1, 0.1)))
+    assert (router.code_architectures()[:, strongest] == 1).all()

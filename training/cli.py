@@ -109,7 +109,7 @@ def _export(args: argparse.Namespace) -> int:
         teacher, spec = load_teacher(args.teacher)
         adapter = load_text_adapter(args.teacher)
         router = Router.load(args.router)
-        experts, shares = None, None
+        experts, shares, phase2 = None, None, {}
         if args.experts is not None:
             run = pathlib.Path(args.experts)
             folders = [run / "experts" / str(code) for code in range(router.config.num_codes)]
@@ -121,10 +121,14 @@ def _export(args: argparse.Namespace) -> int:
             if routing.is_file():
                 codes = json.loads(routing.read_text())["codes"]
                 shares = [codes.count(code) / len(codes) for code in range(router.config.num_codes)]
+            settings = run / "config.json"
+            if settings.is_file():  # the phase-2 run's step counts travel into the manifest
+                config = json.loads(settings.read_text())
+                phase2 = {"steps_per_code": config["expert"]["steps"], "shared_steps": config.get("shared_steps", 0)}
     except ModelFileError as e:
         print(f"aptp export: error: {e}", file=sys.stderr)
         return 2
-    info = {"stage": "export", "teacher": args.teacher, "router": args.router, "experts": args.experts}
+    info = {"stage": "export", "teacher": args.teacher, "router": args.router, "experts": args.experts, **phase2}
     storage = getattr(torch, args.dtype)
     export_bundle(args.out, teacher, spec, router, experts, shares, info, storage_dtype=storage, text_adapter=adapter)
     print(f"bundle written to {args.out}")

@@ -139,12 +139,14 @@ def test_cli_export_from_a_router_and_a_phase2_run(teacher_folder, tmp_path, cap
     for code, (expert, arch) in enumerate(zip(experts, router.code_architectures(), strict=True)):
         save_expert(expert, router.space, arch, run_dir / "experts" / str(code))
     (run_dir / "routing.json").write_text(json.dumps({"seed": 0, "codes": [0, 1, 1, 1]}))
+    (run_dir / "config.json").write_text(json.dumps({"expert": {"steps": 150}, "shared_steps": 1800}))
 
     out = tmp_path / "exported"
     args = ["export", "--teacher", teacher_folder, "--router", source / "router", "--experts", run_dir, "--out", out]
     assert main([str(a) for a in args]) == 0, capsys.readouterr().err
     manifest = read_manifest(out)
     assert [c.training_share for c in manifest.codes] == [0.25, 0.75]
+    assert manifest.info["steps_per_code"] == 150 and manifest.info["shared_steps"] == 1800
     assert [c.macs for c in manifest.codes] == [c.macs for c in read_manifest(source).codes]
 
     (run_dir / "experts" / "1" / "expert.json").unlink()  # phase 2 not finished for code 1

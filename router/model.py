@@ -164,6 +164,9 @@ class Router(nn.Module):
                     f"held_open: width gate indices must lie in [0, {space.width_dim}), got {config.held_open}"
                 )
             held[index] = True
+        if not config.prune_depth:
+            held[space.width_dim :] = True
+        # Derived from the config, so not in state_dict: every gate the router never closes.
         self.register_buffer("held_open", held, persistent=False)
         self._encoder = encoder
 
@@ -177,12 +180,8 @@ class Router(nn.Module):
         self, logits: torch.Tensor, noise: bool = False, generator=None, noise_scale: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Held-open gates sit far past any logistic noise draw: exactly 1, and no gradient reaches their logits.
-        held = self.held_open
-        if not self.config.prune_depth and self.space.depth_units:
-            held = held.clone()
-            held[self.space.width_dim :] = True
-        if held.any():
-            logits = torch.where(held.to(logits.device), torch.full_like(logits, HELD_OPEN_LOGIT), logits)
+        if self.held_open.any():
+            logits = torch.where(self.held_open.to(logits.device), torch.full_like(logits, HELD_OPEN_LOGIT), logits)
         return gumbel_sigmoid(
             logits,
             self.config.temperature,

@@ -4,6 +4,7 @@ need saving)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError
@@ -84,7 +85,12 @@ class TrainingRun:
         saved = self.folder / "config.json"
         if latest_checkpoint(self.folder, self.checkpoint_name) is None or not saved.is_file():
             return
-        before = _dotted(json.loads(saved.read_text()))
+        written = json.loads(saved.read_text())
+        # A field added since the run started counts as its default, not as a change; a field since renamed or
+        # removed fails validation, and the file is compared as written.
+        with contextlib.suppress(ValidationError):
+            written = type(self.settings).model_validate(written).model_dump(mode="json")
+        before = _dotted(written)
         now = _dotted(self.settings.model_dump(mode="json"))
         free = self.settings.RESUME_MAY_CHANGE
         changed = sorted(k for k in before.keys() | now.keys() if k not in free and before.get(k) != now.get(k))

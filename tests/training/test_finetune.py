@@ -152,3 +152,15 @@ def test_the_shared_stage_trains_every_code_inside_one_copy_and_the_experts_are_
 def test_total_steps_count_the_shared_stage_and_every_code():
     config = FinetuneConfig.model_validate({"out": "x", "shared_steps": 1800, "expert": {"steps": 150}})
     assert config.total_steps(num_codes=4) == 2400
+
+
+def test_a_run_started_before_a_new_setting_existed_resumes(models, tmp_path):
+    config = _config(models, tmp_path, checkpoint_minutes=1e-9)
+    run_finetune(config)
+    saved = tmp_path / "run" / "config.json"
+    written = json.loads(saved.read_text())
+    del written["shared_steps"]  # as written before the field (default 0) was added
+    saved.write_text(json.dumps(written))
+    (tmp_path / "run" / "experts" / "1" / "expert.json").unlink()  # code 1 unfinished: its checkpoint is resumed
+    run_finetune(config)
+    assert load_expert(tmp_path / "run" / "experts" / "1")[1].params > 0

@@ -81,9 +81,11 @@ class TrainingRun:
 
     def _refuse_a_foreign_checkpoint(self) -> None:
         """A checkpoint in `out` left by a run with other settings must not be resumed (its weights and step would
-        continue under the new config) nor have its config.json overwritten."""
+        continue under the new config) nor have its config.json overwritten. Any part's checkpoint counts: a stage
+        with several parts (phase 2's shared stage and experts) shares one config.json."""
         saved = self.folder / "config.json"
-        if latest_checkpoint(self.folder, self.checkpoint_name) is None or not saved.is_file():
+        parts = {p.name.removesuffix(".old") for p in self.folder.glob("checkpoint*") if p.is_dir()}
+        if not any(latest_checkpoint(self.folder, part) for part in parts) or not saved.is_file():
             return
         written = json.loads(saved.read_text())
         # A field added since the run started counts as its default, not as a change; a field since renamed or

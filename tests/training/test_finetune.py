@@ -16,6 +16,7 @@ from pruning.teacher import load_teacher
 from router.model import Router, RouterConfig
 from tests.conftest import save_tiny_teacher, shared_encoder_factory
 from tests.router.test_model import nested_architectures
+from training.config import ConfigError
 from training.data.shapes import ShapesDomain
 from training.finetune import FinetuneConfig, run_finetune
 
@@ -164,3 +165,11 @@ def test_a_run_started_before_a_new_setting_existed_resumes(models, tmp_path):
     (tmp_path / "run" / "experts" / "1" / "expert.json").unlink()  # code 1 unfinished: its checkpoint is resumed
     run_finetune(config)
     assert load_expert(tmp_path / "run" / "experts" / "1")[1].params > 0
+
+
+def test_a_folder_holding_another_parts_checkpoint_refuses_other_settings(models, tmp_path):
+    run_finetune(_config(models, tmp_path, checkpoint_minutes=1e-9))
+    written = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(ConfigError, match="shared_steps"):  # would start the shared part, which has no checkpoint yet
+        run_finetune(_config(models, tmp_path, shared_steps=2))
+    assert (tmp_path / "run" / "config.json").read_text() == written

@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning.conditioning import AttentionRead
-from pruning.files import ModelFileError
-from router.encoder import PromptEncoder
-from router.pipeline import RoutedPipeline
+from aptp.conditioning.adapter import AttentionRead
+from aptp.conditioning.encoder import PromptEncoder
+from aptp.formats.files import ModelFileError
+from aptp.pipeline import RoutedPipeline
 from training.data.labels import collate
 from training.data.shapes import COLOURS, SHAPES, Sample, ShapesDomain
-from training.evaluate import evaluation_samples, write_report
-from training.evaluator import DomainEvaluator, Reading, read_images
+from training.evaluation.evaluate import evaluation_samples, write_report
+from training.evaluation.evaluator import DomainEvaluator, Reading, read_images
 
 COLOUR_NAMES = list(COLOURS)
 
@@ -135,7 +135,7 @@ def readout_accuracy(
     for part, (start, count) in {"train": (0, train), "test": (10_000_000, test)}.items():
         captions, shapes, colours = tier3_targets(domain, start, count)
         encoded = [encoder.encode(captions[i : i + 256]) for i in range(0, count, 256)]
-        tokens = torch.cat([e.tokens for e in encoded])
+        tokens = torch.cat([e.states for e in encoded])
         mask = torch.cat([e.mask for e in encoded])
         data[part] = (tokens, mask, shapes, colours)
     results = {}

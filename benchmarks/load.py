@@ -207,14 +207,14 @@ def mean_batches(metrics: dict) -> dict[str, float | None]:
 
 # ------------------------------------------------------------------------------------------------- the server
 class ServerProcess:
-    """`python -m training.cli serve` as a child process, configured through APTP_* variables, its log in a file."""
+    """`python -m aptp.cli.main serve` as a child process, configured through APTP_* variables, its log in a file."""
 
     def __init__(self, bundle: Path, port: int, settings: dict[str, str], log_path: Path, device: str):
         env = dict(os.environ)
         env.update(settings)
         # The load test talks to its own server without keys, whatever an operator's environment or .env says.
         env["APTP_API_KEYS"] = ""
-        command = [sys.executable, "-m", "training.cli", "serve", "--bundle", str(bundle), "--port", str(port)]
+        command = [sys.executable, "-m", "aptp.cli.main", "serve", "--bundle", str(bundle), "--port", str(port)]
         command += ["--host", "127.0.0.1", "--device", device]
         self.log_path = log_path
         self._log = log_path.open("wb")

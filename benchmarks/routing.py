@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pruning.files import ModelFileError
+from aptp.formats.files import ModelFileError
+from aptp.pipeline import RoutedPipeline
 from router.model import Router
-from router.pipeline import RoutedPipeline
-from training.evaluate import evaluation_samples, routing_summary, tier_cells, write_report
+from training.evaluation.evaluate import evaluation_samples, routing_summary, tier_cells, write_report
 
 
 def route_splits(

@@ -1,7 +1,6 @@
-"""Model surgery shared by training and serving: the architecture space of a `UNet2DConditionModel`, gated
-forward, the exact MAC model, physical slicing, and expert files."""
+"""Model surgery: the architecture space of a `UNet2DConditionModel`, gated forward, the exact MAC model, physical
+slicing and importance scores. Files on disk (experts, bundles) are `aptp.formats`."""
 
-from .expert import ExpertFileError, ExpertInfo, load_expert, save_expert
 from .gates import UNetGates, apply_gates
 from .macs import MacTable, flop_counter_macs
 from .slicing import slice_unet
@@ -9,15 +8,11 @@ from .space import ArchitectureSpace, PrunableUnit, UnitKind
 
 __all__ = [
     "ArchitectureSpace",
-    "ExpertFileError",
-    "ExpertInfo",
     "MacTable",
     "PrunableUnit",
     "UNetGates",
     "UnitKind",
     "apply_gates",
     "flop_counter_macs",
-    "load_expert",
-    "save_expert",
     "slice_unet",
 ]

@@ -12,11 +12,11 @@ from pydantic import BaseModel, Field
 from safetensors.torch import save_file
 from torch import nn
 
-from pruning.files import ModelFileError, load_matching_state, read_json_object
+from aptp.conditioning.encoder import EncoderConfig, PromptEncoder
+from aptp.formats.files import ModelFileError, load_matching_state, read_json_object
 from pruning.space import ArchitectureSpace
 
 from .assignment import balancing_offsets
-from .encoder import EncoderConfig, PromptEncoder
 from .gates import OFFSET, TEMPERATURE, depth_order, gumbel_sigmoid, nested_depth_logits, normalised_architecture
 
 ROUTER_CONFIG = "config.json"

@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from router.pipeline import RoutedPipeline
+from aptp.pipeline import RoutedPipeline
 
 from .api.errors import install_error_handlers
 from .api.routes import codes, generate, health, openai, route

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from router.pipeline import RoutedPipeline
+from aptp.conditioning.prompts import Conditioning
+from aptp.pipeline import RoutedPipeline
 
 from .metrics import ServerMetrics
 from .scheduler import AbortOutcome, FinishedBatch, QueuedRequest, ScheduledBatch, Scheduler, SchedulerConfig
@@ -49,34 +50,18 @@ class GenerationJob:
     """What the engine needs to run one request (the scheduler's payload).
 
     Parameters:
-        tokens (`torch.Tensor`): `(1, L, D)` prompt token states.
-        mask (`torch.Tensor`): `(1, L)` attention mask.
+        prompt (`Conditioning`): the prompt, one row.
         seeds (`list[int]`): one per image.
         steps (`int`): sampling steps.
         guidance_scale (`float`): classifier-free guidance scale (1.0: no unconditional branch).
-        negative_tokens (`torch.Tensor`, *optional*): `(1, L, D)` negative prompt (default: the empty prompt).
-        negative_mask (`torch.Tensor`, *optional*): its mask.
-        prompt_map (`torch.Tensor`, *optional*): `(1, C, g, g)` the prompt's map, when the text adapter makes one.
-        negative_map (`torch.Tensor`, *optional*): the negative prompt's.
+        negative (`Conditioning`, *optional*): the negative prompt, one row (default: the empty prompt).
     """
 
-    tokens: torch.Tensor
-    mask: torch.Tensor
+    prompt: Conditioning
     seeds: list[int]
     steps: int
     guidance_scale: float
-    negative_tokens: torch.Tensor | None = None
-    negative_mask: torch.Tensor | None = None
-    prompt_map: torch.Tensor | None = None
-    negative_map: torch.Tensor | None = None
-
-
-def repeat_rows(tensors: list[torch.Tensor | None], counts: list[int]) -> torch.Tensor | None:
-    """Each one-row tensor repeated `counts[i]` times, stacked along the first axis (None when they are None: a
-    pipeline whose text adapter makes no prompt map)."""
-    if tensors[0] is None:
-        return None
-    return torch.cat([t.expand(n, *t.shape[1:]) for t, n in zip(tensors, counts, strict=True)])
+    negative: Conditioning | None = None
 
 
 @dataclass
@@ -139,7 +124,7 @@ class Engine:
         for code in range(self.pipeline.num_codes):
             empty = self.pipeline.empty_prompt
             for scale in (2.0, 1.0):
-                self.pipeline.generate(code, empty.tokens, empty.mask, [0], steps, [scale], prompt_map=empty.prompt_map)
+                self.pipeline.generate(code, empty, [0], steps, [scale])
 
     def start(self) -> None:
         if self._thread is not None:
@@ -294,29 +279,20 @@ class Engine:
         for steps, requests in by_steps.items():
             jobs: list[GenerationJob] = [r.payload for r in requests]
             counts = [len(job.seeds) for job in jobs]
-            rows = list(zip(jobs, counts, strict=True))
-            tokens = repeat_rows([job.tokens for job in jobs], counts)
-            mask = repeat_rows([job.mask for job in jobs], counts)
-            prompt_map = repeat_rows([job.prompt_map for job in jobs], counts)
-            negative_tokens = negative_mask = negative_map = None
-            if any(job.negative_tokens is not None for job in jobs):
+            cond = Conditioning.cat([job.prompt.repeat(n) for job, n in zip(jobs, counts, strict=True)])
+            negative = None
+            if any(job.negative is not None for job in jobs):
                 # A job without a negative prompt is guided against the empty prompt.
-                own = [job if job.negative_tokens is not None else None for job in jobs]
-                negative_tokens = repeat_rows([j.negative_tokens if j else empty.tokens for j in own], counts)
-                negative_mask = repeat_rows([j.negative_mask if j else empty.mask for j in own], counts)
-                negative_map = repeat_rows([j.negative_map if j else empty.prompt_map for j in own], counts)
-            scales = [job.guidance_scale for job, n in rows for _ in range(n)]
+                negatives = [(job.negative or empty).repeat(n) for job, n in zip(jobs, counts, strict=True)]
+                negative = Conditioning.cat(negatives)
+            scales = [job.guidance_scale for job, n in zip(jobs, counts, strict=True) for _ in range(n)]
             images = self.pipeline.generate(
                 batch.code,
-                tokens,
-                mask,
+                cond,
                 seeds=[seed for job in jobs for seed in job.seeds],
                 steps=steps,
                 guidance_scales=scales,
-                negative_tokens=negative_tokens,
-                negative_mask=negative_mask,
-                prompt_map=prompt_map,
-                negative_map=negative_map,
+                negative=negative,
             )
             # A guided call runs both branches for every row, even rows whose own scale is 1.
             unet_calls = steps * (2 if any(scale != 1.0 for scale in scales) else 1)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from router.pipeline import RoutedPipeline
+from aptp.pipeline import RoutedPipeline
 
 from .engine import Engine
 from .metrics import ServerMetrics

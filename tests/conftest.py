@@ -194,7 +194,7 @@ def sd21_space(sd21_unet) -> ArchitectureSpace:
 # ------------------------------------------------------------------------------------- the embedded shapes domain
 ENCODER_MAX_LENGTH = 40  # the teacher's text_encoder.max_length (configs/shapes/teacher.yaml)
 # The smallest teacher U-Net that builds: widths divisible by 4 GroupNorm groups and by 2-channel heads.
-# Like the shipped teacher, the tiny one takes the two coordinate planes after its RGB input (pruning.diffusion).
+# Like the shipped teacher, the tiny one takes the two coordinate planes after its RGB input (aptp.sampling).
 TINY_TEACHER_UNET: dict[str, Any] = {
     "block_out_channels": [8, 16, 16],
     "norm_num_groups": 4,
@@ -229,7 +229,7 @@ def shared_encoder_factory(encoder):
     """A stand-in for the `PromptEncoder` class that hands out `encoder` whenever its config is asked for (and builds
     any other config for real), so a test session loads all-MiniLM-L6-v2 once. Install it with
     `monkeypatch.setattr("<module>.PromptEncoder", shared_encoder_factory(encoder))`."""
-    from router.encoder import PromptEncoder
+    from aptp.conditioning.encoder import PromptEncoder
 
     def factory(config=None, device="cpu"):
         if config is not None and config == encoder.config and torch.device(device) == encoder.device:
@@ -242,7 +242,7 @@ def shared_encoder_factory(encoder):
 @pytest.fixture(scope="session")
 def prompt_encoder():
     """all-MiniLM-L6-v2 with the teacher's 40-token length, loaded once per session (~1-3 s). Read-only."""
-    from router.encoder import EncoderConfig, PromptEncoder
+    from aptp.conditioning.encoder import EncoderConfig, PromptEncoder
 
     return PromptEncoder(EncoderConfig(max_length=ENCODER_MAX_LENGTH))
 
@@ -274,7 +274,7 @@ def tiny_teacher_spec(resolution: int = 32):
     """A `TeacherSpec` for the tiny teacher: v-prediction cosine schedule, all-MiniLM-L6-v2 with 40 tokens."""
     from diffusers import DDPMScheduler
 
-    from pruning.teacher import TeacherSpec
+    from aptp.formats.teacher import TeacherSpec
 
     scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
     return TeacherSpec(
@@ -292,8 +292,8 @@ def save_tiny_teacher(
     `adapter_width`, the U-Net reads all-MiniLM-L6-v2's states through a random one-layer text adapter of that
     width, ending in `summary_tokens` summary tokens; with `map_channels`, the first four of them make a 2x2 prompt
     map that the U-Net takes as input channels, after coordinate planes."""
-    from pruning.conditioning import TextAdapter, TextAdapterConfig
-    from pruning.teacher import save_teacher
+    from aptp.conditioning.adapter import TextAdapter, TextAdapterConfig
+    from aptp.formats.teacher import save_teacher
 
     if adapter_width is None:
         return save_teacher(build_unet(tiny_teacher_unet_config(), seed=seed), tiny_teacher_spec(), folder)
@@ -322,7 +322,7 @@ def teacher_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def teacher(teacher_folder):
     """The tiny teacher loaded back: (unet, spec, its architecture space)."""
-    from pruning.teacher import load_teacher
+    from aptp.formats.teacher import load_teacher
 
     unet, spec = load_teacher(teacher_folder)
     return unet, spec, ArchitectureSpace.from_unet(unet, text_len=ENCODER_MAX_LENGTH)

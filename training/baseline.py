@@ -11,11 +11,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from pruning.expert import is_expert_folder, load_expert, save_expert
+from aptp.formats.expert import is_expert_folder, load_expert, save_expert
+from aptp.formats.teacher import load_teacher, load_teacher_conditioner
 from pruning.slicing import group_channels, slice_unet
 from pruning.space import ArchitectureSpace, UnitKind, feed_forward_layers
-from pruning.teacher import load_teacher, load_text_adapter
-from router.encoder import Conditioner, EncoderConfig, PromptEncoder
 from router.model import Router, RouterConfig
 
 from .data.shapes import ShapesDomain
@@ -99,9 +98,7 @@ def run_baseline(config: BaselineConfig) -> Path:
     teacher.requires_grad_(False)
     space = ArchitectureSpace.from_unet(teacher, text_len=spec.context_length)
     arch = l1_architecture_for_budget(teacher, space, config.budget, spec.resolution)
-    encoder = Conditioner(
-        PromptEncoder(EncoderConfig(**spec.text_encoder), device=device), load_text_adapter(config.teacher, device)
-    )
+    encoder = load_teacher_conditioner(config.teacher, spec, device)
     domain = ShapesDomain(seed=config.seed, split="train")
     storage = getattr(torch, config.export_dtype)
     done = Path(config.out) / "expert"

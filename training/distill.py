@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning.diffusion import denoise
-from router.encoder import EncodedPrompts
+from aptp.conditioning.prompts import Conditioning
+from aptp.sampling import denoise
 
 from .noise import NoisyBatch
 
@@ -49,20 +49,19 @@ def student_losses(
     student: nn.Module,
     teacher: nn.Module | None,
     batch: NoisyBatch,
-    prompts: EncodedPrompts,
+    prompts: Conditioning,
     teacher_out: torch.Tensor | None = None,
     teacher_features: list[torch.Tensor] | None = None,
 ) -> DistillLosses:
     """Denoising loss (min-SNR weighted) plus output and block-feature MSE against the teacher, both U-Nets reading
     `prompts` (token states, mask and, for U-Nets that take one, the prompt map). Pass `teacher` to run it here
     (under no_grad), or its precomputed `teacher_out` / `teacher_features`."""
-    context, mask, prompt_map = prompts.tokens, prompts.mask, prompts.prompt_map
     if teacher is not None:
         with torch.no_grad(), block_features(teacher) as features:
-            teacher_out = denoise(teacher, batch.noisy, batch.timesteps, context, mask, prompt_map).sample
+            teacher_out = denoise(teacher, batch.noisy, batch.timesteps, prompts).sample
         teacher_features = [f.detach() for f in features]
     with block_features(student) as student_features:
-        out = denoise(student, batch.noisy, batch.timesteps, context, mask, prompt_map).sample
+        out = denoise(student, batch.noisy, batch.timesteps, prompts).sample
     per_sample = F.mse_loss(out.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
     denoising = (batch.weight * per_sample).mean()
     output = F.mse_loss(out.float(), teacher_out.float())

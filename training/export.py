@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pruning.bundle import CodeEntry, Manifest, write_manifest
-from pruning.conditioning import TEXT_ADAPTER, TextAdapter
-from pruning.expert import save_expert
+from aptp.conditioning.adapter import TEXT_ADAPTER, TextAdapter
+from aptp.formats.bundle import CodeEntry, Manifest, write_manifest
+from aptp.formats.expert import save_expert
+from aptp.formats.teacher import TeacherSpec, load_teacher, load_text_adapter
 from pruning.slicing import slice_unet
 from pruning.space import ArchitectureSpace
-from pruning.teacher import TeacherSpec, load_teacher, load_text_adapter
 from router.model import Router, RouterConfig
 
 

@@ -26,12 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm import tqdm
 
-from pruning.expert import is_expert_folder, load_expert, save_expert
+from aptp.conditioning.conditioner import Conditioner
+from aptp.formats.expert import is_expert_folder, load_expert, save_expert
+from aptp.formats.teacher import TeacherSpec, load_teacher, load_teacher_conditioner
 from pruning.gates import UNetGates
 from pruning.slicing import slice_unet
 from pruning.space import ArchitectureSpace
-from pruning.teacher import TeacherSpec, load_teacher, load_text_adapter
-from router.encoder import Conditioner, EncoderConfig, PromptEncoder
 from router.model import Router
 
 from .data.labels import collate, images_to_unit_range
@@ -215,9 +215,7 @@ def run_finetune(config: FinetuneConfig) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     teacher, spec = load_teacher(config.teacher, device=device)
     teacher.requires_grad_(False)
-    encoder = Conditioner(
-        PromptEncoder(EncoderConfig(**spec.text_encoder), device=device), load_text_adapter(config.teacher, device)
-    )
+    encoder = load_teacher_conditioner(config.teacher, spec, device)
     router = Router.load(config.router, device=device)
     if router.config.encoder == encoder.config:
         router._encoder = encoder.encoder  # one MiniLM in memory when the router reads the same encoder

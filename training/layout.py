@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning.conditioning import AttentionRead
-from router.encoder import PromptEncoder
+from aptp.conditioning.adapter import AttentionRead
+from aptp.conditioning.encoder import PromptEncoder
+from aptp.conditioning.prompts import Conditioning
 
 from .data.labels import HEADS, IGNORE, PER_CELL_HEADS, collate
 from .data.shapes import CELLS, ShapesDomain
@@ -42,9 +43,9 @@ class PromptLayoutHead(nn.Module):
         read_dim = token_dim if summary else width
         self.heads = nn.ModuleDict({name: nn.Linear(read_dim, classes) for name, classes in HEADS.items()})
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        tokens = tokens[..., -self.token_dim :]
-        read = tokens[:, -LAYOUT_READS:] if self.read is None else self.read(tokens, mask)
+    def forward(self, prompts: Conditioning) -> dict[str, torch.Tensor]:
+        tokens = prompts.states[..., -self.token_dim :]
+        read = tokens[:, -LAYOUT_READS:] if self.read is None else self.read(tokens, prompts.mask)
         cells, scene = read[:, : len(CELLS)], read[:, len(CELLS)]
         return {name: head(cells if name in PER_CELL_HEADS else scene) for name, head in self.heads.items()}
 
@@ -92,7 +93,7 @@ def pretrain_adapter(
     samples = domain.batch(0, captions)
     _, targets = collate(samples)
     encoded = [encoder.encode([s.caption for s in samples[i : i + 512]]) for i in range(0, captions, 512)]
-    tokens, mask = torch.cat([e.tokens for e in encoded]), torch.cat([e.mask for e in encoded])
+    encoded = Conditioning.cat(encoded)
     parameters = list(adapter.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
@@ -102,9 +103,9 @@ def pretrain_adapter(
         rows = torch.randint(captions, (batch_size,), generator=generator)
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 100)
-        states, states_mask, _ = adapter(tokens[rows].to(device), mask[rows].to(device))
+        adapted = adapter(encoded.select(rows).to(device))
         batch_targets = {name: value[rows] for name, value in targets.items()}
-        loss, accuracy = layout_loss(head(states, states_mask), batch_targets, every)
+        loss, accuracy = layout_loss(head(adapted), batch_targets, every)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -124,10 +125,10 @@ def layout_accuracy_on_unseen(
     encoded = encoder.encode([s.caption for s in samples])
     was_training = adapter.training
     adapter.eval()
-    states, states_mask, _ = adapter(encoded.tokens, encoded.mask)
+    adapted = adapter(encoded)
     adapter.train(was_training)
-    rows = torch.ones(len(samples), dtype=torch.bool, device=states.device)
-    return rounded_accuracy(layout_loss(head(states, states_mask), targets, rows)[1])
+    rows = torch.ones(len(samples), dtype=torch.bool, device=adapted.states.device)
+    return rounded_accuracy(layout_loss(head(adapted), targets, rows)[1])
 
 
 def rounded_accuracy(accuracy: dict[str, float]) -> dict[str, float]:

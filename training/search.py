@@ -17,12 +17,12 @@ from diffusers import DDPMScheduler
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
-from pruning.diffusion import denoise
+from aptp.conditioning.encoder import EncoderConfig, PromptEncoder
+from aptp.formats.teacher import load_teacher, load_teacher_conditioner
+from aptp.sampling import denoise
 from pruning.gates import UNetGates
 from pruning.space import ArchitectureSpace
-from pruning.teacher import load_teacher, load_text_adapter
 from router.assignment import assign
-from router.encoder import Conditioner, EncoderConfig, PromptEncoder
 from router.gates import normalised_architecture
 from router.losses import contrastive_loss, prunable_budget, resource_loss, spread_losses
 from router.model import Router, RouterConfig
@@ -159,8 +159,8 @@ def run_search(config: SearchConfig) -> Path:
     unet.train()  # no dropout or batch norm in these U-Nets; train mode only matters for gradient checkpointing
     space = ArchitectureSpace.from_unet(unet, text_len=spec.context_length)
     resolution = spec.resolution
-    frozen = PromptEncoder(config.encoder or EncoderConfig(**spec.text_encoder), device=device)
-    text_encoder = Conditioner(frozen, load_text_adapter(config.teacher, device=device))
+    text_encoder = load_teacher_conditioner(config.teacher, spec, device, text_encoder=config.encoder)
+    frozen = text_encoder.encoder
     embed_encoder = PromptEncoder(config.embed_encoder, device=device) if config.embed_encoder else frozen
     torch.manual_seed(config.seed)
     router_config = RouterConfig(
@@ -213,7 +213,7 @@ def run_search(config: SearchConfig) -> Path:
 
         with torch.no_grad(), block_features(unet) as teacher_features:
             gates.set(None)
-            teacher_out = denoise(unet, batch.noisy, batch.timesteps, encoded.tokens, encoded.mask, encoded.prompt_map)
+            teacher_out = denoise(unet, batch.noisy, batch.timesteps, encoded)
         gates.set(soft)
         distill = student_losses(unet, None, batch, encoded, teacher_out.sample, list(teacher_features))
         gates.set(None)

@@ -9,7 +9,6 @@ and the exported teacher folder.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +16,11 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from pruning.conditioning import TextAdapter, TextAdapterConfig
-from pruning.diffusion import denoise, input_layout
-from pruning.teacher import TeacherSpec, save_teacher
-from router.encoder import EncoderConfig, PromptEncoder
+from aptp.conditioning.adapter import TextAdapter, TextAdapterConfig
+from aptp.conditioning.encoder import EncoderConfig, PromptEncoder
+from aptp.conditioning.prompts import Conditioning
+from aptp.formats.teacher import TeacherSpec, save_teacher
+from aptp.sampling import SamplingConfig, denoise, input_layout
 
 from .data.labels import collate, images_to_unit_range
 from .data.shapes import ShapesDomain
@@ -33,7 +33,7 @@ class UNetSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sample_size: int = 32
-    # in_channels = out_channels + 2 feeds each pixel's row and column to the model (see pruning.diffusion).
+    # in_channels = out_channels + 2 feeds each pixel's row and column to the model (see aptp.sampling).
     in_channels: int = 5
     out_channels: int = 3
     block_out_channels: list[int] = [32, 64, 96]
@@ -50,7 +50,7 @@ class UNetSettings(BaseModel):
 
 
 class AdapterSettings(BaseModel):
-    """A trainable text adapter between the frozen encoder and the U-Net (`pruning.conditioning`): `width`,
+    """A trainable text adapter between the frozen encoder and the U-Net (`aptp.conditioning.adapter`): `width`,
     `layers`, `heads`, `passthrough`, `summary_tokens`, `map_grid` and `map_channels` as in `TextAdapterConfig` (the
     U-Net's `in_channels` must then count the map's channels). With `layout_weight` > 0, a
     layout read-out (`training.layout`) trained on the adapter's states adds its loss, times this weight, to the
@@ -132,7 +132,7 @@ class TeacherConfig(RunSettings):
     text_adapter: AdapterSettings | None = None
     noise: NoiseSettings = NoiseSettings()
     optim: OptimSettings = OptimSettings()
-    sampling: dict[str, Any] = {"steps": 25, "guidance_scale": 4.0}
+    sampling: SamplingConfig = SamplingConfig()
     export_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
 
     @model_validator(mode="after")
@@ -151,12 +151,10 @@ def build_unet(config: TeacherConfig, cross_attention_dim: int) -> UNet2DConditi
     return UNet2DConditionModel(**config.unet.model_dump(), cross_attention_dim=cross_attention_dim)
 
 
-def diffusion_loss(
-    unet, scheduler: DDPMScheduler, x0, context, mask, generator, gamma: float, prompt_map=None
-) -> torch.Tensor:
+def diffusion_loss(unet, scheduler: DDPMScheduler, x0, cond: Conditioning, generator, gamma: float) -> torch.Tensor:
     """Min-SNR-weighted denoising loss for one batch; noise and timesteps come from `generator`."""
     batch = NoisyBatch.make(scheduler, x0, generator, gamma)
-    pred = denoise(unet, batch.noisy, batch.timesteps, context, mask, prompt_map).sample
+    pred = denoise(unet, batch.noisy, batch.timesteps, cond).sample
     per_sample = F.mse_loss(pred.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (batch.weight * per_sample).mean()
 
@@ -238,15 +236,12 @@ def train_teacher(config: TeacherConfig) -> Path:
         encoded = encoder.encode(captions)
         for group in optimizer.param_groups:
             group["lr"] = optim.lr * warmup_cosine(step, optim.warmup_steps, optim.steps, optim.min_lr_ratio)
-        if adapter is None:
-            context, mask, prompt_map = encoded.tokens, encoded.mask, None
-        else:
-            context, mask, prompt_map = adapter(encoded.tokens, encoded.mask)
-        loss = diffusion_loss(unet, scheduler, x0, context, mask, generator, optim.min_snr_gamma, prompt_map)
+        cond = encoded if adapter is None else adapter(encoded)
+        loss = diffusion_loss(unet, scheduler, x0, cond, generator, optim.min_snr_gamma)
         total, record = loss, {}
         if layout is not None and settings.layout_weight > 0:
             # On the prompts not dropped: an empty prompt describes nothing.
-            logits = layout(context, mask)
+            logits = layout(cond)
             layout_term, accuracy = layout_loss(logits, targets, ~drop.to(device))
             total = loss + settings.layout_weight * layout_term
             record = {

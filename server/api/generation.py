@@ -90,26 +90,15 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
         engine.check_room()  # a full server answers 429 before the encoder runs
     encoded, code, score, router_seconds = await run_in_threadpool(encode_and_route)
     state.metrics.router.observe(router_seconds)
-    negative = params.negative_prompt is not None  # row 1 of `encoded`
-    prompt_maps = encoded.prompt_map
-    job = GenerationJob(
-        tokens=encoded.tokens[:1],
-        mask=encoded.mask[:1],
-        seeds=seeds,
-        steps=steps,
-        guidance_scale=guidance,
-        negative_tokens=encoded.tokens[1:] if negative else None,
-        negative_mask=encoded.mask[1:] if negative else None,
-        prompt_map=prompt_maps[:1] if prompt_maps is not None else None,
-        negative_map=prompt_maps[1:] if prompt_maps is not None and negative else None,
-    )
+    negative = encoded.select(1) if params.negative_prompt is not None else None  # row 1 of `encoded`
+    job = GenerationJob(prompt=encoded.select(0), seeds=seeds, steps=steps, guidance_scale=guidance, negative=negative)
     request_id = uuid.uuid4().hex
     with _admission_errors():
         future = engine.submit(request_id, code, job, timeout_s=settings.request_timeout_s)
 
     result = await _wait(state, request, request_id, code, asyncio.wrap_future(future))
     macs = pipeline.codes[code].macs
-    adapter_macs = pipeline.adapter_macs_per_prompt * encoded.tokens.shape[0]
+    adapter_macs = pipeline.adapter_macs_per_prompt * len(encoded)
     total = time.monotonic() - arrival
     state.metrics.end_to_end.labels(code=str(code)).observe(total)
     state.metrics.requests.labels(code=str(code), status="ok").inc()

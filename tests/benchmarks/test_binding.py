@@ -10,7 +10,7 @@ import torch
 
 from benchmarks.binding import main, object_outcomes, readout_accuracy
 from training.data.shapes import Sample, Scene, SceneObject
-from training.evaluator import Reading
+from training.evaluation.evaluator import Reading
 
 
 def _reading(cells: dict[int, tuple[str, str]]) -> Reading:

@@ -27,7 +27,7 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline(tiny_bundle):
-    from router.pipeline import RoutedPipeline
+    from aptp.pipeline import RoutedPipeline
 
     return RoutedPipeline.load(tiny_bundle)
 

@@ -86,7 +86,7 @@ def test_when_every_queue_is_full_the_prompt_is_not_even_encoded(make_client, pi
     encoded = pipeline.encode(["a red circle"])
     with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=3000) as client:
         engine = client.app.state.aptp.engine
-        job = GenerationJob(tokens=encoded.tokens, mask=encoded.mask, seeds=[0], steps=2, guidance_scale=3.0)
+        job = GenerationJob(prompt=encoded, seeds=[0], steps=2, guidance_scale=3.0)
         for code in range(engine.scheduler.config.num_codes):
             engine.submit(f"filler-{code}", code, job)
         encodes = []
@@ -154,7 +154,7 @@ def test_app_shutdown_runs_queued_work_at_once_instead_of_dropping_it(make_clien
             engine.submit(
                 f"queued-{seed}",
                 0,
-                GenerationJob(tokens=encoded.tokens, mask=encoded.mask, seeds=[seed], steps=2, guidance_scale=3.0),
+                GenerationJob(prompt=encoded, seeds=[seed], steps=2, guidance_scale=3.0),
             )
             for seed in range(3)
         ]

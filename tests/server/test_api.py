@@ -158,7 +158,7 @@ def test_a_model_with_a_text_adapter_reports_its_cost(tmp_path):
     """The adapter runs once per prompt (here the prompt and the negative prompt), not once per U-Net call."""
     from fastapi.testclient import TestClient
 
-    from router.pipeline import RoutedPipeline
+    from aptp.pipeline import RoutedPipeline
     from server.app import create_app
     from tests.conftest import save_tiny_teacher
     from tests.server.conftest import server_settings

@@ -13,7 +13,7 @@ from server.scheduler import SchedulerConfig
 
 def _job(pipeline, seed: int) -> GenerationJob:
     encoded = pipeline.encode(["a red circle"])
-    return GenerationJob(tokens=encoded.tokens, mask=encoded.mask, seeds=[seed], steps=2, guidance_scale=3.0)
+    return GenerationJob(prompt=encoded, seeds=[seed], steps=2, guidance_scale=3.0)
 
 
 def test_a_drain_timeout_answers_the_requests_left_queued(pipeline, monkeypatch):

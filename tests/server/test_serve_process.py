@@ -37,7 +37,7 @@ def test_sigterm_drains_queued_requests_then_exits(tiny_bundle):
         "APTP_THREADS": "1",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "aptp.cli.main", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
         deadline = time.monotonic() + 120

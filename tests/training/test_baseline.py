@@ -6,17 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-import training.baseline as baseline_module
-from pruning.bundle import read_manifest
+import aptp.conditioning.conditioner as conditioner_module
+from aptp.formats.bundle import read_manifest
+from aptp.formats.teacher import load_teacher
 from pruning.space import ArchitectureSpace
-from pruning.teacher import load_teacher
 from tests.conftest import save_tiny_teacher, shared_encoder_factory
 from training.baseline import BaselineConfig, l1_architecture, l1_importance, run_baseline
 
 
 @pytest.fixture(autouse=True)
 def shared_encoder(monkeypatch, prompt_encoder):
-    monkeypatch.setattr(baseline_module, "PromptEncoder", shared_encoder_factory(prompt_encoder))
+    monkeypatch.setattr(conditioner_module, "PromptEncoder", shared_encoder_factory(prompt_encoder))
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def teacher_folder(tmp_path_factory):
 
 def test_l1_architecture_keeps_the_largest_gates_of_every_unit(teacher_folder):
     unet, spec = load_teacher(teacher_folder)
-    space = ArchitectureSpace.from_unet(unet, text_len=int(spec.text_encoder["max_length"]))
+    space = ArchitectureSpace.from_unet(unet, text_len=spec.text_encoder.max_length)
     importance = l1_importance(unet, space)
     assert importance.shape == (space.width_dim,)
     arch = l1_architecture(space, importance, 0.5)
@@ -68,7 +68,7 @@ def test_baseline_bundles_meet_their_budgets(teacher_folder, tmp_path):
 
 def test_a_baseline_of_a_teacher_with_a_text_adapter_carries_it(tmp_path):
     """Distilled through the adapter's states and its prompt map, like every expert of such a teacher."""
-    from router.pipeline import RoutedPipeline
+    from aptp.pipeline import RoutedPipeline
 
     teacher_folder = save_tiny_teacher(tmp_path / "teacher", seed=4, adapter_width=16, summary_tokens=5, map_channels=4)
     manifest = _baseline(teacher_folder, tmp_path, 0.6)

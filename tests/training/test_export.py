@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from aptp.formats.bundle import MANIFEST, load_bundle_text_adapter, load_code_experts, read_manifest
 from pruning import ArchitectureSpace, slice_unet
-from pruning.bundle import MANIFEST, load_bundle_text_adapter, load_code_experts, read_manifest
 from router.gates import depth_order
 from router.model import Router, RouterConfig
 from tests.conftest import ENCODER_MAX_LENGTH, run, save_tiny_teacher, unet_inputs
@@ -128,8 +128,8 @@ def test_random_bundle_is_reproducible(teacher_folder, tmp_path):
 
 
 def test_cli_export_from_a_router_and_a_phase2_run(teacher_folder, tmp_path, capsys):
-    from pruning.expert import save_expert
-    from training.cli import main
+    from aptp.cli.main import main
+    from aptp.formats.expert import save_expert
 
     source = random_bundle(teacher_folder, tmp_path / "source", num_codes=2, keeps=[1.0, 0.5])
     router = Router.load(source / "router")
@@ -158,13 +158,13 @@ def test_cli_export_from_a_router_and_a_phase2_run(teacher_folder, tmp_path, cap
 
 # ---------------------------------------------------------------------------------------------------- text adapter
 def test_a_teachers_text_adapter_travels_in_the_bundle(tmp_path):
-    from pruning.teacher import load_teacher, load_text_adapter
+    from aptp.formats.teacher import load_teacher, load_text_adapter
 
     teacher_folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16)
     out = random_bundle(teacher_folder, tmp_path / "bundle", num_codes=2)
     manifest = read_manifest(out)
     adapter = load_text_adapter(teacher_folder)
-    assert manifest.text_adapter == adapter.config.model_dump() == load_teacher(teacher_folder)[1].text_adapter
+    assert manifest.text_adapter == adapter.config == load_teacher(teacher_folder)[1].text_adapter
     assert {"text_adapter/config.json", "text_adapter/model.safetensors"} <= manifest.files.keys()
     exported = load_bundle_text_adapter(out, manifest)
     assert exported.state_dict().keys() == adapter.state_dict().keys()
@@ -181,7 +181,7 @@ def test_the_adapter_is_stored_in_half_precision_only_when_that_is_exact(tmp_pat
     adapter whose weights half precision would round is kept in float32, so the experts read what they trained on."""
     from safetensors import safe_open
 
-    from pruning.teacher import load_teacher, load_text_adapter
+    from aptp.formats.teacher import load_teacher, load_text_adapter
 
     teacher_folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16)
     unet, spec = load_teacher(teacher_folder)

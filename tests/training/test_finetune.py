@@ -9,10 +9,11 @@ import json
 import pytest
 import torch
 
+import aptp.conditioning.conditioner as conditioner_module
 import training.finetune as finetune_module
-from pruning.bundle import load_code_experts, read_manifest
-from pruning.expert import load_expert
-from pruning.teacher import load_teacher
+from aptp.formats.bundle import load_code_experts, read_manifest
+from aptp.formats.expert import load_expert
+from aptp.formats.teacher import load_teacher
 from router.model import Router, RouterConfig
 from tests.conftest import save_tiny_teacher, shared_encoder_factory
 from tests.router.test_model import nested_architectures
@@ -26,7 +27,7 @@ SEED = 2
 
 @pytest.fixture(autouse=True)
 def shared_encoder(monkeypatch, prompt_encoder):
-    monkeypatch.setattr(finetune_module, "PromptEncoder", shared_encoder_factory(prompt_encoder))
+    monkeypatch.setattr(conditioner_module, "PromptEncoder", shared_encoder_factory(prompt_encoder))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from aptp.conditioning.prompts import Conditioning
 from training.data.labels import HEADS, IGNORE, collate
 from training.data.shapes import CELLS, ShapesDomain
 from training.layout import LAYOUT_READS, PromptLayoutHead, layout_loss
@@ -20,7 +21,7 @@ def _batch(count: int, start: int = 0):
 def test_logits_have_one_row_per_cell_and_one_per_scene():
     head = PromptLayoutHead(token_dim=12, width=8)
     tokens, mask = torch.randn(3, 5, 12), torch.ones(3, 5, dtype=torch.long)
-    logits = head(tokens, mask)
+    logits = head(Conditioning(tokens, mask))
     assert logits.keys() == HEADS.keys()
     assert logits["cell_colour"].shape == (3, len(CELLS), HEADS["cell_colour"])
     assert logits["glyph"].shape == (3, HEADS["glyph"])
@@ -32,14 +33,14 @@ def test_padding_is_not_read():
     tokens, mask = torch.randn(1, 6, 12), torch.tensor([[1, 1, 1, 0, 0, 0]])
     garbage = tokens.clone()
     garbage[0, 3:] = 50.0
-    for name, value in head(tokens, mask).items():
-        torch.testing.assert_close(head(garbage, mask)[name], value)
+    for name, value in head(Conditioning(tokens, mask)).items():
+        torch.testing.assert_close(head(Conditioning(garbage, mask))[name], value)
 
 
 def test_loss_skips_dropped_prompts_and_heads_without_labels():
     samples, targets = _batch(16)
     head = PromptLayoutHead(token_dim=12, width=8)
-    logits = head(torch.randn(16, 5, 12), torch.ones(16, 5, dtype=torch.long))
+    logits = head(Conditioning(torch.randn(16, 5, 12), torch.ones(16, 5, dtype=torch.long)))
     everything, accuracy = layout_loss(logits, targets, torch.ones(16, dtype=torch.bool))
     assert math.isfinite(everything.item()) and everything.item() > 0
     assert set(accuracy) <= set(HEADS)
@@ -66,7 +67,7 @@ def test_the_read_out_learns_where_things_are_from_token_states():
     optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
     rows = torch.ones(256, dtype=torch.bool)
     for _ in range(300):
-        loss, accuracy = layout_loss(head(tokens, mask), targets, rows)
+        loss, accuracy = layout_loss(head(Conditioning(tokens, mask)), targets, rows)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -80,7 +81,7 @@ def test_with_summary_tokens_the_head_classifies_the_adapters_last_tokens():
     head = PromptLayoutHead(token_dim=12, summary=True)
     tokens = torch.randn(2, 7 + LAYOUT_READS, 12, requires_grad=True)
     mask = torch.ones(2, 7 + LAYOUT_READS, dtype=torch.long)
-    logits = head(tokens, mask)
+    logits = head(Conditioning(tokens, mask))
     assert logits["cell_shape"].shape == (2, len(CELLS), HEADS["cell_shape"])
     sum(value.sum() for value in logits.values()).backward()
     reached = tokens.grad.abs().sum(dim=(0, 2)) > 0

@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
+import aptp.conditioning.conditioner as conditioner_module
 import training.search as search_module
-from pruning.teacher import load_teacher
+from aptp.formats.teacher import load_teacher
 from router.model import Router
 from tests.conftest import ENCODER_MAX_LENGTH, save_tiny_teacher, shared_encoder_factory
 from tests.router.test_model import nested_architectures
@@ -25,6 +26,7 @@ LOSS_KEYS = {"loss", "denoise", "output", "features", "resource", "contrastive",
 @pytest.fixture(autouse=True)
 def shared_encoder(monkeypatch, prompt_encoder):
     monkeypatch.setattr(search_module, "PromptEncoder", shared_encoder_factory(prompt_encoder))
+    monkeypatch.setattr(conditioner_module, "PromptEncoder", shared_encoder_factory(prompt_encoder))
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +165,8 @@ def test_search_on_a_teacher_with_a_text_adapter(tmp_path, summary_tokens, map_c
     router = Router.load(run_search(_config(teacher_folder, tmp_path / "run", steps=2, balance_prompts=8)))
     assert router.config.embed_dim == 384
     assert router.space.text_len == ENCODER_MAX_LENGTH + summary_tokens  # its MACs count the summary tokens
-    assert router.config.encoder.model_dump() == load_teacher(teacher_folder)[1].text_encoder | {"layers": [-1]}
+    teachers = load_teacher(teacher_folder)[1].text_encoder
+    assert router.config.encoder.model_dump() == teachers.model_dump() | {"layers": [-1]}
     for record in [r for r in _records(tmp_path / "run") if r["phase"] != "balance"]:
         assert all(math.isfinite(record[k]) for k in LOSS_KEYS)
 

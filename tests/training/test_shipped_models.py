@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from router.pipeline import RoutedPipeline
+from aptp.pipeline import RoutedPipeline
 from training.data.labels import collate
-from training.evaluate import evaluation_samples
-from training.evaluator import DomainEvaluator, alignment, read_images
+from training.evaluation.evaluate import evaluation_samples
+from training.evaluation.evaluator import DomainEvaluator, alignment, read_images
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLES = ROOT / "bundles"

@@ -12,11 +12,12 @@ from diffusers import DDPMScheduler
 from pydantic import ValidationError
 
 import training.teacher as teacher_module
-from pruning.conditioning import TextAdapter, TextAdapterConfig
-from pruning.teacher import load_teacher, load_text_adapter
+from aptp.cli.main import main
+from aptp.conditioning.adapter import TextAdapter
+from aptp.formats.teacher import load_teacher, load_text_adapter
+from aptp.sampling import SamplingConfig
 from tests.conftest import ENCODER_MAX_LENGTH, TINY_TEACHER_UNET, shared_encoder_factory, tiny_teacher_config
 from training.checkpoint import latest_checkpoint, load_checkpoint
-from training.cli import main
 from training.layout import LAYOUT_READS
 from training.noise import min_snr_weight
 from training.teacher import train_teacher
@@ -82,10 +83,11 @@ def test_tiny_run_writes_log_checkpoint_and_a_loadable_teacher(tmp_path):
     assert unet.config.cross_attention_dim == 384  # all-MiniLM-L6-v2's width
     assert unet.config.sample_size == 32
     assert spec.resolution == 32
-    assert spec.text_encoder == {"name": "all-MiniLM-L6-v2", "max_length": ENCODER_MAX_LENGTH, "layers": [-1]}
+    expected_encoder = {"name": "all-MiniLM-L6-v2", "max_length": ENCODER_MAX_LENGTH, "layers": [-1]}
+    assert spec.text_encoder.model_dump() == expected_encoder
     assert spec.scheduler_config["prediction_type"] == "v_prediction"
     assert spec.scheduler_config["beta_schedule"] == "squaredcos_cap_v2"
-    assert spec.sampling == {"steps": 2, "guidance_scale": 4.0}
+    assert spec.sampling == SamplingConfig(steps=2, guidance_scale=4.0)
     assert spec.training["steps"] == 2 and spec.training["batch_size"] == 4
 
     # the export holds the EMA weights saved in the checkpoint, not the raw ones
@@ -167,7 +169,7 @@ def test_a_teacher_with_a_text_adapter_trains_it_exports_it_and_resumes(tmp_path
     assert unet.config.cross_attention_dim == 16 + (384 if passthrough else 0)
     assert unet.config.in_channels == 3 + 2 + map_channels
     summary = extra.get("summary_tokens", 0)
-    assert spec.text_adapter == {
+    assert spec.text_adapter.model_dump() == {
         "token_dim": 384,
         **shape,
         "passthrough": passthrough,
@@ -175,7 +177,7 @@ def test_a_teacher_with_a_text_adapter_trains_it_exports_it_and_resumes(tmp_path
         "map_grid": extra.get("map_grid", 0),
         "map_channels": map_channels,
     }
-    assert spec.context_length == spec.text_encoder["max_length"] + summary
+    assert spec.context_length == spec.text_encoder.max_length + summary
     records = [json.loads(line) for line in (tmp_path / "a" / "run" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "step" in r]
     assert [r["step"] for r in steps] == [0, 1, 2]
@@ -188,7 +190,7 @@ def test_a_teacher_with_a_text_adapter_trains_it_exports_it_and_resumes(tmp_path
         assert not any("layout" in r for r in records)
     trained = load_text_adapter(straight)
     torch.manual_seed(config.seed)  # the run draws the adapter's initial weights first
-    initial = TextAdapter(TextAdapterConfig(**spec.text_adapter))
+    initial = TextAdapter(spec.text_adapter)
     pairs = zip(trained.parameters(), initial.parameters(), strict=True)
     assert any(not torch.equal(p, q.half().float()) for p, q in pairs)  # stored in half precision
 

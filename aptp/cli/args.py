@@ -1,0 +1,38 @@
+"""Argument types and helpers that several subcommands share."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {value}")
+    return value
+
+
+def load_pipeline(command: str, path: str, device: str):
+    """A bundle or teacher folder, or None after printing why it cannot be loaded."""
+    from aptp.formats.files import ModelFileError
+    from aptp.pipeline import RoutedPipeline
+
+    try:
+        return RoutedPipeline.load(path, device=device)
+    except ModelFileError as e:
+        print(f"aptp {command}: error: {e}", file=sys.stderr)
+        return None

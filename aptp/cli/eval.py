@@ -1,0 +1,108 @@
+"""`aptp eval`: prompt alignment, domain FID and CMMD on the shapes domain, and comparison tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+from .args import load_pipeline, non_negative_float, positive_int
+
+
+def _report_name(args: argparse.Namespace, bundle: str) -> str:
+    """An evaluated bundle's report name: --name, else the bundle folder's name."""
+    return args.name or pathlib.Path(bundle).name
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from training.evaluation.evaluate import read_report, run_comparison, run_eval
+    from training.evaluation.evaluator import DomainEvaluator
+
+    earlier = []
+    for path in args.compare or []:  # read first: a bad file fails before any sampling
+        try:
+            earlier.append(read_report(path))
+        except ValueError as e:
+            print(f"aptp eval: error: {e}", file=sys.stderr)
+            return 2
+    bundles = args.bundle or ([] if earlier else ["bundles/shapes/teacher"])
+    names = [r["name"] for r in earlier] + [_report_name(args, bundle) for bundle in bundles]
+    if args.reference is not None and args.reference not in names:
+        print(
+            f"aptp eval: error: --reference {args.reference!r} is none of the compared models {names}", file=sys.stderr
+        )
+        return 2
+    if args.name and len(bundles) > 1:
+        print("aptp eval: error: --name names one bundle's report; with several bundles, reports take the folder names")
+        return 2
+    try:
+        evaluator = DomainEvaluator.load(args.evaluator) if bundles else None
+    except ValueError as e:
+        print(f"aptp eval: error: {e}", file=sys.stderr)
+        return 2
+    pipelines = []
+    for bundle in bundles:  # load all first: a bad path fails before any hour of sampling
+        pipeline = load_pipeline("eval", bundle, args.device)
+        if pipeline is None:
+            return 2
+        pipelines.append(pipeline)
+    reports = []
+    for bundle, pipeline in zip(bundles, pipelines, strict=True):
+        name = _report_name(args, bundle)
+        extra = {"bundle": str(bundle), "steps": args.steps or pipeline.default_steps}
+        report = run_eval(
+            pipeline,
+            evaluator,
+            args.out,
+            name,
+            args.num_prompts,
+            args.num_heldout,
+            args.seed,
+            extra,
+            args.steps,
+            args.guidance,
+        )
+        for result in report["results"]:
+            summary = {k: v for k, v in result.items() if k not in ("routing", "alignment_per_prompt")}
+            print(json.dumps(summary | {"name": name}))
+        print(f"wrote {args.out}/{name}.json, .md and _samples.png")
+        reports.append(report)
+    reports = earlier + reports
+    if len(reports) > 1:
+        path = run_comparison(reports, args.out, args.compare_name, args.reference)
+        print(f"wrote {path} and {path.with_suffix('.json')}")
+    return 0
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser("eval", help="prompt alignment, domain FID and CMMD on the shapes domain")
+    evaluate.add_argument(
+        "--bundle",
+        action="append",
+        help="bundle or teacher folder (default bundles/shapes/teacher); repeat it to compare several in one table",
+    )
+    evaluate.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="REPORT",
+        help="reports (JSON) of earlier `aptp eval` runs to put in the comparison table before the --bundle rows; "
+        "with no --bundle, only the table is written (no sampling)",
+    )
+    evaluate.add_argument("--compare-name", default="compare", help="file name of the comparison table")
+    evaluate.add_argument(
+        "--reference",
+        metavar="NAME",
+        help="report name to compare every other model's alignment with, prompt by prompt (paired differences "
+        "with 95%% bootstrap intervals, below the table)",
+    )
+    evaluate.add_argument("--evaluator", default="bundles/shapes/evaluator")
+    evaluate.add_argument("--out", default="benchmarks/results")
+    evaluate.add_argument("--name", help="report name (default: the bundle folder's name)")
+    evaluate.add_argument("--num-prompts", type=positive_int, default=1000, help="held-out prompts (test split)")
+    evaluate.add_argument("--num-heldout", type=positive_int, default=400, help="prompts with unseen combinations")
+    evaluate.add_argument("--seed", type=int, default=7)
+    evaluate.add_argument("--steps", type=positive_int, help="sampling steps (default: the model's, 25)")
+    evaluate.add_argument("--guidance", type=non_negative_float, help="guidance scale (default: the model's)")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(handler=_eval)

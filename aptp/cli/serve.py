@@ -1,0 +1,47 @@
+"""`aptp serve`: a bundle over HTTP (FastAPI + uvicorn); settings from APTP_* variables."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from aptp.formats.files import ModelFileError
+    from aptp.pipeline import RoutedPipeline
+    from server.app import serve
+    from server.settings import Settings
+
+    overrides = {k: getattr(args, k) for k in ("bundle", "host", "port", "device") if getattr(args, k) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        print(f"aptp serve: invalid setting ({problems})", file=sys.stderr)
+        return 2
+    try:
+        pipeline = RoutedPipeline.load(settings.bundle, device=settings.device, dtype=settings.torch_dtype)
+    except ModelFileError as e:
+        print(f"aptp serve: {e}", file=sys.stderr)
+        return 2
+    codes = ", ".join(f"{c.code}: {c.macs / pipeline.teacher_macs:.2f}" for c in pipeline.codes)
+    source = f"{pipeline.source} {settings.bundle}"
+    print(f"aptp serve: loaded {source}: {pipeline.num_codes} code(s) (MACs x teacher {codes})")
+    serve(settings, pipeline)
+    return 0
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve a bundle over HTTP",
+        description="Serve a bundle (or a teacher folder as one code) with FastAPI + uvicorn. Every setting is read "
+        "from APTP_* environment variables (see server/settings.py); these options override them.",
+    )
+    serve.add_argument("--bundle", help="bundle or teacher folder (APTP_BUNDLE)")
+    serve.add_argument("--host", help="listen address (APTP_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (APTP_PORT, default 8000)")
+    serve.add_argument("--device", help="torch device (APTP_DEVICE, default cpu)")
+    serve.set_defaults(handler=_serve)

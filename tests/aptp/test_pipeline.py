@@ -1,0 +1,141 @@
+"""`RoutedPipeline.load` reads bundles and teacher folders alike."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from aptp.formats.bundle import BundleError
+from aptp.formats.teacher import load_teacher
+from aptp.pipeline import RoutedPipeline
+from pruning.space import ArchitectureSpace
+from tests.conftest import ENCODER_MAX_LENGTH, save_tiny_teacher
+
+
+def test_a_teacher_folder_is_a_one_code_pipeline(teacher_folder, teacher):
+    unet, spec, space = teacher
+    pipeline = RoutedPipeline.load(teacher_folder)
+    assert pipeline.source == "teacher" and pipeline.num_codes == 1
+    assert pipeline.codes[0].macs == pipeline.teacher_macs == space.total_macs(spec.resolution)
+    assert pipeline.codes[0].params == sum(p.numel() for p in unet.parameters())
+    routed = pipeline.route(pipeline.encode(["a red circle", "the digit 7"]))
+    assert routed.codes == [0, 0] and routed.scores == [1.0, 1.0]
+    encoded = pipeline.encode(["a red circle"])
+    images = pipeline.generate(0, encoded, seeds=[1], steps=2, guidance_scales=[3.0])
+    assert images.shape == (1, 3, 32, 32) and images.dtype == torch.uint8
+
+
+ADAPTER_SHAPES = pytest.mark.parametrize(
+    "summary_tokens, map_channels", [(0, 0), (3, 0), (5, 4)], ids=["plain", "summary", "prompt-map"]
+)
+
+
+@ADAPTER_SHAPES
+def test_a_teacher_with_a_text_adapter_conditions_its_unet_through_it(
+    tmp_path, prompt_encoder, summary_tokens, map_channels
+):
+    from aptp.formats.teacher import load_text_adapter
+
+    folder = save_tiny_teacher(
+        tmp_path / "teacher", adapter_width=16, summary_tokens=summary_tokens, map_channels=map_channels
+    )
+    adapter = load_text_adapter(folder)
+    pipeline = RoutedPipeline.load(folder)
+    prompts = ["a red circle top left and a blue square"]
+    encoded, plain = pipeline.encode(prompts), prompt_encoder.encode(prompts)
+    assert encoded.states.shape[1:] == (ENCODER_MAX_LENGTH + summary_tokens, 16)
+    with torch.no_grad():
+        expected = adapter(plain)
+    torch.testing.assert_close(encoded.states, expected.states)
+    torch.testing.assert_close(encoded.mask, expected.mask)
+    if map_channels:
+        assert encoded.prompt_map.shape == (1, map_channels, 2, 2)
+        torch.testing.assert_close(encoded.prompt_map, expected.prompt_map)
+    else:
+        assert encoded.prompt_map is None
+    torch.testing.assert_close(encoded.pooled, plain.pooled)  # the router's input is the encoder's own
+    assert pipeline.adapter_macs_per_prompt == adapter.macs(ENCODER_MAX_LENGTH) > 0
+    # The U-Net's cross-attention reads the summary tokens too, and its MACs count them.
+    unet, spec = load_teacher(folder)
+    longer = ArchitectureSpace.from_unet(unet, text_len=ENCODER_MAX_LENGTH + summary_tokens)
+    assert pipeline.teacher_macs == longer.total_macs(spec.resolution)
+    images = pipeline.generate(0, encoded, seeds=[1], steps=2, guidance_scales=[3.0])
+    assert images.shape == (1, 3, 32, 32)
+
+
+def test_the_prompt_map_conditions_the_image_and_is_required(tmp_path):
+    folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16, summary_tokens=5, map_channels=4)
+    pipeline = RoutedPipeline.load(folder)
+    encoded = pipeline.encode(["a red circle top left"])
+
+    def generate(prompt_map):
+        # The empty prompt (the unconditional branch) goes without a map too when the prompt does.
+        negative = replace(
+            pipeline.empty_prompt, prompt_map=None if prompt_map is None else pipeline.empty_prompt.prompt_map
+        )
+        return pipeline.generate(0, replace(encoded, prompt_map=prompt_map), [1], 2, [3.0], negative=negative)
+
+    assert not torch.equal(generate(encoded.prompt_map), generate(encoded.prompt_map + 1.0))
+    with pytest.raises(ValueError, match="takes a 4-channel prompt map for 2 images, got none"):
+        generate(None)
+
+
+@ADAPTER_SHAPES
+def test_a_bundle_conditions_every_code_through_the_teachers_adapter(tmp_path, summary_tokens, map_channels):
+    from training.export import random_bundle
+
+    folder = save_tiny_teacher(
+        tmp_path / "teacher", adapter_width=16, summary_tokens=summary_tokens, map_channels=map_channels
+    )
+    bundle = random_bundle(folder, tmp_path / "bundle", num_codes=2, keeps=[1.0, 0.5])
+    teacher, routed = RoutedPipeline.load(folder), RoutedPipeline.load(bundle)
+    prompts = ["a red circle top left and a blue square", "the letter K"]
+    torch.testing.assert_close(routed.encode(prompts).states, teacher.encode(prompts).states)
+    assert routed.adapter_macs_per_prompt == teacher.adapter_macs_per_prompt > 0
+    # MACs are counted over the tokens the U-Nets read, summary tokens included, in the bundle as in the teacher.
+    assert routed.teacher_macs == teacher.teacher_macs == routed.codes[0].macs
+    encoded = routed.encode(prompts)
+    for code in range(routed.num_codes):  # every code's expert reads the adapted states (and the prompt map)
+        images = routed.generate(code, encoded, [0, 1], 2, [3.0] * 2)
+        assert images.shape == (2, 3, 32, 32)
+    # A prompt's image does not depend on the prompts routed beside it.
+    together = routed(prompts, seeds=[3, 4], steps=2).images
+    torch.testing.assert_close(routed(prompts[1:], seeds=[4], steps=2).images, together[1:], atol=1, rtol=0)
+
+
+def test_a_replaced_adapter_in_a_bundle_is_refused_by_name(tmp_path):
+    from aptp.conditioning.adapter import TextAdapter
+    from training.export import random_bundle
+
+    folder = save_tiny_teacher(tmp_path / "teacher", adapter_width=16)
+    bundle = random_bundle(folder, tmp_path / "bundle", num_codes=2)
+    weights = bundle / "text_adapter" / "model.safetensors"
+    other = TextAdapter.load(bundle / "text_adapter")
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    other.save(tmp_path / "other")
+    weights.write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(BundleError, match="checksum") as error:
+        RoutedPipeline.load(bundle)
+    assert str(weights) in str(error.value)
+
+
+def test_a_bundle_pipeline_routes_with_its_router(tmp_path, teacher_folder):
+    from training.export import random_bundle
+
+    bundle = random_bundle(teacher_folder, tmp_path / "bundle", num_codes=3, seed=1)
+    pipeline = RoutedPipeline.load(bundle)
+    assert pipeline.source == "bundle" and pipeline.num_codes == 3
+    space = ArchitectureSpace.from_unet(pipeline.experts[0], text_len=ENCODER_MAX_LENGTH)
+    assert pipeline.teacher_macs == pipeline.router.space.total_macs(pipeline.resolution)
+    assert space.total_macs(pipeline.resolution) == pipeline.codes[0].macs  # code 0 keeps everything
+    routed = pipeline.route(pipeline.encode(["a red circle", "two blue squares"]))
+    expected = pipeline.router.route(["a red circle", "two blue squares"])
+    assert routed.codes == expected.codes.tolist()
+
+
+def test_a_folder_that_is_neither_names_itself(tmp_path):
+    with pytest.raises(BundleError, match="manifest.json"):
+        RoutedPipeline.load(tmp_path)

@@ -27,10 +27,11 @@ from torch import nn
 from aptp.conditioning.adapter import AttentionRead
 from aptp.conditioning.encoder import PromptEncoder
 from aptp.formats.files import ModelFileError
+from aptp.formats.report import collect_provenance, write_report
 from aptp.pipeline import RoutedPipeline
 from training.data.labels import collate
 from training.data.shapes import COLOURS, SHAPES, Sample, ShapesDomain
-from training.evaluation.evaluate import evaluation_samples, write_report
+from training.evaluation.evaluate import evaluation_samples
 from training.evaluation.evaluator import DomainEvaluator, Reading, read_images
 
 COLOUR_NAMES = list(COLOURS)
@@ -196,7 +197,7 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", required=True, help="teacher or bundle folder whose tier-3 images are read")
-    parser.add_argument("--name", required=True, help="report name: writes <out>/binding_<name>.{json,md}")
+    parser.add_argument("--name", required=True, help="report name: writes <out>/<name>.{json,md}")
     parser.add_argument("--evaluator", default="bundles/shapes/evaluator")
     parser.add_argument("--prompts", type=int, default=96, help="tier-3 test prompts generated (part 1)")
     parser.add_argument("--train", type=int, default=8192, help="tier-3 captions the read-out trains on (part 2)")
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         help="adapter depths to compare, comma-separated; empty ('') skips part 2 (to compare models' images only)",
     )
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default="benchmarks/results/binding")
     args = parser.parse_args(argv)
     try:
         depths = tuple(int(d) for d in args.adapter_layers.split(",")) if args.adapter_layers.strip() else ()
@@ -236,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         "readout": {"train": args.train, "test": args.test, "steps": args.steps, "accuracy": accuracy},
         "seconds": round(time.time() - started, 1),
     }
-    write_report(args.out, f"binding_{args.name}", report, markdown(report), echo=True)
+    settings = {k: getattr(args, k) for k in ("prompts", "train", "test", "steps", "adapter_layers", "seed")}
+    provenance = collect_provenance([args.bundle, args.evaluator], config=settings)
+    write_report(args.out, args.name, report, markdown(report), echo=True, provenance=provenance)
     return 0
 
 

@@ -41,12 +41,13 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from aptp.formats.report import Provenance, collect_provenance
 from server.settings import DEFAULT_BUNDLE as SERVER_DEFAULT_BUNDLE
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = SERVER_DEFAULT_BUNDLE
 DEFAULT_TEACHER = Path("bundles/shapes/teacher")  # what --codes K builds its random bundle from by default
-DEFAULT_OUT = Path("benchmarks/results/load")
+DEFAULT_OUT = Path("benchmarks/results/load/load")
 READY_TIMEOUT_S = 180.0
 # Generous: an admitted request waits for every batch queued ahead of it, which takes minutes on a busy CPU.
 REQUEST_TIMEOUT_S = 600.0
@@ -631,6 +632,8 @@ def write_reports(out: Path, report: dict, command: str) -> None:
     ]
     if report.get("shutdown"):
         lines.append(f"- Shutdown: SIGTERM -> {describe_shutdown(report['shutdown'])}.")
+    if report.get("provenance"):
+        lines += ["", Provenance.model_validate(report["provenance"]).line()]
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -737,6 +740,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
     }
+    measured = [bundle_label] if Path(bundle_label).is_dir() else []
+    provenance = collect_provenance(measured, config=report["settings"], command=command)
+    report["provenance"] = provenance.model_dump(mode="json")
     passed, line, memory = verdict(report, args.rss_tolerance_mb)
     report["verdict"], report["memory"] = line, memory
     print(line, flush=True)

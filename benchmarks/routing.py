@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from aptp.formats.files import ModelFileError
+from aptp.formats.report import collect_provenance, write_report
 from aptp.pipeline import RoutedPipeline
 from router.model import Router
-from training.evaluation.evaluate import evaluation_samples, routing_summary, tier_cells, write_report
+from training.evaluation.evaluate import evaluation_samples
+from training.evaluation.reports import routing_summary, tier_cells
 
 
 def route_splits(
@@ -59,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--router", help="router folder (phase 1's output, e.g. runs/search-shapes/router)")
     source.add_argument("--bundle", help="bundle folder (its router is used)")
-    parser.add_argument("--name", required=True, help="report name: writes <out>/routing_<name>.{json,md}")
+    parser.add_argument("--name", required=True, help="report name: writes <out>/<name>.{json,md}")
     parser.add_argument("--budget", type=float, default=0.6, help="target MACs as a fraction of the teacher's")
     parser.add_argument("--num-prompts", type=int, default=1000, help="test-split prompts (as aptp eval)")
     parser.add_argument("--num-heldout", type=int, default=400, help="held-out-split prompts (as aptp eval)")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default="benchmarks/results/routing")
     args = parser.parse_args(argv)
     try:
         if args.router:
@@ -90,7 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         "splits": summaries,
     }
     table = markdown(args.name, args.budget, code_ratios, summaries)
-    write_report(args.out, f"routing_{args.name}", report, table, echo=True)
+    config = {
+        "budget": args.budget,
+        "num_prompts": args.num_prompts,
+        "num_heldout": args.num_heldout,
+        "seed": args.seed,
+    }
+    provenance = collect_provenance([args.router or args.bundle], config=config)
+    write_report(args.out, args.name, report, table, echo=True, provenance=provenance)
     return 0
 
 

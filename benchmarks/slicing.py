@@ -1,6 +1,6 @@
 """Full vs physically sliced U-Net: MAC model, FlopCounterMode and measured CPU latency, side by side in one run.
 
-    .venv/bin/python benchmarks/slicing.py [--keep 0.5] [--batch 8] [--repeats 15] [--out benchmarks/results]
+    .venv/bin/python benchmarks/slicing.py [--keep 0.5] [--batch 8] [--repeats 15] [--out benchmarks/results/slicing]
 
 For each model shape and random architecture, the full and the sliced model run alternately on the same inputs
 (so load on the machine affects both alike); the report gives median latencies and their ratio.
@@ -9,7 +9,6 @@ For each model shape and random architecture, the full and the sliced model run 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
+from aptp.formats.report import collect_provenance, write_report
 from pruning import ArchitectureSpace, flop_counter_macs, slice_unet
 
 SHAPES = {
@@ -116,11 +116,8 @@ def run(keep: float, batch: int, repeats: int, seeds: list[int]) -> list[dict]:
     return rows
 
 
-def write(rows: list[dict], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "slicing.json").write_text(
-        json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, indent=1) + "\n"
-    )
+def write(rows: list[dict], out: Path, config: dict) -> None:
+    figures = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
     lines = [
         f"Full vs sliced U-Net at keep {rows[0]['keep']} (torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, batch {rows[0]['batch']}, CPU).",
@@ -136,7 +133,7 @@ def write(rows: list[dict], out: Path) -> None:
             f"| {r['mac_ratio_model']:.2f} / {r['mac_ratio_flop_counter']:.2f} "
             f"| {r['latency_full_s'] * 1e3:.1f} -> {r['latency_sliced_s'] * 1e3:.1f} | {r['speedup']:.2f}x |"
         )
-    (out / "slicing.md").write_text("\n".join(lines) + "\n")
+    write_report(out, "slicing", figures, "\n".join(lines) + "\n", provenance=collect_provenance(config=config))
 
 
 def main() -> None:
@@ -145,10 +142,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "slicing")
     args = parser.parse_args()
     rows = run(args.keep, args.batch, args.repeats, args.seeds)
-    write(rows, args.out)
+    write(rows, args.out, {k: getattr(args, k) for k in ("keep", "batch", "repeats", "seeds")})
     print(f"wrote {args.out / 'slicing.json'} and {args.out / 'slicing.md'}")
 
 

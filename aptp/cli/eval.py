@@ -16,8 +16,10 @@ def _report_name(args: argparse.Namespace, bundle: str) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from training.evaluation.evaluate import read_report, run_comparison, run_eval
+    from aptp.formats.report import collect_provenance
+    from training.evaluation.evaluate import run_eval
     from training.evaluation.evaluator import DomainEvaluator
+    from training.evaluation.reports import read_report, run_comparison
 
     earlier = []
     for path in args.compare or []:  # read first: a bad file fails before any sampling
@@ -27,7 +29,7 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"aptp eval: error: {e}", file=sys.stderr)
             return 2
     bundles = args.bundle or ([] if earlier else ["bundles/shapes/teacher"])
-    names = [r["name"] for r in earlier] + [_report_name(args, bundle) for bundle in bundles]
+    names = [r.name for r in earlier] + [_report_name(args, bundle) for bundle in bundles]
     if args.reference is not None and args.reference not in names:
         print(
             f"aptp eval: error: --reference {args.reference!r} is none of the compared models {names}", file=sys.stderr
@@ -51,6 +53,16 @@ def _eval(args: argparse.Namespace) -> int:
     for bundle, pipeline in zip(bundles, pipelines, strict=True):
         name = _report_name(args, bundle)
         extra = {"bundle": str(bundle), "steps": args.steps or pipeline.default_steps}
+        settings = {
+            "num_prompts": args.num_prompts,
+            "num_heldout": args.num_heldout,
+            "seed": args.seed,
+            "steps": extra["steps"],
+            "guidance_scale": pipeline.default_guidance_scale if args.guidance is None else args.guidance,
+            "device": args.device,
+            "evaluator": args.evaluator,
+        }
+        provenance = collect_provenance([bundle, args.evaluator], config=settings)
         report = run_eval(
             pipeline,
             evaluator,
@@ -62,15 +74,18 @@ def _eval(args: argparse.Namespace) -> int:
             extra,
             args.steps,
             args.guidance,
+            provenance=provenance,
         )
-        for result in report["results"]:
-            summary = {k: v for k, v in result.items() if k not in ("routing", "alignment_per_prompt")}
+        for result in report.results:
+            summary = result.model_dump(exclude={"routing", "alignment_per_prompt"})
             print(json.dumps(summary | {"name": name}))
         print(f"wrote {args.out}/{name}.json, .md and _samples.png")
         reports.append(report)
     reports = earlier + reports
     if len(reports) > 1:
-        path = run_comparison(reports, args.out, args.compare_name, args.reference)
+        # Each compared report carries its own provenance (checksums as evaluated); the table's records its making.
+        provenance = collect_provenance(config={"reports": [r.name for r in reports], "reference": args.reference})
+        path = run_comparison(reports, args.out, args.compare_name, args.reference, provenance=provenance)
         print(f"wrote {path} and {path.with_suffix('.json')}")
     return 0
 
@@ -97,7 +112,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "with 95%% bootstrap intervals, below the table)",
     )
     evaluate.add_argument("--evaluator", default="bundles/shapes/evaluator")
-    evaluate.add_argument("--out", default="benchmarks/results")
+    evaluate.add_argument("--out", default="benchmarks/results/eval", help="folder for the reports")
     evaluate.add_argument("--name", help="report name (default: the bundle folder's name)")
     evaluate.add_argument("--num-prompts", type=positive_int, default=1000, help="held-out prompts (test split)")
     evaluate.add_argument("--num-heldout", type=positive_int, default=400, help="prompts with unseen combinations")

@@ -50,7 +50,7 @@ def test_bad_adapter_depths_and_missing_bundles_exit_2_naming_them(tmp_path, cap
     missing = tmp_path / "no-such-bundle"
     assert main(["--bundle", str(missing), "--name", "n", "--out", str(tmp_path)]) == 2
     assert str(missing) in capsys.readouterr().err
-    assert not list(tmp_path.glob("binding_*"))
+    assert not list(tmp_path.glob("n.*"))
 
 
 def test_report_on_a_tiny_teacher(tmp_path, capsys):
@@ -60,10 +60,10 @@ def test_report_on_a_tiny_teacher(tmp_path, capsys):
     torch.manual_seed(0)
     args = ["--bundle", str(teacher), "--name", "tiny", "--out", str(tmp_path), "--prompts", "4"]
     assert main([*args, "--train", "64", "--test", "32", "--steps", "2"]) == 0
-    report = json.loads((tmp_path / "binding_tiny.json").read_text())
+    report = json.loads((tmp_path / "tiny.json").read_text())
     assert report["objects"]["real"]["objects"] >= 8  # 4 tier-3 prompts hold 2-3 objects each
     assert report["objects"]["real"]["both_right"] > 0.9  # the evaluator reads real scenes
-    assert "| generated |" in (tmp_path / "binding_tiny.md").read_text()
+    assert "| generated |" in (tmp_path / "tiny.md").read_text()
 
 
 def test_part_one_alone_on_a_teacher_with_an_adapter(tmp_path):
@@ -73,6 +73,6 @@ def test_part_one_alone_on_a_teacher_with_an_adapter(tmp_path):
     teacher = save_tiny_teacher(tmp_path / "teacher", adapter_width=16, summary_tokens=3)
     args = ["--bundle", str(teacher), "--name", "tiny", "--out", str(tmp_path), "--prompts", "2"]
     assert main([*args, "--adapter-layers", ""]) == 0
-    report = json.loads((tmp_path / "binding_tiny.json").read_text())
+    report = json.loads((tmp_path / "tiny.json").read_text())
     assert report["readout"]["accuracy"] == {} and report["objects"]["generated"]["objects"] >= 4
-    assert "attention read per cell" not in (tmp_path / "binding_tiny.md").read_text()
+    assert "attention read per cell" not in (tmp_path / "tiny.md").read_text()

@@ -24,8 +24,8 @@ def test_bundle_and_its_router_folder_give_the_same_report(tmp_path, bundle, cap
     counts = ["--num-prompts", "40", "--num-heldout", "12"]
     assert main(["--bundle", str(bundle), "--name", "b", "--out", str(tmp_path), *counts]) == 0
     assert main(["--router", str(bundle / "router"), "--name", "r", "--out", str(tmp_path), *counts]) == 0
-    from_bundle = json.loads((tmp_path / "routing_b.json").read_text())
-    from_router = json.loads((tmp_path / "routing_r.json").read_text())
+    from_bundle = json.loads((tmp_path / "b.json").read_text())
+    from_router = json.loads((tmp_path / "r.json").read_text())
     assert from_bundle["splits"] == from_router["splits"]
     ratios = from_bundle["code_macs_ratio"]
     assert len(ratios) == 3 and ratios[0] == 1.0 and ratios[2] < ratios[1] < 1.0
@@ -37,7 +37,7 @@ def test_bundle_and_its_router_folder_give_the_same_report(tmp_path, bundle, cap
         )
         expected = sum(share * ratios[int(code)] for code, share in load.items())
         assert math.isclose(summary["macs_ratio"]["overall"], expected)
-    assert "| test |" in (tmp_path / "routing_b.md").read_text()
+    assert "| test |" in (tmp_path / "b.md").read_text()
 
 
 def test_a_teacher_folder_is_refused_by_name(tmp_path, bundle, capsys):

@@ -14,6 +14,7 @@ from PIL import Image
 
 import aptp.conditioning.conditioner as conditioner_module
 from aptp.cli.main import main
+from aptp.formats.report import folder_checksum
 from aptp.formats.teacher import TeacherSpec, save_teacher
 from tests.conftest import ENCODER_MAX_LENGTH, build_unet, pixel_unet_config, shared_encoder_factory
 from training.evaluation.evaluator import DomainEvaluator, EvaluatorConfig
@@ -113,6 +114,10 @@ def test_eval_writes_the_report_and_sample_grid(tmp_path, capsys, bundle, evalua
     report = json.loads((out / f"{name}.json").read_text())
     assert report["name"] == name and report["steps"] == 2 and report["bundle"] == str(bundle)
     assert report["text_adapter_macs_per_prompt"] == 0  # the tiny teacher has no text adapter
+    # Which model made these figures: the checksum of its description, as evaluated, and the settings used.
+    provenance = report["provenance"]
+    assert provenance["bundles"][str(bundle)] == folder_checksum(bundle) is not None
+    assert provenance["config"]["steps"] == 2 and provenance["config"]["num_prompts"] == 8
     results = report["results"]
     assert [r["split"] for r in results] == ["test", "heldout"]
     for result in results:
@@ -145,6 +150,13 @@ def routed_bundle(tmp_path_factory, bundle) -> Path:
     return random_bundle(bundle, tmp_path_factory.mktemp("routed") / "routed", num_codes=2, keeps=[1.0, 0.5])
 
 
+def _table(path: Path) -> str:
+    """A report's markdown without its provenance foot (which names the run's commit and date)."""
+    text, foot = path.read_text().rstrip().rsplit("\n\n", 1)
+    assert foot.startswith("Provenance: commit ") or foot.startswith("Provenance: no commit"), foot
+    return text
+
+
 def test_eval_compares_a_teacher_and_a_routed_bundle_in_one_table(tmp_path, capsys, bundle, routed_bundle, evaluator):
     from aptp.formats.bundle import read_manifest
 
@@ -173,7 +185,7 @@ def test_eval_compares_a_teacher_and_a_routed_bundle_in_one_table(tmp_path, caps
     fresh = tmp_path / "tables"  # a folder that does not exist yet
     code, _, err = _run(capsys, "eval", "--compare", *reports, "--compare-name", "again", "--out", fresh)
     assert code == 0, err
-    assert (fresh / "again.md").read_text() == (out / "compare.md").read_text()
+    assert _table(fresh / "again.md") == _table(out / "compare.md")
 
     # Prompt-by-prompt alignment against a named reference, below the same table.
     for result in routed_report["results"]:
@@ -183,8 +195,8 @@ def test_eval_compares_a_teacher_and_a_routed_bundle_in_one_table(tmp_path, caps
         )
     code, _, err = _run(capsys, "eval", "--compare", *reports, "--reference", bundle.name, "--out", fresh)
     assert code == 0, err
-    table = (fresh / "compare.md").read_text()
-    assert table.startswith((out / "compare.md").read_text())
+    table = _table(fresh / "compare.md")
+    assert table.startswith(_table(out / "compare.md"))
     (row,) = [line for line in table.splitlines() if line.startswith(f"| {routed_bundle.name} |")][1:]
     cells = [cell.strip() for cell in row.split("|")[2:4]]
     assert all(cell.count("[") == 1 for cell in cells), row

@@ -8,7 +8,6 @@ import torch
 
 from training.data.labels import BACKGROUND_NAMES, COLOUR_NAMES, HEADS, PER_CELL_HEADS, collate
 from training.data.shapes import CELLS, DEFAULT_CELL, GLYPHS, SHAPES, SIZES, Scene, SceneObject, ShapesDomain
-from training.evaluation.evaluate import median_bandwidth, mmd_rbf, paired_difference, routing_summary
 from training.evaluation.evaluator import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -18,6 +17,8 @@ from training.evaluation.evaluator import (
     alignment,
     read_images,
 )
+from training.evaluation.metrics import median_bandwidth, mmd_rbf, paired_difference
+from training.evaluation.reports import routing_summary
 
 EMPTY = [None] * len(CELLS)
 

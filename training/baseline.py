@@ -13,8 +13,9 @@ from torch import nn
 
 from aptp.formats.expert import is_expert_folder, load_expert, save_expert
 from aptp.formats.teacher import load_teacher, load_teacher_conditioner
-from pruning.slicing import group_channels, slice_unet
-from pruning.space import ArchitectureSpace, UnitKind, feed_forward_layers
+from pruning.importance import l1_architecture_for_budget
+from pruning.slicing import slice_unet
+from pruning.space import ArchitectureSpace
 from router.model import Router, RouterConfig
 
 from .data.shapes import ShapesDomain
@@ -34,60 +35,6 @@ class BaselineConfig(RunSettings):
     training_prompts: int = Field(20_000, ge=1)
     expert: ExpertTraining = ExpertTraining(steps=2400)
     export_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
-
-
-@torch.no_grad()
-def l1_importance(unet: nn.Module, space: ArchitectureSpace) -> torch.Tensor:
-    """Mean |weight| of everything each width gate keeps or drops, `(width_dim,)`."""
-    scores = []
-    for unit in space.width_units:
-        module = unet.get_submodule(unit.module)
-        per_gate = []
-        for gate in range(unit.num_gates):
-            idx = group_channels([gate], unit.channels_per_gate)
-            if unit.kind is UnitKind.RESNET:
-                weights = [module.conv1.weight[idx], module.conv2.weight[:, idx]]
-            elif unit.kind is UnitKind.FEED_FORWARD:
-                proj_path, out_path = feed_forward_layers(module)
-                proj, out = module.get_submodule(proj_path), module.get_submodule(out_path)
-                rows = torch.cat([idx, idx + out.in_features]) if proj.out_features == 2 * out.in_features else idx
-                weights = [proj.weight[rows], out.weight[:, idx]]
-            else:
-                weights = [module.to_q.weight[idx], module.to_k.weight[idx], module.to_v.weight[idx]]
-                weights.append(module.to_out[0].weight[:, idx])
-            per_gate.append(torch.cat([w.abs().flatten() for w in weights]).mean())
-        scores.append(torch.stack(per_gate))
-    return torch.cat(scores)
-
-
-def l1_architecture(space: ArchitectureSpace, importance: torch.Tensor, keep: float) -> torch.Tensor:
-    """Keep the `keep` fraction (rounded, at least one) of each width unit's gates with the largest L1 norm; depth
-    is not pruned."""
-    arch = torch.ones(space.dim)
-    for unit in space.width_units:
-        sl = space.slices[unit.name]
-        count = max(1, round(keep * unit.num_gates))
-        kept = importance[sl].topk(count).indices
-        gates = torch.zeros(unit.num_gates)
-        gates[kept] = 1.0
-        arch[sl] = gates
-    return arch
-
-
-def l1_architecture_for_budget(
-    unet: nn.Module, space: ArchitectureSpace, budget: float, resolution: int, iterations: int = 30
-) -> torch.Tensor:
-    """The uniform keep ratio whose L1 architecture costs at most `budget` x the teacher's MACs (bisection)."""
-    importance = l1_importance(unet, space)
-    target = budget * space.total_macs(resolution)
-    low, high = 0.0, 1.0
-    for _ in range(iterations):
-        mid = (low + high) / 2
-        if space.macs(l1_architecture(space, importance, mid), resolution) <= target:
-            low = mid
-        else:
-            high = mid
-    return l1_architecture(space, importance, low)
 
 
 def run_baseline(config: BaselineConfig) -> Path:

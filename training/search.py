@@ -21,13 +21,13 @@ from aptp.conditioning.encoder import EncoderConfig, PromptEncoder
 from aptp.formats.teacher import load_teacher, load_teacher_conditioner
 from aptp.sampling import denoise
 from pruning.gates import UNetGates
+from pruning.importance import l1_importance
 from pruning.space import ArchitectureSpace
 from router.assignment import assign
 from router.gates import normalised_architecture
 from router.losses import contrastive_loss, prunable_budget, resource_loss, spread_losses
 from router.model import Router, RouterConfig
 
-from .baseline import l1_importance
 from .data.labels import collate, images_to_unit_range
 from .data.shapes import ShapesDomain
 from .distill import block_features, student_losses
@@ -116,7 +116,7 @@ def prunable_ratio(space: ArchitectureSpace, gates: torch.Tensor, resolution: in
 
 def width_floor(unet: torch.nn.Module, space: ArchitectureSpace, min_width: float) -> list[int]:
     """Indices of the gates `min_width` holds open: in each width unit, the ceil(min_width x gates) of largest L1
-    norm (the static baseline's ranking, `training.baseline.l1_importance`)."""
+    norm (the static baseline's ranking, `pruning.importance.l1_importance`)."""
     if min_width == 0:
         return []
     importance = l1_importance(unet, space)

@@ -11,7 +11,7 @@ from aptp.formats.bundle import BundleError
 from aptp.formats.teacher import load_teacher
 from aptp.pipeline import RoutedPipeline
 from pruning.space import ArchitectureSpace
-from tests.conftest import ENCODER_MAX_LENGTH, save_tiny_teacher
+from tests.helpers import ENCODER_MAX_LENGTH, save_tiny_teacher
 
 
 def test_a_teacher_folder_is_a_one_code_pipeline(teacher_folder, teacher):

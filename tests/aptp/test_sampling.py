@@ -16,7 +16,7 @@ from aptp.sampling import (
     prompt_map_channels,
     sample,
 )
-from tests.conftest import build_unet, pixel_unet_config
+from tests.helpers import build_unet, pixel_unet_config
 
 CROSS_DIM = 16
 TOKENS = 6

@@ -54,7 +54,7 @@ def test_bad_adapter_depths_and_missing_bundles_exit_2_naming_them(tmp_path, cap
 
 
 def test_report_on_a_tiny_teacher(tmp_path, capsys):
-    from tests.conftest import save_tiny_teacher
+    from tests.helpers import save_tiny_teacher
 
     teacher = save_tiny_teacher(tmp_path / "teacher")
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def test_report_on_a_tiny_teacher(tmp_path, capsys):
 
 def test_part_one_alone_on_a_teacher_with_an_adapter(tmp_path):
     """`--adapter-layers ''` compares models' images only (no text-side read-out), whatever the teacher reads."""
-    from tests.conftest import save_tiny_teacher
+    from tests.helpers import save_tiny_teacher
 
     teacher = save_tiny_teacher(tmp_path / "teacher", adapter_width=16, summary_tokens=3)
     args = ["--bundle", str(teacher), "--name", "tiny", "--out", str(tmp_path), "--prompts", "2"]

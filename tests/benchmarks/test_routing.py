@@ -8,7 +8,7 @@ import math
 import pytest
 
 from benchmarks.routing import main
-from tests.conftest import save_tiny_teacher
+from tests.helpers import save_tiny_teacher
 
 
 @pytest.fixture(scope="module")

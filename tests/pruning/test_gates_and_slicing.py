@@ -7,7 +7,7 @@ import torch
 
 from pruning import ArchitectureSpace, UNetGates, UnitKind, apply_gates, slice_unet
 from pruning.slicing import ResnetPassThrough, TransformerPassThrough
-from tests.conftest import (
+from tests.helpers import (
     SD_RESOLUTION,
     SMALL_RESOLUTION,
     assert_same_output,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pruning import ArchitectureSpace, UnitKind, flop_counter_macs, slice_unet
-from tests.conftest import (
+from tests.helpers import (
     SD_RESOLUTION,
     SMALL_RESOLUTION,
     TEXT_LEN,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pruning import ArchitectureSpace, PrunableUnit, UnitKind
-from tests.conftest import TEXT_LEN, meta_unet, sd21_like_config, small_unet_config
+from tests.helpers import TEXT_LEN, meta_unet, sd21_like_config, small_unet_config
 
 ALL_KINDS = set(UnitKind)
 

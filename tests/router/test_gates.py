@@ -8,7 +8,7 @@ import torch
 
 from pruning import ArchitectureSpace
 from router.gates import OFFSET, TEMPERATURE, depth_order, gumbel_sigmoid, nested_depth_logits, normalised_architecture
-from tests.conftest import meta_unet, sd15_like_config, small_unet_config
+from tests.helpers import meta_unet, sd15_like_config, small_unet_config
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:

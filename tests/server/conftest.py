@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import save_tiny_teacher
+from tests.helpers import save_tiny_teacher
 
 NUM_CODES = 2
 

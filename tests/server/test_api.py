@@ -160,7 +160,7 @@ def test_a_model_with_a_text_adapter_reports_its_cost(tmp_path):
 
     from aptp.pipeline import RoutedPipeline
     from server.app import create_app
-    from tests.conftest import save_tiny_teacher
+    from tests.helpers import save_tiny_teacher
     from tests.server.conftest import server_settings
     from training.export import random_bundle
 

@@ -4,14 +4,12 @@ of every unit kept), fine-tuned and exported as a one-code bundle."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import aptp.conditioning.conditioner as conditioner_module
 from aptp.formats.bundle import read_manifest
 from aptp.formats.teacher import load_teacher
-from pruning.space import ArchitectureSpace
-from tests.conftest import save_tiny_teacher, shared_encoder_factory
-from training.baseline import BaselineConfig, l1_architecture, l1_importance, run_baseline
+from tests.helpers import save_tiny_teacher, shared_encoder_factory
+from training.baseline import BaselineConfig, run_baseline
 
 
 @pytest.fixture(autouse=True)
@@ -22,21 +20,6 @@ def shared_encoder(monkeypatch, prompt_encoder):
 @pytest.fixture(scope="module")
 def teacher_folder(tmp_path_factory):
     return save_tiny_teacher(tmp_path_factory.mktemp("baseline") / "teacher", seed=4)
-
-
-def test_l1_architecture_keeps_the_largest_gates_of_every_unit(teacher_folder):
-    unet, spec = load_teacher(teacher_folder)
-    space = ArchitectureSpace.from_unet(unet, text_len=spec.text_encoder.max_length)
-    importance = l1_importance(unet, space)
-    assert importance.shape == (space.width_dim,)
-    arch = l1_architecture(space, importance, 0.5)
-    assert torch.equal(arch[space.width_dim :], torch.ones(len(space.depth_units)))  # depth is not pruned
-    for unit in space.width_units:
-        sl = space.slices[unit.name]
-        kept, scores = arch[sl].bool(), importance[sl]
-        assert int(kept.sum()) == max(1, round(0.5 * unit.num_gates))
-        if not kept.all():
-            assert scores[kept].min() >= scores[~kept].max(), unit.name
 
 
 def _baseline(teacher_folder, folder, budget: float):

@@ -13,7 +13,7 @@ from aptp.formats.bundle import MANIFEST, load_bundle_text_adapter, load_code_ex
 from pruning import ArchitectureSpace, slice_unet
 from router.gates import depth_order
 from router.model import Router, RouterConfig
-from tests.conftest import ENCODER_MAX_LENGTH, run, save_tiny_teacher, unet_inputs
+from tests.helpers import ENCODER_MAX_LENGTH, run, save_tiny_teacher, unet_inputs
 from training.export import export_bundle, random_bundle
 
 RESOLUTION = 32

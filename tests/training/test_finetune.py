@@ -15,7 +15,7 @@ from aptp.formats.bundle import load_code_experts, read_manifest
 from aptp.formats.expert import load_expert
 from aptp.formats.teacher import load_teacher
 from router.model import Router, RouterConfig
-from tests.conftest import save_tiny_teacher, shared_encoder_factory
+from tests.helpers import save_tiny_teacher, shared_encoder_factory
 from tests.router.test_model import nested_architectures
 from training.config import ConfigError
 from training.data.shapes import ShapesDomain

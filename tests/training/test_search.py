@@ -14,7 +14,7 @@ import aptp.conditioning.conditioner as conditioner_module
 import training.search as search_module
 from aptp.formats.teacher import load_teacher
 from router.model import Router
-from tests.conftest import ENCODER_MAX_LENGTH, save_tiny_teacher, shared_encoder_factory
+from tests.helpers import ENCODER_MAX_LENGTH, save_tiny_teacher, shared_encoder_factory
 from tests.router.test_model import nested_architectures
 from training.search import SearchConfig, run_search
 

@@ -16,7 +16,7 @@ from aptp.cli.main import main
 from aptp.conditioning.adapter import TextAdapter
 from aptp.formats.teacher import load_teacher, load_text_adapter
 from aptp.sampling import SamplingConfig
-from tests.conftest import ENCODER_MAX_LENGTH, TINY_TEACHER_UNET, shared_encoder_factory, tiny_teacher_config
+from tests.helpers import ENCODER_MAX_LENGTH, TINY_TEACHER_UNET, shared_encoder_factory, tiny_teacher_config
 from training.checkpoint import latest_checkpoint, load_checkpoint
 from training.layout import LAYOUT_READS
 from training.noise import min_snr_weight

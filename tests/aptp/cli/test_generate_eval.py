@@ -16,7 +16,7 @@ import aptp.conditioning.conditioner as conditioner_module
 from aptp.cli.main import main
 from aptp.formats.report import folder_checksum
 from aptp.formats.teacher import TeacherSpec, save_teacher
-from tests.conftest import ENCODER_MAX_LENGTH, build_unet, pixel_unet_config, shared_encoder_factory
+from tests.helpers import ENCODER_MAX_LENGTH, build_unet, pixel_unet_config, shared_encoder_factory
 from training.evaluation.evaluator import DomainEvaluator, EvaluatorConfig
 
 RESOLUTION = 32

@@ -15,7 +15,7 @@ import torch
 from aptp.cli.main import main
 from aptp.formats.expert import EXPERT_NAME, save_expert
 from pruning import ArchitectureSpace, slice_unet
-from tests.conftest import REPO, TEXT_LEN, UNET_CONFIGS, load_unet_config, meta_unet, small_unet_config
+from tests.helpers import REPO, TEXT_LEN, UNET_CONFIGS, load_unet_config, meta_unet, small_unet_config
 
 SD15 = UNET_CONFIGS / "sd-1.5"
 SD15_PARAMS = 859_520_964  # the published parameter count of SD 1.5's U-Net

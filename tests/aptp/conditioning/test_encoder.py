@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import ENCODER_MAX_LENGTH
+from tests.helpers import ENCODER_MAX_LENGTH
 
 PROMPTS = [
     "a red circle",

@@ -26,7 +26,7 @@ from aptp.formats.bundle import (
 from aptp.formats.files import ModelFileError, file_sha256
 from pruning import slice_unet
 from router.model import Router
-from tests.conftest import ENCODER_MAX_LENGTH, assert_json_or_safetensors, run, unet_inputs
+from tests.helpers import ENCODER_MAX_LENGTH, assert_json_or_safetensors, run, unet_inputs
 from training.export import random_bundle
 
 NUM_CODES = 3

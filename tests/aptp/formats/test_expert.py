@@ -21,7 +21,7 @@ from aptp.formats.expert import (
     save_expert,
 )
 from pruning import ArchitectureSpace, slice_unet
-from tests.conftest import SMALL_RESOLUTION, assert_json_or_safetensors, run, unet_inputs
+from tests.helpers import SMALL_RESOLUTION, assert_json_or_safetensors, run, unet_inputs
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import subprocess
 
 from aptp.formats.files import file_sha256
 from aptp.formats.report import Provenance, collect_provenance, folder_checksum, write_report
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_a_folder_is_checksummed_by_the_file_that_describes_it(tmp_path):

@@ -20,7 +20,7 @@ from aptp.formats.teacher import (
     load_text_adapter,
     save_teacher,
 )
-from tests.conftest import assert_same_output, build_unet, pixel_unet_config, run, unet_inputs
+from tests.helpers import assert_same_output, build_unet, pixel_unet_config, run, unet_inputs
 
 CROSS_DIM = 16
 RESOLUTION = 32

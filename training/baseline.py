@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from aptp.formats.expert import is_expert_folder, load_expert, save_expert
 from aptp.formats.teacher import load_teacher, load_teacher_conditioner

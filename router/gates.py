@@ -26,7 +26,7 @@ def gumbel_sigmoid(
     noise_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft gates `sigmoid((l + s G + b) / T)` and straight-through hard gates `1[soft >= 0.5]` (value hard,
-    gradient soft). `noise=False` gives the deterministic inference gates; `noise_scale` s (1 in METHOD.md) lets a
+    gradient soft). `noise=False` gives the deterministic inference gates; `noise_scale` s (1 in docs/method.md) lets a
     search anneal the noise towards them. The noise is drawn whatever s is, so a generator's stream does not depend
     on the schedule."""
     if noise:

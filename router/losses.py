@@ -1,4 +1,4 @@
-"""The router's training losses (METHOD.md, phase 1): contrastive, resource, and spread terms."""
+"""The router's training losses (docs/method.md, phase 1): contrastive, resource, and spread terms."""
 
 from __future__ import annotations
 

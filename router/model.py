@@ -29,11 +29,11 @@ class RouterConfig(BaseModel):
     """Parameters:
     num_codes (`int`): K, the number of architecture codes.
     embed_dim (`int`): the prompt encoder's output size.
-    temperature (`float`), offset (`float`): Gumbel-sigmoid settings (METHOD.md: 0.4 and 3).
-    prune_depth (`bool`): whether codes may drop whole blocks (METHOD.md: yes). With `False` every depth gate is
+    temperature (`float`), offset (`float`): Gumbel-sigmoid settings (docs/method.md: 0.4 and 3).
+    prune_depth (`bool`): whether codes may drop whole blocks (docs/method.md: yes). With `False` every depth gate is
         held open, in training and at inference, and only widths are searched.
     held_open (`list[int]`): width gates held open for every prompt and code, in training and at inference: a
-        floor under each layer's width (see `training.search.SearchConfig.min_width`). Empty in METHOD.md.
+        floor under each layer's width (see `training.search.SearchConfig.min_width`). Empty in docs/method.md.
     encoder (`EncoderConfig`): the frozen prompt encoder.
     """
 

@@ -2,10 +2,10 @@
 each code's expert from the teacher, fine-tune it on its own prompts with distillation from the frozen teacher,
 and export the bundle. Each code is its own resumable run; finished experts are kept and skipped on a rerun.
 
-Optionally (`shared_steps`, a departure from METHOD.md explained in the README) a shared stage comes first: one
-copy of the teacher is fine-tuned on the whole routed pool, each sample gated by the hard architecture of its
-prompt's code, so every step trains every code's sub-network; the experts are then sliced from that copy instead of
-the teacher, and specialised by their own `expert.steps`.
+Optionally (`shared_steps`, a departure from docs/method.md explained in docs/experiments.md) a shared stage comes
+first: one copy of the teacher is fine-tuned on the whole routed pool, each sample gated by the hard architecture of
+its prompt's code, so every step trains every code's sub-network; the experts are then sliced from that copy instead
+of the teacher, and specialised by their own `expert.steps`.
 
 The same per-expert fine-tuning serves the static baseline (`training/baseline.py`): one architecture, all prompts.
 """
@@ -43,7 +43,7 @@ from .run import RunSettings, TrainingRun, check_finite, warmup_cosine
 
 
 class ExpertTraining(BaseModel):
-    """How one expert is fine-tuned (METHOD.md phase 2: denoising + output + feature distillation)."""
+    """How one expert is fine-tuned (docs/method.md phase 2: denoising + output + feature distillation)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -77,7 +77,7 @@ class FinetuneConfig(RunSettings):
         0,
         ge=0,
         description="steps of the shared stage before the per-code fine-tuning (same settings as `expert`); 0: "
-        "none, every expert starts from the teacher (METHOD.md)",
+        "none, every expert starts from the teacher (docs/method.md)",
     )
     export_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
 

@@ -1,4 +1,4 @@
-"""`aptp train search`: phase 1 of APTP, the architecture search with the teacher frozen (METHOD.md).
+"""`aptp train search`: phase 1 of APTP, the architecture search with the teacher frozen (docs/method.md).
 
 Per step: the predictor reads each prompt, Sinkhorn assigns prompts to the K codes (uniform marginals, no
 gradient), the teacher U-Net runs gated by each prompt's code (its own predictor draw during warm-up), and the
@@ -36,7 +36,7 @@ from .run import RunSettings, TrainingRun, check_finite
 
 
 class LossWeights(BaseModel):
-    """METHOD.md's weights (from the authors' configs)."""
+    """docs/method.md's weights (from the authors' configs)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -67,7 +67,7 @@ class SearchConfig(RunSettings):
     noise_anneal: tuple[float, float] | None = Field(
         None,
         description="(start, end) fractions of the steps over which the gates' logistic noise falls linearly to 0; "
-        "None: full noise throughout (METHOD.md)",
+        "None: full noise throughout (docs/method.md)",
     )
     lr_warmup_steps: int = Field(100, ge=0)
     use_ot: bool = True
@@ -77,7 +77,7 @@ class SearchConfig(RunSettings):
         ge=0,
         lt=1,
         description="share of each width unit's gates held open (those of largest L1 norm in the teacher), a floor "
-        "under every layer's width; 0: none (METHOD.md)",
+        "under every layer's width; 0: none (docs/method.md)",
     )
     sinkhorn_epsilon: float = Field(0.05, gt=0)
     sinkhorn_iterations: int = Field(3, ge=1)

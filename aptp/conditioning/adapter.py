@@ -16,7 +16,7 @@ row by row: each is projected to `map_channels` values, and the resulting `(map_
 stretched over the image and fed to the U-Net as input channels (`aptp.sampling.denoise`). A pixel then gets
 what the prompt says about its place as an input, instead of having to find the token that says it: on this
 project's domain, U-Nets reading the summary tokens through cross-attention alone still swapped colours between
-objects (README, teacher section).
+objects (docs/experiments.md, the teacher).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`aptp train search` on a tiny teacher: the per-step log of METHOD.md's losses, warm-up then codes, a loadable
+"""`aptp train search` on a tiny teacher: the per-step log of docs/method.md's losses, warm-up then codes, a loadable
 router whose code offsets balance the training prompts, exact resume after a kill, and a finished run that
 re-balances instead of retraining."""
 

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 from torch import nn
 
 from aptp.conditioning.encoder import EncoderConfig, PromptEncoder
-from aptp.formats.files import ModelFileError, load_matching_state, read_json_object
+from aptp.formats.files import (
+    ModelFileError,
+    load_matching_state,
+    read_json_object,
+    validate_description,
+    write_description,
+)
 from pruning.space import ArchitectureSpace
 
 from .assignment import balancing_offsets
@@ -127,6 +132,17 @@ class Routing:
     scores: torch.Tensor
     all_scores: torch.Tensor
     macs: list[int]
+
+
+class RouterDescription(BaseModel):
+    """`config.json` of a router folder: its config, the resolution its MACs are counted at, and the architecture
+    space of the teacher it prunes (`ArchitectureSpace.to_dict`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    router: RouterConfig
+    resolution: int = Field(ge=1)
+    space: dict[str, Any]
 
 
 class Router(nn.Module):
@@ -252,12 +268,8 @@ class Router(nn.Module):
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        description: dict[str, Any] = {
-            "router": self.config.model_dump(),
-            "resolution": self.resolution,
-            "space": self.space.to_dict(),
-        }
-        (folder / ROUTER_CONFIG).write_text(json.dumps(description, indent=1) + "\n")
+        description = RouterDescription(router=self.config, resolution=self.resolution, space=self.space.to_dict())
+        write_description(folder / ROUTER_CONFIG, description)
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in self._file_state().items()}, str(folder / ROUTER_WEIGHTS)
         )
@@ -272,11 +284,11 @@ class Router(nn.Module):
         sha256: str | None = None,
     ) -> Router:
         folder = Path(folder)
-        description = read_json_object(folder / ROUTER_CONFIG)
+        path = folder / ROUTER_CONFIG
+        description = validate_description(path, RouterDescription, read_json_object(path))
         try:
-            config = RouterConfig.model_validate(description["router"])
-            space = ArchitectureSpace.from_dict(description["space"])
-            router = cls(config, space, int(description["resolution"]), encoder=encoder)
+            space = ArchitectureSpace.from_dict(description.space)
+            router = cls(description.router, space, description.resolution, encoder=encoder)
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFileError(folder / ROUTER_CONFIG, f"not a valid router description ({e})") from None
         state = load_matching_state(folder / ROUTER_WEIGHTS, router._file_state(), sha256, device)

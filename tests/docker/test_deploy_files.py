@@ -219,3 +219,23 @@ def test_dockerfile_pins_torch_before_installing_the_project(dockerfile):
     assert lines[-1] == 'CMD ["aptp", "serve"]'
     assert any(line.startswith("USER ") and "root" not in line for line in lines), "the server must not run as root"
     assert any(line.startswith("HEALTHCHECK") and "/healthz" in line for line in lines)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
+def test_the_serving_image_holds_every_package_serving_imports_and_no_training_code(dockerfile):
+    from tests.test_architecture import import_graph
+
+    copied = {line.split()[1].rstrip("/") for line in logical_lines(dockerfile) if line.startswith("COPY ")}
+    everything, at_import = import_graph(), import_graph(module_level=True)
+    reached, todo = set(), ["aptp.cli.main", "aptp.cli.serve"]
+    while todo:
+        module = todo.pop()
+        if module in reached:
+            continue
+        reached.add(module)
+        # `aptp serve` imports every subcommand's module, but the others import their subsystems only when run.
+        other_command = module.startswith("aptp.cli.") and module != "aptp.cli.serve"
+        todo += (at_import if other_command else everything)[module]
+    needed = {module.split(".")[0] for module in reached}
+    assert needed <= copied, f"the image misses {needed - copied}"
+    assert "training" not in copied

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from aptp.formats.files import load_matching_state, read_json_object, validate_description, write_description
 from training.data.labels import (
     BACKGROUND_NAMES,
     COLOUR_NAMES,
@@ -34,15 +35,16 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-@dataclass
-class EvaluatorConfig:
+class EvaluatorConfig(BaseModel):
     """Parameters:
     width (`int`): channels of the first stage (doubled at 16x16 and 8x8).
     feature_dim (`int`): size of the penultimate layer (the FID / CMMD features).
     """
 
-    width: int = 32
-    feature_dim: int = 256
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(32, ge=1)
+    feature_dim: int = Field(256, ge=1)
 
 
 class DomainEvaluator(nn.Module):
@@ -92,19 +94,16 @@ class DomainEvaluator(nn.Module):
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=1) + "\n")
+        write_description(folder / CONFIG_NAME, self.config)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_NAME))
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> DomainEvaluator:
         folder = Path(folder)
-        try:
-            config = EvaluatorConfig(**json.loads((folder / CONFIG_NAME).read_text()))
-            state = load_file(str(folder / WEIGHTS_NAME), device=str(device))
-        except (OSError, ValueError, TypeError, SafetensorError) as e:
-            raise ValueError(f"{folder}: cannot load the evaluator ({e})") from None
+        path = folder / CONFIG_NAME
+        config = validate_description(path, EvaluatorConfig, read_json_object(path))
         model = cls(config)
-        model.load_state_dict(state)
+        model.load_state_dict(load_matching_state(folder / WEIGHTS_NAME, model.state_dict(), None, device))
         return model.to(device).eval()
 
 

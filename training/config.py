@@ -8,6 +8,8 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from aptp.formats.files import validation_problems
+
 Config = TypeVar("Config", bound=BaseModel)
 
 
@@ -35,5 +37,4 @@ def load_config(path: str | Path, model: type[Config], overrides: dict | None = 
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{path}: {problems}") from None
+        raise ConfigError(f"{path}: {validation_problems(e, limit=20)}") from None

@@ -9,7 +9,7 @@ import sys
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from aptp.formats.files import ModelFileError
+    from aptp.formats.files import ModelFileError, validation_problems
     from aptp.pipeline import RoutedPipeline
     from server.app import serve
     from server.settings import Settings
@@ -18,8 +18,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        print(f"aptp serve: invalid setting ({problems})", file=sys.stderr)
+        print(f"aptp serve: invalid setting ({validation_problems(e, limit=20)})", file=sys.stderr)
         return 2
     try:
         pipeline = RoutedPipeline.load(settings.bundle, device=settings.device, dtype=settings.torch_dtype)

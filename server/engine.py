@@ -283,8 +283,8 @@ class Engine:
             negative = None
             if any(job.negative is not None for job in jobs):
                 # A job without a negative prompt is guided against the empty prompt.
-                negatives = [(job.negative or empty).repeat(n) for job, n in zip(jobs, counts, strict=True)]
-                negative = Conditioning.cat(negatives)
+                own = [empty if job.negative is None else job.negative for job in jobs]
+                negative = Conditioning.cat([row.repeat(n) for row, n in zip(own, counts, strict=True)])
             scales = [job.guidance_scale for job, n in zip(jobs, counts, strict=True) for _ in range(n)]
             images = self.pipeline.generate(
                 batch.code,

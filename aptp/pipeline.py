@@ -1,9 +1,10 @@
-"""How an image is made: prompts -> conditioning -> codes -> images, with everything a bundle holds resident (the
-encoder, the router and one expert per code). The server's engine and evaluation both build on it.
+"""How an image is made: prompts -> conditioning -> codes -> denoised latents -> decoded images, with everything a
+bundle holds resident (the text encoder, the router, one expert per code, the decoder). The server's engine, `aptp
+eval` and `aptp generate` all use it; `RoutedPipeline.from_pretrained(...)(prompt)` is its diffusers-style API.
 
-A teacher folder (`aptp.formats.teacher`) loads as a one-code bundle whose only expert is the full teacher and whose
-router sends every prompt to it: the unpruned model is served and measured through the same path as its pruned
-codes.
+A teacher folder (`aptp.formats.teacher`) and a diffusers Stable Diffusion folder (`aptp.formats.diffusers`) load as
+one-code bundles whose only expert is the full U-Net and whose router sends every prompt to it: the unpruned model
+is served and measured through the same path as pruned codes.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from aptp.conditioning.clip import ClipConditioner
 from aptp.conditioning.conditioner import Conditioner
 from aptp.conditioning.prompts import Conditioning
+from aptp.decoding import PixelDecoder, VaeDecoder, to_uint8, to_unit_range
 from aptp.formats.bundle import MANIFEST, BundleError, load_bundle_text_adapter, load_code_experts, read_manifest
-from aptp.formats.teacher import load_teacher, load_teacher_conditioner
-from aptp.sampling import SamplingConfig, make_sampler, prompt_map_channels, sample, unit_range_to_uint8
+from aptp.formats.diffusers import PIPELINE_INDEX, STABLE_DIFFUSION_SAMPLING, load_stable_diffusion
+from aptp.formats.teacher import TEACHER_DESCRIPTION, load_teacher, load_teacher_conditioner
+from aptp.sampling import SamplingConfig, make_sampler, prompt_map_channels, sample
 from pruning.space import ArchitectureSpace
 from router.model import ROUTER_WEIGHTS, Router
 
@@ -58,25 +62,51 @@ class RoutedImages:
     codes: list[int]
 
 
-class RoutedPipeline:
-    """Encoder + router + experts + sampler, all resident on one device.
+@dataclass
+class RoutedPipelineOutput:
+    """What `RoutedPipeline.__call__` returns.
 
     Parameters:
-        encoder (`Conditioner`): the frozen text encoder and the teacher's text adapter, if it has one (token
-            states for the U-Nets, the encoder's pooled embedding for the router).
-        router (`Router`, *optional*): None for a one-code pipeline (a teacher folder).
+        images (`list[PIL.Image]`, `np.ndarray` or `torch.Tensor`): `num_images_per_prompt` images per prompt, prompt
+            by prompt; arrays and tensors are float in [0, 1], `(N, H, W, 3)` and `(N, 3, H, W)`.
+        codes (`list[int]`): the code each prompt was routed to.
+        router_scores (`list[float]`): the router's similarity to that code.
+        macs_per_call (`list[int]`): MACs of one U-Net call of each prompt's code.
+        total_macs (`int`): everything the call spent: U-Net calls, text encoding and adapter, decoding.
+    """
+
+    images: Any
+    codes: list[int]
+    router_scores: list[float]
+    macs_per_call: list[int]
+    total_macs: int
+
+
+Seeds = Sequence[int | torch.Generator]
+TextConditioner = Conditioner | ClipConditioner
+Decoder = PixelDecoder | VaeDecoder
+
+
+class RoutedPipeline:
+    """Text conditioning + router + experts + sampler + decoder, all resident on one device.
+
+    Parameters:
+        encoder (`Conditioner` or `ClipConditioner`): what the U-Nets read (the embedded domain's frozen encoder
+            and text adapter, or a pipeline's CLIP text encoder) and the pooled embedding the router reads.
+        router (`Router`, *optional*): None for a one-code pipeline (a teacher or a diffusers pipeline folder).
         experts (`list[nn.Module]`): the U-Net of each code.
         codes (`list[CodeInfo]`): their description.
         scheduler_config (`dict`): the training noise schedule (samplers are built from it).
-        resolution (`int`): image size.
+        resolution (`int`): image size in pixels (the U-Nets run at `resolution // decoder.scale_factor`).
         sampling (`SamplingConfig`): default `steps` and `guidance_scale`.
         teacher_macs (`int`): MACs of one call of the unpruned U-Net.
-        source (`str`): `"bundle"` or `"teacher"`.
+        source (`str`): `"bundle"`, `"teacher"` or `"pipeline"`.
+        decoder (`PixelDecoder` or `VaeDecoder`, *optional*): latents to pixels; default the identity.
     """
 
     def __init__(
         self,
-        encoder: Conditioner,
+        encoder: TextConditioner,
         router: Router | None,
         experts: list[nn.Module],
         codes: list[CodeInfo],
@@ -85,23 +115,33 @@ class RoutedPipeline:
         sampling: SamplingConfig,
         teacher_macs: int,
         source: str,
+        decoder: Decoder | None = None,
     ):
         if router is None and len(experts) != 1:
             raise ValueError("a pipeline without a router has exactly one expert")
-        adapter = encoder.adapter
-        made = adapter.config.map_channels if adapter is not None else 0
+        decoder = decoder or PixelDecoder(experts[0].config.out_channels)
+        made = encoder.map_channels
         for code, expert in enumerate(experts):
             if prompt_map_channels(expert) != made:
                 raise ValueError(
                     f"code {code}'s U-Net takes a {prompt_map_channels(expert)}-channel prompt map, the text adapter "
                     f"makes {made}"
                 )
+            if expert.config.out_channels != decoder.latent_channels:
+                raise ValueError(
+                    f"code {code}'s U-Net makes {expert.config.out_channels} channels, the decoder reads "
+                    f"{decoder.latent_channels}"
+                )
+        if resolution % decoder.scale_factor:
+            raise ValueError(f"resolution {resolution} is not a multiple of the decoder's {decoder.scale_factor}")
         self.encoder = encoder
         self.router = router
         self.experts = [expert.eval() for expert in experts]
         self.codes = codes
         self.sampler = make_sampler(scheduler_config)
         self.resolution = resolution
+        self.latent_size = resolution // decoder.scale_factor
+        self.decoder = decoder
         self.sampling = sampling
         self.default_steps = sampling.steps
         self.default_guidance_scale = sampling.guidance_scale
@@ -117,16 +157,41 @@ class RoutedPipeline:
     def adapter_macs_per_prompt(self) -> int:
         return self.encoder.adapter_macs_per_prompt
 
+    @property
+    def text_encoder_macs_per_prompt(self) -> int:
+        """MACs of the conditioning text encoder for one prompt (a pipeline's CLIP; 0 for the embedded domain's
+        frozen sentence encoder, which is not counted)."""
+        return self.encoder.text_encoder_macs_per_prompt
+
+    @property
+    def decoder_macs_per_image(self) -> int:
+        """MACs of decoding one image (the VAE decoder; 0 in pixel space)."""
+        return self.decoder.macs_per_image
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.experts[0].parameters()).device
+
+    # --------------------------------------------------------------------------------------------------- loading
     @classmethod
-    def load(
+    def from_pretrained(
         cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> RoutedPipeline:
-        """Load a bundle folder (with `manifest.json`) or a teacher folder (with `teacher.json`), verifying
-        checksums; errors name the file."""
+        """Load a bundle folder (`manifest.json`), a teacher folder (`teacher.json`) or a diffusers Stable Diffusion
+        pipeline folder (`model_index.json`), verifying what can be verified; errors name the file."""
         path = Path(path)
-        if (path / "teacher.json").is_file() and not (path / MANIFEST).is_file():
-            return cls._from_teacher(path, device, dtype)
-        manifest = read_manifest(path)  # names the folder or manifest when neither kind is found
+        if not (path / MANIFEST).is_file():
+            if (path / TEACHER_DESCRIPTION).is_file():
+                return cls._from_teacher(path, device, dtype)
+            if (path / PIPELINE_INDEX).is_file():
+                return cls._from_diffusers(path, device, dtype)
+            if path.is_dir():
+                raise BundleError(
+                    path,
+                    f"not a bundle ({MANIFEST}), a teacher ({TEACHER_DESCRIPTION}) or a diffusers pipeline "
+                    f"({PIPELINE_INDEX}) folder",
+                )
+        manifest = read_manifest(path)  # names the folder when it does not exist
         encoder = Conditioner.from_config(
             manifest.text_encoder, load_bundle_text_adapter(path, manifest, device=device), device=device
         )
@@ -154,6 +219,8 @@ class RoutedPipeline:
             source="bundle",
         )
 
+    load = from_pretrained
+
     @classmethod
     def _from_teacher(cls, path: Path, device, dtype) -> RoutedPipeline:
         unet, spec = load_teacher(path, device=device, dtype=dtype)
@@ -165,6 +232,31 @@ class RoutedPipeline:
         return cls(
             encoder, None, [unet], [code], spec.scheduler_config, spec.resolution, spec.sampling, macs, "teacher"
         )
+
+    @classmethod
+    def _from_diffusers(cls, path: Path, device, dtype) -> RoutedPipeline:
+        parts = load_stable_diffusion(path, device=device, dtype=dtype)
+        encoder = ClipConditioner(parts.tokenizer, parts.text_encoder)
+        latent_size = int(parts.unet.config.sample_size)
+        decoder = VaeDecoder(parts.vae, latent_size)
+        macs = ArchitectureSpace.from_unet(parts.unet, text_len=encoder.context_length).total_macs(latent_size)
+        params = sum(p.numel() for p in parts.unet.parameters())
+        code = CodeInfo(code=0, macs=macs, params=params, training_share=1.0)
+        resolution = latent_size * decoder.scale_factor
+        sampling = STABLE_DIFFUSION_SAMPLING
+        return cls(
+            encoder, None, [parts.unet], [code], parts.scheduler_config, resolution, sampling, macs, "pipeline", decoder
+        )
+
+    def to(self, device: str | torch.device) -> RoutedPipeline:
+        """Move every component (experts, text encoder and adapter, router, decoder) to `device`."""
+        self.experts = [expert.to(device) for expert in self.experts]
+        self.encoder.to(device)
+        if self.router is not None:
+            self.router.to(device)
+        self.decoder.to(device)
+        self.empty_prompt = self.empty_prompt.to(device)
+        return self
 
     # ------------------------------------------------------------------------------------------------- inference
     def encode(self, prompts: Sequence[str]) -> Conditioning:
@@ -181,47 +273,121 @@ class RoutedPipeline:
     @torch.no_grad()
     def __call__(
         self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        seed: int | None = None,
+        output_type: str = "pil",
+        batch_size: int = 32,
+    ) -> RoutedPipelineOutput:
+        """Generate `num_images_per_prompt` images for each prompt (a string is one prompt) with its routed code.
+
+        Noise comes from `generator` (one per image, or one drawn from image after image), else from `seed`
+        (image i of the call gets `seed + i`, as the server does), else from a random seed. `negative_prompt` (one,
+        or one per prompt) replaces the empty prompt in the unconditional branch. `output_type` is `"pil"`, `"np"`
+        or `"pt"`."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt: give at least one prompt")
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        if negatives is not None and len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        count = len(prompts) * num_images_per_prompt
+        if isinstance(generator, torch.Generator):
+            seeds: list[int | torch.Generator] = [generator] * count
+        elif generator is not None:
+            seeds = list(generator)
+            if len(seeds) != count:
+                raise ValueError(f"{len(seeds)} generators for {count} images")
+        else:
+            first = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+            seeds = [first + i for i in range(count)]
+        steps = num_inference_steps or self.default_steps
+        guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        encoded = self.encode(prompts)
+        routed = self.route(encoded)
+        negative = self.encode(negatives) if negatives is not None else None
+        per_image = [i for i in range(len(prompts)) for _ in range(num_images_per_prompt)]
+        images = self._generate_routed(encoded, negative, routed.codes, per_image, seeds, steps, guidance, batch_size)
+        macs = [self.codes[c].macs for c in routed.codes]
+        calls = steps * (2 if guidance != 1.0 else 1)
+        text = (self.text_encoder_macs_per_prompt + self.adapter_macs_per_prompt) * (
+            len(prompts) + len(negatives or [])
+        )
+        total = sum(macs[i] * calls for i in per_image) + text + self.decoder_macs_per_image * count
+        return RoutedPipelineOutput(_as_output(images, output_type), routed.codes, routed.scores, macs, total)
+
+    @torch.no_grad()
+    def run(
+        self,
         prompts: Sequence[str],
-        seeds: Sequence[int],
+        seeds: Seeds,
         steps: int | None = None,
         guidance_scale: float | None = None,
         batch_size: int = 32,
     ) -> RoutedImages:
-        """Route each prompt and generate one image per prompt with its code's expert, `batch_size` images per
-        U-Net batch (prompts are grouped by code; the images come back in prompt order)."""
+        """One uint8 image per prompt (`seeds[i]` for prompt i), each from its routed code, `batch_size` images per
+        U-Net batch: what `aptp eval` and `aptp generate` run."""
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         steps = steps or self.default_steps
         guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
         encoded = self.encode(prompts)
         codes = self.route(encoded).codes
-        images = torch.empty(len(prompts), 3, self.resolution, self.resolution, dtype=torch.uint8)
+        rows = list(range(len(prompts)))
+        images = self._generate_routed(encoded, None, codes, rows, list(seeds), steps, guidance, batch_size)
+        return RoutedImages(images=to_uint8(images), codes=codes)
+
+    def _generate_routed(
+        self,
+        encoded: Conditioning,
+        negative: Conditioning | None,
+        codes: list[int],
+        image_prompts: list[int],
+        seeds: list[int | torch.Generator],
+        steps: int,
+        guidance: float,
+        batch_size: int,
+    ) -> torch.Tensor:
+        """Model-space images `(N, 3, H, W)` on the CPU, image n of prompt `image_prompts[n]`: images are grouped by
+        code into batches of at most `batch_size` and come back in order."""
+        images = torch.empty(len(image_prompts), 3, self.resolution, self.resolution)
         for code in sorted(set(codes)):
-            rows = [i for i, c in enumerate(codes) if c == code]
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
+            todo = [n for n, p in enumerate(image_prompts) if codes[p] == code]
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                rows = [image_prompts[n] for n in chunk]
                 images[chunk] = self.generate(
                     code,
-                    encoded.select(chunk),
-                    seeds=[seeds[i] for i in chunk],
+                    encoded.select(rows),
+                    seeds=[seeds[n] for n in chunk],
                     steps=steps,
                     guidance_scales=[guidance] * len(chunk),
+                    negative=negative.select(rows) if negative is not None else None,
+                    output="model",
                 )
-        return RoutedImages(images=images, codes=codes)
+        return images
 
     @torch.no_grad()
     def generate(
         self,
         code: int,
         cond: Conditioning,
-        seeds: Sequence[int],
+        seeds: Seeds,
         steps: int,
         guidance_scales: Sequence[float],
         negative: Conditioning | None = None,
+        output: str = "uint8",
     ) -> torch.Tensor:
-        """Images `(N, 3, H, W)` uint8 from code `code`'s expert, one per row of `cond`; the unconditional branch
-        reads `negative` (one row per image) or, when it is None, the empty prompt."""
-        x = sample(
+        """Images `(N, 3, H, W)` from code `code`'s expert, one per row of `cond` (noise from `seeds[i]`: a seed or a
+        generator), decoded; the unconditional branch reads `negative` (one row per image) or, when it is None, the
+        empty prompt. `output`: `"uint8"` (what is served) or `"model"` (float, [-1, 1] unclipped), on the CPU."""
+        latents = sample(
             self.experts[code],
             self.sampler,
             cond,
@@ -229,6 +395,20 @@ class RoutedPipeline:
             seeds,
             steps=steps,
             guidance_scale=list(guidance_scales),
-            resolution=self.resolution,
+            resolution=self.latent_size,
         )
-        return unit_range_to_uint8(x.float().cpu())
+        images = self.decoder.decode(latents).float().cpu()
+        return to_uint8(images) if output == "uint8" else images
+
+
+def _as_output(images: torch.Tensor, output_type: str):
+    """Model-space images as diffusers returns them: PIL images, or float [0, 1] arrays / tensors."""
+    unit = to_unit_range(images)
+    if output_type == "pt":
+        return unit
+    array = unit.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
+    if output_type == "np":
+        return array
+    from PIL import Image
+
+    return [Image.fromarray((image * 255).round().astype("uint8")) for image in array]

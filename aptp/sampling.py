@@ -96,15 +96,13 @@ def make_sampler(training_scheduler_config: dict) -> SchedulerMixin:
     return DPMSolverMultistepScheduler.from_config(dict(training_scheduler_config))
 
 
-def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device, dtype) -> torch.Tensor:
-    """`(len(seeds), *shape)` noise, image i drawn from a CPU generator seeded with `seeds[i]` (same on any device)."""
-    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+def initial_noise(seeds: Sequence[int | torch.Generator], shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+    """`(len(seeds), *shape)` noise, image i drawn on the CPU from `seeds[i]`: a seed (for a fresh generator) or a
+    generator of its own (as diffusers takes a list of generators), so an image's noise is the same on any device
+    and in any batch."""
+    generators = [s if isinstance(s, torch.Generator) else torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = [torch.randn(shape, generator=g, device=g.device) for g in generators]
     return torch.stack(noise).to(device=device, dtype=dtype)
-
-
-def unit_range_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Pixel-space samples in [-1, 1] (clipped) to uint8 [0, 255]."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 @torch.no_grad()
@@ -113,7 +111,7 @@ def sample(
     sampler: SchedulerMixin,
     cond: Conditioning,
     uncond: Conditioning,
-    seeds: Sequence[int],
+    seeds: Sequence[int | torch.Generator],
     steps: int = SamplingConfig().steps,
     guidance_scale: float | Sequence[float] = SamplingConfig().guidance_scale,
     resolution: int = 32,

@@ -75,7 +75,7 @@ def model_outcomes(pipeline: RoutedPipeline, evaluator: DomainEvaluator, count: 
     prompts = evaluation_samples("test", 1000, seed)
     picked = [(i, s) for i, s in enumerate(prompts) if s.scene.tier == 3][:count]
     samples = [s for _, s in picked]
-    made = pipeline([s.caption for s in samples], [seed * 100_003 + i for i, _ in picked])
+    made = pipeline.run([s.caption for s in samples], [seed * 100_003 + i for i, _ in picked])
     real, _ = collate(samples)
     return {
         "generated": object_outcomes(samples, read_images(evaluator, made.images)),

@@ -10,6 +10,7 @@ counted op scales linearly with the channels or heads a gate keeps, a sub-networ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -187,4 +188,22 @@ def flop_counter_macs(unet: nn.Module, resolution: int | tuple[int, int], text_l
             unet(*_dummy_inputs(unet, resolution, text_len, parameter.device, parameter.dtype))
     finally:
         unet.set_attn_processor(saved)
+    return counter.get_total_flops() // 2
+
+
+def meta_flop_macs(module: nn.Module, call: Callable[[nn.Module], object]) -> int:
+    """MACs (FLOPs / 2) that PyTorch's `FlopCounterMode` counts while `call(twin)` runs on a `meta` copy of
+    `module` (built from its config, so nothing is allocated). On `meta` tensors the fused attention kernel is
+    counted too. For models outside the prunable U-Net (a VAE decoder, a text encoder), whose cost is reported but
+    never gated."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        twin = (
+            type(module)(module.config)
+            if not hasattr(module, "from_config")
+            else type(module).from_config(module.config)
+        )
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        call(twin)
     return counter.get_total_flops() // 2

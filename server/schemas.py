@@ -38,7 +38,14 @@ class GenerationReport(BaseModel):
         description="MACs of the teacher's text adapter on this request's prompt (and negative prompt): once per "
         "request, not per step; 0 when the model has no adapter."
     )
-    total_macs: int = Field(description="MACs spent on this request: its images' U-Net calls plus the text adapter.")
+    text_encoder_macs: int = Field(
+        description="MACs of the model's text encoder on this request's prompt (and negative prompt): a pipeline's "
+        "CLIP text encoder; 0 for the embedded domain's frozen sentence encoder, which is not counted."
+    )
+    decoder_macs: int = Field(description="MACs of decoding this request's images (the VAE decoder; 0 in pixel space).")
+    total_macs: int = Field(
+        description="MACs spent on this request: its images' U-Net calls, text encoding and adapter, and decoding."
+    )
     steps: int
     guidance_scale: float
     seeds: list[int]
@@ -87,12 +94,18 @@ class CodeDescription(BaseModel):
 
 
 class CodesResponse(BaseModel):
-    source: Literal["bundle", "teacher"]
-    resolution: int
+    source: Literal["bundle", "teacher", "pipeline"]
+    resolution: int = Field(description="Image size in pixels.")
+    latent_size: int = Field(description="The U-Nets' input size (the image size over the decoder's scale factor).")
     teacher_macs_per_call: int
     text_adapter_macs_per_prompt: int = Field(
         description="MACs of the teacher's text adapter for one prompt, shared by every code (0 without one)."
     )
+    text_encoder_macs_per_prompt: int = Field(
+        description="MACs of the text encoder for one prompt (a pipeline's CLIP; 0 for the embedded domain's frozen "
+        "sentence encoder, which is not counted)."
+    )
+    decoder_macs_per_image: int = Field(description="MACs of decoding one image (the VAE; 0 in pixel space).")
     default_steps: int
     default_guidance_scale: float
     codes: list[CodeDescription]

@@ -80,3 +80,11 @@ def teacher(teacher_folder):
 
     unet, spec = load_teacher(teacher_folder)
     return unet, spec, ArchitectureSpace.from_unet(unet, text_len=ENCODER_MAX_LENGTH)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny random-weight Stable Diffusion pipeline folder saved by diffusers (epsilon prediction). Read-only."""
+    from scripts.tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "pipeline")

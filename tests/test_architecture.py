@@ -19,13 +19,30 @@ PACKAGES = ("aptp", "pruning", "router", "training", "server")
 ALLOWED = {
     "aptp": set(),  # the package's own __init__
     "pruning": set(),
-    "aptp.conditioning": {"aptp.formats.files"},
+    "aptp.conditioning": {"pruning", "aptp.formats.files"},
+    "aptp.decoding": {"pruning"},
     "aptp.sampling": {"aptp.conditioning"},
     "aptp.formats": {"pruning", "aptp.conditioning", "aptp.sampling"},
     "router": {"pruning", "aptp.conditioning", "aptp.formats"},
-    "aptp.pipeline": {"pruning", "router", "aptp.conditioning", "aptp.formats", "aptp.sampling"},
-    "server": {"aptp.pipeline", "aptp.conditioning", "aptp.formats", "aptp.sampling", "pruning", "router"},
-    "training": {"pruning", "router", "aptp.pipeline", "aptp.conditioning", "aptp.formats", "aptp.sampling"},
+    "aptp.pipeline": {"pruning", "router", "aptp.conditioning", "aptp.decoding", "aptp.formats", "aptp.sampling"},
+    "server": {
+        "aptp.pipeline",
+        "aptp.conditioning",
+        "aptp.decoding",
+        "aptp.formats",
+        "aptp.sampling",
+        "pruning",
+        "router",
+    },
+    "training": {
+        "pruning",
+        "router",
+        "aptp.pipeline",
+        "aptp.conditioning",
+        "aptp.decoding",
+        "aptp.formats",
+        "aptp.sampling",
+    },
     "aptp.cli": set(PACKAGES),
 }
 

@@ -14,7 +14,7 @@ def _generate(args: argparse.Namespace) -> int:
     if pipeline is None:
         return 2
     seeds = [args.seed + i for i in range(args.num_images)]
-    result = pipeline([args.prompt] * args.num_images, seeds, steps=args.steps, guidance_scale=args.guidance)
+    result = pipeline.run([args.prompt] * args.num_images, seeds, steps=args.steps, guidance_scale=args.guidance)
     images = result.images
     row = images.permute(2, 0, 3, 1).reshape(images.shape[2], -1, 3).numpy()  # (H, N * W, 3)
     picture = Image.fromarray(row)

@@ -46,6 +46,14 @@ class Conditioner:
         config = text_encoder if isinstance(text_encoder, EncoderConfig) else EncoderConfig(**text_encoder)
         return cls(PromptEncoder(config, device=device), adapter)
 
+    # The frozen sentence encoder also makes the router's input; its cost is not counted (as before the adapter).
+    text_encoder_macs_per_prompt = 0
+
+    @property
+    def map_channels(self) -> int:
+        """Channels of the prompt map this conditioner makes (0: none)."""
+        return self.adapter.config.map_channels if self.adapter is not None else 0
+
     @property
     def adapter_macs_per_prompt(self) -> int:
         """MACs of the adapter for one prompt (it runs over all `max_length` positions, padding masked); 0 without

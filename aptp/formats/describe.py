@@ -1,5 +1,6 @@
-"""What `aptp inspect` reports about a U-Net folder or an expert folder: its architecture space per block,
-parameter count, and MACs (total, prunable, and the expert's own)."""
+"""What `aptp inspect` reports about a U-Net folder, an expert folder or a diffusers pipeline folder: its
+architecture space per block, parameter count, and MACs (total, prunable, and the expert's own); for a pipeline,
+also the VAE decoder's MACs per image and the text encoder's per prompt, so that what an image costs is complete."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 
 import torch
 
+from aptp.formats.diffusers import check_pipeline_folder, is_pipeline_folder
 from aptp.formats.expert import is_expert_folder, read_expert_info
-from pruning.macs import flop_counter_macs
+from pruning.macs import flop_counter_macs, meta_flop_macs
 from pruning.space import DEFAULT_TEXT_LEN, ArchitectureSpace
 
 
@@ -38,6 +40,21 @@ def _load_skeleton(config_path: Path):
         raise ValueError(f"{config_path}: cannot build a UNet2DConditionModel from it ({e})") from None
 
 
+def _pipeline_parts(path: Path) -> dict[str, Any]:
+    """A diffusers pipeline folder's VAE and text encoder, built on `meta` from their configs (checked first)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs = check_pipeline_folder(path)
+    tokenizer = path / "tokenizer" / "tokenizer_config.json"
+    text_len = int(json.loads(tokenizer.read_text()).get("model_max_length", 77)) if tokenizer.is_file() else 77
+    text_len = min(text_len, int(configs["text_encoder"].get("max_position_embeddings", text_len)))
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(configs["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    return {"vae": vae, "text_encoder": text_encoder, "text_len": text_len}
+
+
 def describe(
     path: str | Path,
     resolution: int | None = None,
@@ -48,15 +65,18 @@ def describe(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
+    pipeline = None
     if is_expert_folder(path):
         info, skeleton = read_expert_info(path)
         space, arch, kind = info.space, info.arch, "expert"
         if text_len is not None and text_len != space.text_len:
             space = ArchitectureSpace.from_dict({**space.to_dict(), "text_len": text_len})
     else:
+        pipeline = _pipeline_parts(path) if is_pipeline_folder(path) else None
         skeleton = _load_skeleton(_unet_config_path(path))
-        space = ArchitectureSpace.from_unet(skeleton, text_len=text_len or DEFAULT_TEXT_LEN)
-        arch, kind = space.full(), "unet"
+        default_len = pipeline["text_len"] if pipeline else DEFAULT_TEXT_LEN
+        space = ArchitectureSpace.from_unet(skeleton, text_len=text_len or default_len)
+        arch, kind = space.full(), "pipeline" if pipeline else "unet"
     if resolution is not None and resolution <= 0:
         raise ValueError(f"--resolution must be positive, got {resolution}")
     resolution = resolution or space.default_resolution
@@ -89,6 +109,14 @@ def describe(
         "architecture_dim": space.dim,
         "units": units,
     }
+    if pipeline:
+        vae, text_encoder = pipeline["vae"], pipeline["text_encoder"]
+        latents = torch.zeros(1, vae.config.latent_channels, *table.resolution, device="meta")
+        ids = torch.zeros(1, space.text_len, dtype=torch.long, device="meta")
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        report["pixel_resolution"] = [side * scale for side in table.resolution]
+        report["vae_decoder_macs_per_image"] = meta_flop_macs(vae, lambda twin: twin.decode(latents))
+        report["text_encoder_macs_per_prompt"] = meta_flop_macs(text_encoder, lambda twin: twin(ids))
     if kind == "expert":
         report["expert_macs"] = space.macs(arch, resolution)
         report["mac_ratio"] = report["expert_macs"] / table.total
@@ -130,6 +158,13 @@ def format_report(report: dict[str, Any]) -> str:
         f"prunable MACs     {_g(report['prunable_macs'])}  "
         f"({report['prunable_macs'] / report['total_macs']:.1%} of total)",
     ]
+    if "vae_decoder_macs_per_image" in report:
+        height, width = report["pixel_resolution"]
+        lines += [
+            f"VAE decoder MACs  {_g(report['vae_decoder_macs_per_image'])}  per image ({height}x{width} pixels)",
+            f"text encoder MACs {_g(report['text_encoder_macs_per_prompt'])}  per prompt "
+            f"({report['text_len']} tokens; once per request for the prompt, once for a negative prompt)",
+        ]
     if "expert_macs" in report:
         lines.append(f"expert MACs       {_g(report['expert_macs'])}  ({report['mac_ratio']:.1%} of the full model)")
     if "flop_counter_macs" in report:

@@ -26,6 +26,7 @@ from torch import nn
 from aptp.conditioning.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TEXT_ADAPTER, TextAdapter, TextAdapterConfig
 from aptp.conditioning.conditioner import Conditioner
 from aptp.conditioning.encoder import EncoderConfig
+from aptp.formats.diffusers import PIPELINE_INDEX
 from aptp.formats.files import (
     ModelFileError,
     file_sha256,
@@ -118,6 +119,12 @@ def save_teacher(
 def read_teacher_description(folder: str | Path) -> TeacherDescription:
     """`teacher.json` of `folder`, validated; errors name the file (and the field)."""
     path = Path(folder) / TEACHER_DESCRIPTION
+    if not path.is_file() and (Path(folder) / PIPELINE_INDEX).is_file():
+        raise TeacherFileError(
+            folder,
+            "a diffusers pipeline folder: it is served as it is (aptp serve --bundle, aptp generate) and inspected "
+            "(aptp inspect), but the training jobs (search, finetune, baseline) read teacher folders only for now",
+        )
     data = read_json_object(path, TeacherFileError)
     if data.get("format") != TEACHER_FORMAT:
         raise TeacherFileError(path, f"not a teacher description ({data.get('format')!r})")

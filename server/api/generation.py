@@ -99,6 +99,8 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
     result = await _wait(state, request, request_id, code, asyncio.wrap_future(future))
     macs = pipeline.codes[code].macs
     adapter_macs = pipeline.adapter_macs_per_prompt * len(encoded)
+    text_encoder_macs = pipeline.text_encoder_macs_per_prompt * len(encoded)
+    decoder_macs = pipeline.decoder_macs_per_image * len(seeds)
     total = time.monotonic() - arrival
     state.metrics.end_to_end.labels(code=str(code)).observe(total)
     state.metrics.requests.labels(code=str(code), status="ok").inc()
@@ -109,7 +111,9 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
         teacher_macs_per_call=pipeline.teacher_macs,
         unet_calls_per_image=result.unet_calls,
         text_adapter_macs=adapter_macs,
-        total_macs=macs * result.unet_calls * len(seeds) + adapter_macs,
+        text_encoder_macs=text_encoder_macs,
+        decoder_macs=decoder_macs,
+        total_macs=macs * result.unet_calls * len(seeds) + adapter_macs + text_encoder_macs + decoder_macs,
         steps=steps,
         guidance_scale=guidance,
         seeds=seeds,

@@ -101,8 +101,8 @@ def test_a_bundle_conditions_every_code_through_the_teachers_adapter(tmp_path, s
         images = routed.generate(code, encoded, [0, 1], 2, [3.0] * 2)
         assert images.shape == (2, 3, 32, 32)
     # A prompt's image does not depend on the prompts routed beside it.
-    together = routed(prompts, seeds=[3, 4], steps=2).images
-    torch.testing.assert_close(routed(prompts[1:], seeds=[4], steps=2).images, together[1:], atol=1, rtol=0)
+    together = routed.run(prompts, seeds=[3, 4], steps=2).images
+    torch.testing.assert_close(routed.run(prompts[1:], seeds=[4], steps=2).images, together[1:], atol=1, rtol=0)
 
 
 def test_a_replaced_adapter_in_a_bundle_is_refused_by_name(tmp_path):

@@ -57,5 +57,5 @@ def test_a_baseline_of_a_teacher_with_a_text_adapter_carries_it(tmp_path):
     manifest = _baseline(teacher_folder, tmp_path, 0.6)
     assert manifest.text_adapter == load_teacher(teacher_folder)[1].text_adapter
     pipeline = RoutedPipeline.load(tmp_path / "bundle")
-    made = pipeline(["a red circle in the top left and a blue square"], seeds=[0], steps=2)
+    made = pipeline.run(["a red circle in the top left and a blue square"], seeds=[0], steps=2)
     assert made.images.shape == (1, 3, 32, 32)

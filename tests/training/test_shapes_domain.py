@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from aptp.decoding import to_uint8
 from training.data.labels import (
     BACKGROUND_NAMES,
     COLOUR_NAMES,
@@ -18,7 +19,6 @@ from training.data.labels import (
     collate,
     images_to_unit_range,
     scene_targets,
-    unit_range_to_uint8,
 )
 from training.data.shapes import (
     BACKGROUND_WORDS,
@@ -300,5 +300,5 @@ def test_unit_range_round_trip():
     images = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
     unit = images_to_unit_range(images)
     assert unit.min() == -1 and unit.max() == 1
-    assert torch.equal(unit_range_to_uint8(unit), images)
-    assert torch.equal(unit_range_to_uint8(torch.tensor([-5.0, 5.0])), torch.tensor([0, 255], dtype=torch.uint8))
+    assert torch.equal(to_uint8(unit), images)
+    assert torch.equal(to_uint8(torch.tensor([-5.0, 5.0])), torch.tensor([0, 255], dtype=torch.uint8))

@@ -39,7 +39,7 @@ def test_the_evaluator_reads_real_images(evaluator):
 def test_the_teacher_draws_what_simple_prompts_ask_for(evaluator):
     pipeline = RoutedPipeline.load(TEACHER)
     samples = [s for s in evaluation_samples("test", 80, seed=5) if s.scene.tier in (1, 4)][:12]
-    made = pipeline([s.caption for s in samples], seeds=list(range(len(samples))), steps=12)
+    made = pipeline.run([s.caption for s in samples], seeds=list(range(len(samples))), steps=12)
     scores = [alignment(s.scene, r) for s, r in zip(samples, read_images(evaluator, made.images), strict=True)]
     assert np.mean(scores) >= 0.8, list(zip([s.caption for s in samples], scores, strict=True))
 
@@ -85,6 +85,6 @@ def test_the_aptp_bundle_routes_each_prompt_alone(aptp):
 
 def test_the_aptp_bundle_draws_what_simple_prompts_ask_for(aptp, evaluator):
     samples = [s for s in evaluation_samples("test", 80, seed=5) if s.scene.tier in (1, 4)][:12]
-    made = aptp([s.caption for s in samples], seeds=list(range(len(samples))), steps=12)
+    made = aptp.run([s.caption for s in samples], seeds=list(range(len(samples))), steps=12)
     scores = [alignment(s.scene, r) for s, r in zip(samples, read_images(evaluator, made.images), strict=True)]
     assert np.mean(scores) >= 0.8, list(zip([s.caption for s in samples], scores, strict=True))

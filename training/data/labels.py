@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from aptp.sampling import unit_range_to_uint8  # noqa: F401  (re-exported: the inverse of images_to_unit_range)
-
 from .shapes import BACKGROUNDS, CELLS, COLOURS, GLYPHS, SHAPES, SIZES, Sample, Scene
 
 IGNORE = -100

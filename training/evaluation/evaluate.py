@@ -46,7 +46,7 @@ def evaluate_split(
     floor_samples = ShapesDomain(seed=seed, split=split).batch(num_prompts, num_prompts)  # disjoint real set
     prompts = [s.caption for s in samples]
     seeds = [seed * 100_003 + i for i in range(num_prompts)]
-    made = pipeline(prompts, seeds, steps=steps, guidance_scale=guidance_scale)
+    made = pipeline.run(prompts, seeds, steps=steps, guidance_scale=guidance_scale)
     generated = made.images
     real, _ = collate(samples)
     real_other, _ = collate(floor_samples)

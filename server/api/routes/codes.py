@@ -30,8 +30,11 @@ async def list_codes(state: State) -> CodesResponse:
     return CodesResponse(
         source=pipeline.source,
         resolution=pipeline.resolution,
+        latent_size=pipeline.latent_size,
         teacher_macs_per_call=teacher,
         text_adapter_macs_per_prompt=pipeline.adapter_macs_per_prompt,
+        text_encoder_macs_per_prompt=pipeline.text_encoder_macs_per_prompt,
+        decoder_macs_per_image=pipeline.decoder_macs_per_image,
         default_steps=state.settings.default_steps or pipeline.default_steps,
         default_guidance_scale=pipeline.default_guidance_scale,
         codes=codes,

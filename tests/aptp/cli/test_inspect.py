@@ -216,3 +216,19 @@ def test_console_script_inspect_sd21():
     assert report["total_macs"] == space.total_macs(96)
     assert report["params"] == sum(p.numel() for p in meta_unet(load_unet_config("sd-2.1")).parameters())
     assert torch.tensor([u["gates"] for u in report["units"]]).sum().item() == space.dim
+
+
+def test_a_pipeline_folder_reports_the_decoder_and_text_encoder_beside_the_unet(tiny_sd, capsys):
+    from aptp.formats.describe import describe
+    from aptp.pipeline import RoutedPipeline
+
+    report = describe(tiny_sd)
+    loaded = RoutedPipeline.from_pretrained(tiny_sd)
+    assert report["kind"] == "pipeline" and report["text_len"] == 16  # the tokenizer's max length
+    assert report["resolution"] == [8, 8] and report["pixel_resolution"] == [32, 32]
+    assert report["total_macs"] == loaded.teacher_macs
+    assert report["vae_decoder_macs_per_image"] == loaded.decoder_macs_per_image
+    assert report["text_encoder_macs_per_prompt"] == loaded.text_encoder_macs_per_prompt
+    assert main(["inspect", str(tiny_sd)]) == 0
+    out = capsys.readouterr().out
+    assert "VAE decoder MACs" in out and "per image (32x32 pixels)" in out and "text encoder MACs" in out

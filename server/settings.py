@@ -21,9 +21,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class Settings(BaseSettings):
     """Parameters:
-    bundle (`Path`): a bundle folder (manifest.json) or a teacher folder (teacher.json, served as one code).
-    device (`str`): torch device of the experts and the encoder ("cpu", "cuda", "cuda:1", ...).
-    dtype (`str`): float32, float16 or bfloat16 for the experts.
+    bundle (`Path`): a bundle folder (manifest.json), a teacher folder (teacher.json) or a diffusers Stable Diffusion
+        folder (model_index.json); the last two are served as one code.
+    device (`str`): torch device of every component ("cpu", "cuda", "cuda:1", ...).
+    dtype (`str`): float32, float16 or bfloat16 for the experts (and a pipeline's VAE and text encoder).
     threads (`int`, *optional*): torch intra-op threads (default: torch's choice).
     host, port: where uvicorn listens.
     max_batch_size (`int` or `dict[int, int]`): images per batch, for every code or per code.

@@ -48,6 +48,13 @@ def _eval(args: argparse.Namespace) -> int:
         pipeline = load_pipeline("eval", bundle, args.device)
         if pipeline is None:
             return 2
+        if pipeline.source == "pipeline":
+            print(
+                f"aptp eval: error: {bundle}: a diffusers pipeline folder; aptp eval scores models of the embedded "
+                "shapes domain with its evaluator (metrics for your own model's data are not available yet)",
+                file=sys.stderr,
+            )
+            return 2
         pipelines.append(pipeline)
     reports = []
     for bundle, pipeline in zip(bundles, pipelines, strict=True):

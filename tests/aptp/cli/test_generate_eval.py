@@ -219,3 +219,26 @@ def test_generate_reports_the_code_and_its_cost(tmp_path, capsys, routed_bundle)
     code, stdout, err = _run(capsys, "generate", "a red circle", "--bundle", routed_bundle, "--out", tmp_path / "x.png")
     assert code == 0, err
     assert "code " in stdout and "GMACs per U-Net call" in stdout
+
+
+def test_generate_decodes_a_pipeline_folder_and_eval_says_it_scores_the_shapes_domain(tmp_path, capsys, tiny_sd):
+    out = tmp_path / "sd.png"
+    code, stdout, err = _run(
+        capsys,
+        "generate",
+        "a red circle",
+        "--bundle",
+        tiny_sd,
+        "--out",
+        out,
+        "--num-images",
+        2,
+        "--steps",
+        2,
+        "--scale",
+        1,
+    )
+    assert code == 0, err
+    assert Image.open(out).size == (64, 32) and Image.open(out).mode == "RGB"  # two 32x32 decoded images in a row
+    code, _, err = _run(capsys, "eval", "--bundle", tiny_sd, "--out", tmp_path / "results")
+    assert code == 2 and "diffusers pipeline folder" in err and "Traceback" not in err

@@ -19,9 +19,17 @@ from torch import nn
 
 from aptp.conditioning.clip import ClipConditioner
 from aptp.conditioning.conditioner import Conditioner
+from aptp.conditioning.encoder import PromptEncoder
 from aptp.conditioning.prompts import Conditioning
 from aptp.decoding import PixelDecoder, VaeDecoder, to_uint8, to_unit_range
-from aptp.formats.bundle import MANIFEST, BundleError, load_bundle_text_adapter, load_code_experts, read_manifest
+from aptp.formats.bundle import (
+    MANIFEST,
+    BundleError,
+    load_bundle_text_adapter,
+    load_code_experts,
+    load_latent_components,
+    read_manifest,
+)
 from aptp.formats.diffusers import PIPELINE_INDEX, STABLE_DIFFUSION_SAMPLING, load_stable_diffusion
 from aptp.formats.teacher import TEACHER_DESCRIPTION, load_teacher, load_teacher_conditioner
 from aptp.sampling import SamplingConfig, make_sampler, prompt_map_channels, sample
@@ -192,13 +200,21 @@ class RoutedPipeline:
                     f"({PIPELINE_INDEX}) folder",
                 )
         manifest = read_manifest(path)  # names the folder when it does not exist
-        encoder = Conditioner.from_config(
-            manifest.text_encoder, load_bundle_text_adapter(path, manifest, device=device), device=device
-        )
+        decoder, resolution = None, manifest.resolution
+        if manifest.latent is not None:  # cut from a diffusers pipeline: its own CLIP and VAE, MiniLM routes
+            tokenizer, text_encoder, vae = load_latent_components(path, manifest, device=device, dtype=dtype)
+            router_encoder = PromptEncoder(manifest.text_encoder, device=device)
+            encoder = ClipConditioner(tokenizer, text_encoder, router_encoder)
+            decoder = VaeDecoder(vae, manifest.resolution)
+            resolution = manifest.resolution * decoder.scale_factor
+        else:
+            adapter = load_bundle_text_adapter(path, manifest, device=device)
+            encoder = Conditioner.from_config(manifest.text_encoder, adapter, device=device)
+            router_encoder = encoder.encoder
         router = Router.load(
             path / "router",
             device=device,
-            encoder=encoder.encoder,
+            encoder=router_encoder,
             sha256=manifest.files.get(f"router/{ROUTER_WEIGHTS}"),
         )
         if router.config.num_codes != manifest.num_codes:
@@ -213,10 +229,11 @@ class RoutedPipeline:
             experts,
             codes,
             manifest.scheduler_config,
-            manifest.resolution,
+            resolution,
             manifest.sampling,
             manifest.teacher_macs,
             source="bundle",
+            decoder=decoder,
         )
 
     load = from_pretrained

@@ -136,6 +136,7 @@ def sample(
     sampler.set_timesteps(steps, device=param.device)
     x = x * sampler.init_noise_sigma
     guided = any(scale != 1.0 for scale in scales)
+    cond, uncond = cond.for_unet(), uncond.for_unet()
     if guided:
         scale = torch.tensor(scales, device=param.device, dtype=param.dtype).view(batch, 1, 1, 1)
         uncond = uncond.repeat(batch) if len(uncond) == 1 else uncond

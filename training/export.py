@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 
 from aptp.conditioning.adapter import TEXT_ADAPTER, TextAdapter
-from aptp.formats.bundle import CodeEntry, Manifest, write_manifest
+from aptp.formats.bundle import LATENT_COMPONENTS, CodeEntry, LatentComponents, Manifest, write_manifest
+from aptp.formats.diffusers import is_pipeline_folder, load_stable_diffusion, pipeline_teacher_spec
 from aptp.formats.expert import save_expert
 from aptp.formats.teacher import TeacherSpec, load_teacher, load_text_adapter
 from pruning.slicing import slice_unet
@@ -28,11 +30,14 @@ def export_bundle(
     info: dict | None = None,
     storage_dtype: torch.dtype = torch.float32,
     text_adapter: TextAdapter | None = None,
+    pipeline: str | Path | None = None,
 ) -> Path:
     """Write the bundle folder `out` (replaced if it exists). `experts[k]` is code k's sliced (fine-tuned) U-Net;
     when not given, each code's expert is sliced from the teacher as is. Expert weights are stored as
     `storage_dtype`; the teacher's `text_adapter` (required when it has one) too when that is exact (it is when the
-    teacher folder stored it so), else in float32, so every code reads exactly the states it was fine-tuned on."""
+    teacher folder stored it so), else in float32, so every code reads exactly the states it was fine-tuned on.
+    With `pipeline` (the diffusers folder the teacher U-Net comes from), the bundle carries that pipeline's VAE,
+    text encoder and tokenizer, copied as they are."""
     if (text_adapter is None) != (spec.text_adapter is None):
         raise ValueError("export_bundle: pass the teacher's text adapter exactly when the teacher has one")
     out = Path(out)
@@ -60,6 +65,12 @@ def export_bundle(
     if text_adapter is not None:
         exact = all(torch.equal(t, t.to(storage_dtype).to(t.dtype)) for t in text_adapter.state_dict().values())
         text_adapter.save(tmp / TEXT_ADAPTER, storage_dtype if exact else torch.float32)
+    latent = None
+    if pipeline is not None:
+        for name in LATENT_COMPONENTS:
+            shutil.copytree(Path(pipeline) / name, tmp / name)
+        vae = json.loads((Path(pipeline) / "vae" / "config.json").read_text())
+        latent = LatentComponents(source=str(pipeline), vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1))
     manifest = Manifest(
         teacher_config={k: v for k, v in teacher.config.items() if not k.startswith("_")},
         scheduler_config=spec.scheduler_config,
@@ -70,6 +81,7 @@ def export_bundle(
         sampling=spec.sampling,
         info=info or {},
         text_adapter=text_adapter.config.model_dump() if text_adapter is not None else None,
+        latent=latent,
     )
     write_manifest(tmp, manifest)
     shutil.rmtree(out, ignore_errors=True)
@@ -83,8 +95,15 @@ def random_bundle(
     """A bundle whose codes are random architectures of the teacher (no training): for development and tests of
     the serving path before a trained router exists. Code k keeps a fraction `keeps[k]` of each unit's gates;
     the router is untrained: deterministic, but its all-on prompt gates make every prompt pick the densest code."""
-    teacher, spec = load_teacher(teacher_folder)
-    space = ArchitectureSpace.from_unet(teacher, text_len=spec.context_length)
+    pipeline = teacher_folder if is_pipeline_folder(teacher_folder) else None
+    if pipeline is not None:  # a diffusers folder: codes of its U-Net, and the bundle carries its VAE and CLIP
+        parts = load_stable_diffusion(pipeline)
+        teacher, adapter = parts.unet, None
+        spec, text_len = pipeline_teacher_spec(parts)
+    else:
+        teacher, spec = load_teacher(teacher_folder)
+        adapter, text_len = load_text_adapter(teacher_folder), spec.context_length
+    space = ArchitectureSpace.from_unet(teacher, text_len=text_len)
     keeps = list(keeps) if keeps is not None else [1.0 - 0.6 * k / max(1, num_codes - 1) for k in range(num_codes)]
     torch.manual_seed(seed)
     router = Router(RouterConfig(num_codes=num_codes, encoder=spec.text_encoder), space, spec.resolution)
@@ -97,4 +116,4 @@ def random_bundle(
         arch[space.width_dim :] = depth
     router.codes.set_architectures(architectures, router.config.offset)
     info = {"kind": "random-codes", "keeps": keeps, "seed": seed}
-    return export_bundle(out, teacher, spec, router, info=info, text_adapter=load_text_adapter(teacher_folder))
+    return export_bundle(out, teacher, spec, router, info=info, text_adapter=adapter, pipeline=pipeline)

@@ -80,6 +80,11 @@ class Conditioning:
         """On `device`, floating tensors cast to `dtype` (the mask keeps its integer type)."""
         return self._map(lambda _, t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
+    def for_unet(self) -> Conditioning:
+        """The fields a U-Net reads: the router's pooled embedding dropped (prompts routed by different encoders, or
+        not routed at all, such as the empty prompt of a one-code model, then batch together)."""
+        return self if self.pooled is None else replace(self, pooled=None)
+
     def with_states(self, states: torch.Tensor, mask: torch.Tensor | None, prompt_map: torch.Tensor | None):
         """The same prompts read through another text model (e.g. the teacher's text adapter): new states, mask and
         prompt map, the same pooled embedding."""

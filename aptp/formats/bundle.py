@@ -8,6 +8,9 @@ bundle/
   experts/<code>/      one sliced U-Net per code (see aptp.formats.expert)
   text_adapter/        only when the teacher has one: config.json + model.safetensors (see aptp.conditioning.adapter),
                        the teacher's trained adapter, shared by every code
+  vae/, text_encoder/, tokenizer/
+                       only for a latent-diffusion bundle cut from a diffusers pipeline: its own VAE, CLIP text encoder
+                       and tokenizer, as diffusers saves them (the router reads `text_encoder`, a sentence encoder)
 ```
 Reading a bundle checks the manifest's fields and every file's checksum before anything is built; errors name the
 file. This module knows the layout; the router is loaded by `router.model.Router.load`.
@@ -31,6 +34,7 @@ from aptp.sampling import SamplingConfig
 BUNDLE_FORMAT = "aptp-bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
+LATENT_COMPONENTS = ("tokenizer", "text_encoder", "vae")  # folders of a bundle cut from a diffusers pipeline
 
 
 class BundleError(ModelFileError):
@@ -62,6 +66,21 @@ class CodeEntry(BaseModel):
         return torch.tensor([float(c) for c in self.architecture])
 
 
+class LatentComponents(BaseModel):
+    """What a bundle cut from a diffusers Stable Diffusion pipeline carries beside its experts, so the bundle folder
+    alone serves: the pipeline's `vae/`, `text_encoder/` and `tokenizer/` folders, as diffusers saves them.
+
+    Parameters:
+        source (`str`): the pipeline folder the bundle was cut from (for the record).
+        vae_scale_factor (`int`): pixels per latent along each side.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str
+    vae_scale_factor: int = Field(ge=1)
+
+
 class Manifest(BaseModel):
     """`manifest.json` of a bundle.
 
@@ -77,6 +96,8 @@ class Manifest(BaseModel):
         info (`dict`): free-form training summary.
         text_adapter (`TextAdapterConfig`, *optional*): the teacher's text adapter (stored in `text_adapter/`), None
             when the U-Nets read the encoder's token states directly.
+        latent (`LatentComponents`, *optional*): for a bundle cut from a diffusers pipeline, its VAE, CLIP text
+            encoder and tokenizer; `resolution` is then the latent size, and `text_encoder` the router's encoder.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -94,6 +115,7 @@ class Manifest(BaseModel):
     files: dict[str, str] = Field(default_factory=dict)
     info: dict[str, Any] = Field(default_factory=dict)
     text_adapter: TextAdapterConfig | None = None
+    latent: LatentComponents | None = None
     prediction_type: str = ""  # written for readers of the JSON; always the scheduler's
 
     @field_validator("codes")
@@ -174,3 +196,14 @@ def load_bundle_text_adapter(
             folder, f"text adapter config differs from manifest.json ({manifest.text_adapter.model_dump()})"
         )
     return adapter
+
+
+def load_latent_components(
+    folder: str | Path, manifest: Manifest, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+):
+    """`(tokenizer, text_encoder, vae)` of a bundle cut from a diffusers pipeline (checksums already checked by
+    `read_manifest`); a missing component is an error naming its folder."""
+    from aptp.formats.diffusers import load_component
+
+    folder = Path(folder)
+    return tuple(load_component(folder, name, device, dtype, BundleError) for name in LATENT_COMPONENTS)

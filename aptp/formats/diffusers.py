@@ -25,9 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from aptp.conditioning.encoder import EncoderConfig
 from aptp.sampling import SamplingConfig
 
 from .files import ModelFileError, read_json_object
+from .teacher import TeacherSpec
 
 PIPELINE_INDEX = "model_index.json"
 SUPPORTED = (
@@ -140,28 +142,57 @@ def _check_shapes(folder: Path, configs: dict[str, Any]) -> None:
         )
 
 
+def load_component(
+    folder: Path,
+    name: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    error: type[ModelFileError] = PipelineFileError,
+):
+    """One component folder (`unet`, `vae`, `text_encoder` or `tokenizer`, as diffusers saves them) from
+    safetensors only and without any download; models frozen on `device` as `dtype` (default float32). A file that
+    cannot be read is `error` naming the folder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    dtype = dtype or torch.float32
+    offline = {"use_safetensors": True, "local_files_only": True}
+    loaders = {
+        "unet": lambda path: UNet2DConditionModel.from_pretrained(path, **offline, torch_dtype=dtype),
+        "vae": lambda path: AutoencoderKL.from_pretrained(path, **offline, torch_dtype=dtype),
+        "text_encoder": lambda path: CLIPTextModel.from_pretrained(path, **offline, dtype=dtype),
+        "tokenizer": lambda path: CLIPTokenizer.from_pretrained(path, local_files_only=True),
+    }
+    if not (folder / name).is_dir():
+        raise error(folder / name, f"the {name} component's folder is missing")
+    try:
+        loaded = loaders[name](str(folder / name))
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise error(folder / name, f"cannot load the {name} ({type(e).__name__}: {e})") from None
+    return loaded if name == "tokenizer" else loaded.to(device).eval().requires_grad_(False)
+
+
 def load_stable_diffusion(
     folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> StableDiffusionComponents:
     """Load a Stable Diffusion pipeline folder's components (checked first by `check_pipeline_folder`) on `device`
-    as `dtype` (default float32), from safetensors only and without any download."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+    as `dtype` (default float32)."""
     folder = Path(folder)
     configs = check_pipeline_folder(folder)
-    dtype = dtype or torch.float32
-    offline = {"use_safetensors": True, "local_files_only": True}
-    loaded = {}
-    for name, load in (
-        ("unet", lambda path: UNet2DConditionModel.from_pretrained(path, **offline, torch_dtype=dtype)),
-        ("vae", lambda path: AutoencoderKL.from_pretrained(path, **offline, torch_dtype=dtype)),
-        ("text_encoder", lambda path: CLIPTextModel.from_pretrained(path, **offline, dtype=dtype)),
-        ("tokenizer", lambda path: CLIPTokenizer.from_pretrained(path, local_files_only=True)),
-    ):
-        try:
-            loaded[name] = load(str(folder / name))
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise PipelineFileError(folder / name, f"cannot load the {name} ({type(e).__name__}: {e})") from None
-    models = [loaded[name].to(device).eval().requires_grad_(False) for name in ("unet", "vae", "text_encoder")]
-    return StableDiffusionComponents(*models[:2], loaded["tokenizer"], models[2], configs["scheduler"])
+    parts = {name: load_component(folder, name, device, dtype) for name in ("unet", "vae", "tokenizer", "text_encoder")}
+    return StableDiffusionComponents(**parts, scheduler_config=configs["scheduler"])
+
+
+def pipeline_teacher_spec(
+    parts: StableDiffusionComponents, router_encoder: EncoderConfig | None = None
+) -> tuple[TeacherSpec, int]:
+    """A pipeline's U-Net as the teacher that bundles are cut from: its spec (the latent size as resolution, the
+    router's sentence encoder, the pipeline's noise schedule, Stable Diffusion's sampling defaults) and the U-Net's
+    cross-attention key length (the tokenizer's max length)."""
+    spec = TeacherSpec(
+        resolution=int(parts.unet.config.sample_size),
+        text_encoder=router_encoder or EncoderConfig(),
+        scheduler_config=parts.scheduler_config,
+        sampling=STABLE_DIFFUSION_SAMPLING,
+    )
+    return spec, int(parts.tokenizer.model_max_length)

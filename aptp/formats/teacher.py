@@ -26,7 +26,6 @@ from torch import nn
 from aptp.conditioning.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TEXT_ADAPTER, TextAdapter, TextAdapterConfig
 from aptp.conditioning.conditioner import Conditioner
 from aptp.conditioning.encoder import EncoderConfig
-from aptp.formats.diffusers import PIPELINE_INDEX
 from aptp.formats.files import (
     ModelFileError,
     file_sha256,
@@ -118,8 +117,10 @@ def save_teacher(
 
 def read_teacher_description(folder: str | Path) -> TeacherDescription:
     """`teacher.json` of `folder`, validated; errors name the file (and the field)."""
+    from aptp.formats.diffusers import is_pipeline_folder  # (it builds teacher specs of pipeline folders)
+
     path = Path(folder) / TEACHER_DESCRIPTION
-    if not path.is_file() and (Path(folder) / PIPELINE_INDEX).is_file():
+    if not path.is_file() and is_pipeline_folder(folder):
         raise TeacherFileError(
             folder,
             "a diffusers pipeline folder: it is served as it is (aptp serve --bundle, aptp generate) and inspected "

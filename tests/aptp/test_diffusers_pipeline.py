@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,33 @@ def test_half_precision_puts_every_component_in_that_dtype(tiny_sd, ours, dtype)
     # Same model in lower precision: close to the float32 images (0.010 bf16 and 0.002 fp16 measured here).
     np.testing.assert_allclose(half("a red circle", **args).images, ours("a red circle", **args).images, atol=0.05)
     assert half.to("cpu") is half and half.device == torch.device("cpu")
+
+
+def test_a_bundle_cut_from_a_pipeline_carries_its_vae_and_text_encoder(tiny_sd, ours, tmp_path):
+    from aptp.formats.bundle import BundleError, read_manifest
+    from training.export import random_bundle
+
+    bundle = random_bundle(tiny_sd, tmp_path / "bundle", num_codes=2, keeps=[1.0, 0.5])
+    manifest = read_manifest(bundle)
+    assert manifest.latent is not None and manifest.latent.vae_scale_factor == 4 and manifest.resolution == 8
+    assert {"vae/config.json", "text_encoder/model.safetensors", "tokenizer/tokenizer.json"} <= manifest.files.keys()
+    routed = RoutedPipeline.from_pretrained(bundle)  # the bundle folder alone serves
+    assert routed.num_codes == 2 and routed.resolution == 32 and routed.latent_size == 8
+    assert routed.codes[0].macs == ours.teacher_macs and routed.codes[1].macs < routed.codes[0].macs
+    assert routed.decoder_macs_per_image == ours.decoder_macs_per_image
+    # The U-Nets read the pipeline's own CLIP states; the router reads its sentence encoder's embedding.
+    encoded = routed.encode(PROMPTS)
+    torch.testing.assert_close(encoded.states, ours.encode(PROMPTS).states)
+    assert encoded.pooled.shape == (2, 384)
+    for code in range(2):
+        images = routed.generate(code, encoded, [0, 1], 2, [7.5, 7.5])
+        assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+    # Code 0 keeps every gate: it is the pipeline's own U-Net, so its images are the pipeline's.
+    np.testing.assert_array_equal(
+        routed.generate(0, encoded, [5, 6], 3, [7.5, 7.5]).numpy(),
+        ours.generate(0, encoded, [5, 6], 3, [7.5, 7.5]).numpy(),
+    )
+    shutil.rmtree(bundle / "vae")
+    with pytest.raises(BundleError, match="vae") as error:
+        RoutedPipeline.from_pretrained(bundle)
+    assert str(bundle / "vae") in str(error.value)

@@ -70,3 +70,13 @@ def test_to_casts_floating_fields_and_keeps_the_mask_integer():
 def test_rows_must_agree_in_number():
     with pytest.raises(ValueError, match="mask has 3 rows, states 2"):
         Conditioning(states=torch.zeros(2, 4, 8), mask=torch.ones(3, 4))
+
+
+def test_what_a_unet_reads_leaves_the_routers_embedding_out():
+    prompts = _prompts(2)
+    unet = prompts.for_unet()
+    assert unet.pooled is None and torch.equal(unet.states, prompts.states) and unet.prompt_map is prompts.prompt_map
+    unrouted = Conditioning(
+        states=torch.zeros(1, 6, 4), mask=torch.ones(1, 6, dtype=torch.long), prompt_map=torch.zeros(1, 2, 3, 3)
+    )
+    assert len(Conditioning.cat([unrouted, prompts.for_unet()])) == 3  # an empty prompt beside routed prompts

@@ -148,6 +148,12 @@ def load_teacher(
             unet = UNet2DConditionModel.from_config(config)
     except (TypeError, ValueError, KeyError) as e:
         raise TeacherFileError(folder / "unet" / "config.json", f"cannot build the U-Net ({e})") from None
+    if unet.config.out_channels != 3:
+        raise TeacherFileError(
+            folder / "unet" / "config.json",
+            f"the U-Net makes {unet.config.out_channels} channels: a teacher folder holds a pixel-space U-Net that "
+            "makes RGB images (3); a latent-diffusion U-Net needs its VAE: serve its diffusers pipeline folder",
+        )
     sha256 = description.sha256.get(UNET_WEIGHTS)
     weights = folder / UNET_WEIGHTS
     state = load_matching_state(weights, unet.state_dict(), sha256, device, TeacherFileError, dtype or torch.float32)

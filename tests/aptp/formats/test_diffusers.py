@@ -99,3 +99,19 @@ def test_training_jobs_say_a_pipeline_folder_is_not_a_teacher_yet(tiny_sd):
 
     with pytest.raises(TeacherFileError, match="diffusers pipeline folder"):
         load_teacher(tiny_sd)
+
+
+def test_a_teacher_folder_around_a_latent_unet_is_refused_not_served_as_latents(tiny_sd, tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+
+    from aptp.cli.main import main
+    from aptp.formats.teacher import TeacherFileError, save_teacher
+    from tests.helpers import tiny_teacher_spec
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")  # 4 latent channels in and out
+    folder = save_teacher(unet, tiny_teacher_spec(resolution=8), tmp_path / "teacher")
+    with pytest.raises(TeacherFileError, match="makes 4 channels.*serve its diffusers pipeline folder"):
+        RoutedPipeline.from_pretrained(folder)
+    assert main(["generate", "a red circle", "--bundle", str(folder), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "unet/config.json" in err and "Traceback" not in err

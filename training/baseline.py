@@ -11,15 +11,15 @@ import torch
 from pydantic import Field
 
 from aptp.formats.expert import is_expert_folder, load_expert, save_expert
-from aptp.formats.teacher import load_teacher, load_teacher_conditioner
 from pruning.importance import l1_architecture_for_budget
 from pruning.slicing import slice_unet
 from pruning.space import ArchitectureSpace
 from router.model import Router, RouterConfig
 
-from .data.shapes import ShapesDomain
+from .data.captions import CaptionFolderConfig, training_data
 from .export import export_bundle
 from .finetune import ExpertTraining, finetune_expert
+from .models import load_training_teacher
 from .run import RunSettings
 
 
@@ -31,7 +31,10 @@ class BaselineConfig(RunSettings):
     export: str = "runs/baseline-shapes/bundle"
     seed: int = 3
     budget: float = Field(0.6, gt=0, le=1, description="MACs as a fraction of the teacher's")
-    training_prompts: int = Field(20_000, ge=1)
+    data: CaptionFolderConfig | None = Field(
+        None, description="an image-caption folder to train on; default: the embedded shapes domain"
+    )
+    training_prompts: int = Field(20_000, ge=1, description="size of the training pool (at most one epoch of a folder)")
     expert: ExpertTraining = ExpertTraining(steps=2400)
     export_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
 
@@ -40,34 +43,27 @@ def run_baseline(config: BaselineConfig) -> Path:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
-    teacher, spec = load_teacher(config.teacher, device=device)
-    teacher.requires_grad_(False)
-    space = ArchitectureSpace.from_unet(teacher, text_len=spec.context_length)
-    arch = l1_architecture_for_budget(teacher, space, config.budget, spec.resolution)
-    encoder = load_teacher_conditioner(config.teacher, spec, device)
-    domain = ShapesDomain(seed=config.seed, split="train")
+    teacher = load_training_teacher(config.teacher, device)
+    spec = teacher.spec
+    space = ArchitectureSpace.from_unet(teacher.unet, text_len=teacher.text_len)
+    arch = l1_architecture_for_budget(teacher.unet, space, config.budget, spec.resolution)
+    data = training_data(config.data, teacher.pixel_resolution, config.seed)
     storage = getattr(torch, config.export_dtype)
     done = Path(config.out) / "expert"
     if is_expert_folder(done):
         student = load_expert(done, device=device)[0]
     else:
+        pool = range(min(config.training_prompts, len(data)))
         student = finetune_expert(
-            slice_unet(teacher, space, arch),
-            teacher,
-            spec,
-            encoder,
-            range(config.training_prompts),
-            domain,
-            config.expert,
-            config,
-            name="static",
+            slice_unet(teacher.unet, space, arch), teacher, pool, data, config.expert, config, name="static"
         )
         save_expert(student, space, arch, done, storage_dtype=storage)
-    router_config = RouterConfig(num_codes=1, embed_dim=encoder.embed_dim, encoder=encoder.config)
+    routing = teacher.router_encoder
+    router_config = RouterConfig(num_codes=1, embed_dim=routing.embed_dim, encoder=routing.config)
     router = Router(router_config, space, spec.resolution)
     router.codes.set_architectures(arch[None])
     info = {"stage": "static-l1-baseline", "budget": config.budget, "steps": config.expert.steps}
     experts, shares = [student], [1.0]
-    export_bundle(config.export, teacher, spec, router, experts, shares, info, storage, text_adapter=encoder.adapter)
+    export_bundle(config.export, teacher.unet, spec, router, experts, shares, info, storage, **teacher.export_kwargs())
     print(f"baseline bundle written to {config.export}: {space.macs(arch, spec.resolution) / 1e6:.1f} MMACs per call")
     return Path(config.export)

@@ -26,18 +26,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm import tqdm
 
-from aptp.conditioning.conditioner import Conditioner
 from aptp.formats.expert import is_expert_folder, load_expert, save_expert
-from aptp.formats.teacher import TeacherSpec, load_teacher, load_teacher_conditioner
 from pruning.gates import UNetGates
 from pruning.slicing import slice_unet
 from pruning.space import ArchitectureSpace
 from router.model import Router
 
-from .data.labels import collate, images_to_unit_range
-from .data.shapes import ShapesDomain
+from .data.captions import CaptionFolderConfig, TrainingData, training_data
 from .distill import student_losses
 from .export import export_bundle
+from .models import TrainingTeacher, load_training_teacher
 from .noise import NoisyBatch
 from .run import RunSettings, TrainingRun, check_finite, warmup_cosine
 
@@ -71,7 +69,12 @@ class FinetuneConfig(RunSettings):
     out: str = "runs/finetune-shapes"
     export: str = "bundles/shapes/aptp"
     seed: int = 2
-    routing_prompts: int = Field(20_000, ge=1, description="size of the routed training-prompt pool")
+    data: CaptionFolderConfig | None = Field(
+        None, description="an image-caption folder to train on; default: the embedded shapes domain"
+    )
+    routing_prompts: int = Field(
+        20_000, ge=1, description="size of the routed training-prompt pool (at most one epoch of a folder)"
+    )
     expert: ExpertTraining = ExpertTraining()
     shared_steps: int = Field(
         0,
@@ -108,21 +111,19 @@ def expert_lr(training: ExpertTraining, step: int) -> float:
 
 def finetune_expert(
     student: nn.Module,
-    teacher: nn.Module,
-    spec: TeacherSpec,
-    encoder: Conditioner,
+    teacher: TrainingTeacher,
     pool: Sequence[int],
-    domain: ShapesDomain,
+    data: TrainingData,
     training: ExpertTraining,
     run_settings: RunSettings,
     name: str,
     gating: CodeGating | None = None,
 ) -> nn.Module:
-    """Fine-tune `student` (a sliced copy of `teacher`) on the domain samples `pool` (indices into `domain`); with
-    `gating`, `student` is a full copy run as each sample's code. Resumable: the run's checkpoint is
-    `<out>/checkpoint-<name>`, its log `<out>/log-<name>.jsonl`."""
+    """Fine-tune `student` (a sliced copy of the teacher's U-Net) on the samples at positions `pool` of `data`,
+    distilling from the frozen teacher; with `gating`, `student` is a full copy run as each sample's code.
+    Resumable: the run's checkpoint is `<out>/checkpoint-<name>`, its log `<out>/log-<name>.jsonl`."""
     device = next(student.parameters()).device
-    scheduler = DDPMScheduler.from_config(spec.scheduler_config)
+    scheduler = DDPMScheduler.from_config(teacher.spec.scheduler_config)
     student.requires_grad_(True)
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=training.lr, weight_decay=training.weight_decay)
@@ -137,15 +138,14 @@ def finetune_expert(
         picks = pool_t[torch.randint(len(pool_t), (training.batch_size,), generator=generator)].tolist()
         if gating is not None:
             gating.select(picks)
-        samples = [domain.sample(i) for i in picks]
-        images, _ = collate(samples)
-        x0 = images_to_unit_range(images).to(device)
-        drop = torch.rand(len(samples), generator=generator) < training.prompt_dropout
-        encoded = encoder.encode(["" if d else s.caption for s, d in zip(samples, drop.tolist(), strict=True)])
+        images, captions = data.take(picks)
+        x0 = teacher.to_model_space(images.to(device), generator)
+        drop = torch.rand(len(captions), generator=generator) < training.prompt_dropout
+        encoded = teacher.conditioner.encode(["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)])
         batch = NoisyBatch.make(scheduler, x0, generator, training.min_snr_gamma)
         for group in optimizer.param_groups:
             group["lr"] = expert_lr(training, step)
-        losses = student_losses(student, teacher, batch, encoded)
+        losses = student_losses(student, teacher.unet, batch, encoded)
         loss = losses.weighted(training.denoise_weight, training.output_weight, training.features_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -168,38 +168,36 @@ def finetune_expert(
     return student.eval()
 
 
-def route_pool(router: Router, domain: ShapesDomain, count: int, batch: int = 256) -> list[int]:
-    """The router's code for each of the first `count` prompts of `domain`."""
+def route_pool(router: Router, data: TrainingData, count: int, batch: int = 256) -> list[int]:
+    """The router's code for each of the first `count` positions of `data`."""
     codes: list[int] = []
     for start in tqdm(range(0, count, batch), desc="routing"):
-        captions = [domain.sample(i).caption for i in range(start, min(count, start + batch))]
+        captions = data.captions(range(start, min(count, start + batch)))
         codes += router.route(captions).codes.tolist()
     return codes
 
 
 def train_shared(
-    teacher: nn.Module,
-    spec: TeacherSpec,
-    encoder: Conditioner,
+    teacher: TrainingTeacher,
     space: ArchitectureSpace,
     architectures: torch.Tensor,
     codes: Sequence[int],
-    domain: ShapesDomain,
+    data: TrainingData,
     config: FinetuneConfig,
 ) -> nn.Module:
     """The shared stage: a copy of `teacher` fine-tuned on the whole routed pool, each sample gated by its code's
     hard architecture (exactly the sliced expert's computation, see `pruning.gates`), for `config.shared_steps`.
     Kept in `<out>/shared` (float32) and reused on a rerun; resumable like an expert."""
-    device = next(teacher.parameters()).device
+    device = next(teacher.unet.parameters()).device
     folder = Path(config.out) / "shared"
     if is_expert_folder(folder):
         return load_expert(folder, device=device)[0]
-    student = copy.deepcopy(teacher)
+    student = copy.deepcopy(teacher.unet)
     gates = UNetGates(student, space).attach()
     gating = CodeGating(gates, architectures.to(device), torch.as_tensor(list(codes), dtype=torch.long))
     training = config.expert.model_copy(update={"steps": config.shared_steps})
     try:
-        finetune_expert(student, teacher, spec, encoder, range(len(codes)), domain, training, config, "shared", gating)
+        finetune_expert(student, teacher, range(len(codes)), data, training, config, "shared", gating)
     finally:
         gates.detach()
     save_expert(student, space, space.full(), folder, storage_dtype=torch.float32)
@@ -213,29 +211,27 @@ def run_finetune(config: FinetuneConfig) -> Path:
     device = torch.device(config.device)
     folder = Path(config.out)
     folder.mkdir(parents=True, exist_ok=True)
-    teacher, spec = load_teacher(config.teacher, device=device)
-    teacher.requires_grad_(False)
-    encoder = load_teacher_conditioner(config.teacher, spec, device)
     router = Router.load(config.router, device=device)
-    if router.config.encoder == encoder.config:
-        router._encoder = encoder.encoder  # one MiniLM in memory when the router reads the same encoder
+    teacher = load_training_teacher(config.teacher, device, router_encoder=router.config.encoder)
+    if router.config.encoder == teacher.router_encoder.config:
+        router._encoder = teacher.router_encoder  # one sentence encoder in memory when they are the same
     space: ArchitectureSpace = router.space
-    domain = ShapesDomain(seed=config.seed, split="train")
+    data = training_data(config.data, teacher.pixel_resolution, config.seed)
 
     routing_file = folder / "routing.json"
     if routing_file.is_file():
         codes = json.loads(routing_file.read_text())["codes"]
     else:
-        codes = route_pool(router, domain, config.routing_prompts)
+        codes = route_pool(router, data, min(config.routing_prompts, len(data)))
         routing_file.write_text(json.dumps({"seed": config.seed, "codes": codes}) + "\n")
     pools = [[i for i, c in enumerate(codes) if c == k] for k in range(router.config.num_codes)]
     shares = [len(p) / len(codes) for p in pools]
     print("training share per code:", [round(s, 3) for s in shares])
 
     architectures = router.code_architectures()
-    source = teacher
+    source = teacher.unet
     if config.shared_steps:
-        source = train_shared(teacher, spec, encoder, space, architectures, codes, domain, config)
+        source = train_shared(teacher, space, architectures, codes, data, config)
     experts = []
     storage = getattr(torch, config.export_dtype)
     for code, (arch, pool) in enumerate(zip(architectures, pools, strict=True)):
@@ -245,9 +241,7 @@ def run_finetune(config: FinetuneConfig) -> Path:
             continue
         student = slice_unet(source, space, arch)
         if pool and config.expert.steps:
-            student = finetune_expert(
-                student, teacher, spec, encoder, pool, domain, config.expert, config, name=str(code)
-            )
+            student = finetune_expert(student, teacher, pool, data, config.expert, config, name=str(code))
         save_expert(student, space, arch, done, storage_dtype=storage)
         experts.append(student)
     info = {
@@ -260,7 +254,7 @@ def run_finetune(config: FinetuneConfig) -> Path:
         "router": config.router,
     }
     export_bundle(
-        config.export, teacher, spec, router, experts, shares, info, storage_dtype=storage, text_adapter=encoder.adapter
+        config.export, teacher.unet, teacher.spec, router, experts, shares, info, storage, **teacher.export_kwargs()
     )
     print(f"bundle written to {config.export}")
     return Path(config.export)

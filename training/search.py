@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
 from aptp.conditioning.encoder import EncoderConfig, PromptEncoder
-from aptp.formats.teacher import load_teacher, load_teacher_conditioner
 from aptp.sampling import denoise
 from pruning.gates import UNetGates
 from pruning.importance import l1_importance
@@ -28,9 +27,9 @@ from router.gates import normalised_architecture
 from router.losses import contrastive_loss, prunable_budget, resource_loss, spread_losses
 from router.model import Router, RouterConfig
 
-from .data.labels import collate, images_to_unit_range
-from .data.shapes import ShapesDomain
+from .data.captions import CaptionFolderConfig, TrainingData, training_data
 from .distill import block_features, student_losses
+from .models import load_training_teacher
 from .noise import NoisyBatch
 from .run import RunSettings, TrainingRun, check_finite
 
@@ -88,6 +87,9 @@ class SearchConfig(RunSettings):
     balance_epsilon: float = Field(0.002, gt=0)
     min_snr_gamma: float = Field(5.0, gt=0)
     weights: LossWeights = LossWeights()
+    data: CaptionFolderConfig | None = Field(
+        None, description="an image-caption folder to train on; default: the embedded shapes domain"
+    )
     encoder: EncoderConfig | None = Field(None, description="default: the teacher's text encoder")
     embed_encoder: EncoderConfig | None = Field(
         None, description="router's prompt encoder if different from the teacher's (e.g. all-mpnet-base-v2)"
@@ -129,11 +131,11 @@ def width_floor(unet: torch.nn.Module, space: ArchitectureSpace, min_width: floa
 
 
 def balance_codes(
-    router: Router, encoder: PromptEncoder, domain: ShapesDomain, config: SearchConfig, run: TrainingRun
+    router: Router, encoder: PromptEncoder, data: TrainingData, config: SearchConfig, run: TrainingRun
 ) -> None:
     """Fit the router's code offsets on `config.balance_prompts` training prompts and log the shares per code
     before and after (see `Router.balance`). Runs again, cheaply, when a finished run is started once more."""
-    captions = [domain.sample(i).caption for i in range(config.balance_prompts)]
+    captions = data.captions(range(min(config.balance_prompts, len(data))))
     chunks = [captions[i : i + 256] for i in range(0, len(captions), 256)]
     embedding = torch.cat([encoder.encode(chunk).pooled for chunk in tqdm(chunks, desc="balancing codes")])
     router.code_offsets.zero_()
@@ -154,14 +156,12 @@ def balance_codes(
 def run_search(config: SearchConfig) -> Path:
     """Run (or resume) phase 1; writes `router/` (the trained router) and `log.jsonl` to `config.out`."""
     device = torch.device(config.device)
-    unet, spec = load_teacher(config.teacher, device=device)
-    unet.requires_grad_(False)
+    teacher = load_training_teacher(config.teacher, device, config.encoder, config.embed_encoder)
+    unet, spec = teacher.unet, teacher.spec
     unet.train()  # no dropout or batch norm in these U-Nets; train mode only matters for gradient checkpointing
-    space = ArchitectureSpace.from_unet(unet, text_len=spec.context_length)
+    space = ArchitectureSpace.from_unet(unet, text_len=teacher.text_len)
     resolution = spec.resolution
-    text_encoder = load_teacher_conditioner(config.teacher, spec, device, text_encoder=config.encoder)
-    frozen = text_encoder.encoder
-    embed_encoder = PromptEncoder(config.embed_encoder, device=device) if config.embed_encoder else frozen
+    text_encoder, embed_encoder = teacher.conditioner, teacher.router_encoder
     torch.manual_seed(config.seed)
     router_config = RouterConfig(
         num_codes=config.num_codes,
@@ -175,7 +175,7 @@ def run_search(config: SearchConfig) -> Path:
     optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=0.0)
     scheduler = DDPMScheduler.from_config(spec.scheduler_config)
     budget = prunable_budget(config.budget, space.total_macs(resolution), space.prunable_macs(resolution))
-    domain = ShapesDomain(seed=config.seed, split="train")
+    data = training_data(config.data, teacher.pixel_resolution, config.seed)
     gates = UNetGates(unet, space).attach()
     warmup_steps = int(config.warmup_fraction * config.steps)
     w = config.weights
@@ -185,12 +185,10 @@ def run_search(config: SearchConfig) -> Path:
     progress = tqdm(range(start, config.steps), desc="search", initial=start, total=config.steps)
     for step in progress:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        samples = domain.batch(step * config.batch_size, config.batch_size)
-        images, _ = collate(samples)
-        x0 = images_to_unit_range(images).to(device)
-        captions = [s.caption for s in samples]
+        images, captions = data.take(range(step * config.batch_size, (step + 1) * config.batch_size))
+        x0 = teacher.to_model_space(images.to(device), generator)
         encoded = text_encoder.encode(captions)
-        embedding = encoded.pooled if embed_encoder is frozen else embed_encoder.encode(captions).pooled
+        embedding = teacher.router_embedding(captions, encoded)
         batch = NoisyBatch.make(scheduler, x0, generator, config.min_snr_gamma)
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / max(1, config.lr_warmup_steps))
@@ -262,7 +260,7 @@ def run_search(config: SearchConfig) -> Path:
     run.save(config.steps)
     gates.detach()
     if config.balance_prompts:
-        balance_codes(router, embed_encoder, domain, config, run)
+        balance_codes(router, embed_encoder, data, config, run)
     router.cpu().save(run.folder / "router")
     print(f"router written to {run.folder / 'router'} ({run.state['elapsed_seconds'] / 60:.1f} min)")
     return run.folder / "router"

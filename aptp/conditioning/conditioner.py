@@ -50,6 +50,11 @@ class Conditioner:
     text_encoder_macs_per_prompt = 0
 
     @property
+    def router_encoder(self) -> PromptEncoder:
+        """The encoder whose pooled embedding `encode` returns (the router's input)."""
+        return self.encoder
+
+    @property
     def map_channels(self) -> int:
         """Channels of the prompt map this conditioner makes (0: none)."""
         return self.adapter.config.map_channels if self.adapter is not None else 0

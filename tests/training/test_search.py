@@ -11,11 +11,13 @@ import pytest
 import torch
 
 import aptp.conditioning.conditioner as conditioner_module
+import training.data.captions as captions_module
 import training.search as search_module
 from aptp.formats.teacher import load_teacher
 from router.model import Router
 from tests.helpers import ENCODER_MAX_LENGTH, save_tiny_teacher, shared_encoder_factory
 from tests.router.test_model import nested_architectures
+from training.data.shapes import ShapesDomain
 from training.search import SearchConfig, run_search
 
 STEPS = 4
@@ -74,7 +76,7 @@ def test_search_logs_every_loss_and_writes_a_balanced_router(teacher_folder, tmp
     assert router.config.num_codes == 2
     assert router.code_offsets.tolist() == pytest.approx(balance["code_offsets"], abs=1e-6)
     # The logged balanced shares are what the saved router does with the same training prompts.
-    domain = search_module.ShapesDomain(seed=1, split="train")
+    domain = ShapesDomain(seed=1, split="train")
     codes = router.route([domain.sample(i).caption for i in range(48)]).codes
     shares = (torch.bincount(codes, minlength=2) / 48).tolist()
     assert shares == pytest.approx(balance["code_share_balanced"], abs=1e-6)
@@ -104,19 +106,19 @@ class Killed(Exception):
 def test_search_resumes_exactly_after_a_kill(teacher_folder, tmp_path, monkeypatch):
     straight = Router.load(run_search(_config(teacher_folder, tmp_path / "straight")))
 
-    class DyingDomain(search_module.ShapesDomain):
-        def batch(self, start, count):
-            if start == 3 * BATCH:
+    class DyingData(captions_module.ShapesData):
+        def take(self, positions):
+            if positions[0] == 3 * BATCH:
                 raise Killed("killed at step 3")
-            return super().batch(start, count)
+            return super().take(positions)
 
     config = _config(teacher_folder, tmp_path / "killed", checkpoint_minutes=1e-9)
-    healthy = search_module.ShapesDomain
-    monkeypatch.setattr(search_module, "ShapesDomain", DyingDomain)
+    healthy = captions_module.ShapesData
+    monkeypatch.setattr(captions_module, "ShapesData", DyingData)
     with pytest.raises(Killed):
         run_search(config)
     assert not (tmp_path / "killed" / "router").exists()
-    monkeypatch.setattr(search_module, "ShapesDomain", healthy)
+    monkeypatch.setattr(captions_module, "ShapesData", healthy)
     resumed = Router.load(run_search(config))
     # Steps 0-2 ran before the kill and were not run again: the run went on from its checkpoint.
     assert [r["step"] for r in _records(tmp_path / "killed") if r["phase"] != "balance"] == list(range(STEPS))

@@ -88,3 +88,11 @@ def tiny_sd(tmp_path_factory) -> Path:
     from scripts.tiny_sd import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_captions(tmp_path_factory) -> Path:
+    """A tiny image-caption folder (12 random images with captions). Read-only."""
+    from tests.helpers import write_caption_folder
+
+    return write_caption_folder(tmp_path_factory.mktemp("captions") / "data")

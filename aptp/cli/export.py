@@ -13,14 +13,13 @@ def _export(args: argparse.Namespace) -> int:
 
     from aptp.formats.expert import is_expert_folder, load_expert
     from aptp.formats.files import ModelFileError
-    from aptp.formats.teacher import load_teacher, load_text_adapter
     from router.model import Router
     from training.export import export_bundle
+    from training.models import load_training_teacher
 
     try:
-        teacher, spec = load_teacher(args.teacher)
-        adapter = load_text_adapter(args.teacher)
         router = Router.load(args.router)
+        teacher = load_training_teacher(args.teacher, router_encoder=router.config.encoder)
         experts, shares, phase2 = None, None, {}
         if args.experts is not None:
             run = pathlib.Path(args.experts)
@@ -42,7 +41,9 @@ def _export(args: argparse.Namespace) -> int:
         return 2
     info = {"stage": "export", "teacher": args.teacher, "router": args.router, "experts": args.experts, **phase2}
     storage = getattr(torch, args.dtype)
-    export_bundle(args.out, teacher, spec, router, experts, shares, info, storage_dtype=storage, text_adapter=adapter)
+    export_bundle(
+        args.out, teacher.unet, teacher.spec, router, experts, shares, info, storage, **teacher.export_kwargs()
+    )
     print(f"bundle written to {args.out}")
     return 0
 

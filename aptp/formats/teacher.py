@@ -123,8 +123,8 @@ def read_teacher_description(folder: str | Path) -> TeacherDescription:
     if not path.is_file() and is_pipeline_folder(folder):
         raise TeacherFileError(
             folder,
-            "a diffusers pipeline folder: it is served as it is (aptp serve --bundle, aptp generate) and inspected "
-            "(aptp inspect), but the training jobs (search, finetune, baseline) read teacher folders only for now",
+            "a diffusers pipeline folder, not a teacher folder (teacher.json): the commands that serve, inspect or "
+            "train read it as it is, through their own loaders",
         )
     data = read_json_object(path, TeacherFileError)
     if data.get("format") != TEACHER_FORMAT:

@@ -94,10 +94,10 @@ def test_a_folder_of_no_known_kind_names_the_files_it_looked_for(tmp_path):
         RoutedPipeline.from_pretrained(tmp_path)
 
 
-def test_training_jobs_say_a_pipeline_folder_is_not_a_teacher_yet(tiny_sd):
+def test_a_pipeline_folder_is_not_mistaken_for_a_teacher_folder(tiny_sd):
     from aptp.formats.teacher import TeacherFileError, load_teacher
 
-    with pytest.raises(TeacherFileError, match="diffusers pipeline folder"):
+    with pytest.raises(TeacherFileError, match="diffusers pipeline folder, not a teacher folder"):
         load_teacher(tiny_sd)
 
 

@@ -1,0 +1,124 @@
+"""APTP on a user's own Stable Diffusion folder and image-caption data: search, fine-tuning and the baseline run in
+latent space with the pipeline's CLIP conditioning, resume exactly, and export bundles that carry the pipeline's
+VAE and text encoder and serve over HTTP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+import training.data.captions as captions_module
+from aptp.formats.bundle import read_manifest
+from aptp.pipeline import RoutedPipeline
+from router.model import Router
+from tests.server.conftest import server_settings
+from tests.server.test_api import decode_png
+from training.baseline import BaselineConfig, run_baseline
+from training.finetune import FinetuneConfig, run_finetune
+from training.search import SearchConfig, run_search
+
+
+class Killed(Exception):
+    pass
+
+
+def _search_config(tiny_sd, tiny_captions, out, **overrides) -> SearchConfig:
+    data = {
+        "teacher": str(tiny_sd),
+        "data": {"folder": str(tiny_captions)},
+        "out": str(out),
+        "steps": 4,
+        "batch_size": 4,
+        "num_codes": 2,
+        "warmup_fraction": 0.5,
+        "lr": 1e-2,
+        "log_every": 1,
+        "balance_prompts": 12,
+        "checkpoint_minutes": 60.0,
+        **overrides,
+    }
+    return SearchConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_sd, tiny_captions, tmp_path_factory):
+    return run_search(_search_config(tiny_sd, tiny_captions, tmp_path_factory.mktemp("search") / "run"))
+
+
+def test_search_prunes_the_pipelines_unet_in_latent_space(searched, tiny_sd):
+    router = Router.load(searched)
+    reference = RoutedPipeline.from_pretrained(tiny_sd)
+    assert router.resolution == 8 and router.space.text_len == 16  # latent size, CLIP's key length
+    assert router.space.total_macs(8) == reference.teacher_macs
+    assert router.config.encoder.name == "all-MiniLM-L6-v2" and router.config.embed_dim == 384  # routes on MiniLM
+    assert len(router.route(["a red bicycle", "a tree in the snow"]).codes) == 2
+
+
+def test_search_resumes_exactly_after_a_kill(tiny_sd, tiny_captions, searched, tmp_path, monkeypatch):
+    class DyingFolder(captions_module.CaptionFolder):
+        def take(self, positions):
+            if positions[0] == 2 * 4:
+                raise Killed("killed at step 2")
+            return super().take(positions)
+
+    config = _search_config(tiny_sd, tiny_captions, tmp_path / "killed", checkpoint_minutes=1e-9)
+    healthy = captions_module.CaptionFolder
+    monkeypatch.setattr(captions_module, "CaptionFolder", DyingFolder)
+    with pytest.raises(Killed):
+        run_search(config)
+    monkeypatch.setattr(captions_module, "CaptionFolder", healthy)
+    resumed, straight = Router.load(run_search(config)), Router.load(searched)
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_finetune_exports_a_bundle_that_carries_the_pipeline_and_serves(searched, tiny_sd, tiny_captions, tmp_path):
+    config = FinetuneConfig.model_validate(
+        {
+            "teacher": str(tiny_sd),
+            "router": str(searched),
+            "data": {"folder": str(tiny_captions)},
+            "out": str(tmp_path / "run"),
+            "export": str(tmp_path / "bundle"),
+            "routing_prompts": 12,
+            "expert": {"steps": 2, "batch_size": 2, "warmup_steps": 1},
+            "log_every": 1,
+            "export_dtype": "float32",
+        }
+    )
+    bundle = run_finetune(config)
+    manifest = read_manifest(bundle)
+    assert manifest.latent is not None and manifest.latent.source == str(tiny_sd) and manifest.num_codes == 2
+    assert sum(c.training_share for c in manifest.codes) == pytest.approx(1.0)
+    pipeline = RoutedPipeline.from_pretrained(bundle)
+    from server.app import create_app
+
+    with TestClient(create_app(server_settings(bundle), pipeline)) as client:
+        routed = client.post("/route", json={"prompts": ["a red bicycle", "a house at night"]})
+        assert routed.status_code == 200 and len(routed.json()["routes"]) == 2
+        response = client.post("/generate", json={"prompt": "a red bicycle", "seed": 1, "steps": 2})
+        assert response.status_code == 200, response.text
+        image = decode_png(response.json()["images"][0]["b64_png"])
+    assert image.shape == (32, 32, 3) and np.ptp(image) > 0  # decoded pixels, not a latent
+
+
+def test_baseline_prunes_the_pipeline_statically_and_exports_it(tiny_sd, tiny_captions, tmp_path):
+    config = BaselineConfig.model_validate(
+        {
+            "teacher": str(tiny_sd),
+            "data": {"folder": str(tiny_captions)},
+            "out": str(tmp_path / "run"),
+            "export": str(tmp_path / "bundle"),
+            "budget": 0.6,
+            "training_prompts": 12,
+            "expert": {"steps": 2, "batch_size": 2, "warmup_steps": 1},
+            "export_dtype": "float32",
+        }
+    )
+    manifest = read_manifest(run_baseline(config))
+    assert manifest.latent is not None and manifest.num_codes == 1
+    assert manifest.codes[0].macs <= 0.6 * manifest.teacher_macs
+    out = RoutedPipeline.from_pretrained(tmp_path / "bundle")("a red bicycle", seed=0, num_inference_steps=2)
+    assert out.images[0].size == (32, 32)

@@ -52,6 +52,7 @@ def _train_job(args: argparse.Namespace) -> int:
 
     from aptp.formats.files import ModelFileError
     from training.config import ConfigError, load_config
+    from training.data.captions import DatasetError
 
     module_name, config_name, run_name, _, steps_path = TRAIN_JOBS[args.job]
     module = importlib.import_module(module_name)
@@ -66,8 +67,15 @@ def _train_job(args: argparse.Namespace) -> int:
         overrides[key.strip()] = yaml.safe_load(text)  # YAML typing: 1 -> int, false -> bool, [1, 2] -> list
     try:
         config = load_config(args.config, getattr(module, config_name), overrides)
+        if args.dry_run:
+            from training.plan import plan
+
+            if args.job == "teacher":
+                raise ConfigError("--dry-run plans search, finetune and baseline runs")
+            print(plan(config))
+            return 0
         getattr(module, run_name)(config)
-    except (ConfigError, ModelFileError) as e:
+    except (ConfigError, ModelFileError, DatasetError) as e:
         print(f"aptp train {args.job}: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -94,5 +102,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             action="append",
             metavar="KEY=VALUE",
             help="override any config field, dotted for nested ones (e.g. --set num_codes=1 --set use_ot=false)",
+        )
+        parser_job.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="print the plan (space, MACs, budget, steps, batch, learning rates) from configs alone, without "
+            "weights (the teacher may be a U-Net config folder such as configs/unets/sd-2.1)",
         )
         parser_job.set_defaults(handler=_train_job)

@@ -12,6 +12,7 @@ import torch
 
 from aptp.formats.diffusers import check_pipeline_folder, is_pipeline_folder
 from aptp.formats.expert import is_expert_folder, read_expert_info
+from aptp.formats.teacher import TEACHER_DESCRIPTION, read_teacher_description
 from pruning.macs import flop_counter_macs, meta_flop_macs
 from pruning.space import DEFAULT_TEXT_LEN, ArchitectureSpace
 
@@ -73,10 +74,11 @@ def describe(
             space = ArchitectureSpace.from_dict({**space.to_dict(), "text_len": text_len})
     else:
         pipeline = _pipeline_parts(path) if is_pipeline_folder(path) else None
+        teacher = read_teacher_description(path) if (path / TEACHER_DESCRIPTION).is_file() else None
         skeleton = _load_skeleton(_unet_config_path(path))
-        default_len = pipeline["text_len"] if pipeline else DEFAULT_TEXT_LEN
+        default_len = pipeline["text_len"] if pipeline else teacher.context_length if teacher else DEFAULT_TEXT_LEN
         space = ArchitectureSpace.from_unet(skeleton, text_len=text_len or default_len)
-        arch, kind = space.full(), "pipeline" if pipeline else "unet"
+        arch, kind = space.full(), "pipeline" if pipeline else "teacher" if teacher else "unet"
     if resolution is not None and resolution <= 0:
         raise ValueError(f"--resolution must be positive, got {resolution}")
     resolution = resolution or space.default_resolution

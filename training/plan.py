@@ -32,7 +32,8 @@ def plan(config: SearchConfig | FinetuneConfig | BaselineConfig) -> str:
     pixels = report.get("pixel_resolution", [None])[0]
     lines = [
         f"teacher          {teacher} ({report['kind']}): {report['params'] / 1e6:.1f} M parameters",
-        f"U-Net input      {side}x{side}" + (f" latents ({pixels}x{pixels} pixels)" if pixels else "")
+        f"U-Net input      {side}x{side}"
+        + (f" latents ({pixels}x{pixels} pixels)" if pixels else "")
         + f", cross-attention over {report['text_len']} tokens",
         f"space            {report['architecture_dim']} gates over {len(report['units'])} units",
         f"MACs per call    {_g(total)} ({_g(prunable)} prunable, {prunable / total:.1%})",

@@ -5,7 +5,7 @@ It has SD's layout at a toy size (a 4-channel latent U-Net with cross-attention,
 CLIP text encoder and a CLIP BPE tokenizer over a small vocabulary), so every code path a real SD 1.x/2.x folder
 takes runs in a second on a CPU. Its images are noise: it is for checking the serving path, not for looking at.
 
-    .venv/bin/python -m scripts.tiny_sd runs/tiny-sd [--prediction-type v_prediction] [--seed 0]
+    .venv/bin/python -m scripts.tiny_sd runs/tiny-sd [--captions runs/tiny-captions] [--prediction-type v_prediction]
 """
 
 from __future__ import annotations
@@ -116,15 +116,43 @@ def build_tiny_sd(folder: str | Path, prediction_type: str = "epsilon", seed: in
     return Path(folder)
 
 
+CAPTION_WORDS = ("red", "blue", "green", "circle", "square", "bicycle", "tree", "house", "at night", "in the snow")
+
+
+def build_tiny_captions(folder: str | Path, count: int = 12, seed: int = 0) -> Path:
+    """An image-caption folder as users keep one (`metadata.jsonl` with `file_name` and `text`, images in a
+    subfolder): `count` random RGB images of assorted sizes and aspect ratios (so resizing and cropping run), with
+    short captions. Returns `folder`."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        height, width = int(rng.integers(24, 64)), int(rng.integers(24, 64))
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        name = f"images/{i:03d}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(pixels).save(folder / name)
+        words = rng.choice(CAPTION_WORDS, size=3, replace=False)
+        lines.append(json.dumps({"file_name": name, "text": f"a {' '.join(words)}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="where to write the pipeline folder")
     parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--captions", help="also write a tiny image-caption folder (12 images) here")
     args = parser.parse_args(argv)
     folder = build_tiny_sd(args.folder, args.prediction_type, args.seed)
     index = json.loads((folder / "model_index.json").read_text())
     print(f"wrote {folder} ({index['_class_name']}: {', '.join(k for k in index if not k.startswith('_'))})")
+    if args.captions:
+        print(f"wrote {build_tiny_captions(args.captions, seed=args.seed)} (12 captioned images)")
     return 0
 
 

@@ -93,6 +93,6 @@ def tiny_sd(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_captions(tmp_path_factory) -> Path:
     """A tiny image-caption folder (12 random images with captions). Read-only."""
-    from tests.helpers import write_caption_folder
+    from scripts.tiny_sd import build_tiny_captions
 
-    return write_caption_folder(tmp_path_factory.mktemp("captions") / "data")
+    return build_tiny_captions(tmp_path_factory.mktemp("captions") / "data")

@@ -264,28 +264,3 @@ def save_tiny_teacher(
     inputs = {"in_channels": 3 + 2 + map_channels} if map_channels else {}
     unet = build_unet(tiny_teacher_unet_config(cross_attention_dim=adapter_width, **inputs), seed=seed)
     return save_teacher(unet, tiny_teacher_spec(), folder, text_adapter=adapter)
-
-
-# ----------------------------------------------------------------------------------------- a user's image-caption data
-CAPTION_WORDS = ("red", "blue", "green", "circle", "square", "bicycle", "tree", "house", "at night", "in the snow")
-
-
-def write_caption_folder(folder: Path, count: int = 12, seed: int = 0) -> Path:
-    """An image-caption folder as users keep one (`metadata.jsonl` with `file_name` and `text`, images in a
-    subfolder): `count` random RGB images of assorted sizes and aspect ratios (so resizing and cropping run), with
-    short captions. Returns `folder`."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(count):
-        height, width = int(rng.integers(24, 64)), int(rng.integers(24, 64))
-        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-        name = f"images/{i:03d}.{'png' if i % 2 else 'jpg'}"
-        Image.fromarray(pixels).save(folder / name)
-        words = rng.choice(CAPTION_WORDS, size=3, replace=False)
-        lines.append(json.dumps({"file_name": name, "text": f"a {' '.join(words)}"}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder

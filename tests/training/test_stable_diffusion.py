@@ -122,3 +122,24 @@ def test_baseline_prunes_the_pipeline_statically_and_exports_it(tiny_sd, tiny_ca
     assert manifest.codes[0].macs <= 0.6 * manifest.teacher_macs
     out = RoutedPipeline.from_pretrained(tmp_path / "bundle")("a red bicycle", seed=0, num_inference_steps=2)
     assert out.images[0].size == (32, 32)
+
+
+def test_the_readme_worked_example_runs_from_its_configs(tiny_sd, tiny_captions, tmp_path, capsys):
+    """search -> finetune -> export -> serve -> image with configs/tiny-sd/*.yaml, as the README runs them."""
+    from aptp.cli.main import main
+    from tests.helpers import REPO
+
+    configs, data = REPO / "configs" / "tiny-sd", f"data.folder={tiny_captions}"
+    router = tmp_path / "search"
+    search = ["train", "search", "--config", str(configs / "search.yaml"), "--teacher", str(tiny_sd)]
+    assert main([*search, "--out", str(router), "--set", data]) == 0
+    finetune = ["train", "finetune", "--config", str(configs / "finetune.yaml"), "--teacher", str(tiny_sd)]
+    bundle = tmp_path / "bundle"
+    paths = ["--router", str(router / "router"), "--out", str(tmp_path / "finetune"), "--export", str(bundle)]
+    assert main([*finetune, *paths, "--set", data]) == 0
+    from server.app import create_app
+
+    with TestClient(create_app(server_settings(bundle), RoutedPipeline.from_pretrained(bundle))) as client:
+        response = client.post("/v1/images/generations", json={"prompt": "a red bicycle", "size": "32x32"})
+    assert response.status_code == 200, response.text
+    assert decode_png(response.json()["data"][0]["b64_json"]).shape == (32, 32, 3)

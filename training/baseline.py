@@ -17,6 +17,7 @@ from pruning.space import ArchitectureSpace
 from router.model import Router, RouterConfig
 
 from .data.captions import CaptionFolderConfig, training_data
+from .distributed import Processes
 from .export import export_bundle
 from .finetune import ExpertTraining, finetune_expert
 from .models import load_training_teacher
@@ -42,7 +43,8 @@ class BaselineConfig(RunSettings):
 def run_baseline(config: BaselineConfig) -> Path:
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
+    processes = Processes(config.device, config.mixed_precision)
+    device = processes.device
     teacher = load_training_teacher(config.teacher, device)
     spec = teacher.spec
     space = ArchitectureSpace.from_unet(teacher.unet, text_len=teacher.text_len)
@@ -57,13 +59,18 @@ def run_baseline(config: BaselineConfig) -> Path:
         student = finetune_expert(
             slice_unet(teacher.unet, space, arch), teacher, pool, data, config.expert, config, name="static"
         )
-        save_expert(student, space, arch, done, storage_dtype=storage)
+        if processes.is_main:
+            save_expert(student, space, arch, done, storage_dtype=storage)
     routing = teacher.router_encoder
     router_config = RouterConfig(num_codes=1, embed_dim=routing.embed_dim, encoder=routing.config)
     router = Router(router_config, space, spec.resolution)
     router.codes.set_architectures(arch[None])
     info = {"stage": "static-l1-baseline", "budget": config.budget, "steps": config.expert.steps}
     experts, shares = [student], [1.0]
-    export_bundle(config.export, teacher.unet, spec, router, experts, shares, info, storage, **teacher.export_kwargs())
+    if processes.is_main:
+        export_bundle(
+            config.export, teacher.unet, spec, router, experts, shares, info, storage, **teacher.export_kwargs()
+        )
+    processes.wait()
     print(f"baseline bundle written to {config.export}: {space.macs(arch, spec.resolution) / 1e6:.1f} MMACs per call")
     return Path(config.export)

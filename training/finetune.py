@@ -34,6 +34,7 @@ from router.model import Router
 
 from .data.captions import CaptionFolderConfig, TrainingData, training_data
 from .distill import student_losses
+from .distributed import Processes
 from .export import export_bundle
 from .models import TrainingTeacher, load_training_teacher
 from .noise import NoisyBatch
@@ -123,32 +124,46 @@ def finetune_expert(
     distilling from the frozen teacher; with `gating`, `student` is a full copy run as each sample's code.
     Resumable: the run's checkpoint is `<out>/checkpoint-<name>`, its log `<out>/log-<name>.jsonl`."""
     device = next(student.parameters()).device
+    processes = Processes(run_settings.device, run_settings.mixed_precision)
+    share = processes.share(training.batch_size)  # this process's rows of each step's global batch
     scheduler = DDPMScheduler.from_config(teacher.spec.scheduler_config)
     student.requires_grad_(True)
     student.train()
+    if run_settings.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(student.parameters(), lr=training.lr, weight_decay=training.weight_decay)
-    run = TrainingRun(run_settings, {"student": student}, optimizer, f"checkpoint-{name}", f"log-{name}.jsonl")
+    files = (f"checkpoint-{name}", f"log-{name}.jsonl")
+    run = TrainingRun(run_settings, {"student": student}, optimizer, *files, main=processes.is_main)
     start = run.resume()
     pool_t = torch.as_tensor(list(pool), dtype=torch.long)
-    progress = tqdm(range(start, training.steps), desc=f"expert {name}", initial=start, total=training.steps)
+    progress = tqdm(
+        range(start, training.steps),
+        desc=f"expert {name}",
+        initial=start,
+        total=training.steps,
+        disable=not processes.is_main,
+    )
     for step in progress:
         generator = torch.Generator().manual_seed(
             run_settings.seed * 1_000_003 + step * 7919 + zlib.crc32(name.encode())
         )
-        picks = pool_t[torch.randint(len(pool_t), (training.batch_size,), generator=generator)].tolist()
+        total = training.batch_size
+        picks = pool_t[torch.randint(len(pool_t), (total,), generator=generator)].tolist()[share]
         if gating is not None:
             gating.select(picks)
         images, captions = data.take(picks)
-        x0 = teacher.to_model_space(images.to(device), generator)
-        drop = torch.rand(len(captions), generator=generator) < training.prompt_dropout
+        x0 = teacher.to_model_space(images.to(device), generator, share, total)
+        drop = (torch.rand(total, generator=generator) < training.prompt_dropout)[share]
         encoded = teacher.conditioner.encode(["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)])
-        batch = NoisyBatch.make(scheduler, x0, generator, training.min_snr_gamma)
+        batch = NoisyBatch.make(scheduler, x0, generator, training.min_snr_gamma, share, total)
         for group in optimizer.param_groups:
             group["lr"] = expert_lr(training, step)
-        losses = student_losses(student, teacher.unet, batch, encoded)
+        with processes.autocast():
+            losses = student_losses(student, teacher.unet, batch, encoded)
         loss = losses.weighted(training.denoise_weight, training.output_weight, training.features_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        processes.average_gradients(student.parameters())
         torch.nn.utils.clip_grad_norm_(student.parameters(), training.grad_clip)
         optimizer.step()
         check_finite(loss, step, run)
@@ -200,7 +215,10 @@ def train_shared(
         finetune_expert(student, teacher, range(len(codes)), data, training, config, "shared", gating)
     finally:
         gates.detach()
-    save_expert(student, space, space.full(), folder, storage_dtype=torch.float32)
+    processes = Processes(config.device)
+    if processes.is_main:
+        save_expert(student, space, space.full(), folder, storage_dtype=torch.float32)
+    processes.wait()
     return student
 
 
@@ -208,7 +226,8 @@ def run_finetune(config: FinetuneConfig) -> Path:
     """Phase 2 end to end: route, fine-tune every code's expert (resumable per code), export the bundle."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
+    processes = Processes(config.device, config.mixed_precision)
+    device = processes.device
     folder = Path(config.out)
     folder.mkdir(parents=True, exist_ok=True)
     router = Router.load(config.router, device=device)
@@ -223,7 +242,8 @@ def run_finetune(config: FinetuneConfig) -> Path:
         codes = json.loads(routing_file.read_text())["codes"]
     else:
         codes = route_pool(router, data, min(config.routing_prompts, len(data)))
-        routing_file.write_text(json.dumps({"seed": config.seed, "codes": codes}) + "\n")
+        if processes.is_main:  # every process routes the same pool the same way; one writes it
+            routing_file.write_text(json.dumps({"seed": config.seed, "codes": codes}) + "\n")
     pools = [[i for i, c in enumerate(codes) if c == k] for k in range(router.config.num_codes)]
     shares = [len(p) / len(codes) for p in pools]
     print("training share per code:", [round(s, 3) for s in shares])
@@ -242,7 +262,8 @@ def run_finetune(config: FinetuneConfig) -> Path:
         student = slice_unet(source, space, arch)
         if pool and config.expert.steps:
             student = finetune_expert(student, teacher, pool, data, config.expert, config, name=str(code))
-        save_expert(student, space, arch, done, storage_dtype=storage)
+        if processes.is_main:
+            save_expert(student, space, arch, done, storage_dtype=storage)
         experts.append(student)
     info = {
         "stage": "aptp",
@@ -253,8 +274,10 @@ def run_finetune(config: FinetuneConfig) -> Path:
         "teacher": config.teacher,
         "router": config.router,
     }
-    export_bundle(
-        config.export, teacher.unet, teacher.spec, router, experts, shares, info, storage, **teacher.export_kwargs()
-    )
-    print(f"bundle written to {config.export}")
+    if processes.is_main:
+        export_bundle(
+            config.export, teacher.unet, teacher.spec, router, experts, shares, info, storage, **teacher.export_kwargs()
+        )
+        print(f"bundle written to {config.export}")
+    processes.wait()
     return Path(config.export)

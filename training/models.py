@@ -50,14 +50,19 @@ class TrainingTeacher:
     pipeline: Path | None = None
 
     @torch.no_grad()
-    def to_model_space(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def to_model_space(
+        self, images: torch.Tensor, generator: torch.Generator, share: slice | None = None, total: int | None = None
+    ) -> torch.Tensor:
         """Training images `(B, 3, R, R)` in [-1, 1] -> what the U-Net denoises: the images themselves, or latents
-        (a draw from the VAE's posterior, scaled as diffusers' training scripts scale it)."""
+        (a draw from the VAE's posterior, scaled as diffusers' training scripts scale it). The images are the rows
+        `share` of a global batch of `total`; the posterior's noise is drawn for the global batch and sliced."""
         if self.vae is None:
             return images
         parameter = next(self.vae.parameters())
         posterior = self.vae.encode(images.to(parameter.device, parameter.dtype)).latent_dist
-        latents = posterior.sample(generator=generator)
+        total = total or images.shape[0]
+        eps = torch.randn((total, *posterior.mean.shape[1:]), generator=generator)[share or slice(0, total)]
+        latents = posterior.mean + posterior.std * eps.to(posterior.mean)
         shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         return ((latents - shift) * float(self.vae.config.scaling_factor)).float()
 

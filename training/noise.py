@@ -26,10 +26,22 @@ class NoisyBatch:
     weight: torch.Tensor  # (B,) min-SNR-gamma weights
 
     @classmethod
-    def make(cls, scheduler: DDPMScheduler, x0: torch.Tensor, generator: torch.Generator, gamma: float) -> NoisyBatch:
-        batch = x0.shape[0]
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(x0.device)
+    def make(
+        cls,
+        scheduler: DDPMScheduler,
+        x0: torch.Tensor,
+        generator: torch.Generator,
+        gamma: float,
+        share: slice | None = None,
+        total: int | None = None,
+    ) -> NoisyBatch:
+        """Noise `x0`, the rows `share` of a global batch of `total` (default: all of it): the draws are made for
+        the global batch, so a process's rows get what they would in a one-process run."""
+        total = total or x0.shape[0]
+        share = share or slice(0, total)
+        noise = torch.randn((total, *x0.shape[1:]), generator=generator)[share].to(x0.device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (total,), generator=generator)
+        timesteps = timesteps[share].to(x0.device)
         noisy = scheduler.add_noise(x0, noise, timesteps)
         prediction = scheduler.config.prediction_type
         target = scheduler.get_velocity(x0, noise, timesteps) if prediction == "v_prediction" else noise

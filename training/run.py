@@ -9,7 +9,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,6 +35,10 @@ class RunSettings(BaseModel):
     threads: int | None = None
     checkpoint_minutes: float = Field(5.0, gt=0)
     log_every: int = Field(10, ge=1)
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16: the U-Net passes run under bfloat16 autocast (weights and optimiser stay float32)"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute U-Net activations in backward to save memory")
 
 
 def _dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -65,6 +69,7 @@ class TrainingRun:
         optimizer: torch.optim.Optimizer | None,
         checkpoint_name: str = "checkpoint",
         log_name: str = "log.jsonl",
+        main: bool = True,
     ):
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -73,7 +78,9 @@ class TrainingRun:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.checkpoint_name = checkpoint_name
         self._refuse_a_foreign_checkpoint()
-        (self.folder / "config.json").write_text(settings.model_dump_json(indent=1) + "\n")
+        self.main = main  # of several processes, only the main one writes
+        if main:
+            (self.folder / "config.json").write_text(settings.model_dump_json(indent=1) + "\n")
         self.modules, self.optimizer = modules, optimizer
         self.state: dict[str, Any] = {"step": 0, "elapsed_seconds": 0.0}
         self._log_path = self.folder / log_name
@@ -120,12 +127,16 @@ class TrainingRun:
         return step % self.settings.log_every == 0 or step == total - 1
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
         record = {**record, "seconds": round(self.elapsed_seconds, 1)}
         with open(self._log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def save(self, next_step: int) -> None:
         self.state.update(step=next_step, elapsed_seconds=self.elapsed_seconds)
+        if not self.main:
+            return
         save_checkpoint(self.folder / self.checkpoint_name, self.modules, self.optimizer, self.state)
         self._last_save = time.time()
 

@@ -29,6 +29,7 @@ from router.model import Router, RouterConfig
 
 from .data.captions import CaptionFolderConfig, TrainingData, training_data
 from .distill import block_features, student_losses
+from .distributed import Processes
 from .models import load_training_teacher
 from .noise import NoisyBatch
 from .run import RunSettings, TrainingRun, check_finite
@@ -155,10 +156,14 @@ def balance_codes(
 
 def run_search(config: SearchConfig) -> Path:
     """Run (or resume) phase 1; writes `router/` (the trained router) and `log.jsonl` to `config.out`."""
-    device = torch.device(config.device)
+    processes = Processes(config.device, config.mixed_precision)
+    device = processes.device
+    share = processes.share(config.batch_size)  # this process's rows of each step's global batch
     teacher = load_training_teacher(config.teacher, device, config.encoder, config.embed_encoder)
     unet, spec = teacher.unet, teacher.spec
     unet.train()  # no dropout or batch norm in these U-Nets; train mode only matters for gradient checkpointing
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     space = ArchitectureSpace.from_unet(unet, text_len=teacher.text_len)
     resolution = spec.resolution
     text_encoder, embed_encoder = teacher.conditioner, teacher.router_encoder
@@ -180,16 +185,21 @@ def run_search(config: SearchConfig) -> Path:
     warmup_steps = int(config.warmup_fraction * config.steps)
     w = config.weights
 
-    run = TrainingRun(config, {"router": router}, optimizer)
+    run = TrainingRun(config, {"router": router}, optimizer, main=processes.is_main)
     start = run.resume()
-    progress = tqdm(range(start, config.steps), desc="search", initial=start, total=config.steps)
+    steps = range(start, config.steps)
+    progress = tqdm(steps, desc="search", initial=start, total=config.steps, disable=not processes.is_main)
     for step in progress:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        images, captions = data.take(range(step * config.batch_size, (step + 1) * config.batch_size))
-        x0 = teacher.to_model_space(images.to(device), generator)
+        positions = range(step * config.batch_size, (step + 1) * config.batch_size)
+        images, captions = data.take(positions[share])
+        x0 = teacher.to_model_space(images.to(device), generator, share, config.batch_size)
         encoded = text_encoder.encode(captions)
-        embedding = teacher.router_embedding(captions, encoded)
-        batch = NoisyBatch.make(scheduler, x0, generator, config.min_snr_gamma)
+        if processes.world == 1:
+            embedding = teacher.router_embedding(captions, encoded)
+        else:  # the router's side runs on the global batch (see training.distributed)
+            embedding = teacher.router_encoder.encode(data.captions(positions)).pooled
+        batch = NoisyBatch.make(scheduler, x0, generator, config.min_snr_gamma, share, config.batch_size)
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / max(1, config.lr_warmup_steps))
 
@@ -209,13 +219,13 @@ def run_search(config: SearchConfig) -> Path:
         warming_up = step < warmup_steps
         soft, hard = (prompt_soft, prompt_hard) if warming_up else (code_soft[codes], code_hard[codes])
 
-        with torch.no_grad(), block_features(unet) as teacher_features:
+        with torch.no_grad(), processes.autocast(), block_features(unet) as teacher_features:
             gates.set(None)
             teacher_out = denoise(unet, batch.noisy, batch.timesteps, encoded)
-        gates.set(soft)
-        distill = student_losses(unet, None, batch, encoded, teacher_out.sample, list(teacher_features))
-        gates.set(None)
-        ratios = prunable_ratio(space, hard, resolution).float()  # (B,)
+        gates.set(soft[share])  # held through backward: gradient checkpointing recomputes the gated forward
+        with processes.autocast():
+            distill = student_losses(unet, None, batch, encoded, teacher_out.sample, list(teacher_features))
+        ratios = prunable_ratio(space, hard, resolution).float()  # (B,) of the global batch
         resource = resource_loss(ratios, budget)
         spread_std, spread_max = spread_losses(ratios)
         contrastive = contrastive_loss(
@@ -230,6 +240,8 @@ def run_search(config: SearchConfig) -> Path:
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        gates.set(None)
+        processes.average_gradients(router.parameters())
         optimizer.step()
         check_finite(loss, step, run)
 
@@ -240,6 +252,7 @@ def run_search(config: SearchConfig) -> Path:
             record = {
                 "step": step,
                 "phase": "warmup" if warming_up else "codes",
+                "processes": processes.world,
                 "loss": round(loss.item(), 5),
                 "denoise": round(distill.denoise.item(), 5),
                 "output": round(distill.output.item(), 5),
@@ -259,8 +272,12 @@ def run_search(config: SearchConfig) -> Path:
         run.maybe_save(step + 1)
     run.save(config.steps)
     gates.detach()
+    if not processes.is_main:  # the main process balances and writes the router
+        processes.wait()
+        return run.folder / "router"
     if config.balance_prompts:
         balance_codes(router, embed_encoder, data, config, run)
     router.cpu().save(run.folder / "router")
+    processes.wait()
     print(f"router written to {run.folder / 'router'} ({run.state['elapsed_seconds'] / 60:.1f} min)")
     return run.folder / "router"

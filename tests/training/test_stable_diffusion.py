@@ -143,3 +143,14 @@ def test_the_readme_worked_example_runs_from_its_configs(tiny_sd, tiny_captions,
         response = client.post("/v1/images/generations", json={"prompt": "a red bicycle", "size": "32x32"})
     assert response.status_code == 200, response.text
     assert decode_png(response.json()["data"][0]["b64_json"]).shape == (32, 32, 3)
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run_and_stay_close(tiny_sd, tiny_captions, searched, tmp_path):
+    config = _search_config(tiny_sd, tiny_captions, tmp_path / "run", gradient_checkpointing=True)
+    checkpointed = Router.load(run_search(config))
+    # Recomputing the gated forward in backward gives the gradients of the plain run (gates held through backward).
+    for name, tensor in Router.load(searched).state_dict().items():
+        torch.testing.assert_close(checkpointed.state_dict()[name], tensor, rtol=0, atol=1e-5, msg=name)
+    config = _search_config(tiny_sd, tiny_captions, tmp_path / "bf16", mixed_precision="bf16")
+    bf16 = Router.load(run_search(config))
+    assert all(torch.isfinite(t).all() for t in bf16.state_dict().values())

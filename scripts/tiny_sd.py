@@ -116,6 +116,38 @@ def build_tiny_sd(folder: str | Path, prediction_type: str = "epsilon", seed: in
     return Path(folder)
 
 
+def build_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random-weight CLIP model (text and vision towers) with the tiny tokenizer, saved as `aptp eval --clip`
+    reads a local CLIP folder; returns `folder`. Its scores mean nothing: it is for trying the metrics path."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": MAX_LENGTH,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
 CAPTION_WORDS = ("red", "blue", "green", "circle", "square", "bicycle", "tree", "house", "at night", "in the snow")
 
 
@@ -147,12 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--captions", help="also write a tiny image-caption folder (12 images) here")
+    parser.add_argument("--clip", help="also write a tiny random CLIP folder here (for aptp eval --clip)")
     args = parser.parse_args(argv)
     folder = build_tiny_sd(args.folder, args.prediction_type, args.seed)
     index = json.loads((folder / "model_index.json").read_text())
     print(f"wrote {folder} ({index['_class_name']}: {', '.join(k for k in index if not k.startswith('_'))})")
     if args.captions:
         print(f"wrote {build_tiny_captions(args.captions, seed=args.seed)} (12 captioned images)")
+    if args.clip:
+        print(f"wrote {build_tiny_clip(args.clip, seed=args.seed)} (a tiny random CLIP model)")
     return 0
 
 

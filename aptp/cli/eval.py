@@ -15,7 +15,53 @@ def _report_name(args: argparse.Namespace, bundle: str) -> str:
     return args.name or pathlib.Path(bundle).name
 
 
+def _eval_prompts(args: argparse.Namespace) -> int:
+    """Your own model on your own prompts: CLIP score, CMMD and FID from local weight files."""
+    from aptp.formats.report import collect_provenance
+    from training.data.captions import DatasetError, read_prompt_file
+    from training.evaluation.prompts import LocalClip, MetricFileError, evaluate_prompts
+
+    if args.compare or len(args.bundle or []) != 1:
+        print("aptp eval: error: --prompts evaluates one --bundle (and no --compare)", file=sys.stderr)
+        return 2
+    try:
+        prompts = read_prompt_file(args.prompts)
+        clip = LocalClip(args.clip, args.device) if args.clip else None
+    except (DatasetError, MetricFileError) as e:
+        print(f"aptp eval: error: {e}", file=sys.stderr)
+        return 2
+    bundle = args.bundle[0]
+    pipeline = load_pipeline("eval", bundle, args.device)
+    if pipeline is None:
+        return 2
+    name = _report_name(args, bundle)
+    settings = {k: getattr(args, k) for k in ("prompts", "seed", "steps", "guidance", "clip", "inception", "device")}
+    provenance = collect_provenance([bundle], config={**settings, "reference_images": args.reference_images})
+    try:
+        report = evaluate_prompts(
+            pipeline,
+            prompts,
+            args.out,
+            name,
+            args.seed,
+            args.steps,
+            args.guidance,
+            clip,
+            args.reference_images,
+            args.inception,
+            provenance,
+        )
+    except MetricFileError as e:
+        print(f"aptp eval: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"name": name, **report["metrics"], "not_computed": report["not_computed"]}))
+    print(f"wrote {args.out}/{name}.json, .md and _codes.png")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
+    if args.prompts:
+        return _eval_prompts(args)
     from aptp.formats.report import collect_provenance
     from training.evaluation.evaluate import run_eval
     from training.evaluation.evaluator import DomainEvaluator
@@ -50,8 +96,9 @@ def _eval(args: argparse.Namespace) -> int:
             return 2
         if pipeline.source == "pipeline":
             print(
-                f"aptp eval: error: {bundle}: a diffusers pipeline folder; aptp eval scores models of the embedded "
-                "shapes domain with its evaluator (metrics for your own model's data are not available yet)",
+                f"aptp eval: error: {bundle}: a diffusers pipeline folder; without --prompts, aptp eval scores "
+                "models of the embedded shapes domain with its evaluator (give --prompts FILE, and --clip, "
+                "--reference-images, --inception for CLIP score, CMMD and FID)",
                 file=sys.stderr,
             )
             return 2
@@ -119,6 +166,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "with 95%% bootstrap intervals, below the table)",
     )
     evaluate.add_argument("--evaluator", default="bundles/shapes/evaluator")
+    evaluate.add_argument(
+        "--prompts", metavar="FILE", help="your own model on your own prompts (one a line) instead of the shapes domain"
+    )
+    evaluate.add_argument("--clip", metavar="FOLDER", help="with --prompts: a local CLIP folder (CLIP score, CMMD)")
+    evaluate.add_argument("--reference-images", metavar="FOLDER", help="with --prompts: real images (CMMD, FID)")
+    evaluate.add_argument(
+        "--inception", metavar="FILE", help="with --prompts: torch-fidelity's FID Inception weights file (FID)"
+    )
     evaluate.add_argument("--out", default="benchmarks/results/eval", help="folder for the reports")
     evaluate.add_argument("--name", help="report name (default: the bundle folder's name)")
     evaluate.add_argument("--num-prompts", type=positive_int, default=1000, help="held-out prompts (test split)")

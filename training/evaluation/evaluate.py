@@ -9,6 +9,7 @@ teacher's), overall and per tier. A teacher folder is evaluated as a one-code bu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,15 +97,17 @@ def tier_grid(results: dict[str, Any], per_tier: int = 8, scale: int = 4) -> tup
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST), captions
 
 
-def code_grid(results: dict[str, Any], per_code: int = 8, scale: int = 4) -> tuple[Image.Image, list[str]]:
-    """A PNG grid: one row per code that received prompts, up to `per_code` of its images."""
+def code_grid(
+    images: torch.Tensor, codes: Sequence[int], prompts: Sequence[str], per_code: int = 8, scale: int = 4
+) -> tuple[Image.Image, list[str]]:
+    """A PNG grid: one row per code that received prompts, up to `per_code` of its images (uint8 `(N, 3, H, W)`,
+    image i made for `prompts[i]` by code `codes[i]`)."""
     rows, captions = [], []
-    codes = results["_codes"]
     for code in sorted(set(codes)):
         picks = [i for i, c in enumerate(codes) if c == code][:per_code]
-        row = torch.cat([results["_generated"][i] for i in picks], dim=2)
+        row = torch.cat([images[i] for i in picks], dim=2)
         rows.append(torch.nn.functional.pad(row, (0, per_code * row.shape[1] - row.shape[2])))
-        captions += [f"code {code}, image {k + 1}: {results['_samples'][i].caption}" for k, i in enumerate(picks)]
+        captions += [f"code {code}, image {k + 1}: {prompts[i]}" for k, i in enumerate(picks)]
     grid = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
     image = Image.fromarray(grid)
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST), captions
@@ -135,7 +138,8 @@ def run_eval(
     grid.save(out / f"{name}_samples.png")
     (out / f"{name}_samples.txt").write_text("\n".join(captions) + "\n")
     if pipeline.num_codes > 1:
-        grid, captions = code_grid(results[0])
+        first = results[0]
+        grid, captions = code_grid(first["_generated"], first["_codes"], [s.caption for s in first["_samples"]])
         grid.save(out / f"{name}_codes.png")
         (out / f"{name}_codes.txt").write_text("\n".join(captions) + "\n")
     clean = [SplitResult.model_validate({k: v for k, v in r.items() if not k.startswith("_")}) for r in results]

@@ -242,3 +242,30 @@ def test_generate_decodes_a_pipeline_folder_and_eval_says_it_scores_the_shapes_d
     assert Image.open(out).size == (64, 32) and Image.open(out).mode == "RGB"  # two 32x32 decoded images in a row
     code, _, err = _run(capsys, "eval", "--bundle", tiny_sd, "--out", tmp_path / "results")
     assert code == 2 and "diffusers pipeline folder" in err and "Traceback" not in err
+
+
+def test_eval_scores_your_own_model_on_your_own_prompts_with_local_metric_weights(
+    tmp_path, capsys, tiny_sd, tiny_captions
+):
+    from scripts.tiny_sd import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red bicycle\na tree in the snow\n# a comment\na house at night\n")
+    out = tmp_path / "results"
+    args = ["eval", "--bundle", tiny_sd, "--prompts", prompts, "--steps", 2, "--out", out, "--name", "mine"]
+    code, _, err = _run(capsys, *args, "--clip", clip, "--reference-images", tiny_captions / "images")
+    assert code == 0, err
+    report = json.loads((out / "mine.json").read_text())
+    assert report["prompts"] == 3 and report["reference_images"] == 12 and report["macs_ratio"] == 1.0
+    assert 0 <= report["metrics"]["clip_score"] <= 100 and math.isfinite(report["metrics"]["cmmd"])
+    assert report["not_computed"] == ["fid (--reference-images and --inception)"]
+    assert report["provenance"]["bundles"][str(tiny_sd)] is not None
+    assert (out / "mine_codes.png").is_file() and "not computed: fid" in (out / "mine.md").read_text()
+    # A metric file that is not there is named, before any image is generated.
+    code, _, err = _run(capsys, "eval", "--bundle", tiny_sd, "--prompts", prompts, "--clip", tmp_path / "none")
+    assert code == 2 and str(tmp_path / "none") in err and "Traceback" not in err
+    code, _, err = _run(
+        capsys, *args, "--reference-images", tiny_captions / "images", "--inception", tmp_path / "x.pth"
+    )
+    assert code == 2 and "--inception" in err and "Traceback" not in err

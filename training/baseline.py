@@ -21,10 +21,10 @@ from .distributed import Processes
 from .export import export_bundle
 from .finetune import ExpertTraining, finetune_expert
 from .models import load_training_teacher
-from .run import RunSettings
+from .run import DistillingSettings
 
 
-class BaselineConfig(RunSettings):
+class BaselineConfig(DistillingSettings):
     """Config of `aptp train baseline` (see configs/shapes/baseline.yaml)."""
 
     teacher: str = "bundles/shapes/teacher"
@@ -45,7 +45,7 @@ def run_baseline(config: BaselineConfig) -> Path:
         torch.set_num_threads(config.threads)
     processes = Processes(config.device, config.mixed_precision)
     device = processes.device
-    teacher = load_training_teacher(config.teacher, device)
+    teacher = load_training_teacher(config.teacher, device, dtype=config.torch_teacher_dtype)
     spec = teacher.spec
     space = ArchitectureSpace.from_unet(teacher.unet, text_len=teacher.text_len)
     arch = l1_architecture_for_budget(teacher.unet, space, config.budget, spec.resolution)
@@ -57,7 +57,7 @@ def run_baseline(config: BaselineConfig) -> Path:
     else:
         pool = range(min(config.training_prompts, len(data)))
         student = finetune_expert(
-            slice_unet(teacher.unet, space, arch), teacher, pool, data, config.expert, config, name="static"
+            slice_unet(teacher.unet, space, arch).float(), teacher, pool, data, config.expert, config, name="static"
         )
         if processes.is_main:
             save_expert(student, space, arch, done, storage_dtype=storage)

@@ -55,13 +55,17 @@ def student_losses(
 ) -> DistillLosses:
     """Denoising loss (min-SNR weighted) plus output and block-feature MSE against the teacher, both U-Nets reading
     `prompts` (token states, mask and, for U-Nets that take one, the prompt map). Pass `teacher` to run it here
-    (under no_grad), or its precomputed `teacher_out` / `teacher_features`."""
+    (under no_grad), or its precomputed `teacher_out` / `teacher_features`. Each U-Net reads its inputs in its own
+    dtype (a frozen teacher may be held in half precision beside a float32 student)."""
     if teacher is not None:
+        dtype = next(teacher.parameters()).dtype
         with torch.no_grad(), block_features(teacher) as features:
-            teacher_out = denoise(teacher, batch.noisy, batch.timesteps, prompts).sample
+            noisy, cond = batch.noisy.to(dtype), prompts.to(dtype=dtype)
+            teacher_out = denoise(teacher, noisy, batch.timesteps, cond).sample
         teacher_features = [f.detach() for f in features]
+    dtype = next(student.parameters()).dtype
     with block_features(student) as student_features:
-        out = denoise(student, batch.noisy, batch.timesteps, prompts).sample
+        out = denoise(student, batch.noisy.to(dtype), batch.timesteps, prompts.to(dtype=dtype)).sample
     per_sample = F.mse_loss(out.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
     denoising = (batch.weight * per_sample).mean()
     output = F.mse_loss(out.float(), teacher_out.float())

@@ -38,7 +38,7 @@ from .distributed import Processes
 from .export import export_bundle
 from .models import TrainingTeacher, load_training_teacher
 from .noise import NoisyBatch
-from .run import RunSettings, TrainingRun, check_finite, warmup_cosine
+from .run import DistillingSettings, RunSettings, TrainingRun, check_finite, warmup_cosine
 
 
 class ExpertTraining(BaseModel):
@@ -62,7 +62,7 @@ class ExpertTraining(BaseModel):
     features_weight: float = 0.2
 
 
-class FinetuneConfig(RunSettings):
+class FinetuneConfig(DistillingSettings):
     """Config of `aptp train finetune` (see configs/shapes/finetune.yaml)."""
 
     teacher: str = "bundles/shapes/teacher"
@@ -207,7 +207,7 @@ def train_shared(
     folder = Path(config.out) / "shared"
     if is_expert_folder(folder):
         return load_expert(folder, device=device)[0]
-    student = copy.deepcopy(teacher.unet)
+    student = copy.deepcopy(teacher.unet).float()
     gates = UNetGates(student, space).attach()
     gating = CodeGating(gates, architectures.to(device), torch.as_tensor(list(codes), dtype=torch.long))
     training = config.expert.model_copy(update={"steps": config.shared_steps})
@@ -231,7 +231,9 @@ def run_finetune(config: FinetuneConfig) -> Path:
     folder = Path(config.out)
     folder.mkdir(parents=True, exist_ok=True)
     router = Router.load(config.router, device=device)
-    teacher = load_training_teacher(config.teacher, device, router_encoder=router.config.encoder)
+    teacher = load_training_teacher(
+        config.teacher, device, router_encoder=router.config.encoder, dtype=config.torch_teacher_dtype
+    )
     if router.config.encoder == teacher.router_encoder.config:
         router._encoder = teacher.router_encoder  # one sentence encoder in memory when they are the same
     space: ArchitectureSpace = router.space
@@ -259,7 +261,7 @@ def run_finetune(config: FinetuneConfig) -> Path:
         if is_expert_folder(done):
             experts.append(load_expert(done, device=device)[0])
             continue
-        student = slice_unet(source, space, arch)
+        student = slice_unet(source, space, arch).float()
         if pool and config.expert.steps:
             student = finetune_expert(student, teacher, pool, data, config.expert, config, name=str(code))
         if processes.is_main:

@@ -87,13 +87,15 @@ def load_training_teacher(
     device: str | torch.device = "cpu",
     text_encoder: EncoderConfig | None = None,
     router_encoder: EncoderConfig | None = None,
+    dtype: torch.dtype | None = None,
 ) -> TrainingTeacher:
-    """Load a teacher folder or a diffusers Stable Diffusion folder as a frozen training teacher. `text_encoder`
-    overrides a teacher folder's conditioning encoder; `router_encoder` is the router's sentence encoder (default:
-    the teacher folder's own encoder, or all-MiniLM-L6-v2 for a pipeline)."""
+    """Load a teacher folder or a diffusers Stable Diffusion folder as a frozen training teacher (its U-Net, and a
+    pipeline's VAE and text encoder, as `dtype`; default float32). `text_encoder` overrides a teacher folder's
+    conditioning encoder; `router_encoder` is the router's sentence encoder (default: the teacher folder's own
+    encoder, or all-MiniLM-L6-v2 for a pipeline)."""
     device = torch.device(device)
     if is_pipeline_folder(folder):
-        parts = load_stable_diffusion(folder, device=device)
+        parts = load_stable_diffusion(folder, device=device, dtype=dtype)
         spec, text_len = pipeline_teacher_spec(parts, router_encoder)
         routing = PromptEncoder(spec.text_encoder, device=device)
         conditioner = ClipConditioner(parts.tokenizer, parts.text_encoder, routing)
@@ -102,7 +104,7 @@ def load_training_teacher(
         return TrainingTeacher(
             unet, spec, conditioner, routing, text_len, spec.resolution * scale, vae=parts.vae, pipeline=Path(folder)
         )
-    unet, spec = load_teacher(folder, device=device)
+    unet, spec = load_teacher(folder, device=device, dtype=dtype)
     unet.requires_grad_(False)
     conditioner = load_teacher_conditioner(folder, spec, device, text_encoder=text_encoder)
     own = conditioner.encoder

@@ -41,6 +41,21 @@ class RunSettings(BaseModel):
     gradient_checkpointing: bool = Field(False, description="recompute U-Net activations in backward to save memory")
 
 
+TEACHER_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class DistillingSettings(RunSettings):
+    """Fields of the stages that distil from a frozen teacher (fine-tuning, the baseline)."""
+
+    teacher_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="the frozen teacher's weights (it only distils); students train in float32"
+    )
+
+    @property
+    def torch_teacher_dtype(self) -> torch.dtype:
+        return TEACHER_DTYPES[self.teacher_dtype]
+
+
 def _dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested config dict -> {"optim.steps": ..., ...}."""
     flat: dict[str, Any] = {}

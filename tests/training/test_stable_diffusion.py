@@ -4,6 +4,8 @@ VAE and text encoder and serve over HTTP."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -154,3 +156,24 @@ def test_bf16_autocast_and_gradient_checkpointing_run_and_stay_close(tiny_sd, ti
     config = _search_config(tiny_sd, tiny_captions, tmp_path / "bf16", mixed_precision="bf16")
     bf16 = Router.load(run_search(config))
     assert all(torch.isfinite(t).all() for t in bf16.state_dict().values())
+
+
+def test_a_half_precision_teacher_distils_into_float32_students(searched, tiny_sd, tiny_captions, tmp_path):
+    config = FinetuneConfig.model_validate(
+        {
+            "teacher": str(tiny_sd),
+            "router": str(searched),
+            "data": {"folder": str(tiny_captions)},
+            "out": str(tmp_path / "run"),
+            "export": str(tmp_path / "bundle"),
+            "routing_prompts": 12,
+            "teacher_dtype": "bfloat16",
+            "expert": {"steps": 2, "batch_size": 2, "warmup_steps": 1},
+            "log_every": 1,
+            "export_dtype": "float32",
+        }
+    )
+    pipeline = RoutedPipeline.from_pretrained(run_finetune(config))
+    assert {next(expert.parameters()).dtype for expert in pipeline.experts} == {torch.float32}
+    logs = [json.loads(line) for log in (tmp_path / "run").glob("log-*.jsonl") for line in log.read_text().splitlines()]
+    assert logs and all(np.isfinite(record["loss"]) for record in logs)

@@ -264,3 +264,50 @@ def save_tiny_teacher(
     inputs = {"in_channels": 3 + 2 + map_channels} if map_channels else {}
     unet = build_unet(tiny_teacher_unet_config(cross_attention_dim=adapter_width, **inputs), seed=seed)
     return save_teacher(unet, tiny_teacher_spec(), folder, text_adapter=adapter)
+
+
+# ------------------------------------------------------------------------------------------- servers in a process
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_ready(process, url: str, timeout_s: float = 120.0) -> None:
+    """Poll `url/readyz` until it answers 200; fail with the server's output if it exits or `timeout_s` passes."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, process.stdout.read().decode()
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"server not ready in {timeout_s:.0f} s"
+        time.sleep(0.2)
+
+
+# ------------------------------------------------------------------------------ APTP on the tiny SD pipeline
+def search_settings(tiny_sd, tiny_captions, out, **overrides) -> dict:
+    """A few steps of phase 1 on the tiny pipeline and caption folder (the settings, for a config file or a model)."""
+    return {
+        "teacher": str(tiny_sd),
+        "data": {"folder": str(tiny_captions)},
+        "out": str(out),
+        "steps": 4,
+        "batch_size": 4,
+        "num_codes": 2,
+        "warmup_fraction": 0.5,
+        "lr": 1e-2,
+        "log_every": 1,
+        "balance_prompts": 12,
+        "checkpoint_minutes": 60.0,
+        **overrides,
+    }

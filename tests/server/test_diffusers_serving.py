@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import numpy as np
 import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.helpers import free_port, wait_until_ready
 from tests.server.conftest import server_settings
 from tests.server.test_api import decode_png
 
@@ -76,29 +74,14 @@ def test_the_openai_size_is_the_pixel_size(sd_client):
         client.images.generate(prompt="a blue square", size="8x8")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_aptp_serve_on_a_pipeline_folder_answers_the_openai_client(tiny_sd):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "APTP_PORT": str(port), "APTP_DEFAULT_STEPS": "2", "APTP_THREADS": "1"}
     command = [sys.executable, "-m", "aptp.cli.main", "serve", "--bundle", str(tiny_sd)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read().decode()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in 120 s"
-            time.sleep(0.2)
+        wait_until_ready(process, url)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         result = client.images.generate(prompt="a red circle", size="32x32", extra_body={"seed": 2})
         assert decode_png(result.data[0].b64_json).shape == (32, 32, 3)

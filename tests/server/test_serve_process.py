@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,11 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import free_port, wait_until_ready
 
 
 def _queued(url: str) -> float:
@@ -25,7 +20,7 @@ def _queued(url: str) -> float:
 
 
 def test_sigterm_drains_queued_requests_then_exits(tiny_bundle):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
@@ -40,16 +35,7 @@ def test_sigterm_drains_queued_requests_then_exits(tiny_bundle):
         [sys.executable, "-m", "aptp.cli.main", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read().decode()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in 120 s"
-            time.sleep(0.2)
+        wait_until_ready(process, url)
         with ThreadPoolExecutor(3) as pool:
             futures = [
                 pool.submit(httpx.post, f"{url}/generate", json={"prompt": "a red circle", "seed": s}, timeout=120)

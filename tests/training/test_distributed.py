@@ -12,23 +12,12 @@ import sys
 import torch
 
 from router.model import Router
+from tests.helpers import search_settings
 from training.search import SearchConfig, run_search
 
 
 def _settings(tiny_sd, tiny_captions, out) -> dict:
-    return {
-        "teacher": str(tiny_sd),
-        "data": {"folder": str(tiny_captions)},
-        "out": str(out),
-        "steps": 4,
-        "batch_size": 4,
-        "num_codes": 2,
-        "warmup_fraction": 0.5,
-        "lr": 1e-2,
-        "log_every": 1,
-        "balance_prompts": 0,
-        "threads": 1,
-    }
+    return search_settings(tiny_sd, tiny_captions, out, balance_prompts=0, threads=1)
 
 
 def test_two_processes_train_the_router_one_process_would(tiny_sd, tiny_captions, tmp_path):

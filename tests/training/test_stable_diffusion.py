@@ -15,6 +15,7 @@ import training.data.captions as captions_module
 from aptp.formats.bundle import read_manifest
 from aptp.pipeline import RoutedPipeline
 from router.model import Router
+from tests.helpers import search_settings
 from tests.server.conftest import server_settings
 from tests.server.test_api import decode_png
 from training.baseline import BaselineConfig, run_baseline
@@ -27,21 +28,23 @@ class Killed(Exception):
 
 
 def _search_config(tiny_sd, tiny_captions, out, **overrides) -> SearchConfig:
+    return SearchConfig.model_validate(search_settings(tiny_sd, tiny_captions, out, **overrides))
+
+
+def _finetune_config(tiny_sd, router, tiny_captions, tmp_path, **overrides) -> FinetuneConfig:
     data = {
         "teacher": str(tiny_sd),
+        "router": str(router),
         "data": {"folder": str(tiny_captions)},
-        "out": str(out),
-        "steps": 4,
-        "batch_size": 4,
-        "num_codes": 2,
-        "warmup_fraction": 0.5,
-        "lr": 1e-2,
+        "out": str(tmp_path / "run"),
+        "export": str(tmp_path / "bundle"),
+        "routing_prompts": 12,
+        "expert": {"steps": 2, "batch_size": 2, "warmup_steps": 1},
         "log_every": 1,
-        "balance_prompts": 12,
-        "checkpoint_minutes": 60.0,
+        "export_dtype": "float32",
         **overrides,
     }
-    return SearchConfig.model_validate(data)
+    return FinetuneConfig.model_validate(data)
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +80,7 @@ def test_search_resumes_exactly_after_a_kill(tiny_sd, tiny_captions, searched, t
 
 
 def test_finetune_exports_a_bundle_that_carries_the_pipeline_and_serves(searched, tiny_sd, tiny_captions, tmp_path):
-    config = FinetuneConfig.model_validate(
-        {
-            "teacher": str(tiny_sd),
-            "router": str(searched),
-            "data": {"folder": str(tiny_captions)},
-            "out": str(tmp_path / "run"),
-            "export": str(tmp_path / "bundle"),
-            "routing_prompts": 12,
-            "expert": {"steps": 2, "batch_size": 2, "warmup_steps": 1},
-            "log_every": 1,
-            "export_dtype": "float32",
-        }
-    )
+    config = _finetune_config(tiny_sd, searched, tiny_captions, tmp_path)
     bundle = run_finetune(config)
     manifest = read_manifest(bundle)
     assert manifest.latent is not None and manifest.latent.source == str(tiny_sd) and manifest.num_codes == 2
@@ -159,20 +150,7 @@ def test_bf16_autocast_and_gradient_checkpointing_run_and_stay_close(tiny_sd, ti
 
 
 def test_a_half_precision_teacher_distils_into_float32_students(searched, tiny_sd, tiny_captions, tmp_path):
-    config = FinetuneConfig.model_validate(
-        {
-            "teacher": str(tiny_sd),
-            "router": str(searched),
-            "data": {"folder": str(tiny_captions)},
-            "out": str(tmp_path / "run"),
-            "export": str(tmp_path / "bundle"),
-            "routing_prompts": 12,
-            "teacher_dtype": "bfloat16",
-            "expert": {"steps": 2, "batch_size": 2, "warmup_steps": 1},
-            "log_every": 1,
-            "export_dtype": "float32",
-        }
-    )
+    config = _finetune_config(tiny_sd, searched, tiny_captions, tmp_path, teacher_dtype="bfloat16")
     pipeline = RoutedPipeline.from_pretrained(run_finetune(config))
     assert {next(expert.parameters()).dtype for expert in pipeline.experts} == {torch.float32}
     logs = [json.loads(line) for log in (tmp_path / "run").glob("log-*.jsonl") for line in log.read_text().splitlines()]

@@ -50,6 +50,7 @@ def run_baseline(config: BaselineConfig) -> Path:
     space = ArchitectureSpace.from_unet(teacher.unet, text_len=teacher.text_len)
     arch = l1_architecture_for_budget(teacher.unet, space, config.budget, spec.resolution)
     data = training_data(config.data, teacher.pixel_resolution, config.seed)
+    teacher.use_latent_cache(data, processes)
     storage = getattr(torch, config.export_dtype)
     done = Path(config.out) / "expert"
     if is_expert_folder(done):

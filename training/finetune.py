@@ -123,7 +123,6 @@ def finetune_expert(
     """Fine-tune `student` (a sliced copy of the teacher's U-Net) on the samples at positions `pool` of `data`,
     distilling from the frozen teacher; with `gating`, `student` is a full copy run as each sample's code.
     Resumable: the run's checkpoint is `<out>/checkpoint-<name>`, its log `<out>/log-<name>.jsonl`."""
-    device = next(student.parameters()).device
     processes = Processes(run_settings.device, run_settings.mixed_precision)
     share = processes.share(training.batch_size)  # this process's rows of each step's global batch
     scheduler = DDPMScheduler.from_config(teacher.spec.scheduler_config)
@@ -151,8 +150,7 @@ def finetune_expert(
         picks = pool_t[torch.randint(len(pool_t), (total,), generator=generator)].tolist()[share]
         if gating is not None:
             gating.select(picks)
-        images, captions = data.take(picks)
-        x0 = teacher.to_model_space(images.to(device), generator, share, total)
+        x0, captions = teacher.samples(data, picks, generator, share, total)
         drop = (torch.rand(total, generator=generator) < training.prompt_dropout)[share]
         encoded = teacher.conditioner.encode(["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)])
         batch = NoisyBatch.make(scheduler, x0, generator, training.min_snr_gamma, share, total)
@@ -238,6 +236,7 @@ def run_finetune(config: FinetuneConfig) -> Path:
         router._encoder = teacher.router_encoder  # one sentence encoder in memory when they are the same
     space: ArchitectureSpace = router.space
     data = training_data(config.data, teacher.pixel_resolution, config.seed)
+    teacher.use_latent_cache(data, processes)
 
     routing_file = folder / "routing.json"
     if routing_file.is_file():

@@ -21,6 +21,10 @@ from aptp.conditioning.prompts import Conditioning
 from aptp.formats.diffusers import is_pipeline_folder, load_stable_diffusion, pipeline_teacher_spec
 from aptp.formats.teacher import TeacherSpec, load_teacher, load_teacher_conditioner
 
+from .data.captions import DatasetError, TrainingData
+from .data.latents import LatentCache
+from .distributed import Processes
+
 
 @dataclass
 class TrainingTeacher:
@@ -48,6 +52,46 @@ class TrainingTeacher:
     vae: nn.Module | None = None
     adapter: TextAdapter | None = None
     pipeline: Path | None = None
+    latent_cache: LatentCache | None = None
+
+    def use_latent_cache(self, data: TrainingData, processes: Processes) -> None:
+        """Read the data's latents from its configured cache (the main process builds it if needed)."""
+        folder = getattr(getattr(data, "config", None), "latent_cache", None)
+        if folder is None:
+            return
+        if self.vae is None or self.pipeline is None:
+            raise DatasetError(f"{folder}: a latent cache is for a latent-diffusion teacher (a diffusers pipeline)")
+        if processes.is_main:
+            self.latent_cache = LatentCache(folder, data, self.vae, self.pipeline / "vae")
+        processes.wait()
+        if not processes.is_main:
+            self.latent_cache = LatentCache(folder, data, self.vae, self.pipeline / "vae")
+
+    def samples(
+        self,
+        data: TrainingData,
+        positions: Sequence[int],
+        generator: torch.Generator,
+        share: slice | None = None,
+        total: int | None = None,
+    ) -> tuple[torch.Tensor, list[str]]:
+        """What a step trains on at `positions` (the rows `share` of a global batch of `total`): the U-Net's clean
+        inputs (`to_model_space`) and their captions, read from the latent cache when there is one."""
+        device = next(self.unet.parameters()).device
+        if self.latent_cache is None:
+            images, captions = data.take(positions)
+            return self.to_model_space(images.to(device), generator, share, total), captions
+        mean, std = self.latent_cache.posterior([data.index(p) for p in positions], device)
+        return self._draw(mean, std, generator, share, total), data.captions(positions)
+
+    def _draw(self, mean, std, generator, share, total) -> torch.Tensor:
+        """A draw from the posteriors `(B, C, h, w)` with noise made for the global batch and sliced, scaled as
+        diffusers' training scripts scale latents."""
+        total = total or mean.shape[0]
+        eps = torch.randn((total, *mean.shape[1:]), generator=generator)[share or slice(0, total)]
+        latents = mean + std * eps.to(mean)
+        shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        return ((latents - shift) * float(self.vae.config.scaling_factor)).float()
 
     @torch.no_grad()
     def to_model_space(
@@ -60,11 +104,7 @@ class TrainingTeacher:
             return images
         parameter = next(self.vae.parameters())
         posterior = self.vae.encode(images.to(parameter.device, parameter.dtype)).latent_dist
-        total = total or images.shape[0]
-        eps = torch.randn((total, *posterior.mean.shape[1:]), generator=generator)[share or slice(0, total)]
-        latents = posterior.mean + posterior.std * eps.to(posterior.mean)
-        shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
-        return ((latents - shift) * float(self.vae.config.scaling_factor)).float()
+        return self._draw(posterior.mean, posterior.std, generator, share, total)
 
     def router_embedding(self, captions: Sequence[str], encoded: Conditioning) -> torch.Tensor:
         """The router's input for `captions` (`encoded` is what the conditioner made of them)."""

@@ -181,6 +181,7 @@ def run_search(config: SearchConfig) -> Path:
     scheduler = DDPMScheduler.from_config(spec.scheduler_config)
     budget = prunable_budget(config.budget, space.total_macs(resolution), space.prunable_macs(resolution))
     data = training_data(config.data, teacher.pixel_resolution, config.seed)
+    teacher.use_latent_cache(data, processes)
     gates = UNetGates(unet, space).attach()
     warmup_steps = int(config.warmup_fraction * config.steps)
     w = config.weights
@@ -192,8 +193,7 @@ def run_search(config: SearchConfig) -> Path:
     for step in progress:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         positions = range(step * config.batch_size, (step + 1) * config.batch_size)
-        images, captions = data.take(positions[share])
-        x0 = teacher.to_model_space(images.to(device), generator, share, config.batch_size)
+        x0, captions = teacher.samples(data, positions[share], generator, share, config.batch_size)
         encoded = text_encoder.encode(captions)
         if processes.world == 1:
             embedding = teacher.router_embedding(captions, encoded)

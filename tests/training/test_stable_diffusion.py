@@ -155,3 +155,21 @@ def test_a_half_precision_teacher_distils_into_float32_students(searched, tiny_s
     assert {next(expert.parameters()).dtype for expert in pipeline.experts} == {torch.float32}
     logs = [json.loads(line) for log in (tmp_path / "run").glob("log-*.jsonl") for line in log.read_text().splitlines()]
     assert logs and all(np.isfinite(record["loss"]) for record in logs)
+
+
+def test_a_latent_cache_is_built_once_and_trains_as_the_images_do(tiny_sd, tiny_captions, searched, tmp_path):
+    from training.data.latents import INDEX
+
+    cache = tmp_path / "latents"
+    data = {"folder": str(tiny_captions), "latent_cache": str(cache)}
+    cached = Router.load(run_search(_search_config(tiny_sd, tiny_captions, tmp_path / "cached", data=data)))
+    index = json.loads((cache / INDEX).read_text())
+    assert index["entries"] == 12 and index["resolution"] == 32 and (cache / index["shards"][0]).is_file()
+    # The posterior is cached, not a draw: the run draws the same latents as the uncached one.
+    for name, tensor in Router.load(searched).state_dict().items():
+        torch.testing.assert_close(cached.state_dict()[name], tensor, rtol=0, atol=1e-5, msg=name)
+    built = (cache / index["shards"][0]).stat().st_mtime_ns
+    run_search(_search_config(tiny_sd, tiny_captions, tmp_path / "again", data=data))
+    assert (cache / index["shards"][0]).stat().st_mtime_ns == built  # reused, not rebuilt
+    with pytest.raises(ValueError, match="center_crop: true and random_flip: false"):
+        run_search(_search_config(tiny_sd, tiny_captions, tmp_path / "flip", data={**data, "random_flip": True}))

@@ -88,6 +88,9 @@ class CaptionFolderConfig(BaseModel):
     random_flip: bool = False
     on_error: Literal["refuse", "skip"] = "refuse"
     max_samples: int | None = Field(None, ge=1, description="use only the first entries (for quick runs)")
+    latent_cache: str | None = Field(
+        None, description="a folder to keep the VAE posteriors of the images in (built once, reused by every job)"
+    )
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,14 @@ class DistillLosses:
     def weighted(self, denoise: float, output: float, features: float) -> torch.Tensor:
         return denoise * self.denoise + output * self.output + features * self.features
 
+    @staticmethod
+    def mean(parts: list[DistillLosses]) -> DistillLosses:
+        """The losses of a batch run in equal parts (for logging: no gradient)."""
+        stack = {
+            k: torch.stack([getattr(p, k).detach() for p in parts]).mean() for k in ("denoise", "output", "features")
+        }
+        return DistillLosses(**stack)
+
 
 def student_losses(
     student: nn.Module,

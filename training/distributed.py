@@ -49,6 +49,16 @@ class Processes:
         size = count // self.world
         return slice(self.rank * size, (self.rank + 1) * size)
 
+    @staticmethod
+    def parts(rows: int, accumulation: int) -> list[slice]:
+        """`rows` (a process's share) in `accumulation` equal parts, one U-Net pass each (gradient accumulation)."""
+        if rows % accumulation:
+            raise ConfigError(
+                f"gradient_accumulation_steps: {accumulation} does not divide this process's {rows} rows of the batch"
+            )
+        size = rows // accumulation
+        return [slice(start, start + size) for start in range(0, rows, size)]
+
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
         if self.mixed_precision == "no":

@@ -33,7 +33,7 @@ from pruning.space import ArchitectureSpace
 from router.model import Router
 
 from .data.captions import CaptionFolderConfig, TrainingData, training_data
-from .distill import student_losses
+from .distill import DistillLosses, student_losses
 from .distributed import Processes
 from .export import export_bundle
 from .models import TrainingTeacher, load_training_teacher
@@ -148,19 +148,24 @@ def finetune_expert(
         )
         total = training.batch_size
         picks = pool_t[torch.randint(len(pool_t), (total,), generator=generator)].tolist()[share]
-        if gating is not None:
-            gating.select(picks)
         x0, captions = teacher.samples(data, picks, generator, share, total)
         drop = (torch.rand(total, generator=generator) < training.prompt_dropout)[share]
         encoded = teacher.conditioner.encode(["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)])
         batch = NoisyBatch.make(scheduler, x0, generator, training.min_snr_gamma, share, total)
         for group in optimizer.param_groups:
             group["lr"] = expert_lr(training, step)
-        with processes.autocast():
-            losses = student_losses(student, teacher.unet, batch, encoded)
-        loss = losses.weighted(training.denoise_weight, training.output_weight, training.features_weight)
+        weights = (training.denoise_weight, training.output_weight, training.features_weight)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parts = Processes.parts(len(picks), run_settings.gradient_accumulation_steps)
+        part_losses = []
+        for part in parts:  # one U-Net pass per part, gradients accumulating
+            if gating is not None:
+                gating.select(picks[part])
+            with processes.autocast():
+                part_losses.append(student_losses(student, teacher.unet, batch.select(part), encoded.select(part)))
+            (part_losses[-1].weighted(*weights) / len(parts)).backward()
+        losses = DistillLosses.mean(part_losses)
+        loss = losses.weighted(*weights)
         processes.average_gradients(student.parameters())
         torch.nn.utils.clip_grad_norm_(student.parameters(), training.grad_clip)
         optimizer.step()

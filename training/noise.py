@@ -25,6 +25,9 @@ class NoisyBatch:
     target: torch.Tensor  # (B, C, H, W) noise or velocity
     weight: torch.Tensor  # (B,) min-SNR-gamma weights
 
+    def select(self, rows: slice) -> NoisyBatch:
+        return NoisyBatch(self.noisy[rows], self.timesteps[rows], self.target[rows], self.weight[rows])
+
     @classmethod
     def make(
         cls,

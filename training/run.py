@@ -39,6 +39,9 @@ class RunSettings(BaseModel):
         "no", description="bf16: the U-Net passes run under bfloat16 autocast (weights and optimiser stay float32)"
     )
     gradient_checkpointing: bool = Field(False, description="recompute U-Net activations in backward to save memory")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="U-Net passes per process and step: its share of the batch runs in this many parts"
+    )
 
 
 TEACHER_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -28,7 +28,7 @@ from router.losses import contrastive_loss, prunable_budget, resource_loss, spre
 from router.model import Router, RouterConfig
 
 from .data.captions import CaptionFolderConfig, TrainingData, training_data
-from .distill import block_features, student_losses
+from .distill import DistillLosses, block_features, student_losses
 from .distributed import Processes
 from .models import load_training_teacher
 from .noise import NoisyBatch
@@ -219,28 +219,37 @@ def run_search(config: SearchConfig) -> Path:
         warming_up = step < warmup_steps
         soft, hard = (prompt_soft, prompt_hard) if warming_up else (code_soft[codes], code_hard[codes])
 
-        with torch.no_grad(), processes.autocast(), block_features(unet) as teacher_features:
+        optimizer.zero_grad(set_to_none=True)
+        # The U-Net side's gradient reaches the router through the gates alone: collect it on a leaf, part by
+        # part (each part's activations are freed after its backward), then pass it on with the router side's.
+        local_soft = soft[share]
+        gate_leaf = local_soft.detach().requires_grad_(True)
+        parts = Processes.parts(len(captions), config.gradient_accumulation_steps)
+        part_losses = []
+        for part in parts:  # the U-Net side, one pass per part; its gradients accumulate into the router's
+            with torch.no_grad(), processes.autocast(), block_features(unet) as teacher_features:
+                gates.set(None)
+                teacher_out = denoise(unet, batch.select(part).noisy, batch.timesteps[part], encoded.select(part))
+            gates.set(gate_leaf[part])  # held through backward: gradient checkpointing recomputes the gated forward
+            with processes.autocast():
+                losses = student_losses(
+                    unet, None, batch.select(part), encoded.select(part), teacher_out.sample, list(teacher_features)
+                )
+            (losses.weighted(w.denoise, w.output, w.features) / len(parts)).backward()
             gates.set(None)
-            teacher_out = denoise(unet, batch.noisy, batch.timesteps, encoded)
-        gates.set(soft[share])  # held through backward: gradient checkpointing recomputes the gated forward
-        with processes.autocast():
-            distill = student_losses(unet, None, batch, encoded, teacher_out.sample, list(teacher_features))
+            part_losses.append(losses)
+        distill = DistillLosses.mean(part_losses)
         ratios = prunable_ratio(space, hard, resolution).float()  # (B,) of the global batch
         resource = resource_loss(ratios, budget)
         spread_std, spread_max = spread_losses(ratios)
         contrastive = contrastive_loss(
             normalised_architecture(prompt_hard, space), embedding, tau=config.contrastive_tau
         )
-        loss = (
-            distill.weighted(w.denoise, w.output, w.features)
-            + w.resource * resource
-            + w.contrastive * contrastive
-            + w.spread_std * spread_std
-            + w.spread_max * spread_max
+        router_side = (
+            w.resource * resource + w.contrastive * contrastive + w.spread_std * spread_std + w.spread_max * spread_max
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gates.set(None)
+        (router_side + (local_soft * gate_leaf.grad).sum()).backward()
+        loss = distill.weighted(w.denoise, w.output, w.features).detach() + router_side.detach()
         processes.average_gradients(router.parameters())
         optimizer.step()
         check_finite(loss, step, run)

@@ -173,3 +173,19 @@ def test_a_latent_cache_is_built_once_and_trains_as_the_images_do(tiny_sd, tiny_
     assert (cache / index["shards"][0]).stat().st_mtime_ns == built  # reused, not rebuilt
     with pytest.raises(ValueError, match="center_crop: true and random_flip: false"):
         run_search(_search_config(tiny_sd, tiny_captions, tmp_path / "flip", data={**data, "random_flip": True}))
+
+
+def test_gradient_accumulation_trains_what_one_pass_does(tiny_sd, tiny_captions, searched, tmp_path):
+    accumulated = run_search(_search_config(tiny_sd, tiny_captions, tmp_path / "search", gradient_accumulation_steps=2))
+    for name, tensor in Router.load(searched).state_dict().items():
+        torch.testing.assert_close(Router.load(accumulated).state_dict()[name], tensor, rtol=0, atol=1e-5, msg=name)
+    experts = []
+    for accumulation in (1, 2):
+        settings = {"gradient_accumulation_steps": accumulation, "expert": {"steps": 2, "batch_size": 4}}
+        config = _finetune_config(tiny_sd, searched, tiny_captions, tmp_path / str(accumulation), **settings)
+        experts.append(RoutedPipeline.from_pretrained(run_finetune(config)).experts)
+    for one, two in zip(*experts, strict=True):
+        for (name, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps: 3 does not divide"):
+        run_search(_search_config(tiny_sd, tiny_captions, tmp_path / "odd", gradient_accumulation_steps=3))

@@ -74,5 +74,12 @@ def plan(config: SearchConfig | FinetuneConfig | BaselineConfig) -> str:
             f"fine-tuning      {e.steps} steps per expert, batch {e.batch_size}, lr {e.lr:.2e} ({e.lr_schedule}, "
             f"{e.warmup_steps} warm-up), weights {e.denoise_weight}/{e.output_weight}/{e.features_weight}"
         )
+    runtime = f"device {config.device}, mixed precision {config.mixed_precision}, gradient checkpointing "
+    runtime += (
+        f"{'on' if config.gradient_checkpointing else 'off'}, {config.gradient_accumulation_steps} pass(es) per step"
+    )
+    if hasattr(config, "teacher_dtype"):
+        runtime += f", frozen teacher in {config.teacher_dtype}"
+    lines.append(f"runtime          {runtime} (batch_size is global: each of N processes runs 1/N of it)")
     lines.append(f"writes           {config.out}" + (f", bundle {config.export}" if hasattr(config, "export") else ""))
     return "\n".join(lines)

@@ -27,7 +27,8 @@ class Processes:
     Parameters:
         device (`str`): the configured device; under `accelerate launch` with several processes, each process uses
             the device accelerate assigns it instead.
-        mixed_precision (`str`): `no` or `bf16` (autocast of the U-Net passes; weights and optimiser stay float32).
+        mixed_precision (`str`): `no`, `bf16` or `fp16`: autocast of the U-Net passes (weights and optimiser stay
+            float32); fp16 scales the loss against underflow (`scale`, `step`).
     """
 
     def __init__(self, device: str = "cpu", mixed_precision: str = "no"):
@@ -37,6 +38,7 @@ class Processes:
         self.rank, self.world = self.state.process_index, self.state.num_processes
         self.device = self.state.device if self.world > 1 else torch.device(device)
         self.mixed_precision = mixed_precision
+        self.scaler = torch.amp.GradScaler(self.device.type) if mixed_precision == "fp16" else None
 
     @property
     def is_main(self) -> bool:
@@ -64,8 +66,29 @@ class Processes:
         if self.mixed_precision == "no":
             yield
             return
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+        dtype = torch.float16 if self.mixed_precision == "fp16" else torch.bfloat16
+        with torch.autocast(device_type=self.device.type, dtype=dtype):
             yield
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate (scaled under fp16)."""
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def step(
+        self, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], clip: float | None = None
+    ) -> None:
+        """Average the gradients over the processes, unscale them (fp16), clip their norm to `clip`, step (fp16: a
+        step whose gradients overflowed is skipped and the scale lowered)."""
+        self.average_gradients(parameters)
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, clip)
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
 
     def average_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         if self.world == 1:

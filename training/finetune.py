@@ -132,7 +132,9 @@ def finetune_expert(
         student.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(student.parameters(), lr=training.lr, weight_decay=training.weight_decay)
     files = (f"checkpoint-{name}", f"log-{name}.jsonl")
-    run = TrainingRun(run_settings, {"student": student}, optimizer, *files, main=processes.is_main)
+    run = TrainingRun(
+        run_settings, {"student": student}, optimizer, *files, main=processes.is_main, scaler=processes.scaler
+    )
     start = run.resume()
     pool_t = torch.as_tensor(list(pool), dtype=torch.long)
     progress = tqdm(
@@ -163,12 +165,10 @@ def finetune_expert(
                 gating.select(picks[part])
             with processes.autocast():
                 part_losses.append(student_losses(student, teacher.unet, batch.select(part), encoded.select(part)))
-            (part_losses[-1].weighted(*weights) / len(parts)).backward()
+            processes.scale(part_losses[-1].weighted(*weights) / len(parts)).backward()
         losses = DistillLosses.mean(part_losses)
         loss = losses.weighted(*weights)
-        processes.average_gradients(student.parameters())
-        torch.nn.utils.clip_grad_norm_(student.parameters(), training.grad_clip)
-        optimizer.step()
+        processes.step(optimizer, list(student.parameters()), clip=training.grad_clip)
         check_finite(loss, step, run)
         if run.should_log(step, training.steps):
             run.log(

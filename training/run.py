@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError
@@ -35,8 +35,10 @@ class RunSettings(BaseModel):
     threads: int | None = None
     checkpoint_minutes: float = Field(5.0, gt=0)
     log_every: int = Field(10, ge=1)
-    mixed_precision: Literal["no", "bf16"] = Field(
-        "no", description="bf16: the U-Net passes run under bfloat16 autocast (weights and optimiser stay float32)"
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no",
+        description="the U-Net passes under bfloat16 or float16 autocast (weights and optimiser stay float32; "
+        "fp16 scales the loss)",
     )
     gradient_checkpointing: bool = Field(False, description="recompute U-Net activations in backward to save memory")
     gradient_accumulation_steps: int = Field(
@@ -57,6 +59,16 @@ class DistillingSettings(RunSettings):
     @property
     def torch_teacher_dtype(self) -> torch.dtype:
         return TEACHER_DTYPES[self.teacher_dtype]
+
+    @model_validator(mode="after")
+    def _one_half_precision(self) -> DistillingSettings:
+        autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(self.mixed_precision)
+        if autocast and self.teacher_dtype not in ("float32", autocast):
+            raise ValueError(
+                f"teacher_dtype {self.teacher_dtype} under mixed_precision {self.mixed_precision}: hold the teacher in "
+                f"{autocast} (the autocast's dtype) or float32"
+            )
+        return self
 
 
 def _dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -88,6 +100,7 @@ class TrainingRun:
         checkpoint_name: str = "checkpoint",
         log_name: str = "log.jsonl",
         main: bool = True,
+        scaler: torch.amp.GradScaler | None = None,
     ):
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -97,6 +110,7 @@ class TrainingRun:
         self.checkpoint_name = checkpoint_name
         self._refuse_a_foreign_checkpoint()
         self.main = main  # of several processes, only the main one writes
+        self.scaler = scaler  # fp16's loss scale travels with the checkpoint
         if main:
             (self.folder / "config.json").write_text(settings.model_dump_json(indent=1) + "\n")
         self.modules, self.optimizer = modules, optimizer
@@ -132,6 +146,8 @@ class TrainingRun:
         checkpoint = latest_checkpoint(self.folder, self.checkpoint_name)
         if checkpoint is not None:
             self.state = load_checkpoint(checkpoint, self.modules, self.optimizer)
+            if self.scaler is not None and "grad_scaler" in self.state:
+                self.scaler.load_state_dict(self.state["grad_scaler"])
             print(f"resuming from {checkpoint} at step {self.state['step']}")
         self._started = self._last_save = time.time()
         self._elapsed_before = self.state["elapsed_seconds"]
@@ -153,6 +169,8 @@ class TrainingRun:
 
     def save(self, next_step: int) -> None:
         self.state.update(step=next_step, elapsed_seconds=self.elapsed_seconds)
+        if self.scaler is not None:
+            self.state["grad_scaler"] = self.scaler.state_dict()
         if not self.main:
             return
         save_checkpoint(self.folder / self.checkpoint_name, self.modules, self.optimizer, self.state)

@@ -186,7 +186,7 @@ def run_search(config: SearchConfig) -> Path:
     warmup_steps = int(config.warmup_fraction * config.steps)
     w = config.weights
 
-    run = TrainingRun(config, {"router": router}, optimizer, main=processes.is_main)
+    run = TrainingRun(config, {"router": router}, optimizer, main=processes.is_main, scaler=processes.scaler)
     start = run.resume()
     steps = range(start, config.steps)
     progress = tqdm(steps, desc="search", initial=start, total=config.steps, disable=not processes.is_main)
@@ -235,7 +235,7 @@ def run_search(config: SearchConfig) -> Path:
                 losses = student_losses(
                     unet, None, batch.select(part), encoded.select(part), teacher_out.sample, list(teacher_features)
                 )
-            (losses.weighted(w.denoise, w.output, w.features) / len(parts)).backward()
+            processes.scale(losses.weighted(w.denoise, w.output, w.features) / len(parts)).backward()
             gates.set(None)
             part_losses.append(losses)
         distill = DistillLosses.mean(part_losses)
@@ -248,10 +248,9 @@ def run_search(config: SearchConfig) -> Path:
         router_side = (
             w.resource * resource + w.contrastive * contrastive + w.spread_std * spread_std + w.spread_max * spread_max
         )
-        (router_side + (local_soft * gate_leaf.grad).sum()).backward()
+        (processes.scale(router_side) + (local_soft * gate_leaf.grad).sum()).backward()  # the leaf's grad is scaled
         loss = distill.weighted(w.denoise, w.output, w.features).detach() + router_side.detach()
-        processes.average_gradients(router.parameters())
-        optimizer.step()
+        processes.step(optimizer, list(router.parameters()))
         check_finite(loss, step, run)
 
         if run.should_log(step, config.steps):

@@ -138,19 +138,30 @@ def test_the_readme_worked_example_runs_from_its_configs(tiny_sd, tiny_captions,
     assert decode_png(response.json()["data"][0]["b64_json"]).shape == (32, 32, 3)
 
 
-def test_bf16_autocast_and_gradient_checkpointing_run_and_stay_close(tiny_sd, tiny_captions, searched, tmp_path):
+def test_mixed_precision_and_gradient_checkpointing_run_and_stay_close(tiny_sd, tiny_captions, searched, tmp_path):
     config = _search_config(tiny_sd, tiny_captions, tmp_path / "run", gradient_checkpointing=True)
     checkpointed = Router.load(run_search(config))
     # Recomputing the gated forward in backward gives the gradients of the plain run (gates held through backward).
     for name, tensor in Router.load(searched).state_dict().items():
         torch.testing.assert_close(checkpointed.state_dict()[name], tensor, rtol=0, atol=1e-5, msg=name)
-    config = _search_config(tiny_sd, tiny_captions, tmp_path / "bf16", mixed_precision="bf16")
-    bf16 = Router.load(run_search(config))
-    assert all(torch.isfinite(t).all() for t in bf16.state_dict().values())
+    for precision in ("bf16", "fp16"):
+        config = _search_config(tiny_sd, tiny_captions, tmp_path / precision, mixed_precision=precision)
+        router = Router.load(run_search(config))
+        assert all(torch.isfinite(t).all() for t in router.state_dict().values())
+    # fp16's loss scale is part of the checkpoint, so a resumed run scales as the straight one would.
+    state = json.loads((tmp_path / "fp16" / "checkpoint" / "state.json").read_text())
+    assert state["state"]["grad_scaler"]["scale"] > 0
 
 
-def test_a_half_precision_teacher_distils_into_float32_students(searched, tiny_sd, tiny_captions, tmp_path):
-    config = _finetune_config(tiny_sd, searched, tiny_captions, tmp_path, teacher_dtype="bfloat16")
+@pytest.mark.parametrize(
+    "teacher_dtype, precision", [("bfloat16", "no"), ("float32", "fp16")], ids=["bf16-teacher", "fp16-autocast"]
+)
+def test_students_train_in_float32_beside_a_half_teacher_or_under_fp16(
+    searched, tiny_sd, tiny_captions, tmp_path, teacher_dtype, precision
+):
+    config = _finetune_config(
+        tiny_sd, searched, tiny_captions, tmp_path, teacher_dtype=teacher_dtype, mixed_precision=precision
+    )
     pipeline = RoutedPipeline.from_pretrained(run_finetune(config))
     assert {next(expert.parameters()).dtype for expert in pipeline.experts} == {torch.float32}
     logs = [json.loads(line) for log in (tmp_path / "run").glob("log-*.jsonl") for line in log.read_text().splitlines()]

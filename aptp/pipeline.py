@@ -23,15 +23,15 @@ from aptp.conditioning.encoder import PromptEncoder
 from aptp.conditioning.prompts import Conditioning
 from aptp.decoding import PixelDecoder, VaeDecoder, to_uint8, to_unit_range
 from aptp.formats.bundle import (
-    MANIFEST,
     BundleError,
     load_bundle_text_adapter,
     load_code_experts,
     load_latent_components,
     read_manifest,
 )
-from aptp.formats.diffusers import PIPELINE_INDEX, STABLE_DIFFUSION_SAMPLING, load_stable_diffusion
-from aptp.formats.teacher import TEACHER_DESCRIPTION, load_teacher, load_teacher_conditioner
+from aptp.formats.diffusers import STABLE_DIFFUSION_SAMPLING, load_stable_diffusion
+from aptp.formats.kinds import folder_kind, not_a_model_folder
+from aptp.formats.teacher import load_teacher, load_teacher_conditioner
 from aptp.sampling import SamplingConfig, make_sampler, prompt_map_channels, sample
 from pruning.space import ArchitectureSpace
 from router.model import ROUTER_WEIGHTS, Router
@@ -188,18 +188,14 @@ class RoutedPipeline:
         """Load a bundle folder (`manifest.json`), a teacher folder (`teacher.json`) or a diffusers Stable Diffusion
         pipeline folder (`model_index.json`), verifying what can be verified; errors name the file."""
         path = Path(path)
-        if not (path / MANIFEST).is_file():
-            if (path / TEACHER_DESCRIPTION).is_file():
-                return cls._from_teacher(path, device, dtype)
-            if (path / PIPELINE_INDEX).is_file():
-                return cls._from_diffusers(path, device, dtype)
-            if path.is_dir():
-                raise BundleError(
-                    path,
-                    f"not a bundle ({MANIFEST}), a teacher ({TEACHER_DESCRIPTION}) or a diffusers pipeline "
-                    f"({PIPELINE_INDEX}) folder",
-                )
-        manifest = read_manifest(path)  # names the folder when it does not exist
+        kind = folder_kind(path)
+        if kind == "teacher":
+            return cls._from_teacher(path, device, dtype)
+        if kind == "pipeline":
+            return cls._from_diffusers(path, device, dtype)
+        if kind is None:
+            raise BundleError(path, not_a_model_folder(path).removeprefix(f"{path}: "))
+        manifest = read_manifest(path)
         decoder, resolution = None, manifest.resolution
         if manifest.latent is not None:  # cut from a diffusers pipeline: its own CLIP and VAE, MiniLM routes
             tokenizer, text_encoder, vae = load_latent_components(path, manifest, device=device, dtype=dtype)

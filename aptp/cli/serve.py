@@ -9,9 +9,8 @@ import sys
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from aptp.formats.files import ModelFileError, validation_problems
-    from aptp.pipeline import RoutedPipeline
-    from server.app import serve
+    from aptp.formats.files import validation_problems
+    from aptp.formats.kinds import folder_kind, not_a_model_folder
     from server.settings import Settings
 
     overrides = {k: getattr(args, k) for k in ("bundle", "host", "port", "device") if getattr(args, k) is not None}
@@ -20,6 +19,13 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"aptp serve: invalid setting ({validation_problems(e, limit=20)})", file=sys.stderr)
         return 2
+    if folder_kind(settings.bundle) is None:  # answered before the model libraries are imported
+        print(f"aptp serve: {not_a_model_folder(settings.bundle)}", file=sys.stderr)
+        return 2
+    from aptp.formats.files import ModelFileError
+    from aptp.pipeline import RoutedPipeline
+    from server.app import serve
+
     try:
         pipeline = RoutedPipeline.load(settings.bundle, device=settings.device, dtype=settings.torch_dtype)
     except ModelFileError as e:

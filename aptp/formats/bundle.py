@@ -179,6 +179,15 @@ def load_code_experts(
         unet, info = load_expert(folder / entry.expert, device=device, dtype=dtype, verify=False)
         if not torch.equal(info.arch, entry.architecture_tensor()):
             raise BundleError(folder / entry.expert, f"expert architecture differs from code {entry.code} in manifest")
+        # The costs a server reports and schedules by are recounted from the expert itself, not trusted.
+        counted = {
+            f"codes[{entry.code}].macs": (entry.macs, info.space.macs(info.arch, manifest.resolution)),
+            f"codes[{entry.code}].params": (entry.params, sum(p.numel() for p in unet.parameters())),
+            "teacher_macs": (manifest.teacher_macs, info.space.total_macs(manifest.resolution)),
+        }
+        for field, (stated, actual) in counted.items():
+            if stated != actual:
+                raise BundleError(folder / MANIFEST, f"{field} is {stated}, but the expert counts {actual}")
         experts.append(unet)
     return experts
 

@@ -231,8 +231,24 @@ def test_missing_listed_file_raises_naming_it(copy, relative):
         lambda d: d["codes"][0].pop("macs"),
         lambda d: d["codes"][0].update(extra=1),
         lambda d: d.update(resolution="large"),
+        lambda d: d["sampling"].update(steps=0),
+        lambda d: d.update(num_codes=len(d["codes"]) + 1),
+        lambda d: d.update(prediction_type="sample"),
     ],
-    ids=["format", "no-format", "version", "no-version", "no-teacher-macs", "no-codes", "code-field", "extra", "res"],
+    ids=[
+        "format",
+        "no-format",
+        "version",
+        "no-version",
+        "no-teacher-macs",
+        "no-codes",
+        "code-field",
+        "extra",
+        "res",
+        "zero-steps",
+        "num-codes",
+        "prediction-type",
+    ],
 )
 def test_bad_manifest_raises_naming_it(copy, edit):
     path = _edit_manifest(copy, edit)
@@ -276,3 +292,20 @@ def test_bundle_errors_are_value_errors(tmp_path):
         read_manifest(tmp_path / "nowhere")
     assert isinstance(info.value, ValueError)
     assert info.value.path == tmp_path / "nowhere"
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda d: d["codes"][1].update(macs=d["codes"][1]["macs"] // 2), "codes[1].macs"),
+        (lambda d: d["codes"][0].update(params=d["codes"][0]["params"] + 1), "codes[0].params"),
+        (lambda d: d.update(teacher_macs=10**12), "teacher_macs"),
+    ],
+    ids=["code-macs", "params", "teacher-macs"],
+)
+def test_costs_in_the_manifest_are_recounted_from_the_experts(copy, edit, field):
+    """What a server reports and schedules by is the experts' own cost, not what a manifest claims."""
+    path = _edit_manifest(copy, edit)
+    with pytest.raises(BundleError, match=re.escape(field)) as error:
+        load_code_experts(copy, read_manifest(copy))
+    assert str(path) in str(error.value) and "the expert counts" in str(error.value)

@@ -1,5 +1,5 @@
 """`aptp serve` refuses a path it cannot serve with a message naming it (checked before any model library is
-imported: about 1 s here, against about 12 s before)."""
+imported: 1.2 s measured here; issue 20 measured 12 s before the check)."""
 
 from __future__ import annotations
 

@@ -15,10 +15,12 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(min_length=1, description="What to draw.")
     negative_prompt: str | None = Field(None, description="What to steer away from (replaces the empty prompt).")
-    num_images: int = Field(1, ge=1, description="Images to generate; image i uses seed + i.")
-    steps: int | None = Field(None, ge=1, description="Sampling steps (default: the bundle's).")
+    num_images: int = Field(1, ge=1, strict=True, description="Images to generate; image i uses seed + i.")
+    steps: int | None = Field(None, ge=1, strict=True, description="Sampling steps (default: the bundle's).")
     guidance_scale: float | None = Field(None, ge=1.0, le=50.0, description="Classifier-free guidance scale.")
-    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Seed of the first image (default: random).")
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, strict=True, description="Seed of the first image (default: random)."
+    )
 
 
 class GeneratedImage(BaseModel):
@@ -119,7 +121,7 @@ class OpenAIImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, strict=True)
     size: str | None = Field(None, description="`WxH`; only the model's own resolution is supported.")
     response_format: str = Field("b64_json", description="Only `b64_json` (no image hosting).")
     model: str | None = Field(None, description="Accepted and ignored: the server serves one bundle.")
@@ -127,8 +129,8 @@ class OpenAIImageRequest(BaseModel):
     style: str | None = None
     user: str | None = None
     output_format: str | None = Field(None, description="Only `png`.")
-    seed: int | None = Field(None, ge=0, le=SEED_MAX)
-    steps: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, strict=True)
+    steps: int | None = Field(None, ge=1, strict=True)
     guidance_scale: float | None = Field(None, ge=1.0, le=50.0)
     negative_prompt: str | None = None
 

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     max_steps (`int`): the most steps a request may ask for.
     max_images_per_request (`int`): `num_images` / `n` limit.
     max_prompt_chars (`int`): longest accepted prompt.
+    max_body_bytes (`int`): largest accepted request body (413 beyond, before it is parsed).
     api_keys (`list[str]`): when non-empty, generation and routing need `Authorization: Bearer <key>`.
     drain_timeout_s (`float`): on SIGTERM, how long to wait for queued and running work before exiting anyway.
     warmup (`bool`): run every expert once before reporting ready.
@@ -56,6 +57,7 @@ class Settings(BaseSettings):
     max_steps: int = Field(100, ge=1)
     max_images_per_request: int = Field(4, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
+    max_body_bytes: int = Field(65_536, ge=1024)
     api_keys: Annotated[list[str], NoDecode] = []
     drain_timeout_s: float = Field(300.0, ge=0)
     warmup: bool = True

@@ -45,7 +45,7 @@ def _openai_type(status: int) -> str:
     )
 
 
-def _render(request: Request, error: ApiError) -> JSONResponse:
+def render_error(request: Request, error: ApiError) -> JSONResponse:
     if request.url.path.startswith(OPENAI_PREFIX):
         status = 400 if error.status == 422 else error.status  # OpenAI answers bad parameters with 400
         body = {"error": {"message": error.message, "type": _openai_type(status), "param": error.field, "code": None}}
@@ -56,16 +56,21 @@ def _render(request: Request, error: ApiError) -> JSONResponse:
     return JSONResponse({"detail": error.message}, status_code=error.status, headers=error.headers)
 
 
+def count_rejection(request: Request, reason: str | None) -> None:
+    """Count a refused request in `aptp_rejections_total` by reason."""
+    state = getattr(request.app.state, "aptp", None) if "app" in request.scope else None
+    metrics = getattr(state, "metrics", None)
+    if reason is not None and metrics is not None:
+        metrics.rejections.labels(reason=reason).inc()
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    def count(request: Request, reason: str | None) -> None:
-        metrics = request.app.state.aptp.metrics
-        if reason is not None and metrics is not None:
-            metrics.rejections.labels(reason=reason).inc()
+    count = count_rejection
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError) -> JSONResponse:
         count(request, error.reason)
-        return _render(request, error)
+        return render_error(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -77,6 +82,6 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in problems
             )
-            return _render(request, ApiError(400, message, field=field))
+            return render_error(request, ApiError(400, message, field=field))
         detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in problems]
         return JSONResponse({"detail": detail}, status_code=422)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -225,3 +226,32 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.01)
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/images/generations"])
+def test_an_oversized_body_is_refused_with_413_before_it_is_parsed(make_client, path):
+    body = json.dumps({"prompt": "a red circle", **{f"k{i}": "x" * 64 for i in range(2000)}})  # ~140 kB
+    with make_client(max_body_bytes=65_536) as client:
+        response = client.post(path, content=body, headers={"Content-Type": "application/json"})
+        streamed = client.post(path, content=(body[i : i + 4096].encode() for i in range(0, len(body), 4096)))
+        metrics = client.get("/metrics").text
+    assert response.status_code == streamed.status_code == 413
+    message = response.json()["error"]["message"] if path.startswith("/v1/") else response.json()["detail"]
+    assert "65536 bytes" in message and len(response.content) < 500  # a short answer, not an echo of the body
+    assert 'aptp_rejections_total{reason="body_too_large"} 2.0' in metrics
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"prompt": "   \n\t "}, "prompt"),
+        ({"prompt": "a red circle", "steps": "2"}, "steps"),
+        ({"prompt": "a red circle", "steps": True}, "steps"),
+        ({"prompt": "a red circle", "num_images": 2.0}, "num_images"),
+    ],
+    ids=["whitespace-prompt", "steps-as-string", "steps-as-bool", "images-as-float"],
+)
+def test_values_are_taken_as_given_not_coerced(client, body, field):
+    response = client.post("/generate", json=body)
+    assert response.status_code == 422, response.text
+    assert field in {str(part) for problem in response.json()["detail"] for part in problem["loc"]}

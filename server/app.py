@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from aptp.pipeline import RoutedPipeline
 
+from .api.contract import install_contract
 from .api.errors import install_error_handlers
 from .api.limits import BodySizeLimit
 from .api.routes import codes, generate, health, openai, route
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, pipeline: RoutedPipeline | None
     app.state.aptp = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    install_contract(app, settings)
     for module in (generate, openai, route, codes, health):
         app.include_router(module.router)
     return app

@@ -149,7 +149,9 @@ def test_openapi_schema_lists_the_api(client):
         assert path in schema["paths"], path
     generate = schema["paths"]["/generate"]["post"]
     assert generate["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("GenerateRequest")
-    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    # Without API keys there is nothing to authenticate, and the document says so (issue 20: it used to declare
+    # bearer auth regardless); with keys it declares it (test_the_openapi_document_states_...).
+    assert "securitySchemes" not in schema.get("components", {})
     request_fields = schema["components"]["schemas"]["GenerateRequest"]["properties"]
     assert set(request_fields) == {"prompt", "negative_prompt", "num_images", "steps", "guidance_scale", "seed"}
 
@@ -175,3 +177,21 @@ def test_a_model_with_a_text_adapter_reports_its_cost(tmp_path):
         report = client.post("/generate", json=body).json()["report"]
     assert report["text_adapter_macs"] == 2 * per_prompt
     assert report["total_macs"] == report["macs_per_call"] * report["unet_calls_per_image"] + 2 * per_prompt
+
+
+def test_the_openapi_document_states_the_limits_errors_and_auth_the_server_keeps(make_client):
+    with make_client(max_steps=40, max_images_per_request=3, max_prompt_chars=500) as client:
+        open_doc = client.get("/openapi.json").json()
+    with make_client(api_keys=["secret"]) as client:
+        keyed_doc = client.get("/openapi.json").json()
+    request = open_doc["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert {"type": "integer", "minimum": 1, "maximum": 40} in [
+        {k: v for k, v in b.items() if k in ("type", "minimum", "maximum")} for b in request["steps"]["anyOf"]
+    ]
+    assert request["num_images"]["maximum"] == 3 and request["prompt"]["maxLength"] == 500
+    answers = set(open_doc["paths"]["/generate"]["post"]["responses"])
+    assert {"200", "413", "422", "429", "500", "503", "504"} <= answers and "401" not in answers
+    assert {"400", "413", "429"} <= set(open_doc["paths"]["/v1/images/generations"]["post"]["responses"])
+    assert "securitySchemes" not in open_doc.get("components", {})  # no keys configured: nothing to send
+    assert "securitySchemes" in keyed_doc["components"]
+    assert "401" in keyed_doc["paths"]["/generate"]["post"]["responses"]

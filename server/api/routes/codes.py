@@ -5,12 +5,15 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ...schemas import CodeDescription, CodesResponse
+from ..contract import error_responses
 from ..deps import Authorized, State
 
 router = APIRouter(tags=["routing"], dependencies=[Authorized])
 
 
-@router.get("/v1/codes", response_model=CodesResponse, summary="List architecture codes")
+@router.get(
+    "/v1/codes", response_model=CodesResponse, summary="List architecture codes", responses=error_responses(401)
+)
 async def list_codes(state: State) -> CodesResponse:
     pipeline = state.pipeline
     stats = state.engine.scheduler.stats()

@@ -7,6 +7,7 @@ import time
 from fastapi import APIRouter, Request
 
 from ...schemas import OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
+from ..contract import OPENAI_ERRORS
 from ..deps import Authorized, State
 from ..errors import invalid
 from ..generation import GenerationParameters, check_limits, generate
@@ -14,7 +15,12 @@ from ..generation import GenerationParameters, check_limits, generate
 router = APIRouter(tags=["openai"], dependencies=[Authorized])
 
 
-@router.post("/v1/images/generations", response_model=OpenAIImageResponse, summary="OpenAI-compatible generation")
+@router.post(
+    "/v1/images/generations",
+    response_model=OpenAIImageResponse,
+    summary="OpenAI-compatible generation",
+    responses=OPENAI_ERRORS,
+)
 async def images_generations(body: OpenAIImageRequest, request: Request, state: State) -> OpenAIImageResponse:
     """`prompt`, `n`, `size` (the model's own only) and `response_format` `b64_json`; extras `seed`, `steps`,
     `guidance_scale`, `negative_prompt` are accepted and echoed. The full report is under `aptp`."""

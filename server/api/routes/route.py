@@ -8,13 +8,16 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from ...schemas import RouteDecision, RouteRequest, RouteResponse
+from ..contract import error_responses
 from ..deps import Authorized, State
 from ..errors import invalid
 
 router = APIRouter(tags=["routing"], dependencies=[Authorized])
 
 
-@router.post("/route", response_model=RouteResponse, summary="Explain routing")
+@router.post(
+    "/route", response_model=RouteResponse, summary="Explain routing", responses=error_responses(401, 413, 422, 503)
+)
 async def route_prompts(body: RouteRequest, state: State) -> RouteResponse:
     """Codes, similarity scores and MACs per U-Net call for each prompt (a prompt's code does not depend on the
     other prompts in the request)."""

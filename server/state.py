@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import torch
@@ -30,6 +31,7 @@ class ServerState:
         self.engine: Engine | None = None
         self.metrics: ServerMetrics | None = None
         self.warmed_up = False
+        self._warming: threading.Thread | None = None
         self.started_at = time.time()
 
     @property
@@ -39,7 +41,8 @@ class ServerState:
         return self.warmed_up and engine is not None and engine.running and not engine.draining
 
     def start(self) -> None:
-        """Load the bundle (unless given), build the engine, warm every expert up, start the worker. Blocking."""
+        """Load the bundle (unless given), build the engine and start its worker; warm every expert up in the
+        background when `settings.warmup` (ready once it is done)."""
         settings = self.settings
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
@@ -61,11 +64,24 @@ class ServerState:
             max_queue_size=settings.max_queue_size,
         )
         self.engine = Engine(self.pipeline, scheduler_config, self.metrics)
-        if settings.warmup:
-            began = time.monotonic()
-            self.engine.warm_up()
-            logger.info("warmed up %d expert(s) in %.1f s", self.pipeline.num_codes, time.monotonic() - began)
         self.engine.start()
+        if settings.warmup:  # in the background: the server listens (503 on /readyz) while the experts warm up
+            self._warming = threading.Thread(target=self._warm_up, name="aptp-warm-up", daemon=True)
+            self._warming.start()
+        else:
+            self._mark_ready()
+
+    def _warm_up(self) -> None:
+        began = time.monotonic()
+        try:
+            self.engine.warm_up()
+        except Exception:  # noqa: BLE001 - an expert that cannot run must not be reported ready
+            logger.exception("warm-up failed: the server stays not ready")
+            return
+        logger.info("warmed up %d expert(s) in %.1f s", self.pipeline.num_codes, time.monotonic() - began)
+        self._mark_ready()
+
+    def _mark_ready(self) -> None:
         self.warmed_up = True
         self.metrics.ready.set(1)
 
@@ -77,6 +93,8 @@ class ServerState:
             self.metrics.ready.set(0)
 
     def stop(self, drain_timeout: float) -> None:
+        if self._warming is not None:
+            self._warming.join()
         self.begin_drain()
         if self.engine is not None:
             drained = self.engine.shutdown(drain_timeout)

@@ -255,3 +255,21 @@ def test_values_are_taken_as_given_not_coerced(client, body, field):
     response = client.post("/generate", json=body)
     assert response.status_code == 422, response.text
     assert field in {str(part) for problem in response.json()["detail"] for part in problem["loc"]}
+
+
+def test_the_server_listens_while_it_warms_up_and_says_it_is_not_ready(make_client, monkeypatch):
+    from server.engine import Engine
+
+    release = threading.Event()
+    monkeypatch.setattr(Engine, "warm_up", lambda self, steps=2: release.wait(timeout=60))
+    with make_client(warmup=True) as client:
+        assert client.get("/healthz").status_code == 200  # alive, answering
+        assert client.get("/readyz").status_code == 503
+        refused = client.post("/generate", json={"prompt": "a red circle", "steps": 2})
+        assert refused.status_code == 503 and "Retry-After" in refused.headers
+        release.set()
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "not ready 30 s after the warm-up ended"
+            time.sleep(0.05)
+        assert client.post("/generate", json={"prompt": "a red circle", "steps": 2}).status_code == 200

@@ -88,14 +88,14 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
         routed = pipeline.route(encoded)
         return encoded, routed.codes[0], routed.scores[0], time.monotonic() - began
 
-    with _admission_errors():
+    with _admission_errors(state):
         engine.check_room()  # a full server answers 429 before the encoder runs
     encoded, code, score, router_seconds = await run_in_threadpool(encode_and_route)
     state.metrics.router.observe(router_seconds)
     negative = encoded.select(1) if params.negative_prompt is not None else None  # row 1 of `encoded`
     job = GenerationJob(prompt=encoded.select(0), seeds=seeds, steps=steps, guidance_scale=guidance, negative=negative)
     request_id = uuid.uuid4().hex
-    with _admission_errors():
+    with _admission_errors(state, code):
         future = engine.submit(request_id, code, job, timeout_s=settings.request_timeout_s)
 
     result = await _wait(state, request, request_id, code, asyncio.wrap_future(future))
@@ -130,11 +130,13 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
 
 
 @contextmanager
-def _admission_errors() -> Iterator[None]:
-    """The scheduler's refusals as HTTP errors: a full queue is 429 with Retry-After, a closed one 503."""
+def _admission_errors(state: ServerState, code: int | None = None) -> Iterator[None]:
+    """The scheduler's refusals as HTTP errors: a full queue is 429 with Retry-After, a closed one 503. A 429 counts
+    in `aptp_requests_total` as `rejected`, under its code once routed (`none` when refused before routing)."""
     try:
         yield
     except QueueFull as full:
+        state.metrics.requests.labels(code="none" if code is None else str(code), status="rejected").inc()
         retry = str(full.retry_after_seconds)
         raise ApiError(429, f"{full}", headers={"Retry-After": retry}, reason="queue_full") from None
     except SchedulerClosed:

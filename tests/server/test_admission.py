@@ -80,7 +80,9 @@ def test_a_full_queue_answers_429_with_retry_after(make_client):
         assert "full" in rejected.json()["detail"]
         assert first.result().status_code == 200  # the queued one is still served
         assert client.get("/readyz").status_code == 200
-        assert 'aptp_rejections_total{reason="queue_full"} 1.0' in client.get("/metrics").text
+        metrics = client.get("/metrics").text
+        assert 'aptp_rejections_total{reason="queue_full"} 1.0' in metrics
+        assert f'aptp_requests_total{{code="{_code(client)}",status="rejected"}} 1.0' in metrics  # routed, then refused
 
 
 def test_when_every_queue_is_full_the_prompt_is_not_even_encoded(make_client, pipeline, monkeypatch):
@@ -98,7 +100,9 @@ def test_when_every_queue_is_full_the_prompt_is_not_even_encoded(make_client, pi
         assert int(rejected.headers["Retry-After"]) >= 1
         assert "every code's queue is full" in rejected.json()["detail"]
         assert encodes == []
-        assert 'aptp_rejections_total{reason="queue_full"} 1.0' in client.get("/metrics").text
+        metrics = client.get("/metrics").text
+        assert 'aptp_rejections_total{reason="queue_full"} 1.0' in metrics
+        assert 'aptp_requests_total{code="none",status="rejected"} 1.0' in metrics  # refused before routing
 
 
 def test_a_request_that_outlives_its_queue_timeout_answers_504(make_client):

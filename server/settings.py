@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     max_batch_size (`int` or `dict[int, int]`): images per batch, for every code or per code.
     max_wait_ms (`float`): how long a code's oldest request waits for its batch to fill.
     max_queue_size (`int`): queued requests per code before 429.
+    max_routing_queue (`int`): requests waiting to be encoded and routed before 429.
+    max_routing_batch (`int`): requests encoded and routed together at most.
     request_timeout_s (`float`): a request still queued after this long is answered 504 and dropped.
     default_steps (`int`, *optional*): sampling steps when a request names none (default: the bundle's).
     max_steps (`int`): the most steps a request may ask for.
@@ -52,6 +54,8 @@ class Settings(BaseSettings):
     max_batch_size: int | dict[int, int] = 8
     max_wait_ms: float = Field(50.0, ge=0)
     max_queue_size: int = Field(16, ge=1)
+    max_routing_queue: int = Field(64, ge=1)
+    max_routing_batch: int = Field(32, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)
     default_steps: int | None = Field(None, ge=1)
     max_steps: int = Field(100, ge=1)

@@ -12,6 +12,7 @@ from aptp.pipeline import RoutedPipeline
 
 from .engine import Engine
 from .metrics import ServerMetrics
+from .routing import RoutingStage
 from .scheduler import SchedulerConfig
 from .settings import Settings
 
@@ -29,6 +30,7 @@ class ServerState:
         self.settings = settings
         self.pipeline = pipeline
         self.engine: Engine | None = None
+        self.routing: RoutingStage | None = None
         self.metrics: ServerMetrics | None = None
         self.warmed_up = False
         self._warming: threading.Thread | None = None
@@ -65,6 +67,7 @@ class ServerState:
         )
         self.engine = Engine(self.pipeline, scheduler_config, self.metrics)
         self.engine.start()
+        self.routing = RoutingStage(self.pipeline, settings.max_routing_queue, settings.max_routing_batch)
         if settings.warmup:  # in the background: the server listens (503 on /readyz) while the experts warm up
             self._warming = threading.Thread(target=self._warm_up, name="aptp-warm-up", daemon=True)
             self._warming.start()
@@ -100,3 +103,5 @@ class ServerState:
             drained = self.engine.shutdown(drain_timeout)
             if not drained:
                 logger.warning("stopped before all queued work finished (drain timeout %.0f s)", drain_timeout)
+        if self.routing is not None:
+            self.routing.stop()

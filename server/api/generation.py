@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from fastapi import Request
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from ..engine import BatchFailed, EngineStopped, GenerationJob, GenerationResult, QueueTimeout
+from ..routing import RoutingFull
 from ..scheduler import QueueFull, SchedulerClosed
 from ..schemas import SEED_MAX, GenerationReport
 from ..state import ServerState
@@ -81,16 +81,12 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
     first_seed = secrets.randbelow(2**31) if params.seed is None else params.seed
     seeds = [first_seed + i for i in range(params.num_images)]
 
-    def encode_and_route():
-        began = time.monotonic()
-        texts = [params.prompt] if params.negative_prompt is None else [params.prompt, params.negative_prompt]
-        encoded = pipeline.encode(texts)
-        routed = pipeline.route(encoded)
-        return encoded, routed.codes[0], routed.scores[0], time.monotonic() - began
-
+    texts = [params.prompt] if params.negative_prompt is None else [params.prompt, params.negative_prompt]
     with _admission_errors(state):
         engine.check_room()  # a full server answers 429 before the encoder runs
-    encoded, code, score, router_seconds = await run_in_threadpool(encode_and_route)
+        routing = state.routing.submit(texts)  # so does a full routing stage (server.routing)
+    routed = await asyncio.wrap_future(routing)
+    encoded, code, score, router_seconds = routed.encoded, routed.code, routed.score, routed.seconds
     state.metrics.router.observe(router_seconds)
     negative = encoded.select(1) if params.negative_prompt is not None else None  # row 1 of `encoded`
     job = GenerationJob(prompt=encoded.select(0), seeds=seeds, steps=steps, guidance_scale=guidance, negative=negative)
@@ -139,6 +135,9 @@ def _admission_errors(state: ServerState, code: int | None = None) -> Iterator[N
         state.metrics.requests.labels(code="none" if code is None else str(code), status="rejected").inc()
         retry = str(full.retry_after_seconds)
         raise ApiError(429, f"{full}", headers={"Retry-After": retry}, reason="queue_full") from None
+    except RoutingFull as full:
+        state.metrics.requests.labels(code="none", status="rejected").inc()
+        raise ApiError(429, f"{full}", headers={"Retry-After": "1"}, reason="routing_full") from None
     except SchedulerClosed:
         raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"}, reason="draining") from None
 

@@ -1,0 +1,108 @@
+"""The routing stage: encoding and routing of the API's prompts on one worker thread, in batches, behind a bounded
+queue.
+
+A request that cannot wait for routing is refused at once (`RoutingFull`, HTTP 429) instead of every request of a
+burst being encoded in its own thread beside the engine. Requests that arrive while a batch is being routed are
+encoded and routed together as the next batch (one encoder call, one router call), which is what a burst needs; a
+lone request is routed as soon as it arrives. A prompt's code never depends on its batch: routing is per prompt,
+and the encoder pads by length bucket (`aptp.conditioning.encoder`).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from aptp.conditioning.prompts import Conditioning
+from aptp.pipeline import RoutedPipeline
+
+logger = logging.getLogger("aptp.routing")
+
+
+class RoutingFull(Exception):
+    """The routing stage holds `max_pending` requests already."""
+
+
+@dataclass
+class Routed:
+    """One request, encoded and routed: its conditioning (the prompt, then the negative prompt if any), the code of
+    its prompt, the router's score, and the seconds its batch took."""
+
+    encoded: Conditioning
+    code: int
+    score: float
+    seconds: float
+    batch_prompts: int
+
+
+class RoutingStage:
+    """Parameters:
+    pipeline (`RoutedPipeline`): what encodes and routes.
+    max_pending (`int`): requests waiting for routing at most; more are refused.
+    max_batch (`int`): requests routed together at most.
+    """
+
+    def __init__(self, pipeline: RoutedPipeline, max_pending: int = 64, max_batch: int = 32):
+        self.pipeline, self.max_batch = pipeline, max_batch
+        self._queue: queue.Queue[tuple[list[str], Future] | None] = queue.Queue(maxsize=max_pending)
+        self._thread = threading.Thread(target=self._loop, name="aptp-routing", daemon=True)
+        self._thread.start()
+
+    def submit(self, texts: list[str]) -> Future:
+        """Queue one request's texts (prompt, then optional negative prompt); its `Future` resolves to `Routed`."""
+        future: Future = Future()
+        try:
+            self._queue.put_nowait((texts, future))
+        except queue.Full:
+            raise RoutingFull("the routing stage is full") from None
+        return future
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            while len(jobs) < self.max_batch:  # whatever arrived meanwhile joins this batch
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._run(jobs)
+                    return
+                jobs.append(job)
+            self._run(jobs)
+
+    def _run(self, jobs: list[tuple[list[str], Future]]) -> None:
+        jobs = [(texts, future) for texts, future in jobs if future.set_running_or_notify_cancel()]
+        if not jobs:
+            return
+        began = time.monotonic()
+        try:
+            texts = [text for request, _ in jobs for text in request]
+            encoded = self.pipeline.encode(texts)
+            routed = self.pipeline.route(encoded)
+        except Exception as error:  # noqa: BLE001 - the batch's requests get the error; the stage keeps going
+            logger.exception("routing a batch of %d request(s) failed", len(jobs))
+            for _, future in jobs:
+                future.set_exception(error)
+            return
+        seconds = time.monotonic() - began
+        row = 0
+        for request, future in jobs:
+            rows = list(range(row, row + len(request)))
+            future.set_result(Routed(encoded.select(rows), routed.codes[row], routed.scores[row], seconds, len(texts)))
+            row += len(request)

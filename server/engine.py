@@ -175,10 +175,11 @@ class Engine:
         return drained
 
     # ------------------------------------------------------------------------------------------------- requests
-    def check_room(self) -> None:
-        """Raise the scheduler's `QueueFull` / `SchedulerClosed` now if no code could take a request (see
-        `Scheduler.check_room`): call before spending work on a request."""
-        self.scheduler.check_room(self.clock())
+    def check_room(self, incoming: int = 0) -> None:
+        """Raise the scheduler's `QueueFull` / `SchedulerClosed` now if no code could take a request, counting the
+        `incoming` requests admitted and still being routed (see `Scheduler.check_room`): call before spending work
+        on a request."""
+        self.scheduler.check_room(self.clock(), incoming)
 
     def submit(self, request_id: str, code: int, job: GenerationJob, timeout_s: float | None = None) -> Future:
         """Queue a request; raises the scheduler's `QueueFull` / `SchedulerClosed` (nothing is queued then)."""

@@ -49,21 +49,35 @@ class RoutingStage:
     def __init__(self, pipeline: RoutedPipeline, max_pending: int = 64, max_batch: int = 32):
         self.pipeline, self.max_batch = pipeline, max_batch
         self._queue: queue.Queue[tuple[list[str], Future] | None] = queue.Queue(maxsize=max_pending)
+        self._in_flight, self._count_lock = 0, threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="aptp-routing", daemon=True)
         self._thread.start()
 
     def submit(self, texts: list[str]) -> Future:
         """Queue one request's texts (prompt, then optional negative prompt); its `Future` resolves to `Routed`."""
         future: Future = Future()
-        try:
-            self._queue.put_nowait((texts, future))
-        except queue.Full:
-            raise RoutingFull("the routing stage is full") from None
+        with self._count_lock:
+            try:
+                self._queue.put_nowait((texts, future))
+            except queue.Full:
+                raise RoutingFull("the routing stage is full") from None
+            self._in_flight += 1
+        future.add_done_callback(self._left)
         return future
+
+    def _left(self, _: Future) -> None:
+        with self._count_lock:
+            self._in_flight -= 1
 
     @property
     def pending(self) -> int:
+        """Requests waiting for a routing batch."""
         return self._queue.qsize()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet routed (waiting or in the batch being routed)."""
+        return self._in_flight
 
     def stop(self) -> None:
         self._queue.put(None)

@@ -320,22 +320,28 @@ class Scheduler:
             self._admission_seq[request.request_id] = next(self._next_seq)
             self._counts["admitted"] += 1
 
-    def check_room(self, now: float) -> None:
+    def check_room(self, now: float, incoming: int = 0) -> None:
         """Refuse a request before it is encoded and routed when `add` would refuse it whatever its code: admission
-        is closed, or every code's queue is full. Under overload this spares the router's encoder the work of
-        requests that cannot be queued. Passing is no promise: `add` checks again for the routed code.
+        is closed, or the queues are full counting the `incoming` requests already admitted and still being routed
+        (which will take their places). Under overload this spares the router's encoder the work of requests that
+        cannot be queued, and answers them at once. Passing is no promise: `add` checks again for the routed code.
 
         Raises:
             SchedulerClosed: after `close()`.
-            QueueFull: every queue is full (`code` None); `retry_after_seconds` is the soonest any has room.
+            QueueFull: no room (`code` None); `retry_after_seconds` is the soonest any queue has room.
         """
         with self._lock:
             if self._closed:
                 self._rejected[REJECT_CLOSED] += 1
                 raise SchedulerClosed()
-            if all(len(queue) >= self.config.max_queue_size for queue in self._queues):
+            queued = sum(len(queue) for queue in self._queues)
+            full = all(len(queue) >= self.config.max_queue_size for queue in self._queues)
+            if full or queued + incoming >= self.config.num_codes * self.config.max_queue_size:
                 self._rejected[REJECT_QUEUE_FULL] += 1
-                soonest = min(self._retry_after(code, now) for code in range(self.config.num_codes))
+                # Room comes when a queued code's next batch leaves (with every place spoken for by requests
+                # still being routed and no queue holding any, in about a second).
+                waiting = [code for code in range(self.config.num_codes) if self._queues[code]]
+                soonest = min((self._retry_after(code, now) for code in waiting), default=1)
                 raise QueueFull(None, soonest)
 
     def _check_request(self, request: QueuedRequest) -> None:

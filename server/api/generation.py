@@ -83,7 +83,7 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
 
     texts = [params.prompt] if params.negative_prompt is None else [params.prompt, params.negative_prompt]
     with _admission_errors(state):
-        engine.check_room()  # a full server answers 429 before the encoder runs
+        engine.check_room(incoming=state.routing.in_flight)  # a full server answers 429 before the encoder runs
         routing = state.routing.submit(texts)  # so does a full routing stage (server.routing)
     routed = await asyncio.wrap_future(routing)
     encoded, code, score, router_seconds = routed.encoded, routed.code, routed.score, routed.seconds

@@ -82,3 +82,22 @@ def test_the_server_answers_429_when_routing_is_full(make_client, held):
         assert held_request.result().status_code == queued_request.result().status_code == 200
         metrics = client.get("/metrics").text
     assert 'aptp_rejections_total{reason="routing_full"} 1.0' in metrics
+
+
+def test_a_burst_is_answered_200_or_429_never_an_error(make_client, held):
+    """More concurrent requests than places: those beyond the places already taken by requests being routed are
+    refused at once (429 with Retry-After), the rest are served."""
+    release, batches = held
+    with make_client(max_queue_size=1, max_batch_size=1, max_wait_ms=0.0) as client, ThreadPoolExecutor(8) as pool:
+        first = pool.submit(client.post, "/generate", json={"prompt": "a red circle", "steps": 2})
+        while not batches:
+            time.sleep(0.01)
+        burst = [
+            pool.submit(client.post, "/generate", json={"prompt": f"a blue square {i}", "steps": 2}) for i in range(6)
+        ]
+        time.sleep(0.5)  # the burst has been admitted or refused while the first request is still being routed
+        release.set()
+        statuses = [future.result().status_code for future in [first, *burst]]
+        refused = [future.result() for future in burst if future.result().status_code == 429]
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 2 and refused
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in refused)

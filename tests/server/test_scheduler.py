@@ -510,3 +510,20 @@ def test_add_rejects_a_duplicate_live_request_id():
         scheduler.add(req("a"), 0.0)
     scheduler.finish(batch.batch_id, 0.0)
     scheduler.add(req("a"), 0.0)  # finished ids may be reused
+
+
+def test_check_room_counts_the_requests_still_being_routed():
+    """Requests admitted but not yet routed will take queue places: a burst is refused at once, not after routing."""
+    scheduler = make(max_queue_size=2)  # 2 codes x 2 places
+    scheduler.add(req("a", code=0), 0.0)
+    scheduler.check_room(0.0, incoming=2)  # 1 queued + 2 routing < 4
+    with pytest.raises(QueueFull):
+        scheduler.check_room(0.0, incoming=3)  # 1 queued + 3 routing: every place is spoken for
+    scheduler.check_room(0.0)  # with nothing in routing there is room
+
+
+def test_a_burst_into_empty_queues_is_refused_with_a_retry_after():
+    scheduler = make(max_queue_size=2)
+    with pytest.raises(QueueFull) as caught:
+        scheduler.check_room(0.0, incoming=4)  # nothing queued yet, every place taken by requests being routed
+    assert caught.value.retry_after_seconds >= 1

@@ -32,7 +32,7 @@ from aptp.formats.bundle import (
 from aptp.formats.diffusers import STABLE_DIFFUSION_SAMPLING, load_stable_diffusion
 from aptp.formats.kinds import folder_kind, not_a_model_folder
 from aptp.formats.teacher import load_teacher, load_teacher_conditioner
-from aptp.sampling import SamplingConfig, make_sampler, prompt_map_channels, sample
+from aptp.sampling import SamplingConfig, make_sampler, prompt_map_channels, sample, unet_calls
 from pruning.space import ArchitectureSpace
 from router.model import ROUTER_WEIGHTS, Router
 
@@ -52,6 +52,12 @@ class CodeInfo:
     macs: int
     params: int
     training_share: float
+
+    @classmethod
+    def whole(cls, unet: nn.Module, text_len: int, resolution: int) -> CodeInfo:
+        """The one code of an unpruned U-Net (a teacher or a diffusers folder served as it is)."""
+        macs = ArchitectureSpace.from_unet(unet, text_len=text_len).total_macs(resolution)
+        return cls(code=0, macs=macs, params=sum(p.numel() for p in unet.parameters()), training_share=1.0)
 
 
 @dataclass(frozen=True)
@@ -151,8 +157,6 @@ class RoutedPipeline:
         self.latent_size = resolution // decoder.scale_factor
         self.decoder = decoder
         self.sampling = sampling
-        self.default_steps = sampling.steps
-        self.default_guidance_scale = sampling.guidance_scale
         self.teacher_macs = teacher_macs
         self.source = source
         self.empty_prompt = encoder.encode([""])
@@ -160,6 +164,18 @@ class RoutedPipeline:
     @property
     def num_codes(self) -> int:
         return len(self.codes)
+
+    @property
+    def default_steps(self) -> int:
+        return self.sampling.steps
+
+    @property
+    def default_guidance_scale(self) -> float:
+        return self.sampling.guidance_scale
+
+    def _defaults(self, steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+        """A call's steps and guidance: as asked, else the model's defaults."""
+        return steps or self.sampling.steps, self.sampling.guidance_scale if guidance_scale is None else guidance_scale
 
     @property
     def adapter_macs_per_prompt(self) -> int:
@@ -238,12 +254,9 @@ class RoutedPipeline:
     def _from_teacher(cls, path: Path, device, dtype) -> RoutedPipeline:
         unet, spec = load_teacher(path, device=device, dtype=dtype)
         encoder = load_teacher_conditioner(path, spec, device=device)
-        space = ArchitectureSpace.from_unet(unet, text_len=encoder.context_length)
-        macs = space.total_macs(spec.resolution)
-        params = sum(p.numel() for p in unet.parameters())
-        code = CodeInfo(code=0, macs=macs, params=params, training_share=1.0)
+        code = CodeInfo.whole(unet, encoder.context_length, spec.resolution)
         return cls(
-            encoder, None, [unet], [code], spec.scheduler_config, spec.resolution, spec.sampling, macs, "teacher"
+            encoder, None, [unet], [code], spec.scheduler_config, spec.resolution, spec.sampling, code.macs, "teacher"
         )
 
     @classmethod
@@ -252,13 +265,19 @@ class RoutedPipeline:
         encoder = ClipConditioner(parts.tokenizer, parts.text_encoder)
         latent_size = int(parts.unet.config.sample_size)
         decoder = VaeDecoder(parts.vae, latent_size)
-        macs = ArchitectureSpace.from_unet(parts.unet, text_len=encoder.context_length).total_macs(latent_size)
-        params = sum(p.numel() for p in parts.unet.parameters())
-        code = CodeInfo(code=0, macs=macs, params=params, training_share=1.0)
-        resolution = latent_size * decoder.scale_factor
-        sampling = STABLE_DIFFUSION_SAMPLING
+        code = CodeInfo.whole(parts.unet, encoder.context_length, latent_size)
+        resolution, sampling = latent_size * decoder.scale_factor, STABLE_DIFFUSION_SAMPLING
         return cls(
-            encoder, None, [parts.unet], [code], parts.scheduler_config, resolution, sampling, macs, "pipeline", decoder
+            encoder,
+            None,
+            [parts.unet],
+            [code],
+            parts.scheduler_config,
+            resolution,
+            sampling,
+            code.macs,
+            "pipeline",
+            decoder,
         )
 
     def to(self, device: str | torch.device) -> RoutedPipeline:
@@ -320,15 +339,14 @@ class RoutedPipeline:
         else:
             first = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
             seeds = [first + i for i in range(count)]
-        steps = num_inference_steps or self.default_steps
-        guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        steps, guidance = self._defaults(num_inference_steps, guidance_scale)
         encoded = self.encode(prompts)
         routed = self.route(encoded)
         negative = self.encode(negatives) if negatives is not None else None
         per_image = [i for i in range(len(prompts)) for _ in range(num_images_per_prompt)]
         images = self._generate_routed(encoded, negative, routed.codes, per_image, seeds, steps, guidance, batch_size)
         macs = [self.codes[c].macs for c in routed.codes]
-        calls = steps * (2 if guidance != 1.0 else 1)
+        calls = unet_calls(steps, [guidance])
         text = (self.text_encoder_macs_per_prompt + self.adapter_macs_per_prompt) * (
             len(prompts) + len(negatives or [])
         )
@@ -348,8 +366,7 @@ class RoutedPipeline:
         U-Net batch: what `aptp eval` and `aptp generate` run."""
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        steps = steps or self.default_steps
-        guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        steps, guidance = self._defaults(steps, guidance_scale)
         encoded = self.encode(prompts)
         codes = self.route(encoded).codes
         rows = list(range(len(prompts)))

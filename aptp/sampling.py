@@ -105,6 +105,16 @@ def initial_noise(seeds: Sequence[int | torch.Generator], shape: tuple[int, ...]
     return torch.stack(noise).to(device=device, dtype=dtype)
 
 
+def is_guided(guidance_scales: Sequence[float]) -> bool:
+    """Whether a batch runs the unconditional branch: any row's scale is not 1 (then every row runs both)."""
+    return any(float(scale) != 1.0 for scale in guidance_scales)
+
+
+def unet_calls(steps: int, guidance_scales: Sequence[float]) -> int:
+    """U-Net calls each image of a batch costs: one per step, two under classifier-free guidance."""
+    return steps * (2 if is_guided(guidance_scales) else 1)
+
+
 @torch.no_grad()
 def sample(
     unet: nn.Module,
@@ -135,7 +145,7 @@ def sample(
     sampler = type(sampler).from_config(sampler.config)
     sampler.set_timesteps(steps, device=param.device)
     x = x * sampler.init_noise_sigma
-    guided = any(scale != 1.0 for scale in scales)
+    guided = is_guided(scales)
     cond, uncond = cond.for_unet(), uncond.for_unet()
     if guided:
         scale = torch.tensor(scales, device=param.device, dtype=param.dtype).view(batch, 1, 1, 1)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from aptp import sampling
 from aptp.conditioning.prompts import Conditioning
 from aptp.pipeline import RoutedPipeline
 
@@ -295,10 +296,9 @@ class Engine:
                 guidance_scales=scales,
                 negative=negative,
             )
-            # A guided call runs both branches for every row, even rows whose own scale is 1.
-            unet_calls = steps * (2 if any(scale != 1.0 for scale in scales) else 1)
+            calls = sampling.unet_calls(steps, scales)  # a guided batch runs both branches for every row
             for request, chunk in zip(requests, images.split(counts), strict=True):
-                outputs[request.request_id] = (chunk, unet_calls)
+                outputs[request.request_id] = (chunk, calls)
         return [outputs[request.request_id] for request in batch.requests]
 
     # ---------------------------------------------------------------------------------------------------- helpers

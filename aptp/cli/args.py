@@ -26,13 +26,19 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def load_pipeline(command: str, path: str, device: str):
-    """A bundle or teacher folder, or None after printing why it cannot be loaded."""
+def load_pipeline(command: str, path: str, device: str, dtype=None):
+    """A bundle, teacher or diffusers folder, or None after printing why it cannot be loaded (a path that is none of
+    them is answered before the model libraries are imported)."""
+    from aptp.formats.kinds import folder_kind, not_a_model_folder
+
+    if folder_kind(path) is None:
+        print(f"aptp {command}: error: {not_a_model_folder(path)}", file=sys.stderr)
+        return None
     from aptp.formats.files import ModelFileError
     from aptp.pipeline import RoutedPipeline
 
     try:
-        return RoutedPipeline.load(path, device=device)
+        return RoutedPipeline.load(path, device=device, dtype=dtype)
     except ModelFileError as e:
         print(f"aptp {command}: error: {e}", file=sys.stderr)
         return None

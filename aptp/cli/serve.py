@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .args import load_pipeline
+
 
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from aptp.formats.files import validation_problems
-    from aptp.formats.kinds import folder_kind, not_a_model_folder
     from server.settings import Settings
 
     overrides = {k: getattr(args, k) for k in ("bundle", "host", "port", "device") if getattr(args, k) is not None}
@@ -19,18 +20,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"aptp serve: invalid setting ({validation_problems(e, limit=20)})", file=sys.stderr)
         return 2
-    if folder_kind(settings.bundle) is None:  # answered before the model libraries are imported
-        print(f"aptp serve: {not_a_model_folder(settings.bundle)}", file=sys.stderr)
+    pipeline = load_pipeline("serve", settings.bundle, settings.device, settings.torch_dtype)
+    if pipeline is None:
         return 2
-    from aptp.formats.files import ModelFileError
-    from aptp.pipeline import RoutedPipeline
     from server.app import serve
 
-    try:
-        pipeline = RoutedPipeline.load(settings.bundle, device=settings.device, dtype=settings.torch_dtype)
-    except ModelFileError as e:
-        print(f"aptp serve: {e}", file=sys.stderr)
-        return 2
     codes = ", ".join(f"{c.code}: {c.macs / pipeline.teacher_macs:.2f}" for c in pipeline.codes)
     source = f"{pipeline.source} {settings.bundle}"
     print(f"aptp serve: loaded {source}: {pipeline.num_codes} code(s) (MACs x teacher {codes})")

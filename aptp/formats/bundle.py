@@ -18,6 +18,7 @@ file. This module knows the layout; the router is loaded by `router.model.Router
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ from aptp.conditioning.encoder import EncoderConfig
 from aptp.formats.expert import load_expert
 from aptp.formats.files import ModelFileError, file_sha256, read_json_object, validate_description, write_description
 from aptp.sampling import SamplingConfig
+from pruning.space import ArchitectureSpace
 
 BUNDLE_FORMAT = "aptp-bundle"
 BUNDLE_VERSION = 1
@@ -175,15 +177,17 @@ def load_code_experts(
     """Load every code's sliced U-Net (checksums already checked by [`read_manifest`])."""
     folder = Path(folder)
     experts = []
+    spaces: dict[str, ArchitectureSpace] = {}  # experts of one teacher share a space: its MACs are traced once
     for entry in manifest.codes:
         unet, info = load_expert(folder / entry.expert, device=device, dtype=dtype, verify=False)
         if not torch.equal(info.arch, entry.architecture_tensor()):
             raise BundleError(folder / entry.expert, f"expert architecture differs from code {entry.code} in manifest")
+        space = spaces.setdefault(json.dumps(info.space.to_dict(), sort_keys=True), info.space)
         # The costs a server reports and schedules by are recounted from the expert itself, not trusted.
         counted = {
-            f"codes[{entry.code}].macs": (entry.macs, info.space.macs(info.arch, manifest.resolution)),
+            f"codes[{entry.code}].macs": (entry.macs, space.macs(info.arch, manifest.resolution)),
             f"codes[{entry.code}].params": (entry.params, sum(p.numel() for p in unet.parameters())),
-            "teacher_macs": (manifest.teacher_macs, info.space.total_macs(manifest.resolution)),
+            "teacher_macs": (manifest.teacher_macs, space.total_macs(manifest.resolution)),
         }
         for field, (stated, actual) in counted.items():
             if stated != actual:

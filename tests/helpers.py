@@ -276,6 +276,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for(condition, timeout: float = 30.0) -> None:
+    """Poll `condition()` until it holds; fail after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
 def wait_until_ready(process, url: str, timeout_s: float = 120.0) -> None:
     """Poll `url/readyz` until it answers 200; fail with the server's output if it exits or `timeout_s` passes."""
     import time

@@ -107,8 +107,10 @@ class TrainingTeacher:
         return self._draw(posterior.mean, posterior.std, generator, share, total)
 
     def router_embedding(self, captions: Sequence[str], encoded: Conditioning) -> torch.Tensor:
-        """The router's input for `captions` (`encoded` is what the conditioner made of them)."""
-        if encoded.pooled is not None and self.conditioner_routes:
+        """The router's input for `captions` (a step's global batch). `encoded` is what the conditioner made of this
+        process's rows: when those are all of `captions` and the conditioner's pooled embedding is the router
+        encoder's, it is reused instead of encoding again."""
+        if encoded.pooled is not None and self.conditioner_routes and len(encoded) == len(captions):
             return encoded.pooled
         return self.router_encoder.encode(list(captions)).pooled
 

@@ -195,10 +195,8 @@ def run_search(config: SearchConfig) -> Path:
         positions = range(step * config.batch_size, (step + 1) * config.batch_size)
         x0, captions = teacher.samples(data, positions[share], generator, share, config.batch_size)
         encoded = text_encoder.encode(captions)
-        if processes.world == 1:
-            embedding = teacher.router_embedding(captions, encoded)
-        else:  # the router's side runs on the global batch (see training.distributed)
-            embedding = teacher.router_encoder.encode(data.captions(positions)).pooled
+        # The router's side runs on the global batch (see training.distributed).
+        embedding = teacher.router_embedding(captions if processes.world == 1 else data.captions(positions), encoded)
         batch = NoisyBatch.make(scheduler, x0, generator, config.min_snr_gamma, share, config.batch_size)
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / max(1, config.lr_warmup_steps))

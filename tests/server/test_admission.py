@@ -13,6 +13,7 @@ import uvicorn
 
 from server.app import create_app
 from server.engine import GenerationJob
+from tests.helpers import wait_for
 from tests.server.conftest import server_settings
 
 
@@ -73,7 +74,7 @@ def test_a_full_queue_answers_429_with_retry_after(make_client):
     # One queued request fills the queue: a long max_wait keeps it waiting for a batch that never fills.
     with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=1500) as client, ThreadPoolExecutor(1) as pool:
         first = pool.submit(client.post, "/generate", json={"prompt": "a red circle", "seed": 1})
-        _wait_for(lambda: client.app.state.aptp.engine.scheduler.stats().queued_requests[_code(client)] == 1)
+        wait_for(lambda: client.app.state.aptp.engine.scheduler.stats().queued_requests[_code(client)] == 1)
         rejected = client.post("/generate", json={"prompt": "a red circle", "seed": 2})
         assert rejected.status_code == 429
         assert int(rejected.headers["Retry-After"]) >= 1
@@ -178,12 +179,12 @@ def test_a_client_that_disconnects_has_its_queued_work_dropped(tiny_bundle, pipe
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        _wait_for(lambda: server.started, timeout=60)
+        wait_for(lambda: server.started, timeout=60)
         port = server.servers[0].sockets[0].getsockname()[1]
         scheduler = app.state.aptp.engine.scheduler
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"http://127.0.0.1:{port}/generate", json={"prompt": "a red circle"}, timeout=0.5)
-        _wait_for(lambda: scheduler.stats().aborted == 1, timeout=5)
+        wait_for(lambda: scheduler.stats().aborted == 1, timeout=5)
         stats = scheduler.stats()
         assert sum(stats.queued_requests.values()) == 0 and stats.running_requests == 0
         assert stats.completed == 0
@@ -222,14 +223,6 @@ def test_metrics_use_base_units_and_never_carry_the_prompt(client):
 
 def _code(client) -> int:
     return client.post("/route", json={"prompts": ["a red circle"]}).json()["routes"][0]["code"]
-
-
-def _wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("path", ["/generate", "/v1/images/generations"])

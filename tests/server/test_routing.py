@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from server.routing import RoutingFull, RoutingStage
+from tests.helpers import wait_for
 
 PROMPTS = [["a red circle"], ["the letter K in green", "a blue square"], ["a yellow triangle at the bottom"]]
 
@@ -35,8 +36,7 @@ def test_requests_that_arrive_meanwhile_are_routed_as_one_batch(pipeline, held):
     stage = RoutingStage(pipeline, max_pending=8, max_batch=8)
     try:
         first = stage.submit(["a green cross"])
-        while not batches:
-            time.sleep(0.01)
+        wait_for(lambda: batches)
         waiting = [stage.submit(texts) for texts in PROMPTS]  # queued while the first batch runs
         release.set()
         results = [future.result(timeout=60) for future in [first, *waiting]]
@@ -55,8 +55,7 @@ def test_a_full_stage_refuses_at_once(pipeline, held):
     stage = RoutingStage(pipeline, max_pending=1, max_batch=8)
     try:
         running = stage.submit(["a green cross"])
-        while not batches:
-            time.sleep(0.01)
+        wait_for(lambda: batches)
         queued = stage.submit(["a red circle"])
         with pytest.raises(RoutingFull):
             stage.submit(["a blue square"])
@@ -70,11 +69,9 @@ def test_the_server_answers_429_when_routing_is_full(make_client, held):
     release, batches = held
     with make_client(max_routing_queue=1, max_wait_ms=20.0) as client, ThreadPoolExecutor(2) as pool:
         held_request = pool.submit(client.post, "/generate", json={"prompt": "a red circle", "steps": 2})
-        while not batches:
-            time.sleep(0.01)
+        wait_for(lambda: batches)
         queued_request = pool.submit(client.post, "/generate", json={"prompt": "a blue square", "steps": 2})
-        while client.app.state.aptp.routing.pending < 1:
-            time.sleep(0.01)
+        wait_for(lambda: client.app.state.aptp.routing.pending >= 1)
         refused = client.post("/generate", json={"prompt": "a green cross", "steps": 2})
         release.set()
         assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
@@ -90,8 +87,7 @@ def test_a_burst_is_answered_200_or_429_never_an_error(make_client, held):
     release, batches = held
     with make_client(max_queue_size=1, max_batch_size=1, max_wait_ms=0.0) as client, ThreadPoolExecutor(8) as pool:
         first = pool.submit(client.post, "/generate", json={"prompt": "a red circle", "steps": 2})
-        while not batches:
-            time.sleep(0.01)
+        wait_for(lambda: batches)
         burst = [
             pool.submit(client.post, "/generate", json={"prompt": f"a blue square {i}", "steps": 2}) for i in range(6)
         ]

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from aptp import sampling
 from aptp.conditioning.prompts import Conditioning
 from aptp.pipeline import RoutedPipeline
+from aptp.sampling import unet_calls
 
 from .metrics import ServerMetrics
 from .scheduler import AbortOutcome, FinishedBatch, QueuedRequest, ScheduledBatch, Scheduler, SchedulerConfig
@@ -251,16 +251,16 @@ class Engine:
             code = str(batch.code)
             self.metrics.batch_size.labels(code=code).observe(batch.num_images)
             self.metrics.compute.labels(code=code).observe(compute_seconds)
-            for request, (_, unet_calls) in zip(batch.requests, outputs, strict=True):
+            for request, (_, calls) in zip(batch.requests, outputs, strict=True):
                 self.metrics.queue_wait.labels(code=code).observe(batch.queue_wait(request))
                 self.metrics.images.labels(code=code).inc(request.num_images)
-                self.metrics.macs.labels(code=code).inc(unet_calls * request.num_images * macs_per_call)
+                self.metrics.macs.labels(code=code).inc(calls * request.num_images * macs_per_call)
         for request in finished.completed:
-            images, unet_calls = finished.outputs[request.request_id]
+            images, calls = finished.outputs[request.request_id]
             result = GenerationResult(
                 images=images,
                 code=batch.code,
-                unet_calls=unet_calls,
+                unet_calls=calls,
                 batch_images=batch.num_images,
                 queue_seconds=batch.queue_wait(request),
                 compute_seconds=compute_seconds,
@@ -296,7 +296,7 @@ class Engine:
                 guidance_scales=scales,
                 negative=negative,
             )
-            calls = sampling.unet_calls(steps, scales)  # a guided batch runs both branches for every row
+            calls = unet_calls(steps, scales)  # a guided batch runs both branches for every row
             for request, chunk in zip(requests, images.split(counts), strict=True):
                 outputs[request.request_id] = (chunk, calls)
         return [outputs[request.request_id] for request in batch.requests]

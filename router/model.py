@@ -125,13 +125,14 @@ class Routing:
         codes (`torch.Tensor`): `(B,)` chosen code per prompt.
         scores (`torch.Tensor`): `(B,)` cosine similarity of the prompt to its code.
         all_scores (`torch.Tensor`): `(B, K)` similarity to every code.
-        macs (`list[int]`): MACs per U-Net call of each prompt's code.
+
+    A code's cost is not here: it is fixed once the router is trained, so the pipeline counts it once at load
+    (`RoutedPipeline.codes`) instead of on every routing call.
     """
 
     codes: torch.Tensor
     scores: torch.Tensor
     all_scores: torch.Tensor
-    macs: list[int]
 
 
 class RouterDescription(BaseModel):
@@ -231,13 +232,7 @@ class Router(nn.Module):
     def route_embeddings(self, embedding: torch.Tensor) -> Routing:
         all_scores = self.scores(embedding)
         best = self._choose(all_scores)
-        macs = self.code_macs()
-        return Routing(
-            codes=best,
-            scores=all_scores.gather(1, best[:, None]).squeeze(1),
-            all_scores=all_scores,
-            macs=[macs[int(c)] for c in best],
-        )
+        return Routing(codes=best, scores=all_scores.gather(1, best[:, None]).squeeze(1), all_scores=all_scores)
 
     def _choose(self, scores: torch.Tensor) -> torch.Tensor:
         """`(B, K)` similarities -> `(B,)` codes: the decision rule, one row at a time."""

@@ -79,6 +79,14 @@ class RoutingStage:
         """Requests admitted and not yet routed (waiting or in the batch being routed)."""
         return self._in_flight
 
+    def warm_up(self) -> None:
+        """Route one prompt alone, then a full batch of short and long ones, through this stage's own thread, so the
+        first requests of a burst do not pay for the encoder's and router's lazy initialisation."""
+        texts = ["a warm-up prompt", " ".join(["a long warm-up prompt with many words"] * 8)]
+        for count in (1, min(self.max_batch, self._queue.maxsize)):
+            for future in [self.submit([texts[i % 2]]) for i in range(count)]:
+                future.result()
+
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)

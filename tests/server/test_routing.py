@@ -97,3 +97,16 @@ def test_a_burst_is_answered_200_or_429_never_an_error(make_client, held):
         refused = [future.result() for future in burst if future.result().status_code == 429]
     assert set(statuses) <= {200, 429} and statuses.count(200) >= 2 and refused
     assert all(int(r.headers["Retry-After"]) >= 1 for r in refused)
+
+
+def test_warm_up_routes_a_lone_prompt_and_a_full_batch_through_the_stage(pipeline, held):
+    release, batches = held
+    release.set()
+    stage = RoutingStage(pipeline, max_pending=4, max_batch=32)  # a batch larger than the queue must not refuse
+    try:
+        stage.warm_up()
+        assert len(batches[0]) == 1
+        assert sum(len(b) for b in batches) == 1 + 4
+        assert stage.in_flight == 0 and stage.pending == 0
+    finally:
+        stage.stop()

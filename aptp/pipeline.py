@@ -60,12 +60,49 @@ class CodeInfo:
         return cls(code=0, macs=macs, params=sum(p.numel() for p in unet.parameters()), training_share=1.0)
 
 
+QUALITY_TIERS = ("fast", "balanced", "best")
+
+
+class BudgetError(ValueError):
+    """A compute budget that no code can meet, or that is malformed; `field` names the request field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+@dataclass(frozen=True)
+class ComputeBudget:
+    """What one request may spend: `max_macs_ratio` caps the MACs of a U-Net call at that fraction of the teacher's
+    (the router's most preferred code within the cap serves it), or a named `quality` tier does: `"fast"` is the
+    cheapest code, `"balanced"` the router's choice, `"best"` the costliest code. No budget is the router's choice.
+    """
+
+    max_macs_ratio: float | None = None
+    quality: str | None = None
+
+    def __post_init__(self):
+        if self.max_macs_ratio is not None and self.quality is not None:
+            raise BudgetError("max_macs_ratio", "give max_macs_ratio or quality, not both")
+        if self.max_macs_ratio is not None and not self.max_macs_ratio > 0:
+            raise BudgetError("max_macs_ratio", f"must be above 0 (got {self.max_macs_ratio})")
+        if self.quality is not None and self.quality not in QUALITY_TIERS:
+            raise BudgetError("quality", f"must be one of {', '.join(QUALITY_TIERS)} (got {self.quality!r})")
+
+    @property
+    def is_router_choice(self) -> bool:
+        return self.max_macs_ratio is None and self.quality in (None, "balanced")
+
+
 @dataclass(frozen=True)
 class RoutedPrompts:
-    """`codes[i]` and `scores[i]` (similarity to the chosen code) of prompt i."""
+    """`codes[i]` and `scores[i]` (similarity to the chosen code) of prompt i; `rankings[i]`, every code in the
+    router's order of preference for it (its first choice first), and `all_scores[i]`, its similarity to each code."""
 
     codes: list[int]
     scores: list[float]
+    rankings: list[list[int]]
+    all_scores: list[list[float]]
 
 
 @dataclass(frozen=True)
@@ -294,13 +331,48 @@ class RoutedPipeline:
     def encode(self, prompts: Sequence[str]) -> Conditioning:
         return self.encoder.encode(list(prompts))
 
-    def route(self, encoded: Conditioning) -> RoutedPrompts:
-        """Each prompt's code; deterministic and independent of the other prompts in the call."""
+    def route(self, encoded: Conditioning, budget: ComputeBudget | None = None) -> RoutedPrompts:
+        """Each prompt's code (within `budget`, when given); deterministic and independent of the other prompts in
+        the call."""
         count = len(encoded)
         if self.router is None:
-            return RoutedPrompts(codes=[0] * count, scores=[1.0] * count)
+            self.check_budget(budget)
+            return RoutedPrompts([0] * count, [1.0] * count, [[0]] * count, [[1.0]] * count)
         routing = self.router.route_embeddings(encoded.pooled)
-        return RoutedPrompts(codes=[int(c) for c in routing.codes], scores=[float(s) for s in routing.scores])
+        rankings, all_scores = routing.rankings.tolist(), routing.all_scores.tolist()
+        codes = [self.choose(ranking, budget) for ranking in rankings]
+        scores = [row[code] for row, code in zip(all_scores, codes, strict=True)]
+        return RoutedPrompts(codes, scores, rankings, all_scores)
+
+    def check_budget(self, budget: ComputeBudget | None) -> None:
+        """Raise `BudgetError` when no code meets `budget` (a cap below the cheapest code): a property of the
+        bundle, so it is known before any prompt is routed."""
+        if budget is None or budget.max_macs_ratio is None:
+            return
+        cheapest = min(info.macs for info in self.codes)
+        if cheapest > budget.max_macs_ratio * self.teacher_macs:
+            raise BudgetError(
+                "max_macs_ratio",
+                f"no code costs at most {budget.max_macs_ratio:g} of the teacher's MACs per call; the cheapest "
+                f"costs {cheapest / self.teacher_macs:.3f}",
+            )
+
+    def choose(self, ranking: Sequence[int], budget: ComputeBudget | None) -> int:
+        """The code that serves a prompt of router preference `ranking` within `budget` (see `ComputeBudget`)."""
+        if budget is None or budget.is_router_choice:
+            return ranking[0]
+        self.check_budget(budget)
+        if budget.quality is not None:  # "fast" or "best": the extreme cost, the router's order breaking ties
+            costs = [self.codes[code].macs for code in ranking]
+            target = min(costs) if budget.quality == "fast" else max(costs)
+            return next(code for code, cost in zip(ranking, costs, strict=True) if cost == target)
+        cap = budget.max_macs_ratio * self.teacher_macs
+        return next(code for code in ranking if self.codes[code].macs <= cap)
+
+    def cheaper(self, ranking: Sequence[int], code: int) -> list[int]:
+        """The codes that cost less than `code`, in the router's order of preference `ranking`: what an overloaded
+        server may serve instead (`server.settings.Settings.degrade_when_full`)."""
+        return [other for other in ranking if self.codes[other].macs < self.codes[code].macs]
 
     @torch.no_grad()
     def __call__(
@@ -314,13 +386,17 @@ class RoutedPipeline:
         seed: int | None = None,
         output_type: str = "pil",
         batch_size: int = 32,
+        max_macs_ratio: float | None = None,
+        quality: str | None = None,
     ) -> RoutedPipelineOutput:
         """Generate `num_images_per_prompt` images for each prompt (a string is one prompt) with its routed code.
 
         Noise comes from `generator` (one per image, or one drawn from image after image), else from `seed`
         (image i of the call gets `seed + i`, as the server does), else from a random seed. `negative_prompt` (one,
         or one per prompt) replaces the empty prompt in the unconditional branch. `output_type` is `"pil"`, `"np"`
-        or `"pt"`."""
+        or `"pt"`. `max_macs_ratio` or `quality` caps what each prompt's code may cost (`ComputeBudget`)."""
+        budget = ComputeBudget(max_macs_ratio, quality)
+        self.check_budget(budget)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt: give at least one prompt")
@@ -341,7 +417,7 @@ class RoutedPipeline:
             seeds = [first + i for i in range(count)]
         steps, guidance = self._defaults(num_inference_steps, guidance_scale)
         encoded = self.encode(prompts)
-        routed = self.route(encoded)
+        routed = self.route(encoded, budget)
         negative = self.encode(negatives) if negatives is not None else None
         per_image = [i for i in range(len(prompts)) for _ in range(num_images_per_prompt)]
         images = self._generate_routed(encoded, negative, routed.codes, per_image, seeds, steps, guidance, batch_size)
@@ -361,14 +437,15 @@ class RoutedPipeline:
         steps: int | None = None,
         guidance_scale: float | None = None,
         batch_size: int = 32,
+        budget: ComputeBudget | None = None,
     ) -> RoutedImages:
-        """One uint8 image per prompt (`seeds[i]` for prompt i), each from its routed code, `batch_size` images per
-        U-Net batch: what `aptp eval` and `aptp generate` run."""
+        """One uint8 image per prompt (`seeds[i]` for prompt i), each from its routed code (within `budget`),
+        `batch_size` images per U-Net batch: what `aptp eval` and `aptp generate` run."""
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         steps, guidance = self._defaults(steps, guidance_scale)
         encoded = self.encode(prompts)
-        codes = self.route(encoded).codes
+        codes = self.route(encoded, budget).codes
         rows = list(range(len(prompts)))
         images = self._generate_routed(encoded, None, codes, rows, list(seeds), steps, guidance, batch_size)
         return RoutedImages(images=to_uint8(images), codes=codes)

@@ -125,6 +125,8 @@ class Routing:
         codes (`torch.Tensor`): `(B,)` chosen code per prompt.
         scores (`torch.Tensor`): `(B,)` cosine similarity of the prompt to its code.
         all_scores (`torch.Tensor`): `(B, K)` similarity to every code.
+        rankings (`torch.Tensor`): `(B, K)` every code, from the chosen one down the decision rule's order (what a
+            request capped below its first choice falls back on).
 
     A code's cost is not here: it is fixed once the router is trained, so the pipeline counts it once at load
     (`RoutedPipeline.codes`) instead of on every routing call.
@@ -133,6 +135,7 @@ class Routing:
     codes: torch.Tensor
     scores: torch.Tensor
     all_scores: torch.Tensor
+    rankings: torch.Tensor
 
 
 class RouterDescription(BaseModel):
@@ -231,12 +234,18 @@ class Router(nn.Module):
     @torch.no_grad()
     def route_embeddings(self, embedding: torch.Tensor) -> Routing:
         all_scores = self.scores(embedding)
-        best = self._choose(all_scores)
-        return Routing(codes=best, scores=all_scores.gather(1, best[:, None]).squeeze(1), all_scores=all_scores)
+        rankings = self._rank(all_scores)
+        best = rankings[:, 0]
+        return Routing(best, all_scores.gather(1, best[:, None]).squeeze(1), all_scores, rankings)
+
+    def _rank(self, scores: torch.Tensor) -> torch.Tensor:
+        """`(B, K)` similarities -> `(B, K)` codes, best first: the decision rule, one row at a time (ties keep the
+        lower code first, as argmax does)."""
+        return (scores + self.code_offsets.double()).argsort(dim=1, descending=True, stable=True)
 
     def _choose(self, scores: torch.Tensor) -> torch.Tensor:
-        """`(B, K)` similarities -> `(B,)` codes: the decision rule, one row at a time."""
-        return (scores + self.code_offsets.double()).argmax(dim=1)
+        """`(B, K)` similarities -> `(B,)` codes: the decision rule's first choice."""
+        return self._rank(scores)[:, 0]
 
     @torch.no_grad()
     def route(self, prompts: list[str]) -> Routing:

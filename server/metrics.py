@@ -65,6 +65,12 @@ class ServerMetrics:
         self.rejections = Counter("aptp_rejections", "Requests refused or dropped, by reason.", ["reason"], registry=r)
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason=reason)
+        self.degraded = Counter(
+            "aptp_degraded_requests",
+            "Requests served by a cheaper code than their own because its queue was full.",
+            ["requested_code", "code"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "aptp_batch_size", "Images per computed batch.", ["code"], buckets=BATCH_SIZE_BUCKETS, registry=r
         )

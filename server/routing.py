@@ -29,14 +29,20 @@ class RoutingFull(Exception):
 
 @dataclass
 class Routed:
-    """One request, encoded and routed: its conditioning (the prompt, then the negative prompt if any), the code of
-    its prompt, the router's score, and the seconds its batch took."""
+    """One request, encoded and routed: its conditioning (the prompt, then the negative prompt if any), the codes in
+    the router's order of preference for its prompt (`ranking[0]` is the router's choice) with its score for each,
+    and the seconds its batch took."""
 
     encoded: Conditioning
-    code: int
-    score: float
+    ranking: list[int]
+    scores: list[float]
     seconds: float
     batch_prompts: int
+
+    @property
+    def code(self) -> int:
+        """The router's choice."""
+        return self.ranking[0]
 
 
 class RoutingStage:
@@ -126,5 +132,7 @@ class RoutingStage:
         row = 0
         for request, future in jobs:
             rows = list(range(row, row + len(request)))
-            future.set_result(Routed(encoded.select(rows), routed.codes[row], routed.scores[row], seconds, len(texts)))
+            future.set_result(
+                Routed(encoded.select(rows), routed.rankings[row], routed.all_scores[row], seconds, len(texts))
+            )
             row += len(request)

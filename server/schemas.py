@@ -21,6 +21,18 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(
         None, ge=0, le=SEED_MAX, strict=True, description="Seed of the first image (default: random)."
     )
+    max_macs_ratio: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Cap on the MACs of one U-Net call, as a fraction of the teacher's: the router's most preferred "
+        "code within it serves the request (422 when no code is that cheap). Not with `quality`.",
+    )
+    quality: Literal["fast", "balanced", "best"] | None = Field(
+        None,
+        description="A named budget: `fast` is the cheapest code, `balanced` the router's choice (the default), "
+        "`best` the costliest code. Not with `max_macs_ratio`.",
+    )
 
 
 class GeneratedImage(BaseModel):
@@ -31,7 +43,14 @@ class GeneratedImage(BaseModel):
 class GenerationReport(BaseModel):
     """Where the request went and what it cost."""
 
-    code: int = Field(description="The architecture code (expert) the router chose.")
+    code: int = Field(description="The architecture code (expert) that served the request.")
+    requested_code: int = Field(
+        description="The code the router chose within the request's budget; another `code` means `degraded`."
+    )
+    degraded: bool = Field(
+        description="Served by a cheaper code than `requested_code` because that code's queue was full (only when "
+        "the server is set to degrade instead of answering 429: `APTP_DEGRADE_WHEN_FULL`)."
+    )
     router_score: float = Field(description="Similarity of the prompt's predicted architecture to the code's.")
     macs_per_call: int = Field(description="MACs of one U-Net call of the code (batch 1, one guidance branch).")
     teacher_macs_per_call: int = Field(description="MACs of one call of the unpruned U-Net.")
@@ -114,6 +133,21 @@ class CodesResponse(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------ OpenAI images API shape
+# OpenAI's quality names (and this server's own) -> the compute budget tier they ask for (`GenerateRequest.quality`).
+OPENAI_QUALITY = {
+    "low": "fast",
+    "medium": "balanced",
+    "standard": "balanced",
+    "auto": "balanced",
+    "high": "best",
+    "hd": "best",
+    "fast": "fast",
+    "balanced": "balanced",
+    "best": "best",
+}
+OpenAIQuality = Literal[tuple(OPENAI_QUALITY)]
+
+
 class OpenAIImageRequest(BaseModel):
     """`POST /v1/images/generations` as OpenAI clients send it; `seed`, `steps`, `guidance_scale` and
     `negative_prompt` are this server's extras (clients pass them as `extra_body`)."""
@@ -125,7 +159,12 @@ class OpenAIImageRequest(BaseModel):
     size: str | None = Field(None, description="`WxH`; only the model's own resolution is supported.")
     response_format: str = Field("b64_json", description="Only `b64_json` (no image hosting).")
     model: str | None = Field(None, description="Accepted and ignored: the server serves one bundle.")
-    quality: str | None = None
+    quality: OpenAIQuality | None = Field(
+        None,
+        description="`low`, `medium` or `high` (OpenAI's names; `standard` and `auto` are `medium`, `hd` is `high`), "
+        "or this server's `fast`, `balanced`, `best`: the cheapest code, the router's choice, the costliest code.",
+    )
+    max_macs_ratio: float | None = Field(None, gt=0.0, le=1.0, description="As in `POST /generate`.")
     style: str | None = None
     user: str | None = None
     output_format: str | None = Field(None, description="Only `png`.")

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     api_keys (`list[str]`): when non-empty, generation and routing need `Authorization: Bearer <key>`.
     drain_timeout_s (`float`): on SIGTERM, how long to wait for queued and running work before exiting anyway.
     warmup (`bool`): run every expert once before reporting ready.
+    degrade_when_full (`bool`): when a request's code has a full queue, serve it with a cheaper code that has room
+        (reported as `degraded`) instead of answering 429.
     """
 
     model_config = SettingsConfigDict(env_prefix="APTP_", env_file=".env", extra="ignore")
@@ -65,6 +67,7 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = []
     drain_timeout_s: float = Field(300.0, ge=0)
     warmup: bool = True
+    degrade_when_full: bool = False
 
     @field_validator("api_keys", mode="before")
     @classmethod

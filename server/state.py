@@ -82,7 +82,9 @@ class ServerState:
         except Exception:  # noqa: BLE001 - an expert that cannot run must not be reported ready
             logger.exception("warm-up failed: the server stays not ready")
             return
-        logger.info("warmed up %d expert(s) and the router in %.1f s", self.pipeline.num_codes, time.monotonic() - began)
+        logger.info(
+            "warmed up %d expert(s) and the router in %.1f s", self.pipeline.num_codes, time.monotonic() - began
+        )
         self._mark_ready()
 
     def _mark_ready(self) -> None:

@@ -18,6 +18,8 @@ import torch
 from fastapi import Request
 from PIL import Image
 
+from aptp.pipeline import BudgetError, ComputeBudget
+
 from ..engine import BatchFailed, EngineStopped, GenerationJob, GenerationResult, QueueTimeout
 from ..routing import RoutingFull
 from ..scheduler import QueueFull, SchedulerClosed
@@ -39,6 +41,17 @@ class GenerationParameters:
     steps: int | None
     guidance_scale: float | None
     seed: int | None
+    max_macs_ratio: float | None = None
+    quality: str | None = None
+
+    def budget(self) -> ComputeBudget | None:
+        """The request's compute budget (422 naming the field when malformed)."""
+        if self.max_macs_ratio is None and self.quality is None:
+            return None
+        try:
+            return ComputeBudget(self.max_macs_ratio, self.quality)
+        except BudgetError as e:
+            raise invalid(e.field, e.message) from None
 
 
 @dataclass
@@ -68,6 +81,11 @@ def check_limits(state: ServerState, params: GenerationParameters, images_field:
         raise invalid("steps", f"at most {settings.max_steps} steps (got {params.steps})")
     if params.seed is not None and params.seed + params.num_images - 1 > SEED_MAX:
         raise invalid("seed", f"seed + number of images must stay below {SEED_MAX}")
+    if state.pipeline is not None:  # a cap below the cheapest code is refused before the prompt is routed
+        try:
+            state.pipeline.check_budget(params.budget())
+        except BudgetError as e:
+            raise invalid(e.field, e.message) from None
 
 
 async def generate(state: ServerState, request: Request, params: GenerationParameters) -> Generation:
@@ -86,13 +104,14 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
         engine.check_room(incoming=state.routing.in_flight)  # a full server answers 429 before the encoder runs
         routing = state.routing.submit(texts)  # so does a full routing stage (server.routing)
     routed = await asyncio.wrap_future(routing)
-    encoded, code, score, router_seconds = routed.encoded, routed.code, routed.score, routed.seconds
+    encoded, router_seconds = routed.encoded, routed.seconds
+    requested = pipeline.choose(routed.ranking, params.budget())
     state.metrics.router.observe(router_seconds)
     negative = encoded.select(1) if params.negative_prompt is not None else None  # row 1 of `encoded`
     job = GenerationJob(prompt=encoded.select(0), seeds=seeds, steps=steps, guidance_scale=guidance, negative=negative)
     request_id = uuid.uuid4().hex
-    with _admission_errors(state, code):
-        future = engine.submit(request_id, code, job, timeout_s=settings.request_timeout_s)
+    code, future = _submit(state, request_id, job, requested, routed.ranking)
+    score = routed.scores[code]
 
     result = await _wait(state, request, request_id, code, asyncio.wrap_future(future))
     macs = pipeline.codes[code].macs
@@ -104,6 +123,8 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
     state.metrics.requests.labels(code=str(code), status="ok").inc()
     report = GenerationReport(
         code=code,
+        requested_code=requested,
+        degraded=code != requested,
         router_score=score,
         macs_per_call=macs,
         teacher_macs_per_call=pipeline.teacher_macs,
@@ -121,8 +142,30 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
         compute_seconds=result.compute_seconds,
         total_seconds=total,
     )
-    images = [(png_base64(image), seed) for image, seed in zip(result.images, seeds, strict=True)]
-    return Generation(images=images, report=report)
+    # PNG encoding is CPU work: off the event loop, so /healthz and new admissions never wait behind it.
+    encoded_images = await asyncio.to_thread(lambda: [png_base64(image) for image in result.images])
+    return Generation(images=list(zip(encoded_images, seeds, strict=True)), report=report)
+
+
+def _submit(state: ServerState, request_id: str, job: GenerationJob, code: int, ranking: list[int]):
+    """Queue the job for `code`; `(code served, its future)`. When that queue is full and the server degrades
+    instead of refusing (`degrade_when_full`), the cheaper codes are tried in the router's order for the prompt;
+    a 429 only when none has room."""
+    timeout = state.settings.request_timeout_s
+    with _admission_errors(state, code):
+        try:
+            return code, state.engine.submit(request_id, code, job, timeout_s=timeout)
+        except QueueFull:
+            if not state.settings.degrade_when_full:
+                raise
+            for cheaper in state.pipeline.cheaper(ranking, code):
+                try:
+                    future = state.engine.submit(request_id, cheaper, job, timeout_s=timeout)
+                except QueueFull:
+                    continue
+                state.metrics.degraded.labels(requested_code=str(code), code=str(cheaper)).inc()
+                return cheaper, future
+            raise
 
 
 @contextmanager

@@ -139,3 +139,75 @@ def test_a_bundle_pipeline_routes_with_its_router(tmp_path, teacher_folder):
 def test_a_folder_that_is_neither_names_itself(tmp_path):
     with pytest.raises(BundleError, match="manifest.json"):
         RoutedPipeline.load(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def three_codes(tmp_path_factory, teacher_folder) -> RoutedPipeline:
+    from training.export import random_bundle
+
+    bundle = random_bundle(teacher_folder, tmp_path_factory.mktemp("budgets"), num_codes=3, keeps=[1.0, 0.4, 0.7])
+    return RoutedPipeline.load(bundle)
+
+
+BUDGET_PROMPTS = ["a red circle", "two blue squares at the top", "the letter K in green"]
+
+
+def test_routing_ranks_every_code_with_the_routers_choice_first(three_codes):
+    routed = three_codes.route(three_codes.encode(BUDGET_PROMPTS))
+    for code, ranking, scores in zip(routed.codes, routed.rankings, routed.all_scores, strict=True):
+        assert ranking[0] == code and sorted(ranking) == [0, 1, 2]
+        assert len(scores) == 3
+    assert routed.scores == [row[c] for row, c in zip(routed.all_scores, routed.codes, strict=True)]
+
+
+def test_a_macs_cap_picks_the_routers_most_preferred_code_within_it(three_codes):
+    from aptp.pipeline import ComputeBudget
+
+    encoded = three_codes.encode(BUDGET_PROMPTS)
+    free = three_codes.route(encoded)
+    ratios = [info.macs / three_codes.teacher_macs for info in three_codes.codes]
+    for cap in sorted(ratios):
+        capped = three_codes.route(encoded, ComputeBudget(max_macs_ratio=cap))
+        for code, ranking in zip(capped.codes, free.rankings, strict=True):
+            within = [c for c in ranking if ratios[c] <= cap]
+            assert code == within[0]
+    assert three_codes.route(encoded, ComputeBudget(max_macs_ratio=1.0)).codes == free.codes
+
+
+def test_quality_tiers_name_the_cheapest_the_routers_and_the_costliest_code(three_codes):
+    from aptp.pipeline import ComputeBudget
+
+    encoded = three_codes.encode(BUDGET_PROMPTS)
+    macs = [info.macs for info in three_codes.codes]
+    fast = three_codes.route(encoded, ComputeBudget(quality="fast")).codes
+    best = three_codes.route(encoded, ComputeBudget(quality="best")).codes
+    assert fast == [macs.index(min(macs))] * 3 and best == [macs.index(max(macs))] * 3
+    assert three_codes.route(encoded, ComputeBudget(quality="balanced")).codes == three_codes.route(encoded).codes
+
+
+def test_a_budget_no_code_meets_is_refused_naming_the_field(three_codes):
+    from aptp.pipeline import BudgetError, ComputeBudget
+
+    cheapest = min(info.macs for info in three_codes.codes) / three_codes.teacher_macs
+    with pytest.raises(BudgetError, match="max_macs_ratio: no code costs at most") as error:
+        three_codes("a red circle", num_inference_steps=1, max_macs_ratio=cheapest / 2)
+    assert error.value.field == "max_macs_ratio" and f"{cheapest:.3f}" in str(error.value)
+    with pytest.raises(BudgetError, match="not both"):
+        ComputeBudget(max_macs_ratio=0.5, quality="fast")
+    with pytest.raises(BudgetError, match="quality: must be one of fast, balanced, best"):
+        ComputeBudget(quality="cheap")
+
+
+def test_a_capped_call_generates_with_the_capped_code(three_codes):
+    cheapest = min(three_codes.codes, key=lambda info: info.macs)
+    out = three_codes("a red circle", num_inference_steps=1, seed=3, quality="fast", output_type="pt")
+    assert out.codes == [cheapest.code] and out.macs_per_call == [cheapest.macs]
+
+
+def test_cheaper_codes_come_in_the_routers_order(three_codes):
+    macs = [info.macs for info in three_codes.codes]
+    costliest = macs.index(max(macs))
+    ranking = three_codes.route(three_codes.encode(["a red circle"])).rankings[0]
+    cheaper = three_codes.cheaper(ranking, costliest)
+    assert cheaper == [c for c in ranking if macs[c] < macs[costliest]] and len(cheaper) == 2
+    assert three_codes.cheaper(ranking, macs.index(min(macs))) == []

@@ -153,7 +153,16 @@ def test_openapi_schema_lists_the_api(client):
     # bearer auth regardless); with keys it declares it (test_the_openapi_document_states_...).
     assert "securitySchemes" not in schema.get("components", {})
     request_fields = schema["components"]["schemas"]["GenerateRequest"]["properties"]
-    assert set(request_fields) == {"prompt", "negative_prompt", "num_images", "steps", "guidance_scale", "seed"}
+    assert set(request_fields) == {
+        "prompt",
+        "negative_prompt",
+        "num_images",
+        "steps",
+        "guidance_scale",
+        "seed",
+        "max_macs_ratio",
+        "quality",
+    }
 
 
 def test_a_model_with_a_text_adapter_reports_its_cost(tmp_path):

@@ -6,7 +6,7 @@ import time
 
 from fastapi import APIRouter, Request
 
-from ...schemas import OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
+from ...schemas import OPENAI_QUALITY, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
 from ..contract import OPENAI_ERRORS
 from ..deps import Authorized, State
 from ..errors import invalid
@@ -39,6 +39,8 @@ async def images_generations(body: OpenAIImageRequest, request: Request, state: 
         steps=body.steps,
         guidance_scale=body.guidance_scale,
         seed=body.seed,
+        max_macs_ratio=body.max_macs_ratio,
+        quality=OPENAI_QUALITY[body.quality] if body.quality is not None else None,
     )
     check_limits(state, params, images_field="n")
     result = await generate(state, request, params)

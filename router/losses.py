@@ -33,6 +33,11 @@ def resource_loss(ratios: torch.Tensor, target: float) -> torch.Tensor:
     return torch.abs(torch.log(ratios.mean() / target))
 
 
+def code_resource_loss(code_ratios: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean_k |log(R_k / p'_k)|: each code's prunable-MAC ratio `(K,)` held to its own target `(K,)`."""
+    return torch.abs(torch.log(code_ratios / targets)).mean()
+
+
 def spread_losses(ratios: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(-std_b R_b, 1 - max_b R_b): keep the routed costs apart and let one code stay large."""
     std = ratios.std(unbiased=False) if ratios.numel() > 1 else ratios.new_zeros(())

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 from diffusers import DDPMScheduler
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm import tqdm
 
 from aptp.conditioning.encoder import EncoderConfig, PromptEncoder
@@ -24,7 +24,7 @@ from pruning.importance import l1_importance
 from pruning.space import ArchitectureSpace
 from router.assignment import assign
 from router.gates import normalised_architecture
-from router.losses import contrastive_loss, prunable_budget, resource_loss, spread_losses
+from router.losses import code_resource_loss, contrastive_loss, prunable_budget, resource_loss, spread_losses
 from router.model import Router, RouterConfig
 
 from .data.captions import CaptionFolderConfig, TrainingData, training_data
@@ -60,6 +60,12 @@ class SearchConfig(RunSettings):
     seed: int = 1
     num_codes: int = Field(4, ge=1)
     budget: float = Field(0.6, gt=0, le=1, description="target average MACs as a fraction of the teacher's")
+    code_budgets: list[float] | None = Field(
+        None,
+        description="one target per code (fractions of the teacher's MACs, averaging `budget`): after the warm-up "
+        "each code is held to its own target instead of the routed batch to the average, so the codes differ in "
+        "cost by design; None: the batch average only (docs/method.md)",
+    )
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(32, ge=2)
     lr: float | None = Field(None, gt=0, description="default: 2e-4 * sqrt(batch_size), as in the paper")
@@ -95,6 +101,22 @@ class SearchConfig(RunSettings):
     embed_encoder: EncoderConfig | None = Field(
         None, description="router's prompt encoder if different from the teacher's (e.g. all-mpnet-base-v2)"
     )
+
+    @model_validator(mode="after")
+    def _code_budgets_average_the_budget(self) -> SearchConfig:
+        targets = self.code_budgets
+        if targets is None:
+            return self
+        if len(targets) != self.num_codes:
+            raise ValueError(f"code_budgets: {len(targets)} targets for num_codes={self.num_codes}")
+        if not all(0 < t <= 1 for t in targets):
+            raise ValueError(f"code_budgets: every target must be in (0, 1], got {targets}")
+        mean = sum(targets) / len(targets)
+        if abs(mean - self.budget) > 0.005:
+            raise ValueError(
+                f"code_budgets: they average {mean:.3f}, not the budget {self.budget} (prompts split evenly)"
+            )
+        return self
 
     @field_validator("noise_anneal")
     @classmethod
@@ -179,7 +201,11 @@ def run_search(config: SearchConfig) -> Path:
     lr = config.lr or 2e-4 * math.sqrt(config.batch_size)
     optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=0.0)
     scheduler = DDPMScheduler.from_config(spec.scheduler_config)
-    budget = prunable_budget(config.budget, space.total_macs(resolution), space.prunable_macs(resolution))
+    total, prunable = space.total_macs(resolution), space.prunable_macs(resolution)
+    budget = prunable_budget(config.budget, total, prunable)
+    code_targets = None
+    if config.code_budgets is not None:
+        code_targets = torch.tensor([prunable_budget(b, total, prunable) for b in config.code_budgets], device=device)
     data = training_data(config.data, teacher.pixel_resolution, config.seed)
     teacher.use_latent_cache(data, processes)
     gates = UNetGates(unet, space).attach()
@@ -238,7 +264,10 @@ def run_search(config: SearchConfig) -> Path:
             part_losses.append(losses)
         distill = DistillLosses.mean(part_losses)
         ratios = prunable_ratio(space, hard, resolution).float()  # (B,) of the global batch
-        resource = resource_loss(ratios, budget)
+        if code_targets is None or warming_up:
+            resource = resource_loss(ratios, budget)
+        else:  # every code to its own target; the even split of prompts keeps the average at the budget
+            resource = code_resource_loss(prunable_ratio(space, code_hard, resolution).float(), code_targets)
         spread_std, spread_max = spread_losses(ratios)
         contrastive = contrastive_loss(
             normalised_architecture(prompt_hard, space), embedding, tau=config.contrastive_tau
@@ -270,6 +299,11 @@ def run_search(config: SearchConfig) -> Path:
                 "noise_scale": round(noise_scale, 4),
                 "routed_prunable_ratio": round(ratios.mean().item(), 4),
                 "target_prunable_ratio": round(budget, 4),
+                **(
+                    {"code_target_ratios": [round(t, 4) for t in code_targets.tolist()]}
+                    if code_targets is not None
+                    else {}
+                ),
                 "code_prunable_ratio": [round(r, 4) for r in code_ratios.tolist()],
                 "code_usage": [round(u, 4) for u in usage.tolist()],
             }

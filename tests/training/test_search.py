@@ -185,3 +185,34 @@ def test_min_width_holds_each_layers_strongest_gates_open(teacher_folder, tmp_pa
     # However small the codes become, the floor stays.
     router.codes.set_architectures(nested_architectures(router.space, keeps=(0.1, 0.1)))
     assert (router.code_architectures()[:, strongest] == 1).all()
+
+
+def test_code_budgets_hold_each_code_to_its_own_cost(teacher_folder, tmp_path):
+    """With one target per code the codes part ways: the cheap code's gates close, the dear one's stay open (the
+    batch-average resource loss alone has no reason to treat two codes differently)."""
+    config = _config(
+        teacher_folder,
+        tmp_path / "run",
+        steps=16,
+        warmup_fraction=0.25,
+        lr=0.5,
+        lr_warmup_steps=0,
+        budget=0.65,
+        code_budgets=[0.3, 1.0],
+        balance_prompts=0,
+        weights={"resource": 20.0, "spread_std": 0.0, "spread_max": 0.0},
+    )
+    run_search(config)
+    codes = [r for r in _records(tmp_path / "run") if r["phase"] == "codes"]
+    assert codes and all(len(r["code_target_ratios"]) == 2 for r in codes)
+    cheap, dear = codes[-1]["code_prunable_ratio"]
+    target = codes[-1]["code_target_ratios"][0]
+    assert cheap < target + 0.1 and dear > 0.9
+
+
+@pytest.mark.parametrize(
+    "targets, message", [([0.5], "1 targets for num_codes=2"), ([0.4, 0.5], "average 0.450, not the budget 0.6")]
+)
+def test_code_budgets_must_fit_the_codes_and_the_budget(teacher_folder, tmp_path, targets, message):
+    with pytest.raises(ValueError, match=message):
+        _config(teacher_folder, tmp_path / "run", budget=0.6, code_budgets=targets)

@@ -115,6 +115,95 @@ def unet_calls(steps: int, guidance_scales: Sequence[float]) -> int:
     return steps * (2 if is_guided(guidance_scales) else 1)
 
 
+class Trajectory:
+    """Rows denoised together from noise to images: their noise, their own copy of the sampler (so its multistep
+    history is theirs alone), step count, guidance scales and prompts. `advance` moves any number of trajectories of
+    one U-Net one step in one call, each at its own timestep: one trajectory run to the end is `sample`; several,
+    joining and leaving between steps, are the server's step-level batching. Rows never read each other, so an
+    image depends on its own seed, prompt, steps and guidance, not on what it shares a call with.
+
+    Parameters:
+        unet (`nn.Module`): the U-Net the trajectory is for (its device and dtype are the trajectory's).
+        sampler (`SchedulerMixin`): the sampler to copy (its config; the copy keeps the per-trajectory state).
+        cond (`Conditioning`): one row per image.
+        uncond (`Conditioning`): one row per image, or one row for all (the empty prompt).
+        seeds: one seed or generator per image.
+        steps (`int`): denoising steps.
+        guidance_scale (`float` or a sequence of them, one per image): 1.0 everywhere needs no unconditional branch.
+        resolution (`int`): the U-Net's input size.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        sampler: SchedulerMixin,
+        cond: Conditioning,
+        uncond: Conditioning,
+        seeds: Sequence[int | torch.Generator],
+        steps: int = SamplingConfig().steps,
+        guidance_scale: float | Sequence[float] = SamplingConfig().guidance_scale,
+        resolution: int = 32,
+    ):
+        batch = len(cond)
+        if len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
+        scales = [float(guidance_scale)] * batch if isinstance(guidance_scale, int | float) else list(guidance_scale)
+        if len(scales) != batch:
+            raise ValueError(f"{len(scales)} guidance scales for {batch} prompts")
+        if len(uncond) not in (1, batch):
+            raise ValueError(f"{len(uncond)} unconditional rows for {batch} prompts (give one, or one per prompt)")
+        param = next(unet.parameters())
+        self.sampler = type(sampler).from_config(sampler.config)
+        self.sampler.set_timesteps(steps, device=param.device)
+        noise = initial_noise(seeds, (unet.config.out_channels, resolution, resolution), param.device, param.dtype)
+        self.x = noise * self.sampler.init_noise_sigma
+        self.guidance_scales = scales
+        self.scale = torch.tensor(scales, device=param.device, dtype=param.dtype).view(batch, 1, 1, 1)
+        self.cond = cond.for_unet().to(dtype=param.dtype)
+        uncond = uncond.repeat(batch) if len(uncond) == 1 and batch > 1 else uncond
+        self.uncond = uncond.for_unet().to(dtype=param.dtype)
+        self.steps, self.step = steps, 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def guided(self) -> bool:
+        return is_guided(self.guidance_scales)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.steps
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        return self.sampler.timesteps[self.step]
+
+
+@torch.no_grad()
+def advance(unet: nn.Module, trajectories: Sequence[Trajectory]) -> None:
+    """One denoising step of every trajectory (none of them done) in one U-Net call: rows concatenated, each with its
+    trajectory's timestep. When any trajectory is guided, every row runs both branches (as `unet_calls` counts)."""
+    if any(t.done for t in trajectories):
+        raise ValueError("advance: a trajectory has taken all its steps")
+    sizes = [len(t) for t in trajectories]
+    x = torch.cat([t.sampler.scale_model_input(t.x, t.timestep) for t in trajectories])
+    timesteps = torch.cat([t.timestep.reshape(1).expand(len(t)) for t in trajectories])
+    cond = Conditioning.cat([t.cond for t in trajectories])
+    guided = any(t.guided for t in trajectories)
+    if guided:
+        context = Conditioning.cat([Conditioning.cat([t.uncond for t in trajectories]), cond])  # unconditional first
+        out = denoise(unet, torch.cat([x, x]), torch.cat([timesteps, timesteps]), context).sample
+        out_uncond, out_cond = out.chunk(2)
+        scale = torch.cat([t.scale for t in trajectories])
+        out = out_uncond + scale * (out_cond - out_uncond)
+    else:
+        out = denoise(unet, x, timesteps, cond).sample
+    for trajectory, rows in zip(trajectories, out.split(sizes), strict=True):
+        trajectory.x = trajectory.sampler.step(rows, trajectory.timestep, trajectory.x).prev_sample
+        trajectory.step += 1
+
+
 @torch.no_grad()
 def sample(
     unet: nn.Module,
@@ -129,37 +218,8 @@ def sample(
     """Generate one image per row of `cond` with classifier-free guidance against `uncond` (one row per row of
     `cond`: each image's negative prompt, or one row for all: the empty prompt); returns the model-space samples
     `(B, C, H, W)`, unclipped. `guidance_scale` is one value or one per row; 1.0 everywhere skips the
-    unconditional branch."""
-    batch = len(cond)
-    if len(seeds) != batch:
-        raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
-    scales = [float(guidance_scale)] * batch if isinstance(guidance_scale, int | float) else list(guidance_scale)
-    if len(scales) != batch:
-        raise ValueError(f"{len(scales)} guidance scales for {batch} prompts")
-    if len(uncond) not in (1, batch):
-        raise ValueError(f"{len(uncond)} unconditional rows for {batch} prompts (give one, or one per prompt)")
-    param = next(unet.parameters())
-    channels = unet.config.out_channels
-    x = initial_noise(seeds, (channels, resolution, resolution), param.device, param.dtype)
-    # Schedulers keep per-call state, so work on a private copy.
-    sampler = type(sampler).from_config(sampler.config)
-    sampler.set_timesteps(steps, device=param.device)
-    x = x * sampler.init_noise_sigma
-    guided = is_guided(scales)
-    cond, uncond = cond.for_unet(), uncond.for_unet()
-    if guided:
-        scale = torch.tensor(scales, device=param.device, dtype=param.dtype).view(batch, 1, 1, 1)
-        uncond = uncond.repeat(batch) if len(uncond) == 1 else uncond
-        context = Conditioning.cat([uncond, cond])  # 2B rows: unconditional first
-    else:
-        context = cond
-    context = context.to(dtype=param.dtype)
-    for t in sampler.timesteps:
-        model_in = torch.cat([x, x]) if guided else x
-        model_in = sampler.scale_model_input(model_in, t)
-        out = denoise(unet, model_in, t, context).sample
-        if guided:
-            out_uncond, out_cond = out.chunk(2)
-            out = out_uncond + scale * (out_cond - out_uncond)
-        x = sampler.step(out, t, x).prev_sample
-    return x
+    unconditional branch. One `Trajectory`, run to its end."""
+    trajectory = Trajectory(unet, sampler, cond, uncond, seeds, steps, guidance_scale, resolution)
+    while not trajectory.done:
+        advance(unet, [trajectory])
+    return trajectory.x

@@ -8,6 +8,8 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
 from aptp.conditioning.prompts import Conditioning
 from aptp.sampling import (
+    Trajectory,
+    advance,
     coordinate_channels,
     coordinate_planes,
     denoise,
@@ -173,3 +175,42 @@ def test_an_unknown_input_layout_is_refused():
     odd = build_unet(pixel_unet_config(RESOLUTION, CROSS_DIM, in_channels=4), seed=0)
     with pytest.raises(ValueError, match="in_channels=4"):
         coordinate_channels(odd)
+
+
+def _trajectory(unet, sampler, prompts, rows, seeds, **kwargs):
+    cond, mask, uncond, uncond_mask = prompts
+    kwargs = {"steps": STEPS, "guidance_scale": 3.0, "resolution": RESOLUTION, **kwargs}
+    return Trajectory(
+        unet, sampler, Conditioning(cond[rows], mask[rows]), Conditioning(uncond, uncond_mask), seeds, **kwargs
+    )
+
+
+def test_trajectories_that_join_and_leave_between_steps_make_the_images_they_make_alone(unet, sampler, prompts):
+    """Step-level batching: trajectories of other step counts and guidance, joining a running call at its next
+    step, each give the image `sample` gives it alone."""
+    first = _trajectory(unet, sampler, prompts, [0, 1], [20, 21], steps=4)
+    second = _trajectory(unet, sampler, prompts, [2], [22], steps=2, guidance_scale=1.0)
+    third = _trajectory(unet, sampler, prompts, [1], [23], steps=3, guidance_scale=5.0)
+    advance(unet, [first])
+    advance(unet, [first, second])  # second joins at first's second step
+    advance(unet, [first, second, third])  # second is done after this one
+    assert second.done and not first.done
+    advance(unet, [first, third])
+    assert first.done and not third.done
+    advance(unet, [third])
+    assert third.done
+    for trajectory, rows, seeds, kwargs in (
+        (first, [0, 1], [20, 21], {"steps": 4}),
+        (second, [2], [22], {"steps": 2, "guidance_scale": 1.0}),
+        (third, [1], [23], {"steps": 3, "guidance_scale": 5.0}),
+    ):
+        alone = _sample(unet, sampler, prompts, rows, seeds, **kwargs)
+        diff = (alone - trajectory.x).abs().max().item()
+        assert diff < 1e-4, f"{kwargs}: max abs difference {diff:.3e}"
+
+
+def test_a_finished_trajectory_cannot_be_advanced(unet, sampler, prompts):
+    trajectory = _trajectory(unet, sampler, prompts, [0], [1], steps=1)
+    advance(unet, [trajectory])
+    with pytest.raises(ValueError, match="taken all its steps"):
+        advance(unet, [trajectory])

@@ -32,7 +32,7 @@ from aptp.formats.bundle import (
 from aptp.formats.diffusers import STABLE_DIFFUSION_SAMPLING, load_stable_diffusion
 from aptp.formats.kinds import folder_kind, not_a_model_folder
 from aptp.formats.teacher import load_teacher, load_teacher_conditioner
-from aptp.sampling import SamplingConfig, make_sampler, prompt_map_channels, sample, unet_calls
+from aptp.sampling import SamplingConfig, Trajectory, advance, make_sampler, prompt_map_channels, unet_calls
 from pruning.space import ArchitectureSpace
 from router.model import ROUTER_WEIGHTS, Router
 
@@ -494,16 +494,30 @@ class RoutedPipeline:
         """Images `(N, 3, H, W)` from code `code`'s expert, one per row of `cond` (noise from `seeds[i]`: a seed or a
         generator), decoded; the unconditional branch reads `negative` (one row per image) or, when it is None, the
         empty prompt. `output`: `"uint8"` (what is served) or `"model"` (float, [-1, 1] unclipped), on the CPU."""
-        latents = sample(
-            self.experts[code],
-            self.sampler,
-            cond,
-            self.empty_prompt if negative is None else negative,
-            seeds,
-            steps=steps,
-            guidance_scale=list(guidance_scales),
-            resolution=self.latent_size,
+        trajectory = self.trajectory(code, cond, seeds, steps, guidance_scales, negative)
+        while not trajectory.done:
+            advance(self.experts[code], [trajectory])
+        return self.decode(trajectory.x, output)
+
+    def trajectory(
+        self,
+        code: int,
+        cond: Conditioning,
+        seeds: Seeds,
+        steps: int,
+        guidance_scales: Sequence[float],
+        negative: Conditioning | None = None,
+    ) -> Trajectory:
+        """The denoising of `cond`'s rows by code `code`'s expert, not yet begun (`aptp.sampling.advance` steps it,
+        `decode` turns its result into images): `generate` one step at a time, for step-level batching."""
+        uncond = self.empty_prompt if negative is None else negative
+        return Trajectory(
+            self.experts[code], self.sampler, cond, uncond, seeds, steps, list(guidance_scales), self.latent_size
         )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output: str = "uint8") -> torch.Tensor:
+        """A finished trajectory's samples as images on the CPU: `"uint8"` or `"model"` (as in `generate`)."""
         images = self.decoder.decode(latents).float().cpu()
         return to_uint8(images) if output == "uint8" else images
 

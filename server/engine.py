@@ -21,7 +21,7 @@ import torch
 
 from aptp.conditioning.prompts import Conditioning
 from aptp.pipeline import RoutedPipeline
-from aptp.sampling import unet_calls
+from aptp.sampling import Trajectory, advance, unet_calls
 
 from .metrics import ServerMetrics
 from .scheduler import AbortOutcome, FinishedBatch, QueuedRequest, ScheduledBatch, Scheduler, SchedulerConfig
@@ -86,6 +86,18 @@ class GenerationResult:
     compute_seconds: float
 
 
+@dataclass
+class _RunningRequest:
+    """A request in its code's running rows (step-level batching): its denoising so far, and what it cost."""
+
+    batch: ScheduledBatch
+    request: QueuedRequest
+    trajectory: Trajectory
+    joined_at: float
+    unet_calls: int = 0
+    largest_call: int = 0
+
+
 # --------------------------------------------------------------------------------------------------------- engine
 class Engine:
     """Resident experts + scheduler + worker thread.
@@ -95,6 +107,8 @@ class Engine:
         scheduler_config (`SchedulerConfig`): batching and admission policy (`num_codes` must match the pipeline).
         metrics (`ServerMetrics`, *optional*): where batch and request events are recorded.
         clock (`Callable[[], float]`): monotonic seconds (tests may pass their own).
+        step_level (`bool`): step-level batching (requests join and leave a code's running rows between denoising
+            steps) instead of whole batches run from first step to last.
     """
 
     def __init__(
@@ -103,13 +117,20 @@ class Engine:
         scheduler_config: SchedulerConfig,
         metrics: ServerMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        step_level: bool = False,
     ):
         if scheduler_config.num_codes != pipeline.num_codes:
             raise ValueError(f"scheduler has {scheduler_config.num_codes} codes, the bundle {pipeline.num_codes}")
         self.pipeline = pipeline
+        if step_level:  # every running request is a batch of its own; a code's rows hold at most its batch size
+            codes = range(scheduler_config.num_codes)
+            limit = sum(scheduler_config.batch_size(code) for code in codes)
+            scheduler_config = scheduler_config.model_copy(update={"max_running_batches": limit})
         self.scheduler = Scheduler(scheduler_config)
         self.metrics = metrics
         self.clock = clock
+        self.step_level = step_level
+        self._rows: dict[int, list[_RunningRequest]] = {}  # step-level batching: each code's running requests
         self._futures: dict[str, Future] = {}
         self._futures_lock = threading.Lock()
         # Guards "schedule, else sleep" against "add, then notify": no wake-up is lost between the two.
@@ -217,6 +238,9 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------------- worker loop
     def _loop(self) -> None:
+        if self.step_level:
+            self._step_loop()
+            return
         while True:
             now = self.clock()
             for request in self.scheduler.expire(now):
@@ -231,6 +255,124 @@ class Engine:
                     self._wakeup.wait(timeout=self.scheduler.next_deadline(now))
                     continue
             self._run(batch)
+
+    def _step_loop(self) -> None:
+        """Step-level batching: before every denoising step, queued requests join their code's running rows (up to
+        its batch size); one code takes one step, all its rows in one U-Net call; rows whose steps are done leave
+        and are answered at once. The code stepped is the one holding the oldest running request (first come,
+        first served, step by step: no code starves, since its rows finish in a bounded number of steps)."""
+        while True:
+            now = self.clock()
+            for request in self.scheduler.expire(now):
+                if self.metrics is not None:
+                    self.metrics.rejections.labels(reason="queue_timeout").inc()
+                self._fail(request.request_id, QueueTimeout("the request waited too long in the queue"))
+            with self._wakeup:
+                if self._stop:
+                    return
+                joined = [batch for code in range(self.pipeline.num_codes) for batch in self._join(code, now)]
+                if not joined and not any(self._rows.values()):
+                    self._wakeup.wait(timeout=self.scheduler.next_deadline(now))
+                    continue
+            for batch in joined:  # outside the lock: `submit` never waits for noise to be drawn
+                try:
+                    self._start(batch, now)
+                except Exception as error:  # noqa: BLE001 - a request that cannot start fails alone
+                    logger.exception("starting request %s failed", batch.requests[0].request_id)
+                    finished = self.scheduler.finish(batch.batch_id, self.clock(), error=error)
+                    for request in finished.failed:
+                        self._fail(
+                            request.request_id, BatchFailed(f"generation failed: {type(error).__name__}: {error}")
+                        )
+                    self._drop(finished)
+            if not any(self._rows.values()):
+                continue
+            running = [code for code, rows in self._rows.items() if rows]
+            self._step(min(running, key=lambda code: min(row.request.arrival for row in self._rows[code])))
+
+    def _join(self, code: int, now: float) -> list[ScheduledBatch]:
+        """The queued requests of `code` that join its running rows now (`Scheduler.join`)."""
+        rows = self._rows.setdefault(code, [])
+        room = self.scheduler.config.batch_size(code) - sum(row.request.num_images for row in rows)
+        return self.scheduler.join(code, room, now)
+
+    def _start(self, batch: ScheduledBatch, now: float) -> None:
+        (request,) = batch.requests
+        job: GenerationJob = request.payload
+        count = len(job.seeds)
+        negative = None if job.negative is None else job.negative.repeat(count)
+        trajectory = self.pipeline.trajectory(
+            batch.code, job.prompt.repeat(count), job.seeds, job.steps, [job.guidance_scale] * count, negative
+        )
+        self._rows[batch.code].append(_RunningRequest(batch, request, trajectory, now))
+
+    def _step(self, code: int) -> None:
+        rows = self._rows[code]
+        for row in [r for r in rows if self.scheduler.is_aborted(r.request.request_id)]:
+            rows.remove(row)  # its client left: no more steps for it
+            self._drop(self.scheduler.finish(row.batch.batch_id, self.clock()))
+        if not rows:
+            return
+        started = self.clock()
+        guided = any(row.trajectory.guided for row in rows)
+        try:
+            advance(self.pipeline.experts[code], [row.trajectory for row in rows])
+        except Exception as error:  # noqa: BLE001 - a failing step fails this code's running requests only
+            logger.exception("a denoising step of code %d failed", code)
+            message = f"generation failed: {type(error).__name__}: {error}"
+            for row in rows:
+                finished = self.scheduler.finish(row.batch.batch_id, self.clock(), error=error)
+                for request in finished.failed:
+                    self._fail(request.request_id, BatchFailed(message))
+                self._drop(finished)
+            rows.clear()
+            return
+        images_in_call = sum(len(row.trajectory) for row in rows)
+        if self.metrics is not None:
+            self.metrics.batch_size.labels(code=str(code)).observe(images_in_call)
+            self.metrics.compute.labels(code=str(code)).observe(self.clock() - started)
+        for row in rows:
+            row.unet_calls += 2 if guided else 1  # a guided call runs both branches for every row
+            row.largest_call = max(row.largest_call, images_in_call)
+        for row in [r for r in rows if r.trajectory.done]:
+            rows.remove(row)
+            self._answer(code, row)
+
+    def _answer(self, code: int, row: _RunningRequest) -> None:
+        """Decode a finished request's images and deliver them."""
+        request = row.request
+        try:
+            images = self.pipeline.decode(row.trajectory.x)
+        except Exception as error:  # noqa: BLE001
+            logger.exception("decoding request %s failed", request.request_id)
+            finished = self.scheduler.finish(row.batch.batch_id, self.clock(), error=error)
+            for failed in finished.failed:
+                self._fail(failed.request_id, BatchFailed(f"generation failed: {type(error).__name__}: {error}"))
+            self._drop(finished)
+            return
+        calls = row.unet_calls
+        finished = self.scheduler.update_from_output(row.batch.batch_id, [(images, calls)], self.clock())
+        if self.metrics is not None:
+            label = str(code)
+            self.metrics.queue_wait.labels(code=label).observe(row.batch.queue_wait(request))
+            self.metrics.images.labels(code=label).inc(request.num_images)
+            self.metrics.macs.labels(code=label).inc(calls * request.num_images * self.pipeline.codes[code].macs)
+        result = GenerationResult(
+            images=images,
+            code=code,
+            unet_calls=calls,
+            batch_images=row.largest_call,
+            queue_seconds=row.batch.queue_wait(request),
+            compute_seconds=finished.finished_at - row.joined_at,
+        )
+        if finished.completed:
+            self._deliver(request.request_id, result)
+        self._drop(finished)
+
+    def _deliver(self, request_id: str, result: GenerationResult) -> None:
+        future = self._pop_future(request_id)
+        if future is not None and future.set_running_or_notify_cancel():
+            future.set_result(result)
 
     def _run(self, batch: ScheduledBatch) -> None:
         started = self.clock()
@@ -265,9 +407,7 @@ class Engine:
                 queue_seconds=batch.queue_wait(request),
                 compute_seconds=compute_seconds,
             )
-            future = self._pop_future(request.request_id)
-            if future is not None and future.set_running_or_notify_cancel():
-                future.set_result(result)
+            self._deliver(request.request_id, result)
         self._drop(finished)
 
     def _compute(self, batch: ScheduledBatch) -> list[tuple[torch.Tensor, int]]:

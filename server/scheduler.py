@@ -406,6 +406,27 @@ class Scheduler:
     def _head(self, code: int) -> QueuedRequest:
         return next(iter(self._queues[code].values()))
 
+    def join(self, code: int, room: int, now: float) -> list[ScheduledBatch]:
+        """Step-level batching: move requests from the head of `code`'s queue into running, each a batch of its
+        own (it leaves when its own steps are done), while their images fit in `room`, the images the code's
+        running rows leave free of its `max_batch_size`. A head request larger than the whole batch size joins
+        alone, when the code runs nothing. No waiting for a batch to fill: a later request joins at a later step.
+        Bounded by `max_running_batches` like `schedule`."""
+        with self._lock:
+            queue, joined = self._queues[code], []
+            alone = room >= self.config.batch_size(code)  # the code runs nothing
+            while queue and len(self._running) < self.config.max_running_batches:
+                head = self._head(code)
+                if head.num_images > room and not (alone and not joined):
+                    break
+                self._unqueue(head)
+                batch = ScheduledBatch(next(self._batch_ids), code, [head], now)
+                self._running[batch.batch_id] = batch
+                self._running_batch_of[head.request_id] = batch.batch_id
+                room -= head.num_images
+                joined.append(batch)
+            return joined
+
     def _take_batch(self, code: int) -> list[QueuedRequest]:
         queue, limit = self._queues[code], self.config.batch_size(code)
         taken: list[QueuedRequest] = []

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     api_keys (`list[str]`): when non-empty, generation and routing need `Authorization: Bearer <key>`.
     drain_timeout_s (`float`): on SIGTERM, how long to wait for queued and running work before exiting anyway.
     warmup (`bool`): run every expert once before reporting ready.
+    batching (`str`): `"step"`: requests join and leave a code's running batch between denoising steps
+        (iteration-level scheduling); `"request"`: a batch runs from its first step to its last, and requests that
+        arrive meanwhile wait for the next one.
     degrade_when_full (`bool`): when a request's code has a full queue, serve it with a cheaper code that has room
         (reported as `degraded`) instead of answering 429.
     """
@@ -68,6 +71,7 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(300.0, ge=0)
     warmup: bool = True
     degrade_when_full: bool = False
+    batching: Literal["request", "step"] = "request"
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -65,7 +65,7 @@ class ServerState:
             max_wait_ms=settings.max_wait_ms,
             max_queue_size=settings.max_queue_size,
         )
-        self.engine = Engine(self.pipeline, scheduler_config, self.metrics)
+        self.engine = Engine(self.pipeline, scheduler_config, self.metrics, step_level=settings.batching == "step")
         self.engine.start()
         self.routing = RoutingStage(self.pipeline, settings.max_routing_queue, settings.max_routing_batch)
         if settings.warmup:  # in the background: the server listens (503 on /readyz) while the experts warm up

@@ -204,3 +204,23 @@ def test_the_openapi_document_states_the_limits_errors_and_auth_the_server_keeps
     assert "securitySchemes" not in open_doc.get("components", {})  # no keys configured: nothing to send
     assert "securitySchemes" in keyed_doc["components"]
     assert "401" in keyed_doc["paths"]["/generate"]["post"]["responses"]
+
+
+def test_step_level_batching_serves_the_images_batch_at_once_serving_serves(make_client):
+    """The same requests, served with requests joining and leaving running batches between steps, get the images
+    whole-batch serving gives them (to float rounding), each with the U-Net calls it ran."""
+    payloads = [
+        {"prompt": "a green square in the middle", "seed": seed, "steps": steps}
+        for seed, steps in ((1, 2), (2, 4), (3, 3))
+    ]
+    with make_client(max_batch_size=4, batching="step") as client, ThreadPoolExecutor(3) as pool:
+        stepped = list(pool.map(lambda p: client.post("/generate", json=p), payloads))
+    with make_client(max_batch_size=1) as client:
+        whole = [client.post("/generate", json=p) for p in payloads]
+    for step_level, batch_at_once, payload in zip(stepped, whole, payloads, strict=True):
+        assert step_level.status_code == batch_at_once.status_code == 200
+        report = step_level.json()["report"]
+        assert report["steps"] == payload["steps"] and report["unet_calls_per_image"] == 2 * payload["steps"]
+        ours = decode_png(step_level.json()["images"][0]["b64_png"]).astype(int)
+        theirs = decode_png(batch_at_once.json()["images"][0]["b64_png"]).astype(int)
+        assert np.abs(ours - theirs).max() <= 1

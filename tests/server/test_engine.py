@@ -49,3 +49,93 @@ def test_a_drain_timeout_answers_the_requests_left_queued(pipeline, monkeypatch)
 def test_an_engine_needs_a_scheduler_for_every_code(pipeline):
     with pytest.raises(ValueError, match="codes"):
         Engine(pipeline, SchedulerConfig(num_codes=pipeline.num_codes + 1))
+
+
+# ------------------------------------------------------------------------------------------- step-level batching
+def _step_engine(pipeline, **config) -> Engine:
+    settings = {"num_codes": pipeline.num_codes, "max_batch_size": 4, "max_wait_ms": 0, **config}
+    engine = Engine(pipeline, SchedulerConfig(**settings), step_level=True)
+    engine.start()
+    return engine
+
+
+def _alone(pipeline, code: int, job: GenerationJob):
+    count = len(job.seeds)
+    return pipeline.generate(code, job.prompt.repeat(count), job.seeds, job.steps, [job.guidance_scale] * count)
+
+
+def test_a_request_joins_a_running_batch_at_the_next_step_and_gets_the_image_it_gets_alone(pipeline, monkeypatch):
+    import server.engine as engine_module
+
+    calls, release = [], threading.Event()
+    real_advance = engine_module.advance
+
+    def recording_advance(unet, trajectories):
+        calls.append([(t.step, t.steps) for t in trajectories])
+        if len(calls) == 2:
+            release.wait(timeout=30)  # hold the second step until the second request is queued
+        real_advance(unet, trajectories)
+
+    monkeypatch.setattr(engine_module, "advance", recording_advance)
+    engine = _step_engine(pipeline)
+    try:
+        long_job = GenerationJob(prompt=pipeline.encode(["a red circle"]), seeds=[1], steps=5, guidance_scale=3.0)
+        short_job = GenerationJob(prompt=pipeline.encode(["a blue square"]), seeds=[2, 3], steps=2, guidance_scale=1.5)
+        first = engine.submit("long", 0, long_job)
+        while len(calls) < 2:
+            time.sleep(0.01)
+        second = engine.submit("short", 0, short_job)
+        release.set()
+        short, long = second.result(timeout=60), first.result(timeout=60)
+    finally:
+        engine.shutdown(drain_timeout=5)
+    assert calls[2] == [(2, 5), (0, 2)]  # joined at the long request's third step, at its own first
+    assert calls[4] == [(4, 5)]  # and left once its two steps were done
+    assert short.batch_images == 3 and long.batch_images == 3 and short.unet_calls == 4 and long.unet_calls == 10
+    for result, job in ((long, long_job), (short, short_job)):
+        difference = (result.images.int() - _alone(pipeline, 0, job).int()).abs().max().item()
+        assert difference <= 1, difference  # float rounding of other batch shapes: at most one intensity level
+
+
+def test_step_level_batching_holds_a_code_to_its_batch_size(pipeline):
+    engine = _step_engine(pipeline, max_batch_size=2)
+    try:
+        jobs = [
+            GenerationJob(prompt=pipeline.encode([f"prompt {i}"]), seeds=[i], steps=2, guidance_scale=1.0)
+            for i in range(5)
+        ]
+        futures = [engine.submit(f"r{i}", 0, job) for i, job in enumerate(jobs)]
+        results = [future.result(timeout=60) for future in futures]
+    finally:
+        engine.shutdown(drain_timeout=5)
+    assert all(result.batch_images <= 2 for result in results)
+    assert engine.scheduler.stats().completed == 5
+
+
+def test_a_failing_step_fails_its_codes_running_requests_and_the_engine_keeps_serving(pipeline, monkeypatch):
+    import server.engine as engine_module
+    from server.engine import BatchFailed
+
+    real_advance, failures = engine_module.advance, [1]
+
+    def failing_once(unet, trajectories):
+        if failures:
+            failures.pop()
+            raise RuntimeError("out of memory (simulated)")
+        real_advance(unet, trajectories)
+
+    monkeypatch.setattr(engine_module, "advance", failing_once)
+    engine = _step_engine(pipeline)
+    try:
+        with pytest.raises(BatchFailed, match="out of memory"):
+            engine.submit("doomed", 0, _job(pipeline, 1)).result(timeout=60)
+        assert engine.submit("fine", 0, _job(pipeline, 2)).result(timeout=60).images.shape == (1, 3, 32, 32)
+    finally:
+        engine.shutdown(drain_timeout=5)
+
+
+def test_step_level_drain_answers_everything_queued(pipeline):
+    engine = _step_engine(pipeline, max_batch_size=1)
+    futures = [engine.submit(f"r{i}", i % pipeline.num_codes, _job(pipeline, i)) for i in range(4)]
+    assert engine.shutdown(drain_timeout=60)
+    assert all(future.result(timeout=1).images.shape == (1, 3, 32, 32) for future in futures)

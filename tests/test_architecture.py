@@ -145,3 +145,17 @@ def test_serving_never_reaches_training_code():
 def test_the_aptp_command_lives_in_the_core_package():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["aptp"] == "aptp.cli.main:main"
+
+
+def test_no_training_code_reaches_the_held_out_paraphrase_set():
+    """The paraphrase set measures phrasing never trained on: no training job imports it, directly or through
+    another module (only evaluation, which scores models on it, does)."""
+    graph = import_graph()
+    jobs = [m for m in graph if m.startswith("training.") and not m.startswith("training.evaluation")]
+    reached, todo = set(), list(jobs)
+    while todo:
+        module = todo.pop()
+        if module not in reached and not module.startswith("training.evaluation"):
+            reached.add(module)
+            todo += graph[module]
+    assert "training.evaluation.paraphrases" not in {t for m in reached for t in graph[m]}

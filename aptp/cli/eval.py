@@ -7,7 +7,7 @@ import json
 import pathlib
 import sys
 
-from .args import load_pipeline, non_negative_float, positive_int
+from .args import load_pipeline, non_negative_float, non_negative_int, positive_int
 
 
 def _report_name(args: argparse.Namespace, bundle: str) -> str:
@@ -110,6 +110,7 @@ def _eval(args: argparse.Namespace) -> int:
         settings = {
             "num_prompts": args.num_prompts,
             "num_heldout": args.num_heldout,
+            "num_paraphrases": args.num_paraphrases,
             "seed": args.seed,
             "steps": extra["steps"],
             "guidance_scale": pipeline.default_guidance_scale if args.guidance is None else args.guidance,
@@ -129,6 +130,7 @@ def _eval(args: argparse.Namespace) -> int:
             args.steps,
             args.guidance,
             provenance=provenance,
+            num_paraphrases=args.num_paraphrases,
         )
         for result in report.results:
             summary = result.model_dump(exclude={"routing", "alignment_per_prompt"})
@@ -178,6 +180,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--name", help="report name (default: the bundle folder's name)")
     evaluate.add_argument("--num-prompts", type=positive_int, default=1000, help="held-out prompts (test split)")
     evaluate.add_argument("--num-heldout", type=positive_int, default=400, help="prompts with unseen combinations")
+    evaluate.add_argument(
+        "--num-paraphrases",
+        type=non_negative_int,
+        default=480,
+        help="prompts of the paraphrase set (training/evaluation/paraphrases.jsonl; all 480 by default, 0 skips it)",
+    )
     evaluate.add_argument("--seed", type=int, default=7)
     evaluate.add_argument("--steps", type=positive_int, help="sampling steps (default: the model's, 25)")
     evaluate.add_argument("--guidance", type=non_negative_float, help="guidance scale (default: the model's)")

@@ -67,7 +67,7 @@ class ShapesData:
         return images_to_unit_range(images), [s.caption for s in samples]
 
     def captions(self, positions: Sequence[int]) -> list[str]:
-        return [self.domain.sample(int(i)).caption for i in positions]
+        return [self.domain.caption(int(i)) for i in positions]
 
 
 class CaptionFolderConfig(BaseModel):

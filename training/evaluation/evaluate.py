@@ -1,10 +1,11 @@
 """`aptp eval`: prompt alignment, domain FID and CMMD of a text-to-image model on the shapes domain.
 
-Prompts come from the `test` split (held-out prompts: same distribution as training, never trained on) and the
-`heldout` split (attribute combinations never seen in training), with a fixed seed. Every figure is given next to
-its real-vs-real floor: the same metric between two disjoint sets of real images. For a routed bundle it also reports
-where the prompts went: the share of prompts per code and the mean MACs per U-Net call (as a fraction of the
-teacher's), overall and per tier. A teacher folder is evaluated as a one-code bundle.
+Prompts come from the `test` split (held-out prompts: same distribution as training, never trained on), the
+`heldout` split (attribute combinations never seen in training), with a fixed seed, and the paraphrase set
+(`training.evaluation.paraphrases`: the domain's scenes in phrasings the caption generator never writes). Every
+figure is given next to its real-vs-real floor: the same metric between two disjoint sets of real images. For a
+routed bundle it also reports where the prompts went: the share of prompts per code and the mean MACs per U-Net
+call (as a fraction of the teacher's), overall and per tier. A teacher folder is evaluated as a one-code bundle.
 """
 
 from __future__ import annotations
@@ -24,12 +25,19 @@ from training.data.shapes import Sample, ShapesDomain
 
 from .evaluator import DomainEvaluator, alignment, read_images
 from .metrics import domain_fid, evaluator_features, mean_by_tier, median_bandwidth, mmd_rbf
+from .paraphrases import PARAPHRASE_COUNT, load_paraphrases
 from .reports import EvalReport, SplitResult, markdown_table, routing_summary
 
 
 def evaluation_samples(split: str, num_prompts: int, seed: int) -> list[Sample]:
-    """The prompts (with their scenes) that `aptp eval` scores on `split`."""
-    return ShapesDomain(seed=seed, split=split).batch(0, num_prompts)
+    """The prompts (with their scenes) that `aptp eval` scores on `split`: in the caption generator's first
+    templates (`training.data.template_captions`), the fixed test every report since the first was made on;
+    phrasing beyond them is what the paraphrase set measures."""
+    return _domain(split, seed).batch(0, num_prompts)
+
+
+def _domain(split: str, seed: int) -> ShapesDomain:
+    return ShapesDomain(seed=seed, split=split, phrasing="templates")
 
 
 def evaluate_split(
@@ -41,10 +49,30 @@ def evaluate_split(
     steps: int | None = None,
     guidance_scale: float | None = None,
 ) -> dict[str, Any]:
+    """`evaluate_samples` on `num_prompts` prompts of a domain split (`test`, `heldout`), or of the paraphrase
+    set (`paraphrases`: its first `num_prompts`)."""
+    if split == "paraphrases":
+        samples = load_paraphrases(image_seed=seed)[:num_prompts]
+        floor_samples = load_paraphrases(image_seed=seed + 1)[:num_prompts]  # the same scenes, drawn again
+    else:
+        samples = evaluation_samples(split, num_prompts, seed)
+        floor_samples = _domain(split, seed).batch(num_prompts, num_prompts)  # disjoint real set
+    return evaluate_samples(pipeline, evaluator, split, samples, floor_samples, seed, steps, guidance_scale)
+
+
+def evaluate_samples(
+    pipeline: RoutedPipeline,
+    evaluator: DomainEvaluator,
+    split: str,
+    samples: Sequence[Sample],
+    floor_samples: Sequence[Sample],
+    seed: int,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+) -> dict[str, Any]:
     """Alignment (overall, per tier), domain FID, CMMD and routing (load per code, MACs per tier) of `pipeline`
-    on `num_prompts` prompts of `split`."""
-    samples = evaluation_samples(split, num_prompts, seed)
-    floor_samples = ShapesDomain(seed=seed, split=split).batch(num_prompts, num_prompts)  # disjoint real set
+    on the prompts of `samples`; FID and CMMD floors are measured between their real images and `floor_samples`'."""
+    num_prompts = len(samples)
     prompts = [s.caption for s in samples]
     seeds = [seed * 100_003 + i for i in range(num_prompts)]
     made = pipeline.run(prompts, seeds, steps=steps, guidance_scale=guidance_scale)
@@ -125,14 +153,17 @@ def run_eval(
     steps: int | None = None,
     guidance_scale: float | None = None,
     provenance: Provenance | None = None,
+    num_paraphrases: int = PARAPHRASE_COUNT,
 ) -> EvalReport:
-    """Evaluate on both splits; writes `<name>.json`, `<name>.md` and `<name>_samples.png` (+ captions) to `out`,
+    """Evaluate on the test and heldout splits and on the first `num_paraphrases` prompts of the paraphrase set
+    (none with 0); writes `<name>.json`, `<name>.md` and `<name>_samples.png` (+ captions) to `out`,
     and `<name>_codes.png` (one row per code) for a multi-code bundle."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = [
         evaluate_split(pipeline, evaluator, split, count, seed, steps, guidance_scale)
-        for split, count in (("test", num_prompts), ("heldout", num_heldout))
+        for split, count in (("test", num_prompts), ("heldout", num_heldout), ("paraphrases", num_paraphrases))
+        if count > 0
     ]
     grid, captions = tier_grid(results[0])
     grid.save(out / f"{name}_samples.png")

@@ -37,7 +37,7 @@ class SplitResult(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    split: Literal["test", "heldout"]
+    split: Literal["test", "heldout", "paraphrases"]
     prompts: int
     alignment: dict[str, float]
     alignment_real: dict[str, float] | None = None
@@ -51,7 +51,8 @@ class SplitResult(BaseModel):
 
 
 class EvalReport(BaseModel):
-    """What `aptp eval` writes to `<name>.json`: the test split, then the held-out-combination split.
+    """What `aptp eval` writes to `<name>.json`: the test split, the held-out-combination split, then (in reports
+    since the paraphrase set) the paraphrase set.
 
     Parameters:
         name (`str`): the report's name (a row of comparison tables).
@@ -59,7 +60,7 @@ class EvalReport(BaseModel):
         bundle (`str`): the evaluated folder.
         steps (`int`): sampling steps.
         text_adapter_macs_per_prompt (`int`): the text adapter's MACs per prompt (0 without one).
-        results (`list[SplitResult]`): test, then heldout.
+        results (`list[SplitResult]`): test, heldout, and paraphrases where evaluated.
         provenance (`Provenance`): commit, machine, checksums (absent in reports older than provenance).
     """
 
@@ -76,9 +77,19 @@ class EvalReport(BaseModel):
     @field_validator("results")
     @classmethod
     def _test_then_heldout(cls, results: list[SplitResult]) -> list[SplitResult]:
-        if [r.split for r in results] != ["test", "heldout"]:
-            raise ValueError(f"expected the test and heldout splits in that order, got {[r.split for r in results]}")
+        if [r.split for r in results][:2] != ["test", "heldout"] or [r.split for r in results][2:] not in (
+            [],
+            ["paraphrases"],
+        ):
+            raise ValueError(
+                f"expected the test and heldout splits (then paraphrases) in that order, got "
+                f"{[r.split for r in results]}"
+            )
         return results
+
+    def split(self, name: str) -> SplitResult | None:
+        """The result on split `name`, None where this report has none (paraphrases, in older reports)."""
+        return next((r for r in self.results if r.split == name), None)
 
 
 def tier_cells(by_tier: dict[str, float], separator: str = " | ") -> str:
@@ -121,27 +132,31 @@ def markdown_table(name: str, results: Sequence[SplitResult]) -> str:
 
 
 def comparison_table(reports: Sequence[EvalReport]) -> str:
-    """One row per evaluated model: cost, quality and routing on the test split, alignment on held-out combinations."""
+    """One row per evaluated model: cost, quality and routing on the test split, alignment on held-out combinations
+    and on paraphrases ("-" for a report without them)."""
     lines = [
         "| model | codes | MACs (x teacher) | alignment | tier 1 | tier 2 | tier 3 | tier 4 | held-out alignment "
-        "| domain FID | CMMD | load per code | MACs (x teacher) tier 1 / 2 / 3 / 4 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| paraphrase alignment | domain FID | CMMD | load per code | MACs (x teacher) tier 1 / 2 / 3 / 4 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for report in reports:
-        test, heldout = report.results
+        test, heldout, paraphrases = report.split("test"), report.split("heldout"), report.split("paraphrases")
         a, routing = test.alignment, test.routing
         tiers = tier_cells(a)
         load = " / ".join(f"{share:.2f}" for share in routing.load.values())
         by_tier = tier_cells(routing.macs_ratio, " / ")
+        paraphrased = f"{paraphrases.alignment['overall']:.3f}" if paraphrases is not None else "-"
         lines.append(
             f"| {report.name} | {routing.num_codes} | {routing.macs_ratio['overall']:.3f} "
-            f"| {a['overall']:.3f} | {tiers} | {heldout.alignment['overall']:.3f} | {test.domain_fid:.2f} "
-            f"| {test.cmmd:.3f} | {load} | {by_tier} |"
+            f"| {a['overall']:.3f} | {tiers} | {heldout.alignment['overall']:.3f} | {paraphrased} "
+            f"| {test.domain_fid:.2f} | {test.cmmd:.3f} | {load} | {by_tier} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _paired_cell(result: SplitResult, reference: SplitResult, same_seed: bool) -> str:
+def _paired_cell(result: SplitResult | None, reference: SplitResult | None, same_seed: bool) -> str:
+    if result is None or reference is None:
+        return "-"
     values, base = result.alignment_per_prompt, reference.alignment_per_prompt
     if not same_seed or values is None or base is None or len(values) != len(base):
         return "-"
@@ -150,20 +165,20 @@ def _paired_cell(result: SplitResult, reference: SplitResult, same_seed: bool) -
 
 
 def difference_table(reports: Sequence[EvalReport], reference: str) -> str:
-    """Alignment of every model minus `reference`'s, prompt by prompt, on both splits."""
+    """Alignment of every model minus `reference`'s, prompt by prompt, on every set."""
     base = next(r for r in reports if r.name == reference)
     lines = [
         f"Alignment minus `{reference}`'s on the same prompts and seeds: mean [95% bootstrap interval over prompts]. "
         "'-': a report without per-prompt scores (written by an older `aptp eval`) or of other prompts.",
         "",
-        "| model | test | held-out |",
-        "|---|---|---|",
+        "| model | test | held-out | paraphrases |",
+        "|---|---|---|---|",
     ]
     for report in reports:
         if report is base:
             continue
         same_seed = report.seed == base.seed
-        cells = [_paired_cell(r, b, same_seed) for r, b in zip(report.results, base.results, strict=True)]
+        cells = [_paired_cell(report.split(s), base.split(s), same_seed) for s in ("test", "heldout", "paraphrases")]
         lines.append(f"| {report.name} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 

@@ -107,7 +107,7 @@ def test_generate_with_a_corrupt_bundle_exits_2_naming_the_file(tmp_path, capsys
 def test_eval_writes_the_report_and_sample_grid(tmp_path, capsys, bundle, evaluator):
     out = tmp_path / "results"
     args = ["eval", "--bundle", bundle, "--evaluator", evaluator, "--num-prompts", 8, "--num-heldout", 8]
-    code, stdout, err = _run(capsys, *args, "--steps", 2, "--out", out)
+    code, stdout, err = _run(capsys, *args, "--num-paraphrases", 8, "--steps", 2, "--out", out)
     assert code == 0, err
     name = bundle.name
     assert {p.name for p in out.iterdir()} >= {f"{name}.json", f"{name}.md", f"{name}_samples.png"}
@@ -119,7 +119,7 @@ def test_eval_writes_the_report_and_sample_grid(tmp_path, capsys, bundle, evalua
     assert provenance["bundles"][str(bundle)] == folder_checksum(bundle) is not None
     assert provenance["config"]["steps"] == 2 and provenance["config"]["num_prompts"] == 8
     results = report["results"]
-    assert [r["split"] for r in results] == ["test", "heldout"]
+    assert [r["split"] for r in results] == ["test", "heldout", "paraphrases"]
     for result in results:
         assert result["prompts"] == 8 and sum(result["tier_counts"].values()) == 8
         numbers = [result["alignment"]["overall"], result["alignment_real"]["overall"]]
@@ -131,7 +131,11 @@ def test_eval_writes_the_report_and_sample_grid(tmp_path, capsys, bundle, evalua
     grid = Image.open(out / f"{name}_samples.png")
     assert grid.format == "PNG" and grid.width == 8 * RESOLUTION * 4  # 8 images a row, 4x upscaled
     # one JSON line per split on stdout
-    assert [json.loads(line)["split"] for line in stdout.splitlines() if line.startswith("{")] == ["test", "heldout"]
+    assert [json.loads(line)["split"] for line in stdout.splitlines() if line.startswith("{")] == [
+        "test",
+        "heldout",
+        "paraphrases",
+    ]
 
 
 @pytest.mark.parametrize("which", ["--bundle", "--evaluator"])
@@ -162,7 +166,9 @@ def test_eval_compares_a_teacher_and_a_routed_bundle_in_one_table(tmp_path, caps
 
     out = tmp_path / "results"
     args = ["eval", "--bundle", bundle, "--bundle", routed_bundle, "--evaluator", evaluator]
-    code, stdout, err = _run(capsys, *args, "--num-prompts", 6, "--num-heldout", 4, "--steps", 2, "--out", out)
+    code, stdout, err = _run(
+        capsys, *args, "--num-prompts", 6, "--num-heldout", 4, "--num-paraphrases", 4, "--steps", 2, "--out", out
+    )
     assert code == 0, err
     rows = [line for line in (out / "compare.md").read_text().splitlines() if line.startswith("| ")][1:]
     assert [row.split("|")[1].strip() for row in rows] == [bundle.name, routed_bundle.name]
@@ -198,7 +204,7 @@ def test_eval_compares_a_teacher_and_a_routed_bundle_in_one_table(tmp_path, caps
     table = _table(fresh / "compare.md")
     assert table.startswith(_table(out / "compare.md"))
     (row,) = [line for line in table.splitlines() if line.startswith(f"| {routed_bundle.name} |")][1:]
-    cells = [cell.strip() for cell in row.split("|")[2:4]]
+    cells = [cell.strip() for cell in row.split("|")[2:5]]  # test, held-out, paraphrases
     assert all(cell.count("[") == 1 for cell in cells), row
     code, _, err = _run(capsys, "eval", "--compare", *reports, "--reference", "nobody", "--out", fresh)
     assert code == 2 and "nobody" in err

@@ -203,8 +203,20 @@ class Engine:
         on a request."""
         self.scheduler.check_room(self.clock(), incoming)
 
-    def submit(self, request_id: str, code: int, job: GenerationJob, timeout_s: float | None = None) -> Future:
-        """Queue a request; raises the scheduler's `QueueFull` / `SchedulerClosed` (nothing is queued then)."""
+    def has_room(self, code: int) -> bool:
+        """Whether `code`'s queue is below its share of the places (`Scheduler.has_room`)."""
+        return self.scheduler.has_room(code)
+
+    def submit(
+        self,
+        request_id: str,
+        code: int,
+        job: GenerationJob,
+        timeout_s: float | None = None,
+        admitted: bool = False,
+    ) -> Future:
+        """Queue a request; raises the scheduler's `QueueFull` / `SchedulerClosed` (nothing is queued then). An
+        `admitted` request (let in by `check_room`) is queued whatever its code's queue holds."""
         now = self.clock()
         request = QueuedRequest(
             request_id=request_id,
@@ -219,7 +231,7 @@ class Engine:
             self._futures[request_id] = future
         try:
             with self._wakeup:
-                self.scheduler.add(request, now)
+                self.scheduler.add(request, now, admitted=admitted)
                 self._wakeup.notify()
         except BaseException:
             with self._futures_lock:

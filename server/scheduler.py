@@ -59,7 +59,9 @@ class SchedulerConfig(BaseModel):
             caps `num_images` per request so that this stays an exception.
         max_wait_ms (`float`): how long the oldest queued request of a code may wait for its batch to fill before
             the code is scheduled with a partial batch. 0 schedules whatever is queued at once.
-        max_queue_size (`int`): queued requests per code (not images) before `add` answers `QueueFull`.
+        max_queue_size (`int`): queued requests per code (not images): `add` answers `QueueFull` beyond it, except
+            for a request admitted by `check_room` (which holds a place of the total, `num_codes` x this, for it
+            while it is routed), so a request that was let in is never refused after its prompt was routed.
         max_running_batches (`int`): batches handed out and not yet finished; 1 for one engine worker.
         duration_ema_alpha (`float`): weight of the newest batch in the per-code moving average of batch durations.
         initial_batch_seconds (`float`): the batch duration assumed for `Retry-After` estimates until a batch has run.
@@ -295,13 +297,15 @@ class Scheduler:
         self._rejected: Counter[str] = Counter({REJECT_QUEUE_FULL: 0, REJECT_CLOSED: 0})
 
     # -------------------------------------------------------------------------------------------------- admission
-    def add(self, request: QueuedRequest, now: float) -> None:
-        """Queue `request`.
+    def add(self, request: QueuedRequest, now: float, admitted: bool = False) -> None:
+        """Queue `request`. An `admitted` request (let in by `check_room`, whose place of the total it holds) is
+        queued even when its code holds `max_queue_size` requests already: its code was not known at admission.
 
         Raises:
             ValueError: unknown code, `num_images < 1`, or a `request_id` already queued or running.
             SchedulerClosed: after `close()`.
-            QueueFull: the code's queue is full; carries `retry_after_seconds` (>= 1) estimated at `now`.
+            QueueFull: the code's queue is full (and the request was not admitted); carries `retry_after_seconds`
+                (>= 1) estimated at `now`.
         """
         self._check_request(request)
         with self._lock:
@@ -311,7 +315,7 @@ class Scheduler:
                 self._rejected[REJECT_CLOSED] += 1
                 raise SchedulerClosed()
             queue = self._queues[request.code]
-            if len(queue) >= self.config.max_queue_size:
+            if len(queue) >= self.config.max_queue_size and not admitted:
                 self._rejected[REJECT_QUEUE_FULL] += 1
                 raise QueueFull(request.code, self._retry_after(request.code, now))
             queue[request.request_id] = request
@@ -321,10 +325,11 @@ class Scheduler:
             self._counts["admitted"] += 1
 
     def check_room(self, now: float, incoming: int = 0) -> None:
-        """Refuse a request before it is encoded and routed when `add` would refuse it whatever its code: admission
-        is closed, or the queues are full counting the `incoming` requests already admitted and still being routed
-        (which will take their places). Under overload this spares the router's encoder the work of requests that
-        cannot be queued, and answers them at once. Passing is no promise: `add` checks again for the routed code.
+        """Admission, before a request is encoded and routed: refuse it when admission is closed or the queues
+        together are full (`num_codes` x `max_queue_size` places), counting the `incoming` requests admitted and
+        still being routed, which hold places already. Passing is the promise of a place: the routed request is
+        queued with `add(..., admitted=True)` whatever its code's queue holds. So every refusal is answered at
+        once, before any encoding, and no request is refused after it was let in.
 
         Raises:
             SchedulerClosed: after `close()`.
@@ -335,14 +340,18 @@ class Scheduler:
                 self._rejected[REJECT_CLOSED] += 1
                 raise SchedulerClosed()
             queued = sum(len(queue) for queue in self._queues)
-            full = all(len(queue) >= self.config.max_queue_size for queue in self._queues)
-            if full or queued + incoming >= self.config.num_codes * self.config.max_queue_size:
+            if queued + incoming >= self.config.num_codes * self.config.max_queue_size:
                 self._rejected[REJECT_QUEUE_FULL] += 1
                 # Room comes when a queued code's next batch leaves (with every place spoken for by requests
                 # still being routed and no queue holding any, in about a second).
                 waiting = [code for code in range(self.config.num_codes) if self._queues[code]]
                 soonest = min((self._retry_after(code, now) for code in waiting), default=1)
                 raise QueueFull(None, soonest)
+
+    def has_room(self, code: int) -> bool:
+        """Whether `code`'s queue holds fewer than `max_queue_size` requests (its share of the places)."""
+        with self._lock:
+            return len(self._queues[code]) < self.config.max_queue_size
 
     def _check_request(self, request: QueuedRequest) -> None:
         if not 0 <= request.code < self.config.num_codes:

@@ -48,8 +48,8 @@ class GenerationReport(BaseModel):
         description="The code the router chose within the request's budget; another `code` means `degraded`."
     )
     degraded: bool = Field(
-        description="Served by a cheaper code than `requested_code` because that code's queue was full (only when "
-        "the server is set to degrade instead of answering 429: `APTP_DEGRADE_WHEN_FULL`)."
+        description="Served by a cheaper code than `requested_code` because that code's queue was past its share "
+        "of the places (only when the server is set to degrade: `APTP_DEGRADE_WHEN_FULL`)."
     )
     router_score: float = Field(description="Similarity of the prompt's predicted architecture to the code's.")
     macs_per_call: int = Field(description="MACs of one U-Net call of the code (batch 1, one guidance branch).")

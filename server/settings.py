@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     host, port: where uvicorn listens.
     max_batch_size (`int` or `dict[int, int]`): images per batch, for every code or per code.
     max_wait_ms (`float`): how long a code's oldest request waits for its batch to fill.
-    max_queue_size (`int`): queued requests per code before 429.
+    max_queue_size (`int`): queued requests per code: the server admits while all queues together hold fewer than
+        this times the codes (counting requests being routed); a request let in is queued even past its code's
+        share, never refused after routing.
     max_routing_queue (`int`): requests waiting to be encoded and routed before 429.
     max_routing_batch (`int`): requests encoded and routed together at most.
     request_timeout_s (`float`): a request still queued after this long is answered 504 and dropped.
@@ -44,8 +46,8 @@ class Settings(BaseSettings):
     batching (`str`): `"step"`: requests join and leave a code's running batch between denoising steps
         (iteration-level scheduling); `"request"`: a batch runs from its first step to its last, and requests that
         arrive meanwhile wait for the next one.
-    degrade_when_full (`bool`): when a request's code has a full queue, serve it with a cheaper code that has room
-        (reported as `degraded`) instead of answering 429.
+    degrade_when_full (`bool`): when a request's code's queue is past its share, serve it with a cheaper code below
+        its share (reported as `degraded`) instead of lengthening that queue.
     """
 
     model_config = SettingsConfigDict(env_prefix="APTP_", env_file=".env", extra="ignore")

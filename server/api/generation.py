@@ -148,30 +148,25 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
 
 
 def _submit(state: ServerState, request_id: str, job: GenerationJob, code: int, ranking: list[int]):
-    """Queue the job for `code`; `(code served, its future)`. When that queue is full and the server degrades
-    instead of refusing (`degrade_when_full`), the cheaper codes are tried in the router's order for the prompt;
-    a 429 only when none has room."""
-    timeout = state.settings.request_timeout_s
+    """Queue the admitted job for `code`; `(code served, its future)`. Admission held a place for it, so it is
+    queued even when its code's queue is past its share; but when the server degrades rather than lengthen a full
+    code's queue (`degrade_when_full`), the cheaper codes are tried first in the router's order for the prompt,
+    and the first with room serves it."""
+    engine, timeout = state.engine, state.settings.request_timeout_s
     with _admission_errors(state, code):
-        try:
-            return code, state.engine.submit(request_id, code, job, timeout_s=timeout)
-        except QueueFull:
-            if not state.settings.degrade_when_full:
-                raise
+        if state.settings.degrade_when_full and not engine.has_room(code):
             for cheaper in state.pipeline.cheaper(ranking, code):
-                try:
-                    future = state.engine.submit(request_id, cheaper, job, timeout_s=timeout)
-                except QueueFull:
-                    continue
-                state.metrics.degraded.labels(requested_code=str(code), code=str(cheaper)).inc()
-                return cheaper, future
-            raise
+                if engine.has_room(cheaper):
+                    future = engine.submit(request_id, cheaper, job, timeout_s=timeout, admitted=True)
+                    state.metrics.degraded.labels(requested_code=str(code), code=str(cheaper)).inc()
+                    return cheaper, future
+        return code, engine.submit(request_id, code, job, timeout_s=timeout, admitted=True)
 
 
 @contextmanager
 def _admission_errors(state: ServerState, code: int | None = None) -> Iterator[None]:
-    """The scheduler's refusals as HTTP errors: a full queue is 429 with Retry-After, a closed one 503. A 429 counts
-    in `aptp_requests_total` as `rejected`, under its code once routed (`none` when refused before routing)."""
+    """The scheduler's refusals as HTTP errors: full queues are 429 with Retry-After, closed ones 503. A 429 counts
+    in `aptp_requests_total` as `rejected`, under `code="none"`: refusals happen at admission, before routing."""
     try:
         yield
     except QueueFull as full:

@@ -88,18 +88,23 @@ def test_a_full_queue_degrades_to_a_cheaper_code_when_the_server_is_set_to(make_
         assert expected in metrics
 
 
-def test_without_degradation_a_full_queue_answers_429(make_client, pipeline):
+def test_without_degradation_a_request_waits_in_its_own_codes_queue(make_client, pipeline):
     with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=1500) as client:
         costs = _costs(client)
-        _fill(client, pipeline, costs.index(max(costs)))
+        costliest = costs.index(max(costs))
+        _fill(client, pipeline, costliest)
         response = client.post("/generate", json={"prompt": "a red circle", "quality": "best"})
-        assert response.status_code == 429
+        assert response.status_code == 200, response.text
+        report = response.json()["report"]
+        assert report["code"] == report["requested_code"] == costliest and report["degraded"] is False
 
 
 def test_degradation_never_serves_a_costlier_code(make_client, pipeline):
-    """The cheapest code has nothing cheaper to fall back on: its full queue is still a 429."""
+    """The cheapest code has nothing cheaper to fall back on: its request waits in its own queue."""
     with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=1500, degrade_when_full=True) as client:
         costs = _costs(client)
-        _fill(client, pipeline, costs.index(min(costs)))
+        cheapest = costs.index(min(costs))
+        _fill(client, pipeline, cheapest)
         response = client.post("/generate", json={"prompt": "a red circle", "quality": "fast"})
-        assert response.status_code == 429
+        assert response.status_code == 200, response.text
+        assert response.json()["report"]["code"] == cheapest and response.json()["report"]["degraded"] is False

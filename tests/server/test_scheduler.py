@@ -527,3 +527,17 @@ def test_a_burst_into_empty_queues_is_refused_with_a_retry_after():
     with pytest.raises(QueueFull) as caught:
         scheduler.check_room(0.0, incoming=4)  # nothing queued yet, every place taken by requests being routed
     assert caught.value.retry_after_seconds >= 1
+
+
+def test_an_admitted_request_is_queued_past_its_codes_share():
+    """`check_room` let it in while its code was unknown: `add(admitted=True)` never refuses it for its code."""
+    scheduler = make(max_queue_size=1)  # 2 codes x 1 place
+    scheduler.add(req("a", code=0), 0.0)
+    assert not scheduler.has_room(0) and scheduler.has_room(1)
+    with pytest.raises(QueueFull):
+        scheduler.add(req("b", code=0), 0.0)
+    scheduler.check_room(0.0)  # one place of two is free
+    scheduler.add(req("b", code=0), 0.0, admitted=True)
+    assert scheduler.stats().queued_requests[0] == 2
+    with pytest.raises(QueueFull):
+        scheduler.check_room(0.0)  # the places are all taken now, whichever code held them

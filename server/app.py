@@ -7,6 +7,7 @@ aptp serve                                   # the same, plus drain-on-SIGTERM
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -93,13 +94,16 @@ def _log_like_uvicorn() -> None:
         aptp.propagate = False
 
 
-def serve(settings: Settings | None = None, pipeline: RoutedPipeline | None = None) -> None:
-    """Run the server in the foreground until SIGTERM/SIGINT (drains first)."""
+def serve(settings: Settings | None = None, pipeline: RoutedPipeline | None = None) -> int:
+    """Run the server in the foreground until SIGTERM/SIGINT (drains first). Without `pipeline`, it listens at once
+    and loads `settings.bundle` meanwhile. Returns the exit status: 0, or 2 when the bundle could not be loaded."""
     settings = settings or Settings()
     _log_like_uvicorn()
     app = create_app(settings, pipeline)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
-    server = DrainingServer(config, app.state.aptp)
+    state = app.state.aptp
+    server = DrainingServer(config, state)
+    state.on_load_failure = lambda _: setattr(server, "should_exit", True)
     print(f"aptp-serve: serving {settings.bundle} on http://{settings.host}:{settings.port}", flush=True)
     print(
         f"  curl -s http://{settings.host}:{settings.port}/generate -H 'Content-Type: application/json' "
@@ -107,3 +111,7 @@ def serve(settings: Settings | None = None, pipeline: RoutedPipeline | None = No
         flush=True,
     )
     server.run()
+    if state.load_error is not None:
+        print(f"aptp serve: error: {state.load_error}", file=sys.stderr, flush=True)
+        return 2
+    return 0

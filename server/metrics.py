@@ -27,6 +27,11 @@ REJECTION_REASONS = ("queue_full", "draining", "queue_timeout", "invalid", "unau
 REQUEST_STATUSES = ("ok", "error", "timeout", "cancelled")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# What /metrics answers before the bundle is loaded (the per-code series need its codes).
+LOADING_METRICS = (
+    b"# HELP aptp_ready 1 when the server admits requests, 0 while loading or draining.\n"
+    b"# TYPE aptp_ready gauge\naptp_ready 0.0\n"
+)
 
 
 class _SchedulerCollector(Collector):

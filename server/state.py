@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
+from aptp.formats.files import ModelFileError
 from aptp.pipeline import RoutedPipeline
 
 from .engine import Engine
@@ -34,7 +36,16 @@ class ServerState:
         self.metrics: ServerMetrics | None = None
         self.warmed_up = False
         self._warming: threading.Thread | None = None
+        self._loading: threading.Thread | None = None
+        self.load_error: str | None = None
+        # Called (from the loading thread) with the error when the bundle cannot be served: the server exits.
+        self.on_load_failure: Callable[[str], None] | None = None
         self.started_at = time.time()
+
+    @property
+    def loaded(self) -> bool:
+        """The bundle is loaded and the engine and routing stage are built (they may still be warming up)."""
+        return self.routing is not None
 
     @property
     def ready(self) -> bool:
@@ -43,21 +54,41 @@ class ServerState:
         return self.warmed_up and engine is not None and engine.running and not engine.draining
 
     def start(self) -> None:
-        """Load the bundle (unless given), build the engine and start its worker; warm every expert up in the
-        background when `settings.warmup` (ready once it is done)."""
-        settings = self.settings
-        if settings.threads is not None:
-            torch.set_num_threads(settings.threads)
+        """Build the engine and start its worker, then warm every expert up in the background when
+        `settings.warmup` (ready once it is done). Without a pipeline given, the bundle is loaded first, in the
+        background too: the server listens at once (`/healthz` 200, `/readyz` 503 "loading") and a bundle that
+        cannot be served is reported through `on_load_failure`."""
+        if self.settings.threads is not None:
+            torch.set_num_threads(self.settings.threads)
         if self.pipeline is None:
-            began = time.monotonic()
-            self.pipeline = RoutedPipeline.load(settings.bundle, device=settings.device, dtype=settings.torch_dtype)
-            logger.info(
-                "loaded %s %s: %d code(s) in %.1f s",
-                self.pipeline.source,
-                settings.bundle,
-                self.pipeline.num_codes,
-                time.monotonic() - began,
-            )
+            self._loading = threading.Thread(target=self._load_then_start, name="aptp-load", daemon=True)
+            self._loading.start()
+        else:
+            self._start_engine()
+
+    def _load_then_start(self) -> None:
+        settings, began = self.settings, time.monotonic()
+        try:
+            pipeline = RoutedPipeline.load(settings.bundle, device=settings.device, dtype=settings.torch_dtype)
+        except Exception as error:  # noqa: BLE001 - whatever stops the bundle from loading is reported, then exit
+            message = str(error) if isinstance(error, ModelFileError) else f"{type(error).__name__}: {error}"
+            logger.error("cannot serve %s: %s", settings.bundle, message)
+            self.load_error = message
+            if self.on_load_failure is not None:
+                self.on_load_failure(message)
+            return
+        logger.info(
+            "loaded %s %s: %d code(s) in %.1f s",
+            pipeline.source,
+            settings.bundle,
+            pipeline.num_codes,
+            time.monotonic() - began,
+        )
+        self.pipeline = pipeline
+        self._start_engine()
+
+    def _start_engine(self) -> None:
+        settings = self.settings
         self.metrics = ServerMetrics([code.macs for code in self.pipeline.codes])
         scheduler_config = SchedulerConfig(
             num_codes=self.pipeline.num_codes,
@@ -99,6 +130,8 @@ class ServerState:
             self.metrics.ready.set(0)
 
     def stop(self, drain_timeout: float) -> None:
+        if self._loading is not None:
+            self._loading.join()
         if self._warming is not None:
             self._warming.join()
         self.begin_drain()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .args import load_pipeline
-
 
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
@@ -20,16 +18,16 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"aptp serve: invalid setting ({validation_problems(e, limit=20)})", file=sys.stderr)
         return 2
-    pipeline = load_pipeline("serve", settings.bundle, settings.device, settings.torch_dtype)
-    if pipeline is None:
+    from aptp.formats.kinds import folder_kind, not_a_model_folder
+
+    if folder_kind(settings.bundle) is None:  # answered before the model libraries are imported
+        print(f"aptp serve: error: {not_a_model_folder(settings.bundle)}", file=sys.stderr)
         return 2
     from server.app import serve
 
-    codes = ", ".join(f"{c.code}: {c.macs / pipeline.teacher_macs:.2f}" for c in pipeline.codes)
-    source = f"{pipeline.source} {settings.bundle}"
-    print(f"aptp serve: loaded {source}: {pipeline.num_codes} code(s) (MACs x teacher {codes})")
-    serve(settings, pipeline)
-    return 0
+    # The server listens at once and loads the bundle meanwhile (/readyz 503 "loading"); a bundle that cannot be
+    # served (a checksum, a manifest field) is reported and the server exits with status 2.
+    return serve(settings)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

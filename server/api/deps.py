@@ -40,3 +40,9 @@ def require_api_key(
 
 
 Authorized = Depends(require_api_key)
+
+
+def require_loaded(state: ServerState) -> None:
+    """503 while the bundle is still loading (the server listens before it is loaded)."""
+    if not state.loaded:
+        raise ApiError(503, "the server is still loading its bundle", headers={"Retry-After": "5"}, reason="draining")

@@ -268,3 +268,52 @@ def test_the_server_listens_while_it_warms_up_and_says_it_is_not_ready(make_clie
             assert time.monotonic() < deadline, "not ready 30 s after the warm-up ended"
             time.sleep(0.05)
         assert client.post("/generate", json={"prompt": "a red circle", "steps": 2}).status_code == 200
+
+
+def test_the_server_listens_while_the_bundle_loads(tiny_bundle, pipeline, monkeypatch):
+    """Without a pipeline given, the app loads its bundle in the background: alive at once, not ready (and
+    refusing work with 503) until the bundle is loaded."""
+    from fastapi.testclient import TestClient
+
+    from aptp.pipeline import RoutedPipeline
+
+    release = threading.Event()
+
+    def slow_load(*args, **kwargs):
+        release.wait(timeout=60)
+        return pipeline
+
+    monkeypatch.setattr(RoutedPipeline, "load", slow_load)
+    app = create_app(server_settings(tiny_bundle))
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").json() == {"status": "loading"}
+        assert "aptp_ready 0.0" in client.get("/metrics").text
+        for method, path, body in (("post", "/generate", {"prompt": "a red circle"}), ("get", "/v1/codes", None)):
+            refused = getattr(client, method)(path, **({"json": body} if body else {}))
+            assert refused.status_code == 503 and "Retry-After" in refused.headers, (path, refused.text)
+        release.set()
+        wait_for(lambda: client.get("/readyz").status_code == 200, timeout=30)
+        assert client.post("/generate", json={"prompt": "a red circle", "steps": 2}).status_code == 200
+
+
+def test_a_bundle_that_cannot_be_loaded_is_reported_and_stops_the_server(tiny_bundle, tmp_path):
+    """A manifest whose stated cost the experts do not have: the server, listening already, reports the field on
+    /readyz and asks to stop (`aptp serve` then exits 2 with the message)."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["teacher_macs"] = 10**12
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    app = create_app(server_settings(bundle))
+    stopped = []
+    app.state.aptp.on_load_failure = stopped.append
+    with TestClient(app) as client:
+        wait_for(lambda: stopped, timeout=60)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "failed"
+        assert "teacher_macs" in ready.json()["error"] and "manifest.json" in stopped[0]
+        assert client.post("/generate", json={"prompt": "a red circle"}).status_code == 503

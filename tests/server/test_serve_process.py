@@ -54,3 +54,19 @@ def test_sigterm_drains_queued_requests_then_exits(tiny_bundle):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_bundle_the_server_cannot_load_exits_2_naming_the_field(tiny_bundle, tmp_path):
+    import json
+    import shutil
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["teacher_macs"] = 10**12
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    env = {**os.environ, "APTP_BUNDLE": str(bundle), "APTP_PORT": str(free_port()), "APTP_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "aptp.cli.main", "serve"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "aptp serve: error:" in done.stderr and "teacher_macs" in done.stderr

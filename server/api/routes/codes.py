@@ -6,15 +6,16 @@ from fastapi import APIRouter
 
 from ...schemas import CodeDescription, CodesResponse
 from ..contract import error_responses
-from ..deps import Authorized, State
+from ..deps import Authorized, State, require_loaded
 
 router = APIRouter(tags=["routing"], dependencies=[Authorized])
 
 
 @router.get(
-    "/v1/codes", response_model=CodesResponse, summary="List architecture codes", responses=error_responses(401)
+    "/v1/codes", response_model=CodesResponse, summary="List architecture codes", responses=error_responses(401, 503)
 )
 async def list_codes(state: State) -> CodesResponse:
+    require_loaded(state)
     pipeline = state.pipeline
     stats = state.engine.scheduler.stats()
     teacher = pipeline.teacher_macs

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ...schemas import RouteDecision, RouteRequest, RouteResponse
 from ..contract import error_responses
-from ..deps import Authorized, State
+from ..deps import Authorized, State, require_loaded
 from ..errors import invalid
 
 router = APIRouter(tags=["routing"], dependencies=[Authorized])
@@ -21,6 +21,7 @@ router = APIRouter(tags=["routing"], dependencies=[Authorized])
 async def route_prompts(body: RouteRequest, state: State) -> RouteResponse:
     """Codes, similarity scores and MACs per U-Net call for each prompt (a prompt's code does not depend on the
     other prompts in the request)."""
+    require_loaded(state)
     pipeline = state.pipeline
     for index, prompt in enumerate(body.prompts):
         if not prompt:

@@ -52,7 +52,9 @@ READY_TIMEOUT_S = 180.0
 # Generous: an admitted request waits for every batch queued ahead of it, which takes minutes on a busy CPU.
 REQUEST_TIMEOUT_S = 600.0
 # A readiness probe that takes longer than this counts as failed (a load balancer would give up sooner).
-PROBE_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 1.0
+# The reliability issue's bars: a refusal answered, and /healthz answering, within this (429 p95, /healthz p99).
+LATENCY_TARGET_S = 0.1
 PROBE_INTERVAL_S = 0.5
 # RSS growth over the reading after round 1 still called "flat" (the highest later reading counts), and the most
 # the second half of the rounds may add for memory that grew to be called "settled". Round 1 is the reference, not
@@ -88,11 +90,13 @@ class Outcome:
 
 @dataclass
 class Probes:
-    """`/readyz` answers during one round."""
+    """`/readyz` answers during one round, and how long `/healthz` took beside each."""
 
     statuses: list[int | None] = field(default_factory=list)
     latencies_s: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    health_latencies_s: list[float] = field(default_factory=list)
+    health_failed: int = 0
 
     @property
     def failed(self) -> int:
@@ -110,6 +114,7 @@ class RoundResult:
     latency_200_p50_s: float | None
     latency_200_p95_s: float | None
     latency_429_p50_s: float | None
+    latency_429_p95_s: float | None
     retry_after_values: list[str]
     images_per_s: float
     ok_per_code: dict[str, int]
@@ -117,6 +122,8 @@ class RoundResult:
     probes: int
     probes_failed: int
     probe_max_s: float | None
+    healthz_p99_s: float | None
+    healthz_failed: int
     ready_after: bool
     rss_mb: float | None
 
@@ -242,10 +249,9 @@ class ServerProcess:
                 self.process.wait()
         seconds = time.monotonic() - began
         self._log.close()
-        # uvicorn re-raises the signal it caught once its graceful shutdown is over, so a clean exit is "killed by
-        # SIGTERM" (-15 here, 143 in a shell) after its "Application shutdown complete" line, not 0.
+        # After a drain that finished, `aptp serve` exits 0; a second signal or a drain timeout dies of the signal.
         graceful = "Application shutdown complete" in self.log_tail(lines=200)
-        clean = graceful and code in (0, -signal.SIGTERM)
+        clean = graceful and code == 0
         return {"seconds": seconds, "exit_code": code, "graceful": graceful, "clean": clean}
 
 
@@ -293,8 +299,9 @@ async def send(
 
 
 async def probe_readiness(url: str, done: asyncio.Event) -> Probes:
-    """Poll `/readyz` until the round is over, on a client of its own so probes never wait behind the load's
-    connection pool (a real load balancer's probes do not share the clients' connections either)."""
+    """Poll `/readyz` and `/healthz` until the round is over, each probe with a `PROBE_TIMEOUT_S` timeout, on a
+    client of its own so probes never wait behind the load's connection pool (a real load balancer's probes do not
+    share the clients' connections either)."""
     probes = Probes()
     async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
         while True:
@@ -306,6 +313,12 @@ async def probe_readiness(url: str, done: asyncio.Event) -> Probes:
                 probes.statuses.append(None)
                 probes.errors.append(f"{type(e).__name__}: {e}")
             probes.latencies_s.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            try:
+                probes.health_failed += (await client.get(f"{url}/healthz")).status_code != 200
+            except httpx.HTTPError:
+                probes.health_failed += 1
+            probes.health_latencies_s.append(time.perf_counter() - began)
             if done.is_set():
                 return probes
             with contextlib.suppress(TimeoutError):
@@ -354,6 +367,7 @@ def summarise(
         latency_200_p50_s=percentile([o.latency_s for o in ok], 50),
         latency_200_p95_s=percentile([o.latency_s for o in ok], 95),
         latency_429_p50_s=percentile([o.latency_s for o in outcomes if o.status == 429], 50),
+        latency_429_p95_s=percentile([o.latency_s for o in outcomes if o.status == 429], 95),
         retry_after_values=retry_after_values(o.retry_after for o in outcomes if o.retry_after),
         images_per_s=sum(o.images for o in ok) / wall,
         ok_per_code={str(code): n for code, n in sorted(Counter(o.code for o in ok).items())},
@@ -361,6 +375,8 @@ def summarise(
         probes=len(probes.statuses),
         probes_failed=probes.failed,
         probe_max_s=max(probes.latencies_s) if probes.latencies_s else None,
+        healthz_p99_s=percentile(probes.health_latencies_s, 99),
+        healthz_failed=probes.health_failed,
         ready_after=ready_after,
         rss_mb=rss_mb,
     )
@@ -383,6 +399,8 @@ TABLE_HEADER = (
     "lost",
     "p50 s",
     "p95 s",
+    "429 p50/p95 s",
+    "healthz p99 s",
     "img/s",
     "mean batch by code",
     "readyz ok",
@@ -400,6 +418,8 @@ def table_row(r: RoundResult) -> tuple[str, ...]:
         str(r.lost),
         _seconds(r.latency_200_p50_s),
         _seconds(r.latency_200_p95_s),
+        f"{_seconds(r.latency_429_p50_s)}/{_seconds(r.latency_429_p95_s)}",
+        _seconds(r.healthz_p99_s) + (f" ({r.healthz_failed} failed)" if r.healthz_failed else ""),
         f"{r.images_per_s:.2f}",
         _batches(r.mean_batch_per_code),
         f"{r.probes - r.probes_failed}/{r.probes}" + ("" if r.ready_after else " (not after)"),
@@ -437,7 +457,7 @@ async def drive(args: argparse.Namespace, url: str, server: ServerProcess | None
 
         capacity = args.max_queue_size * num_codes
         if args.requests is None:
-            args.requests = 4 * capacity  # the done criterion's load: 4x the total queue capacity
+            args.requests = args.load * capacity  # the reliability issue's loads: 4x and 16x the total capacity
         if args.concurrency is None:
             args.concurrency = args.requests  # all at once
         print(
@@ -519,7 +539,7 @@ def describe_shutdown(shutdown: dict) -> str:
     if code is None:
         return f"no exit within {seconds:.0f} s, killed"
     how = "exited after a graceful shutdown" if shutdown["graceful"] else "exited WITHOUT a graceful shutdown"
-    return f"{how} in {seconds:.1f} s, exit code {code}" + (" (the re-raised SIGTERM)" if code == -15 else "")
+    return f"{how} in {seconds:.1f} s, exit code {code}" + (" (killed by the signal)" if code == -15 else "")
 
 
 def memory_trend(rss: list[float], tolerance_mb: float) -> dict:
@@ -564,19 +584,27 @@ def verdict(report: dict, rss_tolerance_mb: float) -> tuple[bool, str, dict]:
     probes = sum(r.probes for r in rounds)
     failed = sum(r.probes_failed for r in rounds)
     parts.append("ready throughout" if ready else f"NOT READY ({failed}/{probes} probes failed or not ready after)")
+    refusal_p95 = max((r.latency_429_p95_s for r in rounds if r.latency_429_p95_s is not None), default=None)
+    health_p99 = max((r.healthz_p99_s for r in rounds if r.healthz_p99_s is not None), default=None)
+    fast = all(v is None or v <= LATENCY_TARGET_S for v in (refusal_p95, health_p99))
+    parts.append(
+        f"worst round: 429 p95 {_seconds(refusal_p95)} s, /healthz p99 {_seconds(health_p99)} s "
+        f"({'within' if fast else 'OVER'} {LATENCY_TARGET_S} s)"
+    )
     rss = [r.rss_mb for r in rounds if r.rss_mb is not None]
     memory = memory_trend(rss, rss_tolerance_mb) if rss else {}
     if memory:
         parts.append(memory["summary"])
     # Cross-check the client's counts against the server's own: a mismatch means answers were miscounted somewhere.
     server_ok = sum(report["metrics"]["requests_ok_per_code"].values())
-    server_refused = report["metrics"]["rejections"].get("queue_full", 0)
+    rejections = report["metrics"]["rejections"]
+    server_refused = rejections.get("queue_full", 0) + rejections.get("routing_full", 0)
     if (server_ok, server_refused) != (ok, refused):
-        parts.append(f"server counted {server_ok} ok / {server_refused} queue_full (client: {ok} / {refused})")
+        parts.append(f"server counted {server_ok} ok / {server_refused} refused (client: {ok} / {refused})")
     shutdown = report.get("shutdown")
     if shutdown is not None:
         parts.append(f"SIGTERM: {describe_shutdown(shutdown)}")
-    passed = lost == 0 and ready
+    passed = lost == 0 and ready and fast
     return passed, ("PASS: " if passed else "FAIL: ") + "; ".join(parts), memory
 
 
@@ -645,7 +673,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--codes", type=int, default=1, help=f"> 1: a random K-code bundle of a teacher ({DEFAULT_TEACHER})"
     )
-    parser.add_argument("--requests", type=int, help="requests per round (default: 4x the total queue capacity)")
+    parser.add_argument("--requests", type=int, help="requests per round (default: --load x the total queue capacity)")
+    parser.add_argument("--load", type=int, default=4, help="requests per round as a multiple of the total capacity")
     parser.add_argument("--concurrency", type=int, help="requests in flight at most (default: all of them)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="sampling steps per request")
@@ -661,7 +690,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rss-tolerance-mb", type=float, default=DEFAULT_RSS_TOLERANCE_MB)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"writes OUT.json and OUT.md ({DEFAULT_OUT})")
     args = parser.parse_args(argv)
-    for name in ("requests", "concurrency", "rounds", "steps", "max_queue_size", "max_batch_size", "codes"):
+    for name in ("requests", "load", "concurrency", "rounds", "steps", "max_queue_size", "max_batch_size", "codes"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

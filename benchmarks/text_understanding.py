@@ -14,6 +14,7 @@ generated; a recipe that fails here on paraphrases makes a teacher that fails th
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -78,6 +79,22 @@ def text_alignment(samples: list[Sample], reads: dict[str, np.ndarray]) -> tuple
     return np.asarray(scores), {kind: round(float(np.mean(v)), 4) for kind, v in sorted(by_kind.items())}
 
 
+def load_text_side(run: str, adapter: torch.nn.Module, head: torch.nn.Module) -> int:
+    """Load a teacher run's checkpointed adapter and layout read-out (the trained weights, not the EMA); returns
+    the step the checkpoint was taken at."""
+    from safetensors.torch import load_file
+
+    from training.checkpoint import STATE, TENSORS, latest_checkpoint
+
+    folder = latest_checkpoint(run)
+    if folder is None:
+        raise SystemExit(f"{run}: no checkpoint yet")
+    tensors = load_file(str(folder / TENSORS))
+    for prefix, module in (("unet/adapter.", adapter), ("unet/layout.", head)):
+        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    return int(json.loads((folder / STATE).read_text())["state"]["step"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -85,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--name", default="teacher-recipe")
+    parser.add_argument(
+        "--run",
+        metavar="FOLDER",
+        help="score the text side of a teacher run's latest checkpoint (`aptp train teacher --out FOLDER`) instead "
+        "of pre-training one: the adapter and read-out as training has left them (give the run's --config)",
+    )
     parser.add_argument("--test-prompts", type=int, default=1000)
     parser.add_argument("--out", default="benchmarks/results/text-understanding")
     args = parser.parse_args(argv)
@@ -108,18 +131,23 @@ def main(argv: list[str] | None = None) -> int:
     adapter = TextAdapter(settings.adapter_config(encoder.token_dim))
     head = PromptLayoutHead(settings.width, summary=settings.summary_tokens > 0)
     started = time.perf_counter()
-    pretrain_adapter(
-        adapter,
-        head,
-        encoder,
-        ShapesDomain(seed=config.seed, split="train"),
-        settings.pretrain_steps,
-        settings.pretrain_captions,
-        settings.pretrain_batch_size,
-        settings.pretrain_lr,
-        config.seed,
-        log=lambda record: None,
-    )
+    if args.run:
+        step = load_text_side(args.run, adapter, head)
+        title = f"Text side of the teacher run `{args.run}` at step {step}"
+    else:
+        pretrain_adapter(
+            adapter,
+            head,
+            encoder,
+            ShapesDomain(seed=config.seed, split="train"),
+            settings.pretrain_steps,
+            settings.pretrain_captions,
+            settings.pretrain_batch_size,
+            settings.pretrain_lr,
+            config.seed,
+            log=lambda record: None,
+        )
+        title = f"Text side of `{args.config}` after pre-training ({settings.pretrain_steps} steps)"
     seconds = time.perf_counter() - started
     sets = {
         "test": evaluation_samples("test", args.test_prompts, seed=7),  # the template prompts `aptp eval` scores
@@ -141,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds.append(f"| {args.name} | {name} | " + "; ".join(f"{k} {v:.2f}" for k, v in by_kind.items()) + " |")
     table = "\n".join(
         [
-            f"### Text side of `{args.config}` ({settings.pretrain_steps} pre-training steps, {seconds / 60:.1f} min)",
+            f"### {title} ({seconds / 60:.1f} min)",
             "",
             "Share of what each prompt asks for that the layout read-out reads back from the prompt alone.",
             "",

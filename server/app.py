@@ -6,10 +6,11 @@ aptp serve                                   # the same, plus drain-on-SIGTERM
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -66,6 +67,16 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self._draining = False
+        self._drained = False
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn re-raises the signal it shut down on, so the process dies of it; after a clean drain the
+        signal has been handled in full, and the process exits 0 instead."""
+        with super().capture_signals():
+            yield
+            if self._drained:
+                self._captured_signals.clear()
 
     def handle_exit(self, sig, frame) -> None:
         if self._draining or self.state.engine is None:
@@ -78,6 +89,7 @@ class DrainingServer(uvicorn.Server):
         def exit_when_drained() -> None:
             drained = self.state.engine.wait_drained(self.state.settings.drain_timeout_s)
             logger.info("drained" if drained else "drain timeout: exiting with work left")
+            self._drained = drained
             super(DrainingServer, self).handle_exit(sig, frame)
 
         threading.Thread(target=exit_when_drained, name="aptp-drain", daemon=True).start()

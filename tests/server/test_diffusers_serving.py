@@ -86,7 +86,7 @@ def test_aptp_serve_on_a_pipeline_folder_answers_the_openai_client(tiny_sd):
         result = client.images.generate(prompt="a red circle", size="32x32", extra_body={"seed": 2})
         assert decode_png(result.data[0].b64_json).shape == (32, 32, 3)
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
         assert "pipeline" in process.stdout.read().decode()
     finally:
         if process.poll() is None:

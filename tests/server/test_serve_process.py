@@ -46,7 +46,7 @@ def test_sigterm_drains_queued_requests_then_exits(tiny_bundle):
             process.send_signal(signal.SIGTERM)
             responses = [future.result() for future in futures]
         assert [r.status_code for r in responses] == [200, 200, 200]
-        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert process.wait(timeout=60) == 0  # a clean drain is a clean exit
         output = process.stdout.read().decode()
         assert f"http://127.0.0.1:{port}" in output and "curl" in output
         assert "drained" in output

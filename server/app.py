@@ -21,7 +21,7 @@ from aptp.pipeline import RoutedPipeline
 
 from .api.contract import install_contract
 from .api.errors import install_error_handlers
-from .api.limits import BodySizeLimit
+from .api.limits import AdmissionDoor, BodySizeLimit
 from .api.routes import codes, generate, health, openai, route
 from .settings import Settings
 from .state import ServerState
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None, pipeline: RoutedPipeline | None
     app.state.aptp = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AdmissionDoor)  # outermost: a full server refuses before even the body limit reads
     install_contract(app, settings)
     for module in (generate, openai, route, codes, health):
         app.include_router(module.router)

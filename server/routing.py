@@ -76,6 +76,11 @@ class RoutingStage:
             self._in_flight -= 1
 
     @property
+    def full(self) -> bool:
+        """Whether `submit` would refuse a request now."""
+        return self._queue.full()
+
+    @property
     def pending(self) -> int:
         """Requests waiting for a routing batch."""
         return self._queue.qsize()

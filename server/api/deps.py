@@ -33,10 +33,15 @@ def require_api_key(
         raise ApiError(
             401, "missing API key: send `Authorization: Bearer <key>`", headers=_CHALLENGE, reason="unauthorized"
         )
-    # Compare against every key so the time taken does not reveal which prefix matched.
-    given = credentials.credentials.encode()
-    if not any([secrets.compare_digest(given, key.encode()) for key in keys]):  # noqa: C419 - no short-circuit
+    if not is_api_key(credentials.credentials, keys):
         raise ApiError(401, "invalid API key", headers=_CHALLENGE, reason="unauthorized")
+
+
+def is_api_key(token: str, keys: list[str]) -> bool:
+    """Whether `token` is one of `keys`, compared against every key so the time taken does not reveal which
+    prefix matched."""
+    given = token.encode()
+    return any([secrets.compare_digest(given, key.encode()) for key in keys])  # noqa: C419 - no short-circuit
 
 
 Authorized = Depends(require_api_key)

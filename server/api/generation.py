@@ -88,21 +88,32 @@ def check_limits(state: ServerState, params: GenerationParameters, images_field:
             raise invalid(e.field, e.message) from None
 
 
-async def generate(state: ServerState, request: Request, params: GenerationParameters) -> Generation:
-    arrival = time.monotonic()
-    engine, pipeline, settings = state.engine, state.pipeline, state.settings
-    if engine is None or pipeline is None or not state.ready:
+def check_admission(state: ServerState) -> None:
+    """Raise the `ApiError` a generation request gets now whatever it asks for: 503 while not ready, 429 with
+    Retry-After when the queues hold all their places (counting requests being routed) or the routing stage is
+    full. Cheap, and asked twice: at the door before the body is read (`server.api.limits.AdmissionDoor`) and by
+    the route before the prompt is encoded."""
+    if state.engine is None or state.pipeline is None or not state.ready:
         message = "the server is not ready (loading or shutting down)"
         raise ApiError(503, message, headers={"Retry-After": "5"}, reason="draining")
+    with _admission_errors(state):
+        state.engine.check_room(incoming=state.routing.in_flight)
+        if state.routing.full:
+            raise RoutingFull("the routing stage is full")
+
+
+async def generate(state: ServerState, request: Request, params: GenerationParameters) -> Generation:
+    arrival = time.monotonic()
+    check_admission(state)
+    pipeline, settings = state.pipeline, state.settings
     steps = params.steps or settings.default_steps or pipeline.default_steps
     guidance = pipeline.default_guidance_scale if params.guidance_scale is None else params.guidance_scale
     first_seed = secrets.randbelow(2**31) if params.seed is None else params.seed
     seeds = [first_seed + i for i in range(params.num_images)]
 
     texts = [params.prompt] if params.negative_prompt is None else [params.prompt, params.negative_prompt]
-    with _admission_errors(state):
-        engine.check_room(incoming=state.routing.in_flight)  # a full server answers 429 before the encoder runs
-        routing = state.routing.submit(texts)  # so does a full routing stage (server.routing)
+    with _admission_errors(state):  # admitted above; nothing awaited since, so the place is still there
+        routing = state.routing.submit(texts)
     routed = await asyncio.wrap_future(routing)
     encoded, router_seconds = routed.encoded, routed.seconds
     requested = pipeline.choose(routed.ranking, params.budget())

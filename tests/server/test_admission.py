@@ -317,3 +317,33 @@ def test_a_bundle_that_cannot_be_loaded_is_reported_and_stops_the_server(tiny_bu
         assert ready.status_code == 503 and ready.json()["status"] == "failed"
         assert "teacher_macs" in ready.json()["error"] and "manifest.json" in stopped[0]
         assert client.post("/generate", json={"prompt": "a red circle"}).status_code == 503
+
+
+def test_a_full_server_refuses_at_the_door_before_reading_the_body(make_client, pipeline):
+    """When no request could be admitted, a generation request is refused on its headers: even a body that is not
+    JSON gets the 429 (with Retry-After), in each API family's shape."""
+    encoded = pipeline.encode(["a red circle"])
+    with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=5000) as client:
+        engine = client.app.state.aptp.engine
+        job = GenerationJob(prompt=encoded, seeds=[0], steps=2, guidance_scale=3.0)
+        for code in range(engine.scheduler.config.num_codes):
+            engine.submit(f"filler-{code}", code, job)
+        headers = {"Content-Type": "application/json"}
+        native = client.post("/generate", content=b"{not json", headers=headers)
+        assert native.status_code == 429 and int(native.headers["Retry-After"]) >= 1
+        assert "full" in native.json()["detail"]
+        openai = client.post("/v1/images/generations", content=b"{not json", headers=headers)
+        assert openai.status_code == 429 and openai.json()["error"]["type"] == "rate_limit_error"
+        assert client.post("/route", json={"prompts": ["a red circle"]}).status_code == 200  # not a generation
+
+
+def test_the_door_leaves_requests_without_a_valid_key_to_the_key_check(make_client, pipeline):
+    encoded = pipeline.encode(["a red circle"])
+    with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=5000, api_keys=["k1"]) as client:
+        engine = client.app.state.aptp.engine
+        job = GenerationJob(prompt=encoded, seeds=[0], steps=2, guidance_scale=3.0)
+        for code in range(engine.scheduler.config.num_codes):
+            engine.submit(f"filler-{code}", code, job)
+        assert client.post("/generate", json={"prompt": "a red circle"}).status_code == 401
+        keyed = client.post("/generate", json={"prompt": "a red circle"}, headers={"Authorization": "Bearer k1"})
+        assert keyed.status_code == 429

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # OpenMP's default busy-wait spins idle threads: beside another busy process (or the server's own encoder and
+    # event-loop threads) a 2-thread teacher call ran 8x slower with it than with the passive policy (issue 23's
+    # measurement). Read once, when torch first loads OpenMP, so it is set here, before any import of torch; an
+    # operator's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from pydantic import ValidationError
 
     from aptp.formats.files import validation_problems

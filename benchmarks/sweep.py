@@ -1,0 +1,223 @@
+"""The budget sweep: APTP (K codes of different costs), APTP with one code (K = 1) and the static L1 baseline, each at
+average budgets 0.4, 0.6 and 0.8 of the teacher's MACs, with the same total fine-tuning steps for every method at
+every budget, each evaluated on the template test set, the held-out combinations and the paraphrase set.
+
+    .venv/bin/python benchmarks/sweep.py run --teacher runs/teacher-rich/teacher            # every job, in order
+    .venv/bin/python benchmarks/sweep.py run --teacher runs/teacher-rich/teacher --only aptp-0.6
+    .venv/bin/python benchmarks/sweep.py list                                               # the commands
+    .venv/bin/python benchmarks/sweep.py table                                              # table and plot
+
+A job is a few `aptp` commands (search, fine-tuning or the baseline, then `aptp eval`). Every one resumes: a step
+whose output exists is skipped, and the training commands resume from their checkpoints, so the sweep can be run a
+few hours at a time. Reports go to `benchmarks/results/sweep/<job>.json` (with provenance); `table` writes
+`sweep.md` (the table, with each method's alignment against the baseline's at the same budget, prompt by prompt) and
+`sweep.svg` (alignment and domain FID against MACs, one line per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks/results/sweep"
+RESULTS_ARGUMENT = str(RESULTS.relative_to(REPO))  # the commands run in the repository
+BUDGETS = (0.4, 0.6, 0.8)
+# K = 4 codes whose targets spread around the average budget (a factor of about 2.3 at 0.6), capped at the teacher.
+CODE_BUDGETS = {0.4: [0.25, 0.34, 0.46, 0.55], 0.6: [0.36, 0.51, 0.69, 0.84], 0.8: [0.6, 0.74, 0.88, 0.98]}
+METHODS = ("aptp", "aptp-k1", "baseline")
+# Fine-tuning steps of every method at every budget: APTP's shared stage plus its codes' steps, K = 1's and the
+# baseline's all in one (configs/shapes/finetune.yaml and baseline.yaml: 1800 + 4 x 150 = 2400).
+TOTAL_STEPS = 2400
+SETS = ("test", "heldout", "paraphrases")
+
+
+def job_name(method: str, budget: float) -> str:
+    return "teacher" if method == "teacher" else f"{method}-{budget}"
+
+
+def commands(method: str, budget: float, teacher: str, runs: Path) -> list[tuple[Path, list[str]]]:
+    """(output that marks the step done, `aptp` arguments) for each step of one job."""
+    name = job_name(method, budget)
+    if method == "teacher":
+        return [
+            (RESULTS / "teacher.json", ["eval", "--bundle", teacher, "--name", "teacher", "--out", RESULTS_ARGUMENT])
+        ]
+    folder = runs / name
+    bundle = folder / "bundle"
+    steps: list[tuple[Path, list[str]]] = []
+    if method == "baseline":
+        steps.append(
+            (
+                bundle / "manifest.json",
+                ["train", "baseline", "--config", "configs/shapes/baseline.yaml", "--teacher", teacher]
+                + ["--out", str(folder / "baseline"), "--export", str(bundle), "--set", f"budget={budget}"]
+                + ["--set", f"expert.steps={TOTAL_STEPS}"],
+            )
+        )
+    else:
+        search = ["train", "search", "--config", "configs/shapes/search.yaml", "--teacher", teacher]
+        search += ["--out", str(folder / "search"), "--set", f"budget={budget}"]
+        finetune = ["train", "finetune", "--config", "configs/shapes/finetune.yaml", "--teacher", teacher]
+        finetune += ["--router", str(folder / "search" / "router"), "--out", str(folder / "finetune")]
+        finetune += ["--export", str(bundle)]
+        if method == "aptp":
+            targets = ",".join(str(t) for t in CODE_BUDGETS[budget])
+            search += ["--set", f"code_budgets=[{targets}]"]
+        else:
+            search += ["--set", "num_codes=1"]
+            finetune += ["--set", "shared_steps=0", "--set", f"expert.steps={TOTAL_STEPS}"]
+        steps += [(folder / "search" / "router" / "config.json", search), (bundle / "manifest.json", finetune)]
+    evaluate = ["eval", "--bundle", str(bundle), "--name", name, "--out", RESULTS_ARGUMENT]
+    steps.append((RESULTS / f"{name}.json", evaluate))
+    return steps
+
+
+def all_jobs(only: list[str] | None) -> list[tuple[str, float]]:
+    jobs = [("teacher", 1.0)] + [(method, budget) for budget in BUDGETS for method in METHODS]
+    if only:
+        unknown = set(only) - {job_name(m, b) for m, b in jobs}
+        if unknown:
+            raise SystemExit(f"--only: no job named {sorted(unknown)} (jobs: {[job_name(m, b) for m, b in jobs]})")
+        jobs = [(m, b) for m, b in jobs if job_name(m, b) in only]
+    return jobs
+
+
+def run(args: argparse.Namespace) -> int:
+    aptp = str(Path(sys.executable).with_name("aptp"))
+    for method, budget in all_jobs(args.only):
+        for done, arguments in commands(method, budget, args.teacher, Path(args.runs)):
+            if done.exists():
+                print(f"[{job_name(method, budget)}] done already: {done}", flush=True)
+                continue
+            print(f"[{job_name(method, budget)}] aptp {' '.join(arguments)}", flush=True)
+            if subprocess.run([aptp, *arguments], cwd=REPO).returncode != 0:
+                print(f"[{job_name(method, budget)}] failed; run the sweep again to resume", file=sys.stderr)
+                return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- table and plot
+def _reports():
+    from training.evaluation.reports import read_report
+
+    found = {}
+    for method, budget in all_jobs(None):
+        path = RESULTS / f"{job_name(method, budget)}.json"
+        if path.exists():
+            found[(method, budget)] = read_report(path)
+    return found
+
+
+def table(args: argparse.Namespace) -> int:
+    from aptp.formats.report import collect_provenance, write_report
+    from training.evaluation.metrics import paired_difference
+
+    reports = _reports()
+    if not reports:
+        print(f"no sweep reports in {RESULTS} yet", file=sys.stderr)
+        return 1
+    lines = [
+        "| method | budget | MACs (x teacher) | test | held-out | paraphrases | paraphrases tier 3 | domain FID "
+        "| minus the baseline's alignment: test / held-out / paraphrases |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    figures = []
+    for (method, budget), report in sorted(reports.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        splits = {s: report.split(s) for s in SETS}
+        row = {
+            "method": method,
+            "budget": budget,
+            "macs_ratio": splits["test"].routing.macs_ratio["overall"],
+            "domain_fid": splits["test"].domain_fid,
+        }
+        row |= {s: (r.alignment["overall"] if r is not None else None) for s, r in splits.items()}
+        baseline = reports.get(("baseline", budget))
+        paired = []
+        for s in SETS:
+            ours, theirs = splits[s], baseline.split(s) if baseline is not None else None
+            if method == "baseline" or ours is None or theirs is None or ours.alignment_per_prompt is None:
+                paired.append("-")
+                continue
+            d = paired_difference(ours.alignment_per_prompt, theirs.alignment_per_prompt)
+            row[f"minus_baseline_{s}"] = d
+            paired.append(f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+        tier3 = splits["paraphrases"].alignment.get("tier3") if splits["paraphrases"] is not None else None
+        cells = [f"{row[s]:.3f}" if row[s] is not None else "-" for s in SETS]
+        lines.append(
+            f"| {method} | {budget} | {row['macs_ratio']:.3f} | {' | '.join(cells)} | "
+            f"{'-' if tier3 is None else f'{tier3:.3f}'} | {row['domain_fid']:.1f} | {' / '.join(paired)} |"
+        )
+        figures.append(row)
+    (RESULTS / "sweep.svg").write_text(plot(figures))
+    text = "\n".join(lines) + "\n\n![alignment and domain FID against MACs](sweep.svg)\n"
+    provenance = collect_provenance(config={"reports": sorted(job for job in map(str, reports))})
+    write_report(RESULTS, "sweep", figures, text, echo=True, provenance=provenance)
+    return 0
+
+
+def plot(rows: list[dict]) -> str:
+    """An SVG of four panels (alignment on each set, and domain FID) against MACs, one line per method."""
+    panels = [*(("alignment, " + s, s) for s in SETS), ("domain FID (test)", "domain_fid")]
+    colours = {"aptp": "#d62728", "aptp-k1": "#1f77b4", "baseline": "#2ca02c", "teacher": "#000000"}
+    width, height, pad = 260, 200, 36
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{len(panels) * width}" height="{height + 30}">']
+    for index, (title, key) in enumerate(panels):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if not values:
+            continue
+        low, high = min(values), max(values)
+        low, high = (low - 0.05 * (high - low or 1), high + 0.05 * (high - low or 1))
+        left = index * width
+
+        def x(macs, left=left):
+            return left + pad + (width - 2 * pad) * (macs - 0.3) / 0.75
+
+        def y(value, low=low, high=high):
+            return height - pad + (2 * pad - height) * (value - low) / (high - low)
+
+        parts.append(f'<text x="{left + width / 2}" y="14" font-size="12" text-anchor="middle">{title}</text>')
+        parts.append(f'<line x1="{x(0.3)}" y1="{y(low)}" x2="{x(1.05)}" y2="{y(low)}" stroke="#888"/>')
+        parts.append(
+            f'<text x="{left + width / 2}" y="{height - 6}" font-size="10" text-anchor="middle">MACs (x teacher)</text>'
+        )
+        for tick in (low, high):
+            parts.append(f'<text x="{left + 4}" y="{y(tick)}" font-size="9">{tick:.3g}</text>')
+        for method, colour in colours.items():
+            points = sorted((r["macs_ratio"], r[key]) for r in rows if r["method"] == method and r.get(key) is not None)
+            if len(points) > 1:
+                path = " ".join(f"{x(m):.1f},{y(v):.1f}" for m, v in points)
+                parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+            for m, v in points:
+                parts.append(f'<circle cx="{x(m):.1f}" cy="{y(v):.1f}" r="3" fill="{colour}"/>')
+    for k, (method, colour) in enumerate(colours.items()):
+        parts.append(f'<text x="{10 + 90 * k}" y="{height + 24}" font-size="11" fill="{colour}">{method}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "list"):
+        command = sub.add_parser(name)
+        command.add_argument("--teacher", default="runs/teacher-rich/teacher", help="the teacher every job prunes")
+        command.add_argument("--runs", default="runs/sweep", help="where the jobs' run folders go")
+        command.add_argument("--only", nargs="+", metavar="JOB", help="e.g. aptp-0.6 baseline-0.4")
+    sub.add_parser("table")
+    args = parser.parse_args(argv)
+    if args.command == "table":
+        return table(args)
+    if args.command == "list":
+        for method, budget in all_jobs(args.only):
+            for done, arguments in commands(method, budget, args.teacher, Path(args.runs)):
+                marker = done.relative_to(REPO) if done.is_absolute() else done
+                print(f"aptp {' '.join(arguments)}    # done when {marker}")
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

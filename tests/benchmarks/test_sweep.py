@@ -1,0 +1,60 @@
+"""benchmarks/sweep.py's jobs: every command parses into a valid config of its job, and every method fine-tunes
+for the same number of steps at every budget."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from benchmarks.sweep import BUDGETS, CODE_BUDGETS, TOTAL_STEPS, all_jobs, commands
+from training.baseline import BaselineConfig
+from training.config import load_config
+from training.finetune import FinetuneConfig
+from training.search import SearchConfig
+
+CONFIGS = {"search": SearchConfig, "finetune": FinetuneConfig, "baseline": BaselineConfig}
+
+
+def _config(arguments: list[str]):
+    """The config an `aptp train JOB ...` command line would run with (its overrides as the CLI reads them)."""
+    job, overrides, i = arguments[1], {}, 2
+    path = None
+    while i < len(arguments):
+        flag, value = arguments[i], arguments[i + 1]
+        if flag == "--config":
+            path = value
+        elif flag == "--set":
+            key, _, text = value.partition("=")
+            overrides[key] = yaml.safe_load(text)
+        else:
+            overrides[flag.removeprefix("--")] = value
+        i += 2
+    return load_config(path, CONFIGS[job], overrides)
+
+
+@pytest.mark.parametrize("method, budget", [job for job in all_jobs(None) if job[0] != "teacher"])
+def test_every_training_command_is_a_valid_config_of_its_budget(method, budget, tmp_path):
+    steps = commands(method, budget, "bundles/shapes/teacher", tmp_path)
+    trained = [_config(arguments) for _, arguments in steps if arguments[0] == "train"]
+    assert steps[-1][1][0] == "eval"
+    if method == "baseline":
+        (baseline,) = trained
+        assert baseline.budget == budget and baseline.expert.steps == TOTAL_STEPS
+        return
+    search, finetune = trained
+    assert search.budget == budget
+    codes = 4 if method == "aptp" else 1
+    assert search.num_codes == codes and finetune.total_steps(codes) == TOTAL_STEPS
+    if method == "aptp":
+        assert search.code_budgets == CODE_BUDGETS[budget]
+
+
+def test_the_codes_of_every_budget_span_a_factor_two_at_the_middle_one():
+    assert set(CODE_BUDGETS) == set(BUDGETS)
+    cheapest, costliest = min(CODE_BUDGETS[0.6]), max(CODE_BUDGETS[0.6])
+    assert cheapest <= 0.40 and costliest >= 0.80  # the capacity issue's bar at the 0.6 budget
+
+
+def test_an_unknown_job_is_named():
+    with pytest.raises(SystemExit, match="aptp-0.5"):
+        all_jobs(["aptp-0.5"])

@@ -74,16 +74,15 @@ class BudgetError(ValueError):
 @dataclass(frozen=True)
 class ComputeBudget:
     """What one request may spend: `max_macs_ratio` caps the MACs of a U-Net call at that fraction of the teacher's
-    (the router's most preferred code within the cap serves it), or a named `quality` tier does: `"fast"` is the
-    cheapest code, `"balanced"` the router's choice, `"best"` the costliest code. No budget is the router's choice.
+    (the router's most preferred code within the cap serves it), and a named `quality` tier picks among the codes
+    within it (all of them without a cap): `"fast"` the cheapest, `"balanced"` the router's choice, `"best"` the
+    costliest. No budget is the router's choice.
     """
 
     max_macs_ratio: float | None = None
     quality: str | None = None
 
     def __post_init__(self):
-        if self.max_macs_ratio is not None and self.quality is not None:
-            raise BudgetError("max_macs_ratio", "give max_macs_ratio or quality, not both")
         if self.max_macs_ratio is not None and not self.max_macs_ratio > 0:
             raise BudgetError("max_macs_ratio", f"must be above 0 (got {self.max_macs_ratio})")
         if self.quality is not None and self.quality not in QUALITY_TIERS:
@@ -350,7 +349,7 @@ class RoutedPipeline:
         if budget is None or budget.max_macs_ratio is None:
             return
         cheapest = min(info.macs for info in self.codes)
-        if cheapest > budget.max_macs_ratio * self.teacher_macs:
+        if not any(self._within(info.code, budget) for info in self.codes):
             raise BudgetError(
                 "max_macs_ratio",
                 f"no code costs at most {budget.max_macs_ratio:g} of the teacher's MACs per call; the cheapest "
@@ -362,12 +361,18 @@ class RoutedPipeline:
         if budget is None or budget.is_router_choice:
             return ranking[0]
         self.check_budget(budget)
-        if budget.quality is not None:  # "fast" or "best": the extreme cost, the router's order breaking ties
-            costs = [self.codes[code].macs for code in ranking]
+        within = [code for code in ranking if self._within(code, budget)]
+        if budget.quality in ("fast", "best"):  # the extreme cost within the cap, the router's order breaking ties
+            costs = [self.codes[code].macs for code in within]
             target = min(costs) if budget.quality == "fast" else max(costs)
-            return next(code for code, cost in zip(ranking, costs, strict=True) if cost == target)
-        cap = budget.max_macs_ratio * self.teacher_macs
-        return next(code for code in ranking if self.codes[code].macs <= cap)
+            return next(code for code, cost in zip(within, costs, strict=True) if cost == target)
+        return within[0]
+
+    def _within(self, code: int, budget: ComputeBudget) -> bool:
+        # A hair of slack: a cap of exactly a code's ratio (macs / teacher_macs, as a float) admits that code.
+        return budget.max_macs_ratio is None or self.codes[code].macs <= budget.max_macs_ratio * self.teacher_macs * (
+            1 + 1e-9
+        )
 
     def cheaper(self, ranking: Sequence[int], code: int) -> list[int]:
         """The codes that cost less than `code`, in the router's order of preference `ranking`: what an overloaded

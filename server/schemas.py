@@ -3,35 +3,47 @@ length) are checked against `Settings` in the routes, with the same 422 error sh
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 SEED_MAX = 2**63 - 1
+NOT_BLANK = r"\S"  # holds a character that is not whitespace
+
+
+def _integral_float_as_int(value: Any) -> Any:
+    """JSON Schema counts 2.0 as an integer; Python does not. Only that float is let through, as the int it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def whole_number(**bounds: int) -> Any:
+    """An integer field as JSON Schema means it: 2 and 2.0, never "2", true or 2.5 (no coercion of strings or
+    booleans), within `bounds` (`ge`, `le`). The float is turned into an int before the strict check, so the
+    bounds stay the schema's `minimum` and `maximum`."""
+    return Annotated[int, Strict(), Field(**bounds), BeforeValidator(_integral_float_as_int)]
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, description="What to draw.")
+    prompt: str = Field(min_length=1, pattern=NOT_BLANK, description="What to draw (not only whitespace).")
     negative_prompt: str | None = Field(None, description="What to steer away from (replaces the empty prompt).")
-    num_images: int = Field(1, ge=1, strict=True, description="Images to generate; image i uses seed + i.")
-    steps: int | None = Field(None, ge=1, strict=True, description="Sampling steps (default: the bundle's).")
+    num_images: whole_number(ge=1) = Field(1, description="Images to generate; image i uses seed + i.")
+    steps: whole_number(ge=1) | None = Field(None, description="Sampling steps (default: the bundle's).")
     guidance_scale: float | None = Field(None, ge=1.0, le=50.0, description="Classifier-free guidance scale.")
-    seed: int | None = Field(
-        None, ge=0, le=SEED_MAX, strict=True, description="Seed of the first image (default: random)."
-    )
+    seed: whole_number(ge=0, le=SEED_MAX) | None = Field(None, description="Seed of the first image (default: random).")
     max_macs_ratio: float | None = Field(
         None,
         gt=0.0,
         le=1.0,
         description="Cap on the MACs of one U-Net call, as a fraction of the teacher's: the router's most preferred "
-        "code within it serves the request (422 when no code is that cheap). Not with `quality`.",
+        "code within it serves the request (422 when no code is that cheap; the least accepted is the cheapest code's "
+        "cost, in the document the server serves).",
     )
     quality: Literal["fast", "balanced", "best"] | None = Field(
         None,
-        description="A named budget: `fast` is the cheapest code, `balanced` the router's choice (the default), "
-        "`best` the costliest code. Not with `max_macs_ratio`.",
+        description="A named budget among the codes within `max_macs_ratio` (all of them without it): `fast` is the "
+        "cheapest, `balanced` the router's choice (the default), `best` the costliest.",
     )
 
 
@@ -85,7 +97,7 @@ class GenerateResponse(BaseModel):
 class RouteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[str] = Field(min_length=1, max_length=256)
+    prompts: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=256)
 
 
 class RouteDecision(BaseModel):
@@ -154,10 +166,10 @@ class OpenAIImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1)
-    n: int = Field(1, ge=1, strict=True)
+    prompt: str = Field(min_length=1, pattern=NOT_BLANK)
+    n: whole_number(ge=1) = 1
     size: str | None = Field(None, description="`WxH`; only the model's own resolution is supported.")
-    response_format: str = Field("b64_json", description="Only `b64_json` (no image hosting).")
+    response_format: Literal["b64_json"] = Field("b64_json", description="Only `b64_json` (no image hosting).")
     model: str | None = Field(None, description="Accepted and ignored: the server serves one bundle.")
     quality: OpenAIQuality | None = Field(
         None,
@@ -167,9 +179,9 @@ class OpenAIImageRequest(BaseModel):
     max_macs_ratio: float | None = Field(None, gt=0.0, le=1.0, description="As in `POST /generate`.")
     style: str | None = None
     user: str | None = None
-    output_format: str | None = Field(None, description="Only `png`.")
-    seed: int | None = Field(None, ge=0, le=SEED_MAX, strict=True)
-    steps: int | None = Field(None, ge=1, strict=True)
+    output_format: Literal["png"] | None = Field(None, description="Only `png`.")
+    seed: whole_number(ge=0, le=SEED_MAX) | None = None
+    steps: whole_number(ge=1) | None = None
     guidance_scale: float | None = Field(None, ge=1.0, le=50.0)
     negative_prompt: str | None = None
 
@@ -191,3 +203,31 @@ class OpenAIImageResponse(BaseModel):
     size: str
     output_format: Literal["png"] = "png"
     aptp: GenerationReport
+
+
+# ---------------------------------------------------------------------------------------------------- error bodies
+class FieldProblem(BaseModel):
+    loc: list[str | int] = Field(description='Where: `["body", "<field>"]`.')
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error of the native routes: a message, or the problems of the fields at fault (422)."""
+
+    detail: str | list[FieldProblem]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(
+        description="`invalid_request_error`, `authentication_error`, `rate_limit_error`, `server_error`."
+    )
+    param: str | None = Field(description="The field at fault, if one is.")
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Every error of `/v1/images/generations`, in OpenAI's shape."""
+
+    error: OpenAIErrorDetail

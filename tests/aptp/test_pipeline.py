@@ -192,8 +192,10 @@ def test_a_budget_no_code_meets_is_refused_naming_the_field(three_codes):
     with pytest.raises(BudgetError, match="max_macs_ratio: no code costs at most") as error:
         three_codes("a red circle", num_inference_steps=1, max_macs_ratio=cheapest / 2)
     assert error.value.field == "max_macs_ratio" and f"{cheapest:.3f}" in str(error.value)
-    with pytest.raises(BudgetError, match="not both"):
-        ComputeBudget(max_macs_ratio=0.5, quality="fast")
+    middle = sorted(info.macs for info in three_codes.codes)[1] / three_codes.teacher_macs
+    encoded = three_codes.encode(BUDGET_PROMPTS)
+    best_within = three_codes.route(encoded, ComputeBudget(max_macs_ratio=middle, quality="best")).codes
+    assert {three_codes.codes[c].macs / three_codes.teacher_macs for c in best_within} == {middle}
     with pytest.raises(BudgetError, match="quality: must be one of fast, balanced, best"):
         ComputeBudget(quality="cheap")
 

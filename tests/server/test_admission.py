@@ -48,7 +48,7 @@ def test_route_rejects_empty_prompt_lists_and_empty_prompts(client):
     assert client.post("/route", json={"prompts": []}).status_code == 422
     response = client.post("/route", json={"prompts": ["ok", ""]})
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["body", "prompts.1"]
+    assert response.json()["detail"][0]["loc"] == ["body", "prompts", 1]
 
 
 def test_api_keys_guard_generation_but_not_health_or_metrics(make_client):
@@ -242,9 +242,10 @@ def test_an_oversized_body_is_refused_with_413_before_it_is_parsed(make_client, 
         ({"prompt": "   \n\t "}, "prompt"),
         ({"prompt": "a red circle", "steps": "2"}, "steps"),
         ({"prompt": "a red circle", "steps": True}, "steps"),
-        ({"prompt": "a red circle", "num_images": 2.0}, "num_images"),
+        ({"prompt": "a red circle", "num_images": 2.5}, "num_images"),
+        ({"prompt": "a red circle", "seed": "7"}, "seed"),
     ],
-    ids=["whitespace-prompt", "steps-as-string", "steps-as-bool", "images-as-float"],
+    ids=["whitespace-prompt", "steps-as-string", "steps-as-bool", "images-as-fraction", "seed-as-string"],
 )
 def test_values_are_taken_as_given_not_coerced(client, body, field):
     response = client.post("/generate", json=body)
@@ -347,3 +348,10 @@ def test_the_door_leaves_requests_without_a_valid_key_to_the_key_check(make_clie
         assert client.post("/generate", json={"prompt": "a red circle"}).status_code == 401
         keyed = client.post("/generate", json={"prompt": "a red circle"}, headers={"Authorization": "Bearer k1"})
         assert keyed.status_code == 429
+
+
+def test_a_whole_float_is_an_integer_as_json_schema_says(client):
+    """`2.0` is an integer to JSON Schema (and so to the OpenAPI contract): taken as 2, where "2" and true are not."""
+    response = client.post("/generate", json={"prompt": "a red circle", "num_images": 2.0, "seed": 5.0, "steps": 2})
+    assert response.status_code == 200, response.text
+    assert response.json()["report"]["seeds"] == [5, 6]

@@ -31,18 +31,12 @@ def test_a_macs_cap_keeps_the_request_within_it(client):
     assert report["macs_per_call"] <= cheapest * report["teacher_macs_per_call"] * (1 + 1e-9)
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        ({"max_macs_ratio": 1e-6}, "no code costs at most 1e-06 of the teacher's MACs per call; the cheapest costs"),
-        ({"max_macs_ratio": 0.9, "quality": "fast"}, "give max_macs_ratio or quality, not both"),
-    ],
-)
-def test_a_budget_that_cannot_be_met_is_refused_before_routing(client, pipeline, monkeypatch, extra, message):
+def test_a_budget_that_cannot_be_met_is_refused_before_routing(client, pipeline, monkeypatch):
     calls = []
     original = pipeline.encode
     monkeypatch.setattr(pipeline, "encode", lambda texts: calls.append(texts) or original(texts))
-    response = client.post("/generate", json={"prompt": "a red circle", **extra})
+    message = "no code costs at most 1e-06 of the teacher's MACs per call; the cheapest costs"
+    response = client.post("/generate", json={"prompt": "a red circle", "max_macs_ratio": 1e-6})
     assert response.status_code == 422
     detail = response.json()["detail"][0]
     assert detail["loc"] == ["body", "max_macs_ratio"] and message in detail["msg"]
@@ -54,6 +48,14 @@ def test_malformed_budgets_answer_422_naming_the_field(client, body, field):
     response = client.post("/generate", json={"prompt": "a red circle", **body})
     assert response.status_code == 422
     assert ["body", field] in [error["loc"] for error in response.json()["detail"]]
+
+
+def test_a_quality_tier_picks_among_the_codes_within_the_cap(client):
+    costs = _costs(client)
+    cheapest = min(costs)
+    body = {"prompt": "a red circle", "quality": "best", "max_macs_ratio": cheapest, "steps": 2}
+    report = client.post("/generate", json=body).json()["report"]
+    assert report["code"] == costs.index(cheapest)  # the costliest within a cap that admits only the cheapest
 
 
 def test_openai_quality_names_map_to_budget_tiers(client):

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from ...schemas import OPENAI_QUALITY, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
 from ..contract import OPENAI_ERRORS
-from ..deps import Authorized, State
+from ..deps import Authorized, State, require_loaded
 from ..errors import invalid
 from ..generation import GenerationParameters, check_limits, generate
 
@@ -24,14 +24,11 @@ router = APIRouter(tags=["openai"], dependencies=[Authorized])
 async def images_generations(body: OpenAIImageRequest, request: Request, state: State) -> OpenAIImageResponse:
     """`prompt`, `n`, `size` (the model's own only) and `response_format` `b64_json`; extras `seed`, `steps`,
     `guidance_scale`, `negative_prompt` are accepted and echoed. The full report is under `aptp`."""
+    require_loaded(state)
     resolution = state.pipeline.resolution
     size = f"{resolution}x{resolution}"
     if body.size is not None and body.size != size:
         raise invalid("size", f"this model makes {size} images only (got {body.size!r})")
-    if body.response_format != "b64_json":
-        raise invalid("response_format", f"only 'b64_json' is supported (got {body.response_format!r})")
-    if body.output_format not in (None, "png"):
-        raise invalid("output_format", f"only 'png' is supported (got {body.output_format!r})")
     params = GenerationParameters(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,

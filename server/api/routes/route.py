@@ -16,7 +16,10 @@ router = APIRouter(tags=["routing"], dependencies=[Authorized])
 
 
 @router.post(
-    "/route", response_model=RouteResponse, summary="Explain routing", responses=error_responses(401, 413, 422, 503)
+    "/route",
+    response_model=RouteResponse,
+    summary="Explain routing",
+    responses=error_responses(400, 401, 413, 422, 503),
 )
 async def route_prompts(body: RouteRequest, state: State) -> RouteResponse:
     """Codes, similarity scores and MACs per U-Net call for each prompt (a prompt's code does not depend on the

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 OPENAI_PREFIX = "/v1/images/"
 
@@ -66,6 +67,11 @@ def count_rejection(request: Request, reason: str | None) -> None:
 
 def install_error_handlers(app: FastAPI) -> None:
     count = count_rejection
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+        # Starlette's own refusals (a body that is not readable JSON, an unknown path), in each API's error shape.
+        return render_error(request, ApiError(error.status_code, str(error.detail), headers=error.headers))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError) -> JSONResponse:

@@ -59,3 +59,11 @@ def test_unsupported_values_answer_400_naming_the_parameter(client, extra, param
 def test_official_client_raises_its_own_errors(client):
     with pytest.raises(openai.BadRequestError, match="32x32"):
         make_openai(client).images.generate(prompt="a blue triangle", size="1024x1024")
+
+
+def test_a_body_that_is_not_utf8_json_is_refused_in_openais_shape(client):
+    response = client.post(
+        "/v1/images/generations", content=b"\xff\xfe{", headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"

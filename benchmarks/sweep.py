@@ -39,7 +39,9 @@ def job_name(method: str, budget: float) -> str:
 
 
 def commands(method: str, budget: float, teacher: str, runs: Path) -> list[tuple[Path, list[str]]]:
-    """(output that marks the step done, `aptp` arguments) for each step of one job."""
+    """(output that marks the step done, `aptp` arguments) for each step of one job. The training steps use the
+    rich captions the retrained teacher learned (the configs' `phrasing: templates` is the shipped teacher's)."""
+    rich = ["--set", "phrasing=rich"]
     name = job_name(method, budget)
     if method == "teacher":
         return [
@@ -54,15 +56,15 @@ def commands(method: str, budget: float, teacher: str, runs: Path) -> list[tuple
                 bundle / "manifest.json",
                 ["train", "baseline", "--config", "configs/shapes/baseline.yaml", "--teacher", teacher]
                 + ["--out", str(folder / "baseline"), "--export", str(bundle), "--set", f"budget={budget}"]
-                + ["--set", f"expert.steps={TOTAL_STEPS}"],
+                + ["--set", f"expert.steps={TOTAL_STEPS}", *rich],
             )
         )
     else:
         search = ["train", "search", "--config", "configs/shapes/search.yaml", "--teacher", teacher]
-        search += ["--out", str(folder / "search"), "--set", f"budget={budget}"]
+        search += ["--out", str(folder / "search"), "--set", f"budget={budget}", *rich]
         finetune = ["train", "finetune", "--config", "configs/shapes/finetune.yaml", "--teacher", teacher]
         finetune += ["--router", str(folder / "search" / "router"), "--out", str(folder / "finetune")]
-        finetune += ["--export", str(bundle)]
+        finetune += ["--export", str(bundle), *rich]
         if method == "aptp":
             targets = ",".join(str(t) for t in CODE_BUDGETS[budget])
             search += ["--set", f"code_budgets=[{targets}]"]

@@ -49,7 +49,7 @@ def run_baseline(config: BaselineConfig) -> Path:
     spec = teacher.spec
     space = ArchitectureSpace.from_unet(teacher.unet, text_len=teacher.text_len)
     arch = l1_architecture_for_budget(teacher.unet, space, config.budget, spec.resolution)
-    data = training_data(config.data, teacher.pixel_resolution, config.seed)
+    data = training_data(config.data, teacher.pixel_resolution, config.seed, config.phrasing)
     teacher.use_latent_cache(data, processes)
     storage = getattr(torch, config.export_dtype)
     done = Path(config.out) / "expert"

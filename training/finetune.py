@@ -240,7 +240,7 @@ def run_finetune(config: FinetuneConfig) -> Path:
     if router.config.encoder == teacher.router_encoder.config:
         router._encoder = teacher.router_encoder  # one sentence encoder in memory when they are the same
     space: ArchitectureSpace = router.space
-    data = training_data(config.data, teacher.pixel_resolution, config.seed)
+    data = training_data(config.data, teacher.pixel_resolution, config.seed, config.phrasing)
     teacher.use_latent_cache(data, processes)
 
     routing_file = folder / "routing.json"

@@ -41,6 +41,12 @@ class RunSettings(BaseModel):
         "fp16 scales the loss)",
     )
     gradient_checkpointing: bool = Field(False, description="recompute U-Net activations in backward to save memory")
+    phrasing: Literal["rich", "templates"] = Field(
+        "rich",
+        description="the embedded shapes domain's captions: the rich generator, or the first templates (which the "
+        "shipped teacher was trained on: its search, fine-tuning and baseline use them); no effect on an image-caption "
+        "folder",
+    )
     gradient_accumulation_steps: int = Field(
         1, ge=1, description="U-Net passes per process and step: its share of the batch runs in this many parts"
     )

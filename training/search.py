@@ -206,7 +206,7 @@ def run_search(config: SearchConfig) -> Path:
     code_targets = None
     if config.code_budgets is not None:
         code_targets = torch.tensor([prunable_budget(b, total, prunable) for b in config.code_budgets], device=device)
-    data = training_data(config.data, teacher.pixel_resolution, config.seed)
+    data = training_data(config.data, teacher.pixel_resolution, config.seed, config.phrasing)
     teacher.use_latent_cache(data, processes)
     gates = UNetGates(unet, space).attach()
     warmup_steps = int(config.warmup_fraction * config.steps)

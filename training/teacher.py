@@ -204,7 +204,7 @@ def train_teacher(config: TeacherConfig) -> Path:
     optim = config.optim
     optimizer = torch.optim.AdamW(trained.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     ema = EMA(trained, optim.ema_decay)
-    domain = ShapesDomain(seed=config.seed, split="train")
+    domain = ShapesDomain(seed=config.seed, split="train", phrasing=config.phrasing)
     run = TrainingRun(config, {"unet": trained, "ema": ema.shadow}, optimizer)
     start = run.resume()
     if start == 0 and settings is not None and settings.pretrain_steps > 0:

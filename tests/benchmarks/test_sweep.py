@@ -37,6 +37,7 @@ def test_every_training_command_is_a_valid_config_of_its_budget(method, budget, 
     steps = commands(method, budget, "bundles/shapes/teacher", tmp_path)
     trained = [_config(arguments) for _, arguments in steps if arguments[0] == "train"]
     assert steps[-1][1][0] == "eval"
+    assert all(config.phrasing == "rich" for config in trained)  # the retrained teacher's captions
     if method == "baseline":
         (baseline,) = trained
         assert baseline.budget == budget and baseline.expert.steps == TOTAL_STEPS

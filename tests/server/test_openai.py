@@ -62,8 +62,6 @@ def test_official_client_raises_its_own_errors(client):
 
 
 def test_a_body_that_is_not_utf8_json_is_refused_in_openais_shape(client):
-    response = client.post(
-        "/v1/images/generations", content=b"\xff\xfe{", headers={"Content-Type": "application/json"}
-    )
+    response = client.post("/v1/images/generations", content=b"\xff\xfe{", headers={"Content-Type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"

@@ -55,8 +55,8 @@ class TrainingData(Protocol):
 class ShapesData:
     """The embedded shapes domain as training data (its images are 32x32)."""
 
-    def __init__(self, seed: int, split: str = "train"):
-        self.domain = ShapesDomain(seed=seed, split=split)
+    def __init__(self, seed: int, split: str = "train", phrasing: str = "rich"):
+        self.domain = ShapesDomain(seed=seed, split=split, phrasing=phrasing)
 
     def __len__(self) -> int:
         return 2**31 - 1  # generated: every position is a new sample
@@ -201,10 +201,13 @@ class CaptionFolder:
         return [self.entries[self.index(p)].caption for p in positions]
 
 
-def training_data(config: CaptionFolderConfig | None, resolution: int, seed: int) -> TrainingData:
-    """The configured folder at `resolution`, or the embedded shapes domain when none is configured."""
+def training_data(
+    config: CaptionFolderConfig | None, resolution: int, seed: int, phrasing: str = "rich"
+) -> TrainingData:
+    """The configured folder at `resolution`, or the embedded shapes domain (its captions in `phrasing`) when none
+    is configured."""
     if config is None:
-        return ShapesData(seed)
+        return ShapesData(seed, phrasing=phrasing)
     return CaptionFolder(config, resolution, seed)
 
 

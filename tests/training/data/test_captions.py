@@ -97,3 +97,15 @@ def test_without_a_folder_the_embedded_domain_is_the_data():
     assert isinstance(data, ShapesData)
     images, captions = data.take([0, 1])
     assert images.shape == (2, 3, 32, 32) and len(captions) == 2
+
+
+def test_the_shapes_data_speaks_the_phrasing_its_teacher_learned():
+    """A run on the shipped teacher (`phrasing: templates`) draws the first templates' captions; a run on a teacher
+    of the rich generator draws those: the same scenes, other words."""
+    from training.data.captions import training_data
+    from training.data.shapes import ShapesDomain
+
+    templates = training_data(None, 32, seed=4, phrasing="templates").captions(range(40))
+    rich = training_data(None, 32, seed=4).captions(range(40))
+    assert templates == [ShapesDomain(4, "train", phrasing="templates").caption(i) for i in range(40)]
+    assert rich == [ShapesDomain(4, "train").caption(i) for i in range(40)] and rich != templates

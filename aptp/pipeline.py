@@ -32,7 +32,7 @@ from aptp.formats.bundle import (
 from aptp.formats.diffusers import STABLE_DIFFUSION_SAMPLING, load_stable_diffusion
 from aptp.formats.kinds import folder_kind, not_a_model_folder
 from aptp.formats.teacher import load_teacher, load_teacher_conditioner
-from aptp.sampling import SamplingConfig, Trajectory, advance, make_sampler, prompt_map_channels, unet_calls
+from aptp.sampling import SamplingConfig, Trajectory, make_sampler, prompt_map_channels, run_to_end, unet_calls
 from pruning.space import ArchitectureSpace
 from router.model import ROUTER_WEIGHTS, Router
 
@@ -500,9 +500,7 @@ class RoutedPipeline:
         generator), decoded; the unconditional branch reads `negative` (one row per image) or, when it is None, the
         empty prompt. `output`: `"uint8"` (what is served) or `"model"` (float, [-1, 1] unclipped), on the CPU."""
         trajectory = self.trajectory(code, cond, seeds, steps, guidance_scales, negative)
-        while not trajectory.done:
-            advance(self.experts[code], [trajectory])
-        return self.decode(trajectory.x, output)
+        return self.decode(run_to_end(self.experts[code], trajectory), output)
 
     def trajectory(
         self,

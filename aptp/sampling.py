@@ -219,7 +219,11 @@ def sample(
     `cond`: each image's negative prompt, or one row for all: the empty prompt); returns the model-space samples
     `(B, C, H, W)`, unclipped. `guidance_scale` is one value or one per row; 1.0 everywhere skips the
     unconditional branch. One `Trajectory`, run to its end."""
-    trajectory = Trajectory(unet, sampler, cond, uncond, seeds, steps, guidance_scale, resolution)
+    return run_to_end(unet, Trajectory(unet, sampler, cond, uncond, seeds, steps, guidance_scale, resolution))
+
+
+def run_to_end(unet: nn.Module, trajectory: Trajectory) -> torch.Tensor:
+    """Every step a trajectory has left, alone; its final samples."""
     while not trajectory.done:
         advance(unet, [trajectory])
     return trajectory.x

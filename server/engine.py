@@ -254,11 +254,7 @@ class Engine:
             self._step_loop()
             return
         while True:
-            now = self.clock()
-            for request in self.scheduler.expire(now):
-                if self.metrics is not None:
-                    self.metrics.rejections.labels(reason="queue_timeout").inc()
-                self._fail(request.request_id, QueueTimeout("the request waited too long in the queue"))
+            now = self._expire()
             with self._wakeup:
                 if self._stop:
                     return
@@ -268,17 +264,22 @@ class Engine:
                     continue
             self._run(batch)
 
+    def _expire(self) -> float:
+        """Answer the queued requests whose timeout passed (504); returns the time it checked at."""
+        now = self.clock()
+        for request in self.scheduler.expire(now):
+            if self.metrics is not None:
+                self.metrics.rejections.labels(reason="queue_timeout").inc()
+            self._fail(request.request_id, QueueTimeout("the request waited too long in the queue"))
+        return now
+
     def _step_loop(self) -> None:
         """Step-level batching: before every denoising step, queued requests join their code's running rows (up to
         its batch size); one code takes one step, all its rows in one U-Net call; rows whose steps are done leave
         and are answered at once. The code stepped is the one holding the oldest running request (first come,
         first served, step by step: no code starves, since its rows finish in a bounded number of steps)."""
         while True:
-            now = self.clock()
-            for request in self.scheduler.expire(now):
-                if self.metrics is not None:
-                    self.metrics.rejections.labels(reason="queue_timeout").inc()
-                self._fail(request.request_id, QueueTimeout("the request waited too long in the queue"))
+            now = self._expire()
             with self._wakeup:
                 if self._stop:
                     return

@@ -84,13 +84,18 @@ def test_a_request_let_in_is_queued_past_its_codes_share_never_refused_after_rou
         assert 'aptp_rejections_total{reason="queue_full"} 0.0' in metrics
 
 
+def _fill_every_queue(client, encoded) -> None:
+    """One request in each code's queue (one place each): the server has no place left."""
+    engine = client.app.state.aptp.engine
+    job = GenerationJob(prompt=encoded, seeds=[0], steps=2, guidance_scale=3.0)
+    for code in range(engine.scheduler.config.num_codes):
+        engine.submit(f"filler-{code}", code, job)
+
+
 def test_when_every_queue_is_full_the_prompt_is_not_even_encoded(make_client, pipeline, monkeypatch):
     encoded = pipeline.encode(["a red circle"])
     with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=3000) as client:
-        engine = client.app.state.aptp.engine
-        job = GenerationJob(prompt=encoded, seeds=[0], steps=2, guidance_scale=3.0)
-        for code in range(engine.scheduler.config.num_codes):
-            engine.submit(f"filler-{code}", code, job)
+        _fill_every_queue(client, encoded)
         encodes = []
         original = pipeline.encode
         monkeypatch.setattr(pipeline, "encode", lambda texts: encodes.append(texts) or original(texts))
@@ -325,10 +330,7 @@ def test_a_full_server_refuses_at_the_door_before_reading_the_body(make_client, 
     JSON gets the 429 (with Retry-After), in each API family's shape."""
     encoded = pipeline.encode(["a red circle"])
     with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=5000) as client:
-        engine = client.app.state.aptp.engine
-        job = GenerationJob(prompt=encoded, seeds=[0], steps=2, guidance_scale=3.0)
-        for code in range(engine.scheduler.config.num_codes):
-            engine.submit(f"filler-{code}", code, job)
+        _fill_every_queue(client, encoded)
         headers = {"Content-Type": "application/json"}
         native = client.post("/generate", content=b"{not json", headers=headers)
         assert native.status_code == 429 and int(native.headers["Retry-After"]) >= 1
@@ -341,10 +343,7 @@ def test_a_full_server_refuses_at_the_door_before_reading_the_body(make_client, 
 def test_the_door_leaves_requests_without_a_valid_key_to_the_key_check(make_client, pipeline):
     encoded = pipeline.encode(["a red circle"])
     with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=5000, api_keys=["k1"]) as client:
-        engine = client.app.state.aptp.engine
-        job = GenerationJob(prompt=encoded, seeds=[0], steps=2, guidance_scale=3.0)
-        for code in range(engine.scheduler.config.num_codes):
-            engine.submit(f"filler-{code}", code, job)
+        _fill_every_queue(client, encoded)
         assert client.post("/generate", json={"prompt": "a red circle"}).status_code == 401
         keyed = client.post("/generate", json={"prompt": "a red circle"}, headers={"Authorization": "Bearer k1"})
         assert keyed.status_code == 429

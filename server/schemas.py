@@ -9,6 +9,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 SEED_MAX = 2**63 - 1
 NOT_BLANK = r"\S"  # holds a character that is not whitespace
+PromptText = Annotated[str, Field(min_length=1, pattern=NOT_BLANK)]
 
 
 def _integral_float_as_int(value: Any) -> Any:
@@ -26,7 +27,7 @@ def whole_number(**bounds: int) -> Any:
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, pattern=NOT_BLANK, description="What to draw (not only whitespace).")
+    prompt: PromptText = Field(description="What to draw (not only whitespace).")
     negative_prompt: str | None = Field(None, description="What to steer away from (replaces the empty prompt).")
     num_images: whole_number(ge=1) = Field(1, description="Images to generate; image i uses seed + i.")
     steps: whole_number(ge=1) | None = Field(None, description="Sampling steps (default: the bundle's).")
@@ -97,7 +98,7 @@ class GenerateResponse(BaseModel):
 class RouteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=256)
+    prompts: list[PromptText] = Field(min_length=1, max_length=256)
 
 
 class RouteDecision(BaseModel):
@@ -166,7 +167,7 @@ class OpenAIImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, pattern=NOT_BLANK)
+    prompt: PromptText
     n: whole_number(ge=1) = 1
     size: str | None = Field(None, description="`WxH`; only the model's own resolution is supported.")
     response_format: Literal["b64_json"] = Field("b64_json", description="Only `b64_json` (no image hosting).")

@@ -69,8 +69,6 @@ def png_base64(image: torch.Tensor) -> str:
 
 def check_limits(state: ServerState, params: GenerationParameters, images_field: str = "num_images") -> None:
     settings = state.settings
-    if not params.prompt.strip():
-        raise invalid("prompt", "must hold text, not only whitespace")
     if len(params.prompt) > settings.max_prompt_chars:
         raise invalid("prompt", f"at most {settings.max_prompt_chars} characters (got {len(params.prompt)})")
     if params.negative_prompt is not None and len(params.negative_prompt) > settings.max_prompt_chars:

@@ -44,9 +44,10 @@ def test_malformed_json_answers_422(client):
     assert response.status_code == 422
 
 
-def test_route_rejects_empty_prompt_lists_and_empty_prompts(client):
+@pytest.mark.parametrize("blank", ["", " \n\t "], ids=["empty", "whitespace"])
+def test_route_rejects_empty_prompt_lists_and_blank_prompts(client, blank):
     assert client.post("/route", json={"prompts": []}).status_code == 422
-    response = client.post("/route", json={"prompts": ["ok", ""]})
+    response = client.post("/route", json={"prompts": ["ok", blank]})
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["body", "prompts", 1]
 

@@ -27,8 +27,6 @@ async def route_prompts(body: RouteRequest, state: State) -> RouteResponse:
     require_loaded(state)
     pipeline = state.pipeline
     for index, prompt in enumerate(body.prompts):
-        if not prompt:
-            raise invalid(f"prompts.{index}", "must not be empty")
         if len(prompt) > state.settings.max_prompt_chars:
             raise invalid(f"prompts.{index}", f"at most {state.settings.max_prompt_chars} characters")
 

@@ -3,7 +3,6 @@ metrics the server really exports. Docker itself is not needed: nothing here bui
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -12,11 +11,11 @@ import yaml
 
 from server.metrics import ServerMetrics
 from server.scheduler import SchedulerStats
+from tests.docker.dashboard import METRIC, query_panels
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.cuda"]
-METRIC = re.compile(r"aptp_[a-z_]+")
 BY_CLAUSE = re.compile(r"\bby\s*\(([^)]*)\)")
 # Labels Prometheus adds to every scraped series, and the bucket label of histograms.
 TARGET_LABELS = {"instance", "job"}
@@ -31,11 +30,6 @@ def compose() -> dict:
     return load_yaml(REPO / "compose.yaml")
 
 
-@pytest.fixture(scope="module")
-def dashboard() -> dict:
-    return json.loads((DOCKER / "grafana" / "dashboards" / "aptp.json").read_text())
-
-
 def bind_mounts(service: dict) -> list[tuple[str, str]]:
     """(host path, container path) of the service's bind mounts; named volumes are skipped."""
     mounts = []
@@ -44,16 +38,6 @@ def bind_mounts(service: dict) -> list[tuple[str, str]]:
         if source.startswith((".", "/")):
             mounts.append((source, target))
     return mounts
-
-
-def query_panels(dashboard: dict) -> list[dict]:
-    """Every panel that queries (rows only group panels), including panels nested in collapsed rows."""
-    panels = []
-    for panel in dashboard["panels"]:
-        panels.extend(panel.get("panels", []))
-        if panel["type"] != "row":
-            panels.append(panel)
-    return panels
 
 
 def exported_samples() -> dict[str, set[str]]:

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from aptp.pipeline import RoutedPipeline
 
 from .api.contract import install_contract
+from .api.docs import install_docs
 from .api.errors import install_error_handlers
 from .api.limits import AdmissionDoor, BodySizeLimit
 from .api.routes import codes, generate, health, openai, route
@@ -48,12 +49,15 @@ def create_app(settings: Settings | None = None, pipeline: RoutedPipeline | None
         summary="Prompt-routed, dynamic-capacity text-to-image inference (APTP).",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served offline by install_docs
+        redoc_url=None,
     )
     app.state.aptp = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AdmissionDoor)  # outermost: a full server refuses before even the body limit reads
     install_contract(app, settings)
+    install_docs(app)
     for module in (generate, openai, route, codes, health):
         app.include_router(module.router)
     return app

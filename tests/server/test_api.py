@@ -224,3 +224,23 @@ def test_step_level_batching_serves_the_images_batch_at_once_serving_serves(make
         ours = decode_png(step_level.json()["images"][0]["b64_png"]).astype(int)
         theirs = decode_png(batch_at_once.json()["images"][0]["b64_png"]).astype(int)
         assert np.abs(ours - theirs).max() <= 1
+
+
+def test_the_api_page_works_offline_and_is_open_without_a_key(make_client):
+    """`/docs` loads Swagger UI from the server itself, never a CDN, so it works where the server has no internet
+    access; like `/openapi.json` it needs no API key."""
+    import re
+
+    with make_client(api_keys=["secret"]) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert sources and all(source.startswith("/docs/assets/") for source in sources), sources
+        assert "://" not in page.text  # no absolute URL anywhere on the page
+        for source in sources:
+            asset = client.get(source)
+            assert asset.status_code == 200 and len(asset.content) > 0, source
+        assert "'/openapi.json'" in page.text or '"/openapi.json"' in page.text
+        assert client.get("/openapi.json").status_code == 200
+        assert client.get("/redoc").status_code == 404  # ReDoc would need a CDN: not served
+        assert client.post("/generate", json={"prompt": "a red circle"}).status_code == 401

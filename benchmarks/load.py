@@ -41,11 +41,10 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from aptp.formats.kinds import DEFAULT_BUNDLE
 from aptp.formats.report import Provenance, collect_provenance
-from server.settings import DEFAULT_BUNDLE as SERVER_DEFAULT_BUNDLE
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_BUNDLE = SERVER_DEFAULT_BUNDLE
 DEFAULT_TEACHER = Path("bundles/shapes/teacher")  # what --codes K builds its random bundle from by default
 DEFAULT_OUT = Path("benchmarks/results/load/load")
 READY_TIMEOUT_S = 180.0

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from load import ServerProcess, free_port, percentile, wait_ready  # noqa: E402
 
 from aptp.conditioning.prompts import Conditioning  # noqa: E402
+from aptp.formats.kinds import DEFAULT_BUNDLE  # noqa: E402
 from aptp.formats.report import collect_provenance, write_report  # noqa: E402
 from aptp.pipeline import RoutedPipeline  # noqa: E402
 from aptp.sampling import denoise  # noqa: E402
@@ -252,7 +253,7 @@ def table(figures: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, default=REPO / "bundles/shapes/aptp")
+    parser.add_argument("--bundle", type=Path, default=REPO / DEFAULT_BUNDLE)
     parser.add_argument("--teacher", type=Path, default=REPO / "bundles/shapes/teacher")
     parser.add_argument("--repeats", type=int, default=5, help="U-Net calls per model and batch size")
     parser.add_argument("--threads", type=int, default=2)

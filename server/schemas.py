@@ -12,6 +12,13 @@ NOT_BLANK = r"\S"  # holds a character that is not whitespace
 PromptText = Annotated[str, Field(min_length=1, pattern=NOT_BLANK)]
 
 
+def seed_problem(seed: int | None, num_images: int) -> str | None:
+    """Why image seeds `seed, seed + 1, ...` cannot all be used (image i takes seed + i), or None."""
+    if seed is not None and seed + num_images - 1 > SEED_MAX:
+        return f"seed + number of images must stay below {SEED_MAX}"
+    return None
+
+
 def _integral_float_as_int(value: Any) -> Any:
     """JSON Schema counts 2.0 as an integer; Python does not. Only that float is let through, as the int it is."""
     return int(value) if isinstance(value, float) and value.is_integer() else value

@@ -15,7 +15,8 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_BUNDLE = Path("bundles/shapes/aptp")
+from aptp.formats.kinds import DEFAULT_BUNDLE
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from aptp.formats.expert import is_expert_folder, load_expert, save_expert
+from aptp.formats.kinds import DEFAULT_BUNDLE
 from pruning.gates import UNetGates
 from pruning.slicing import slice_unet
 from pruning.space import ArchitectureSpace
@@ -68,7 +69,7 @@ class FinetuneConfig(DistillingSettings):
     teacher: str = "bundles/shapes/teacher"
     router: str = "runs/search-shapes/router"
     out: str = "runs/finetune-shapes"
-    export: str = "bundles/shapes/aptp"
+    export: str = str(DEFAULT_BUNDLE)
     seed: int = 2
     data: CaptionFolderConfig | None = Field(
         None, description="an image-caption folder to train on; default: the embedded shapes domain"

@@ -3,11 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from .args import load_pipeline, non_negative_float, positive_int
+from aptp.formats.kinds import DEFAULT_BUNDLE
+
+from .args import load_pipeline, positive_int
+
+# The request field each option fills: the server's request schema checks them, so the two accept the same values.
+OPTION_OF_FIELD = {
+    "prompt": "prompt",
+    "num_images": "--num-images",
+    "steps": "--steps",
+    "guidance_scale": "--guidance",
+    "seed": "--seed",
+}
+
+
+def request_problem(args: argparse.Namespace) -> str | None:
+    """What the server's `GenerateRequest` refuses in these arguments, naming the option; None when it takes them."""
+    from pydantic import ValidationError
+
+    from server.schemas import GenerateRequest, seed_problem
+
+    fields = {"prompt": args.prompt, "num_images": args.num_images, "steps": args.steps, "seed": args.seed}
+    try:
+        GenerateRequest(**fields, guidance_scale=args.guidance)
+    except ValidationError as e:
+        problem = e.errors()[0]
+        return f"{OPTION_OF_FIELD.get(str(problem['loc'][0]), problem['loc'][0])}: {problem['msg']}"
+    seeds = seed_problem(args.seed, args.num_images)
+    return None if seeds is None else f"--seed: {seeds}"
 
 
 def _generate(args: argparse.Namespace) -> int:
+    problem = request_problem(args)
+    if problem is not None:
+        print(f"aptp generate: error: {problem}", file=sys.stderr)
+        return 2
     from PIL import Image
 
     pipeline = load_pipeline("generate", args.bundle, args.device)
@@ -32,11 +64,13 @@ def _generate(args: argparse.Namespace) -> int:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="generate images for one prompt")
     generate.add_argument("prompt")
-    generate.add_argument("--bundle", default="bundles/shapes/teacher", help="bundle or teacher folder")
+    generate.add_argument(
+        "--bundle", default=str(DEFAULT_BUNDLE), help=f"bundle or teacher folder (default: {DEFAULT_BUNDLE}, as served)"
+    )
     generate.add_argument("--out", required=True, help="PNG file (one row of images)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--steps", type=positive_int, help="sampling steps (default: the model's)")
-    generate.add_argument("--guidance", type=non_negative_float, help="guidance scale (default: the model's)")
+    generate.add_argument("--guidance", type=float, help="guidance scale, 1 to 50 (default: the model's)")
     generate.add_argument("--num-images", type=positive_int, default=1)
     generate.add_argument("--scale", type=positive_int, default=4, help="nearest-neighbour upscaling for viewing")
     generate.add_argument("--device", default="cpu")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The embedded default: the shapes domain's APTP bundle, what `aptp serve` and `aptp generate` use unless told.
+DEFAULT_BUNDLE = Path("bundles/shapes/aptp")
 # The describing file of each kind of folder a bundle path may name.
 KINDS = {"bundle": "manifest.json", "teacher": "teacher.json", "pipeline": "model_index.json"}
 

@@ -23,7 +23,7 @@ from aptp.pipeline import BudgetError, ComputeBudget
 from ..engine import BatchFailed, EngineStopped, GenerationJob, GenerationResult, QueueTimeout
 from ..routing import RoutingFull
 from ..scheduler import QueueFull, SchedulerClosed
-from ..schemas import SEED_MAX, GenerationReport
+from ..schemas import GenerationReport, seed_problem
 from ..state import ServerState
 from .errors import ApiError, invalid
 
@@ -77,8 +77,8 @@ def check_limits(state: ServerState, params: GenerationParameters, images_field:
         raise invalid(images_field, f"at most {settings.max_images_per_request} images per request")
     if params.steps is not None and params.steps > settings.max_steps:
         raise invalid("steps", f"at most {settings.max_steps} steps (got {params.steps})")
-    if params.seed is not None and params.seed + params.num_images - 1 > SEED_MAX:
-        raise invalid("seed", f"seed + number of images must stay below {SEED_MAX}")
+    if (problem := seed_problem(params.seed, params.num_images)) is not None:
+        raise invalid("seed", problem)
     if state.pipeline is not None:  # a cap below the cheapest code is refused before the prompt is routed
         try:
             state.pipeline.check_budget(params.budget())

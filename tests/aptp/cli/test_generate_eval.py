@@ -84,6 +84,36 @@ def test_generate_writes_one_row_of_images(tmp_path, capsys, bundle):
     assert np.abs(_pixels(shifted) - pixels[:, 32:]).max() <= 1
 
 
+def test_generate_defaults_to_the_bundle_the_server_serves():
+    from aptp.cli.main import build_parser
+    from server.settings import Settings
+
+    args = build_parser().parse_args(["generate", "a red circle", "--out", "x.png"])
+    assert Path(args.bundle) == Settings.model_fields["bundle"].default
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (["--guidance", "0"], "--guidance"),
+        (["--guidance", "51"], "--guidance"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**63 - 1), "--num-images", "2"], "--seed"),
+    ],
+    ids=["guidance-0", "guidance-51", "negative-seed", "seed-past-the-end"],
+)
+def test_generate_refuses_what_the_server_refuses_naming_the_option(tmp_path, capsys, bundle, options, named):
+    out = tmp_path / "x.png"
+    code, _, err = _run(capsys, "generate", "a red circle", "--bundle", bundle, "--out", out, *options)
+    assert code == 2 and f"aptp generate: error: {named}" in err, err
+    assert not out.exists()
+
+
+def test_generate_refuses_a_blank_prompt(tmp_path, capsys, bundle):
+    code, _, err = _run(capsys, "generate", "  ", "--bundle", bundle, "--out", tmp_path / "x.png")
+    assert code == 2 and "aptp generate: error: prompt" in err, err
+
+
 def test_generate_with_a_missing_bundle_exits_2_naming_the_path(tmp_path, capsys):
     code, _, err = _run(capsys, "generate", "a red circle", "--bundle", "/nonexistent", "--out", tmp_path / "x.png")
     assert code == 2

@@ -302,3 +302,21 @@ class Router(nn.Module):
 
     def _file_state(self) -> dict[str, torch.Tensor]:
         return {**self.state_dict(), CODE_OFFSETS: self.code_offsets}
+
+
+def describe_router(folder: str | Path, num_codes: int | None = None) -> dict[str, Any]:
+    """A router folder's settings, from its `config.json` (the weights are not read); `num_codes`, when given, is
+    what the router must have (a bundle's)."""
+    path = Path(folder) / ROUTER_CONFIG
+    router = validate_description(path, RouterDescription, read_json_object(path)).router
+    if num_codes is not None and router.num_codes != num_codes:
+        raise ModelFileError(path, f"router has {router.num_codes} codes, the bundle {num_codes}")
+    return {
+        "num_codes": router.num_codes,
+        "embed_dim": router.embed_dim,
+        "encoder": router.encoder.name,
+        "prune_depth": router.prune_depth,
+        "held_open_gates": len(router.held_open),
+        "temperature": router.temperature,
+        "offset": router.offset,
+    }

@@ -1,21 +1,35 @@
-"""`aptp inspect`: the architecture space, parameters and MACs of a U-Net, pipeline or expert folder."""
+"""`aptp inspect`: the architecture space, parameters and MACs of a U-Net, pipeline, expert or bundle folder."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from .args import positive_int
 
 
+def inspect_report(path: str | Path, **options: Any) -> dict[str, Any]:
+    """`aptp.formats.describe.describe`'s report (`options` are its), with a bundle's router settings added."""
+    from aptp.formats.describe import describe
+    from router.model import describe_router
+
+    report = describe(path, **options)
+    if report["kind"] == "bundle":
+        report["router"] = describe_router(Path(report["path"]) / "router", report["num_codes"])
+    return report
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    from aptp.formats.describe import describe, format_report
+    from aptp.formats.describe import format_report
     from aptp.formats.expert import ExpertFileError
+    from aptp.formats.files import ModelFileError
 
     try:
-        report = describe(args.path, resolution=args.resolution, text_len=args.text_len, verify=args.verify)
-    except (ExpertFileError, FileNotFoundError, ValueError) as e:
+        report = inspect_report(args.path, resolution=args.resolution, text_len=args.text_len, verify=args.verify)
+    except (ExpertFileError, ModelFileError, FileNotFoundError, ValueError) as e:
         print(f"aptp inspect: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=1) if args.json else format_report(report))
@@ -25,13 +39,26 @@ def _inspect(args: argparse.Namespace) -> int:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     inspect = commands.add_parser(
         "inspect",
-        help="architecture space, parameters and MACs of a U-Net or expert folder",
+        help="architecture space, parameters and MACs of a U-Net, pipeline, expert or bundle folder",
         description="Print the prunable units per block, parameter count, total and prunable MACs of a diffusers "
-        "UNet2DConditionModel folder (config.json; weights optional) or of an expert folder.",
+        "UNet2DConditionModel folder (config.json; weights optional), a diffusers pipeline, teacher or expert "
+        "folder, or of every code of an APTP bundle folder (manifest.json), with the bundle's settings and router. "
+        "Only the descriptions are read: no weights are loaded or checksummed.",
     )
-    inspect.add_argument("path", help="U-Net folder (or pipeline folder with unet/), config.json, or expert folder")
-    inspect.add_argument("--resolution", type=positive_int, help="U-Net input size (default: config sample_size)")
-    inspect.add_argument("--text-len", type=positive_int, help="cross-attention key length (default: 77)")
+    inspect.add_argument(
+        "path",
+        help="U-Net folder (or pipeline folder with unet/), config.json, teacher, expert or bundle folder",
+    )
+    inspect.add_argument(
+        "--resolution", type=positive_int, help="U-Net input size (default: config sample_size, or the bundle's)"
+    )
+    inspect.add_argument(
+        "--text-len", type=positive_int, help="cross-attention key length (default: the model's own, else 77)"
+    )
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
-    inspect.add_argument("--verify", action="store_true", help="cross-check the MACs with torch's FlopCounterMode")
+    inspect.add_argument(
+        "--verify",
+        action="store_true",
+        help="cross-check the MACs with torch's FlopCounterMode (each code's, for a bundle)",
+    )
     inspect.set_defaults(handler=_inspect)

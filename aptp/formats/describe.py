@@ -1,6 +1,8 @@
-"""What `aptp inspect` reports about a U-Net folder, an expert folder or a diffusers pipeline folder: its
+"""What `aptp inspect` reports about a U-Net folder, an expert folder, a diffusers pipeline folder or a bundle: its
 architecture space per block, parameter count, and MACs (total, prunable, and the expert's own); for a pipeline,
-also the VAE decoder's MACs per image and the text encoder's per prompt, so that what an image costs is complete."""
+also the VAE decoder's MACs per image and the text encoder's per prompt, so that what an image costs is complete.
+A bundle is reported as its manifest's settings, its router, and the report of each code's expert folder. Only the
+descriptions are read: no weights are loaded or checksummed (loading the bundle does that)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ from typing import Any
 
 import torch
 
+from aptp.formats.bundle import MANIFEST, BundleError, read_manifest
 from aptp.formats.diffusers import check_pipeline_folder, is_pipeline_folder
-from aptp.formats.expert import is_expert_folder, read_expert_info
+from aptp.formats.expert import EXPERT_NAME, is_expert_folder, read_expert_info
+from aptp.formats.files import read_json_object
 from aptp.formats.teacher import TEACHER_DESCRIPTION, read_teacher_description
 from pruning.macs import flop_counter_macs, meta_flop_macs
 from pruning.space import DEFAULT_TEXT_LEN, ArchitectureSpace
@@ -21,39 +25,63 @@ def _unet_config_path(path: Path) -> Path:
     for candidate in (path, path / "config.json", path / "unet" / "config.json"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{path}: no config.json, unet/config.json or expert.json found")
+    raise FileNotFoundError(f"{path}: no {MANIFEST}, config.json, unet/config.json or expert.json found")
 
 
 def _load_skeleton(config_path: Path):
-    from diffusers import UNet2DConditionModel
-
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    return _build_skeleton(config, config_path)
+
+
+def _build_skeleton(config: Any, source: Path):
+    """The U-Net of `config` (read from `source`, which errors name) on the `meta` device."""
+    from diffusers import UNet2DConditionModel
+
     class_name = config.get("_class_name", "UNet2DConditionModel") if isinstance(config, dict) else None
     if class_name != "UNet2DConditionModel":
-        raise ValueError(f"{config_path}: expected a UNet2DConditionModel config, found {class_name!r}")
+        raise ValueError(f"{source}: expected a UNet2DConditionModel config, found {class_name!r}")
     try:
         with torch.device("meta"):
             return UNet2DConditionModel.from_config(config)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise ValueError(f"{config_path}: cannot build a UNet2DConditionModel from it ({e})") from None
+        raise ValueError(f"{source}: cannot build a UNet2DConditionModel from it ({e})") from None
+
+
+def _decoder_and_text_encoder(vae_config: dict[str, Any], text_encoder_config: dict[str, Any]) -> dict[str, Any]:
+    """A VAE and a CLIP text encoder, built on `meta` from their configs."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        return {
+            "vae": AutoencoderKL.from_config(vae_config),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**text_encoder_config)),
+        }
 
 
 def _pipeline_parts(path: Path) -> dict[str, Any]:
     """A diffusers pipeline folder's VAE and text encoder, built on `meta` from their configs (checked first)."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     configs = check_pipeline_folder(path)
     tokenizer = path / "tokenizer" / "tokenizer_config.json"
     text_len = int(json.loads(tokenizer.read_text()).get("model_max_length", 77)) if tokenizer.is_file() else 77
     text_len = min(text_len, int(configs["text_encoder"].get("max_position_embeddings", text_len)))
-    with torch.device("meta"):
-        vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
-    return {"vae": vae, "text_encoder": text_encoder, "text_len": text_len}
+    return {**_decoder_and_text_encoder(configs["vae"], configs["text_encoder"]), "text_len": text_len}
+
+
+def _decoder_and_text_encoder_macs(parts: dict[str, Any], resolution: list[int], text_len: int) -> dict[str, Any]:
+    """What decoding one image of `resolution` latents and encoding one prompt of `text_len` tokens cost."""
+    vae, text_encoder = parts["vae"], parts["text_encoder"]
+    latents = torch.zeros(1, vae.config.latent_channels, *resolution, device="meta")
+    ids = torch.zeros(1, text_len, dtype=torch.long, device="meta")
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    return {
+        "pixel_resolution": [side * scale for side in resolution],
+        "vae_decoder_macs_per_image": meta_flop_macs(vae, lambda twin: twin.decode(latents)),
+        "text_encoder_macs_per_prompt": meta_flop_macs(text_encoder, lambda twin: twin(ids)),
+    }
 
 
 def describe(
@@ -62,10 +90,27 @@ def describe(
     text_len: int | None = None,
     verify: bool = False,
 ) -> dict[str, Any]:
-    """Report on a diffusers U-Net folder (config.json; weights optional) or an expert folder."""
+    """Report on a diffusers U-Net folder (config.json; weights optional), a pipeline, teacher or expert folder, or a
+    bundle folder (`manifest.json`, or the manifest itself)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.name == MANIFEST and path.is_file():
+        path = path.parent
+    if (path / MANIFEST).is_file():
+        return _describe_bundle(path, resolution, text_len, verify)
+    return _describe_unet(path, resolution, text_len, verify)[0]
+
+
+def _describe_unet(
+    path: Path,
+    resolution: int | None,
+    text_len: int | None,
+    verify: bool,
+    spaces: dict[str, ArchitectureSpace] | None = None,
+) -> tuple[dict[str, Any], ArchitectureSpace, torch.Tensor]:
+    """[`describe`]'s report on a U-Net, pipeline, teacher or expert folder, with the space and the architecture it
+    was counted with. `spaces` shares the spaces (and so their traced MAC tables) between experts of one teacher."""
     pipeline = None
     if is_expert_folder(path):
         info, skeleton = read_expert_info(path)
@@ -79,6 +124,8 @@ def describe(
         default_len = pipeline["text_len"] if pipeline else teacher.context_length if teacher else DEFAULT_TEXT_LEN
         space = ArchitectureSpace.from_unet(skeleton, text_len=text_len or default_len)
         arch, kind = space.full(), "pipeline" if pipeline else "teacher" if teacher else "unet"
+    if spaces is not None:
+        space = spaces.setdefault(json.dumps(space.to_dict(), sort_keys=True), space)
     if resolution is not None and resolution <= 0:
         raise ValueError(f"--resolution must be positive, got {resolution}")
     resolution = resolution or space.default_resolution
@@ -112,13 +159,7 @@ def describe(
         "units": units,
     }
     if pipeline:
-        vae, text_encoder = pipeline["vae"], pipeline["text_encoder"]
-        latents = torch.zeros(1, vae.config.latent_channels, *table.resolution, device="meta")
-        ids = torch.zeros(1, space.text_len, dtype=torch.long, device="meta")
-        scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        report["pixel_resolution"] = [side * scale for side in table.resolution]
-        report["vae_decoder_macs_per_image"] = meta_flop_macs(vae, lambda twin: twin.decode(latents))
-        report["text_encoder_macs_per_prompt"] = meta_flop_macs(text_encoder, lambda twin: twin(ids))
+        report.update(_decoder_and_text_encoder_macs(pipeline, report["resolution"], space.text_len))
     if kind == "expert":
         report["expert_macs"] = space.macs(arch, resolution)
         report["mac_ratio"] = report["expert_macs"] / table.total
@@ -127,46 +168,118 @@ def describe(
         modelled = report.get("expert_macs", table.total)
         report["flop_counter_macs"] = counted
         report["flop_counter_rel_error"] = abs(modelled - counted) / counted
-    return report
+    return report, space, arch
+
+
+def _describe_bundle(path: Path, resolution: int | None, text_len: int | None, verify: bool) -> dict[str, Any]:
+    """[`describe`]'s report on a bundle: its settings, and per code the report on its expert folder, checked against
+    what the manifest says of the code (at the bundle's own resolution and text length). The router sits above this
+    layer: `aptp.cli.inspect.inspect_report` adds its settings."""
+    manifest = read_manifest(path, verify=False)
+    spaces: dict[str, ArchitectureSpace] = {}
+    codes = []
+    for entry in manifest.codes:
+        folder = path / entry.expert
+        if not is_expert_folder(folder):
+            problem = f"has no {EXPERT_NAME}" if folder.is_dir() else "is missing"
+            raise BundleError(folder, f"code {entry.code}'s expert folder (listed in {MANIFEST}) {problem}")
+        report, _, arch = _describe_unet(folder, resolution or manifest.resolution, text_len, verify, spaces)
+        if not torch.equal(arch, entry.architecture_tensor()):
+            raise BundleError(folder, f"expert architecture differs from code {entry.code} in {MANIFEST}")
+        if resolution in (None, manifest.resolution) and text_len is None:
+            counted = {
+                f"codes[{entry.code}].macs": (entry.macs, report["expert_macs"]),
+                f"codes[{entry.code}].params": (entry.params, report["params"]),
+                "teacher_macs": (manifest.teacher_macs, report["total_macs"]),
+            }
+            for field, (stated, actual) in counted.items():
+                if stated != actual:
+                    raise BundleError(path / MANIFEST, f"{field} is {stated}, but the expert counts {actual}")
+        codes.append({"code": entry.code, "expert": entry.expert, "training_share": entry.training_share, **report})
+    first = codes[0]
+    teacher = _build_skeleton(manifest.teacher_config, path / MANIFEST)
+    bundle: dict[str, Any] = {
+        "path": str(path),
+        "kind": "bundle",
+        "num_codes": manifest.num_codes,
+        "resolution": first["resolution"],
+        "text_len": first["text_len"],
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        "teacher_macs": first["total_macs"],
+        "prunable_macs": first["prunable_macs"],
+        "op_macs": first["op_macs"],
+        "architecture_dim": first["architecture_dim"],
+        "prediction_type": manifest.prediction_type,
+        "sampling": manifest.sampling.model_dump(),
+        "text_encoder": manifest.text_encoder.model_dump(),
+        "text_adapter": manifest.text_adapter.model_dump() if manifest.text_adapter else None,
+        "info": manifest.info,
+    }
+    if manifest.latent is not None:
+        parts = _decoder_and_text_encoder(
+            read_json_object(path / "vae" / "config.json", BundleError),
+            read_json_object(path / "text_encoder" / "config.json", BundleError),
+        )
+        bundle.update(_decoder_and_text_encoder_macs(parts, first["resolution"], first["text_len"]))
+    bundle["codes"] = codes
+    return bundle
 
 
 def _g(macs: int) -> str:
     return f"{macs / 1e9:.3f} G" if macs >= 1e8 else f"{macs / 1e6:.2f} M"
 
 
+def _block_table(reports: list[dict[str, Any]], kept_headers: list[str]) -> list[str]:
+    """Per block and unit kind: units, gates, the gates each report keeps (one column each), and the full MACs."""
+    heading = "".join(f"{header:>8}" for header in kept_headers)
+    lines = [f"{'block':<14}{'unit kind':<19}{'units':>6}{'gates':>8}{heading}{'MACs (full)':>16}"]
+    blocks: dict[tuple[str, str], list[int]] = {}
+    for index, unit in enumerate(reports[0]["units"]):
+        blocks.setdefault((unit["block"], unit["kind"]), []).append(index)
+    for (block, kind), indices in blocks.items():
+        units = [reports[0]["units"][i] for i in indices]
+        gates = sum(u["gates"] for u in units)
+        macs = sum(u["macs"] for u in units)
+        kept = "".join(f"{sum(r['units'][i]['kept'] for i in indices):>8}" for r in reports)
+        lines.append(f"{block:<14}{kind:<19}{len(units):>6}{gates:>8}{kept}{_g(macs):>16}")
+    return lines
+
+
+def _total_lines(report: dict[str, Any], total: int) -> list[str]:
+    ops = report["op_macs"]
+    return [
+        f"total MACs        {_g(total)}  (conv {_g(ops['conv'])}, linear {_g(ops['linear'])}, "
+        f"attention matmuls {_g(ops['attention_matmul'])})",
+        f"prunable MACs     {_g(report['prunable_macs'])}  ({report['prunable_macs'] / total:.1%} of total)",
+    ]
+
+
+def _decoder_lines(report: dict[str, Any]) -> list[str]:
+    if "vae_decoder_macs_per_image" not in report:
+        return []
+    height, width = report["pixel_resolution"]
+    return [
+        f"VAE decoder MACs  {_g(report['vae_decoder_macs_per_image'])}  per image ({height}x{width} pixels)",
+        f"text encoder MACs {_g(report['text_encoder_macs_per_prompt'])}  per prompt "
+        f"({report['text_len']} tokens; once per request for the prompt, once for a negative prompt)",
+    ]
+
+
 def format_report(report: dict[str, Any]) -> str:
     """Human-readable form of [`describe`]'s report: a table per block, then totals."""
+    if report["kind"] == "bundle":
+        return _format_bundle(report)
     lines = [
         f"{report['path']} ({report['kind']}), resolution {report['resolution'][0]}x{report['resolution'][1]}, "
         f"text length {report['text_len']}",
         "",
-        f"{'block':<14}{'unit kind':<19}{'units':>6}{'gates':>8}{'kept':>8}{'MACs (full)':>16}",
-    ]
-    blocks: dict[tuple[str, str], list[dict]] = {}
-    for unit in report["units"]:
-        blocks.setdefault((unit["block"], unit["kind"]), []).append(unit)
-    for (block, kind), units in blocks.items():
-        gates = sum(u["gates"] for u in units)
-        kept = sum(u["kept"] for u in units)
-        macs = sum(u["macs"] for u in units)
-        lines.append(f"{block:<14}{kind:<19}{len(units):>6}{gates:>8}{kept:>8}{_g(macs):>16}")
-    ops = report["op_macs"]
-    lines += [
+        *_block_table([report], ["kept"]),
         "",
         f"parameters        {report['params']:,}",
         f"architecture dim  {report['architecture_dim']}",
-        f"total MACs        {_g(report['total_macs'])}  (conv {_g(ops['conv'])}, linear {_g(ops['linear'])}, "
-        f"attention matmuls {_g(ops['attention_matmul'])})",
-        f"prunable MACs     {_g(report['prunable_macs'])}  "
-        f"({report['prunable_macs'] / report['total_macs']:.1%} of total)",
+        *_total_lines(report, report["total_macs"]),
+        *_decoder_lines(report),
     ]
-    if "vae_decoder_macs_per_image" in report:
-        height, width = report["pixel_resolution"]
-        lines += [
-            f"VAE decoder MACs  {_g(report['vae_decoder_macs_per_image'])}  per image ({height}x{width} pixels)",
-            f"text encoder MACs {_g(report['text_encoder_macs_per_prompt'])}  per prompt "
-            f"({report['text_len']} tokens; once per request for the prompt, once for a negative prompt)",
-        ]
     if "expert_macs" in report:
         lines.append(f"expert MACs       {_g(report['expert_macs'])}  ({report['mac_ratio']:.1%} of the full model)")
     if "flop_counter_macs" in report:
@@ -174,5 +287,59 @@ def format_report(report: dict[str, Any]) -> str:
             f"FlopCounterMode   {_g(report['flop_counter_macs'])}  (relative difference "
             f"{report['flop_counter_rel_error']:.2e})"
         )
+    lines.append("MACs are for one U-Net call at batch 1.")
+    return "\n".join(lines)
+
+
+def _format_bundle(report: dict[str, Any]) -> str:
+    """A bundle: its settings, a line per code, then the gates each code keeps per block."""
+    sampling, encoder, adapter = (report[k] for k in ("sampling", "text_encoder", "text_adapter"))
+    conditioning = f"{encoder['name']} ({encoder['max_length']} tokens)"
+    if adapter:
+        prompt_map = f", {adapter['map_grid']}x{adapter['map_grid']} prompt map" if adapter["map_grid"] else ""
+        conditioning += (
+            f", text adapter (width {adapter['width']}, {adapter['layers']} layers, "
+            f"{adapter['summary_tokens']} summary tokens{prompt_map})"
+        )
+    router_lines = []
+    if (router := report.get("router")) is not None:  # added above the formats layer (`aptp inspect`)
+        held = f", {router['held_open_gates']} width gates held open" if router["held_open_gates"] else ""
+        router_lines.append(
+            f"router            {router['num_codes']} codes from {router['encoder']} embeddings "
+            f"({router['embed_dim']}), depth pruning {'on' if router['prune_depth'] else 'off'}{held}"
+        )
+    width = max(len(code["expert"]) for code in report["codes"]) + 2
+    lines = [
+        f"{report['path']} (bundle, {report['num_codes']} codes), resolution "
+        f"{report['resolution'][0]}x{report['resolution'][1]}, text length {report['text_len']}",
+        "",
+        f"sampling          {sampling['steps']} steps, guidance scale {sampling['guidance_scale']}, "
+        f"prediction type {report['prediction_type']}",
+        f"text encoder      {conditioning}",
+        *router_lines,
+        f"teacher           {report['teacher_params']:,} parameters, architecture dim {report['architecture_dim']}",
+        *_total_lines(report, report["teacher_macs"]),
+        *_decoder_lines(report),
+        "",
+        f"{'code':>4}  {'expert':<{width}}{'MACs':>11}{'of teacher':>12}{'parameters':>14}{'of teacher':>12}"
+        f"{'training share':>16}",
+    ]
+    for code in report["codes"]:
+        lines.append(
+            f"{code['code']:>4}  {code['expert']:<{width}}{_g(code['expert_macs']):>11}{code['mac_ratio']:>12.1%}"
+            f"{code['params']:>14,}{code['params'] / report['teacher_params']:>12.1%}{code['training_share']:>16.1%}"
+        )
+    lines += [
+        "",
+        "gates kept per block, by code:",
+        *_block_table(report["codes"], [f"code {c['code']}" for c in report["codes"]]),
+    ]
+    if any("flop_counter_macs" in code for code in report["codes"]):
+        lines.append("")
+        lines += [
+            f"FlopCounterMode   code {code['code']}: {_g(code['flop_counter_macs'])}  (relative difference "
+            f"{code['flop_counter_rel_error']:.2e})"
+            for code in report["codes"]
+        ]
     lines.append("MACs are for one U-Net call at batch 1.")
     return "\n".join(lines)

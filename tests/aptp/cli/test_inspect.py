@@ -1,4 +1,4 @@
-"""`aptp inspect`: the report on U-Net and expert folders, and clean failures on bad input."""
+"""`aptp inspect`: the report on U-Net, expert and bundle folders, and clean failures on bad input."""
 
 from __future__ import annotations
 
@@ -15,7 +15,15 @@ import torch
 from aptp.cli.main import main
 from aptp.formats.expert import EXPERT_NAME, save_expert
 from pruning import ArchitectureSpace, slice_unet
-from tests.helpers import REPO, TEXT_LEN, UNET_CONFIGS, load_unet_config, meta_unet, small_unet_config
+from tests.helpers import (
+    ENCODER_MAX_LENGTH,
+    REPO,
+    TEXT_LEN,
+    UNET_CONFIGS,
+    load_unet_config,
+    meta_unet,
+    small_unet_config,
+)
 
 SD15 = UNET_CONFIGS / "sd-1.5"
 SD15_PARAMS = 859_520_964  # the published parameter count of SD 1.5's U-Net
@@ -128,13 +136,127 @@ def test_expert_verify(capsys, expert):
     assert report["flop_counter_rel_error"] < 0.01
 
 
+# ------------------------------------------------------------------------------------------------- bundle folders
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, teacher_folder) -> Path:
+    from training.export import random_bundle
+
+    return random_bundle(
+        teacher_folder, tmp_path_factory.mktemp("bundle") / "bundle", keeps=[1.0, 0.6, 0.3], num_codes=3
+    )
+
+
+@pytest.fixture(scope="module")
+def bundle_report(bundle) -> dict:
+    from aptp.cli.inspect import inspect_report
+
+    return inspect_report(bundle)
+
+
+def test_bundle_report_lists_every_code_with_the_manifest_and_pipeline_macs(capsys, bundle, bundle_report):
+    from aptp.formats.bundle import read_manifest
+    from aptp.pipeline import RoutedPipeline
+
+    manifest = read_manifest(bundle)
+    loaded = RoutedPipeline.load(bundle)
+    report = _inspect_json(capsys, bundle)
+    assert report == json.loads(json.dumps(bundle_report))  # the CLI prints describe()'s report, as one object
+    assert report["kind"] == "bundle" and report["num_codes"] == 3
+    assert report["resolution"] == [manifest.resolution] * 2
+    assert report["teacher_macs"] == manifest.teacher_macs == loaded.teacher_macs
+    assert report["sampling"] == manifest.sampling.model_dump()
+    assert report["prediction_type"] == manifest.prediction_type
+    assert report["router"]["num_codes"] == 3 and report["router"]["encoder"] == manifest.text_encoder.name
+    teacher_unet = meta_unet({"_class_name": "UNet2DConditionModel", **manifest.teacher_config})
+    assert report["teacher_params"] == sum(p.numel() for p in teacher_unet.parameters())
+    space = ArchitectureSpace.from_unet(teacher_unet, text_len=ENCODER_MAX_LENGTH)
+    assert [code["code"] for code in report["codes"]] == [0, 1, 2]
+    macs = [code["expert_macs"] for code in report["codes"]]
+    assert macs == [entry.macs for entry in manifest.codes] == [code.macs for code in loaded.codes]
+    assert macs[0] > macs[1] > macs[2]  # keeps 1.0, 0.6, 0.3
+    for code, entry in zip(report["codes"], manifest.codes, strict=True):
+        assert code["expert"] == entry.expert and code["training_share"] == entry.training_share
+        assert code["mac_ratio"] == pytest.approx(entry.macs / manifest.teacher_macs)
+        assert code["params"] == entry.params
+        kept = {u["name"]: u["kept"] for u in code["units"]}
+        arch = entry.architecture_tensor()
+        assert kept == {u.name: int(space.gates_of(arch, u.name).sum()) for u in space}
+
+
+def test_each_code_is_its_expert_folders_report(bundle, bundle_report):
+    from aptp.formats.describe import describe
+
+    for code in bundle_report["codes"]:
+        own = describe(bundle / code["expert"], resolution=bundle_report["resolution"][0])
+        assert {k: v for k, v in code.items() if k not in ("code", "expert", "training_share")} == own
+
+
+def test_bundle_text_report(capsys, bundle, bundle_report):
+    code, out, err = _inspect(capsys, bundle)
+    assert code == 0, err
+    assert out.startswith(f"{bundle} (bundle, 3 codes), resolution 32x32, text length {ENCODER_MAX_LENGTH}")
+    lines = out.splitlines()
+    for entry in bundle_report["codes"]:
+        row = next(line for line in lines if line.split()[:2] == [str(entry["code"]), entry["expert"]])
+        assert f"{entry['params']:,}" in row and f"{entry['mac_ratio']:.1%}" in row
+    header = next(line for line in lines if line.startswith("block"))
+    assert header.split()[4:11] == ["gates", "code", "0", "code", "1", "code", "2"]
+    assert "router            3 codes" in out and "sampling          2 steps" in out
+
+
+def test_bundle_verify_counts_every_code(capsys, bundle):
+    report = _inspect_json(capsys, bundle, "--verify")
+    assert all(code["flop_counter_rel_error"] < 0.01 for code in report["codes"])
+    code, out, _ = _inspect(capsys, bundle, "--verify")
+    assert code == 0 and all(f"FlopCounterMode   code {k}:" in out for k in range(3))
+
+
+def test_bundle_resolution_option_recounts_every_code(capsys, bundle, bundle_report):
+    report = _inspect_json(capsys, bundle, "--resolution", "16")
+    assert report["resolution"] == [16, 16] and report["teacher_macs"] < bundle_report["teacher_macs"]
+    small, full = ([code["expert_macs"] for code in r["codes"]] for r in (report, bundle_report))
+    assert all(a < b for a, b in zip(small, full, strict=True))
+
+
+def test_the_manifest_file_names_its_bundle(capsys, bundle, bundle_report):
+    assert _inspect_json(capsys, bundle / "manifest.json") == json.loads(json.dumps(bundle_report))
+
+
+def test_a_latent_bundle_reports_its_decoder_and_text_encoder(tiny_sd, tmp_path):
+    from aptp.cli.inspect import inspect_report
+    from aptp.formats.describe import format_report
+    from aptp.pipeline import RoutedPipeline
+    from training.export import random_bundle
+
+    bundle = random_bundle(tiny_sd, tmp_path / "bundle", num_codes=2, keeps=[1.0, 0.5])
+    report = inspect_report(bundle)
+    loaded = RoutedPipeline.load(bundle)
+    assert report["resolution"] == [8, 8] and report["pixel_resolution"] == [32, 32]
+    assert [code["expert_macs"] for code in report["codes"]] == [code.macs for code in loaded.codes]
+    assert report["vae_decoder_macs_per_image"] == loaded.decoder_macs_per_image
+    assert report["text_encoder_macs_per_prompt"] == loaded.text_encoder_macs_per_prompt
+    assert "VAE decoder MACs" in format_report(report)
+
+
+def test_the_shipped_bundle(capsys):
+    from aptp.formats.bundle import read_manifest
+
+    shipped = REPO / "bundles" / "shapes" / "aptp"
+    manifest = read_manifest(shipped, verify=False)
+    report = _inspect_json(capsys, shipped)
+    assert report["num_codes"] == manifest.num_codes == len(report["codes"])
+    assert [code["expert_macs"] for code in report["codes"]] == [entry.macs for entry in manifest.codes]
+    assert all(0 < code["mac_ratio"] < 1 for code in report["codes"])
+
+
 # ----------------------------------------------------------------------------------------------------- bad input
-def _assert_clean_error(capsys, path, *extra, mentions=()):
+def _assert_clean_error(capsys, path, *extra, mentions=(), names=None):
+    """`aptp inspect path` exits 2 with one error line naming `names` (default: `path`), and no traceback."""
     code, out, err = _inspect(capsys, path, *extra)
     assert code == 2
     assert out == ""
     assert err.startswith("aptp inspect: error:")
-    assert str(path) in err
+    assert f"error: {names or path}:" in err
     for text in mentions:
         assert text in err
     assert "Traceback" not in err
@@ -168,6 +290,55 @@ def test_broken_expert_folder(capsys, tmp_path, expert):
     folder = Path(shutil.copytree(expert[0], tmp_path / "expert"))
     (folder / EXPERT_NAME).write_text("[]")
     _assert_clean_error(capsys, folder / EXPERT_NAME)
+
+
+def _broken_bundle(tmp_path, bundle) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / "bundle"))
+
+
+def test_bundle_manifest_that_is_not_json(capsys, tmp_path, bundle):
+    folder = _broken_bundle(tmp_path, bundle)
+    (folder / "manifest.json").write_text("{ not json")
+    _assert_clean_error(capsys, folder, names=folder / "manifest.json", mentions=("not valid JSON",))
+    _assert_clean_error(capsys, folder / "manifest.json", "--json")
+
+
+def test_bundle_manifest_with_an_invalid_field(capsys, tmp_path, bundle):
+    folder = _broken_bundle(tmp_path, bundle)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["codes"][1]["macs"] = -5
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _assert_clean_error(capsys, folder, names=folder / "manifest.json", mentions=("codes.1.macs",))
+
+
+def test_bundle_manifest_whose_macs_the_expert_does_not_count(capsys, tmp_path, bundle):
+    folder = _broken_bundle(tmp_path, bundle)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["codes"][1]["macs"] += 1
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _assert_clean_error(capsys, folder, names=folder / "manifest.json", mentions=("codes[1].macs",))
+
+
+def test_bundle_code_with_another_architecture(capsys, tmp_path, bundle):
+    folder = _broken_bundle(tmp_path, bundle)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["codes"][0]["expert"], manifest["codes"][2]["expert"] = "experts/2", "experts/0"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _assert_clean_error(capsys, folder, names=folder / "experts" / "2", mentions=("code 0",))
+
+
+def test_bundle_missing_an_expert_folder(capsys, tmp_path, bundle):
+    folder = _broken_bundle(tmp_path, bundle)
+    shutil.rmtree(folder / "experts" / "1")
+    _assert_clean_error(capsys, folder, names=folder / "experts" / "1", mentions=("code 1", "missing"))
+
+
+def test_bundle_whose_router_disagrees(capsys, tmp_path, bundle):
+    folder = _broken_bundle(tmp_path, bundle)
+    config = json.loads((folder / "router" / "config.json").read_text())
+    config["router"]["num_codes"] = 5
+    (folder / "router" / "config.json").write_text(json.dumps(config))
+    _assert_clean_error(capsys, folder, names=folder / "router" / "config.json", mentions=("5 codes",))
 
 
 @pytest.mark.parametrize("option", [["--resolution", "0"], ["--resolution", "-8"], ["--text-len", "many"]])

@@ -86,6 +86,39 @@ class GenerationResult:
     compute_seconds: float
 
 
+def run_jobs(pipeline: RoutedPipeline, code: int, jobs: list[GenerationJob]) -> list[tuple[torch.Tensor, int]]:
+    """Run one batch of `code`'s jobs: per job, its `(n, 3, H, W)` uint8 images and the U-Net calls each image cost.
+    Jobs with equal step counts share U-Net calls; rows carry their own seed, guidance scale and negative prompt.
+    What a batch is, wherever it runs (this engine's worker, or a Ray Serve expert replica)."""
+    outputs: list[tuple[torch.Tensor, int] | None] = [None] * len(jobs)
+    by_steps: dict[int, list[int]] = {}
+    for index, job in enumerate(jobs):
+        by_steps.setdefault(job.steps, []).append(index)
+    empty = pipeline.empty_prompt
+    for steps, indices in by_steps.items():
+        group = [jobs[i] for i in indices]
+        counts = [len(job.seeds) for job in group]
+        cond = Conditioning.cat([job.prompt.repeat(n) for job, n in zip(group, counts, strict=True)])
+        negative = None
+        if any(job.negative is not None for job in group):
+            # A job without a negative prompt is guided against the empty prompt.
+            own = [empty if job.negative is None else job.negative for job in group]
+            negative = Conditioning.cat([row.repeat(n) for row, n in zip(own, counts, strict=True)])
+        scales = [job.guidance_scale for job, n in zip(group, counts, strict=True) for _ in range(n)]
+        images = pipeline.generate(
+            code,
+            cond,
+            seeds=[seed for job in group for seed in job.seeds],
+            steps=steps,
+            guidance_scales=scales,
+            negative=negative,
+        )
+        calls = unet_calls(steps, scales)  # a guided batch runs both branches for every row
+        for index, chunk in zip(indices, images.split(counts), strict=True):
+            outputs[index] = (chunk, calls)
+    return outputs
+
+
 @dataclass
 class _RunningRequest:
     """A request in its code's running rows (step-level batching): its denoising so far, and what it cost."""
@@ -390,7 +423,7 @@ class Engine:
     def _run(self, batch: ScheduledBatch) -> None:
         started = self.clock()
         try:
-            outputs = self._compute(batch)
+            outputs = run_jobs(self.pipeline, batch.code, [request.payload for request in batch.requests])
         except Exception as error:  # noqa: BLE001 - any failure fails this batch only; the server keeps serving
             logger.exception("batch %d (code %d) failed", batch.batch_id, batch.code)
             finished = self.scheduler.finish(batch.batch_id, self.clock(), error=error)
@@ -422,37 +455,6 @@ class Engine:
             )
             self._deliver(request.request_id, result)
         self._drop(finished)
-
-    def _compute(self, batch: ScheduledBatch) -> list[tuple[torch.Tensor, int]]:
-        """Per request: its `(n, 3, H, W)` uint8 images and the U-Net calls each image cost. Requests with equal step
-        counts share U-Net calls; rows carry their own seed, guidance scale and negative prompt."""
-        outputs: dict[str, tuple[torch.Tensor, int]] = {}
-        by_steps: dict[int, list[QueuedRequest]] = {}
-        for request in batch.requests:
-            by_steps.setdefault(request.payload.steps, []).append(request)
-        empty = self.pipeline.empty_prompt
-        for steps, requests in by_steps.items():
-            jobs: list[GenerationJob] = [r.payload for r in requests]
-            counts = [len(job.seeds) for job in jobs]
-            cond = Conditioning.cat([job.prompt.repeat(n) for job, n in zip(jobs, counts, strict=True)])
-            negative = None
-            if any(job.negative is not None for job in jobs):
-                # A job without a negative prompt is guided against the empty prompt.
-                own = [empty if job.negative is None else job.negative for job in jobs]
-                negative = Conditioning.cat([row.repeat(n) for row, n in zip(own, counts, strict=True)])
-            scales = [job.guidance_scale for job, n in zip(jobs, counts, strict=True) for _ in range(n)]
-            images = self.pipeline.generate(
-                batch.code,
-                cond,
-                seeds=[seed for job in jobs for seed in job.seeds],
-                steps=steps,
-                guidance_scales=scales,
-                negative=negative,
-            )
-            calls = unet_calls(steps, scales)  # a guided batch runs both branches for every row
-            for request, chunk in zip(requests, images.split(counts), strict=True):
-                outputs[request.request_id] = (chunk, calls)
-        return [outputs[request.request_id] for request in batch.requests]
 
     # ---------------------------------------------------------------------------------------------------- helpers
     def _pop_future(self, request_id: str) -> Future | None:

@@ -25,16 +25,21 @@ from .api.errors import install_error_handlers
 from .api.limits import AdmissionDoor, BodySizeLimit
 from .api.routes import codes, generate, health, openai, route
 from .settings import Settings
-from .state import ServerState
+from .state import EngineFactory, ServerState
 
 logger = logging.getLogger("aptp.server")
 
 
-def create_app(settings: Settings | None = None, pipeline: RoutedPipeline | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    pipeline: RoutedPipeline | None = None,
+    engine_factory: EngineFactory | None = None,
+) -> FastAPI:
     """An app serving `settings.bundle` (or an already loaded `pipeline`). Loading, warm-up and the engine worker
-    start with the app's lifespan; shutdown drains queued work for up to `settings.drain_timeout_s`."""
+    start with the app's lifespan; shutdown drains queued work for up to `settings.drain_timeout_s`.
+    `engine_factory` replaces the in-process engine (see `ServerState`)."""
     settings = settings or Settings()
-    state = ServerState(settings, pipeline)
+    state = ServerState(settings, pipeline, engine_factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

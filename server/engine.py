@@ -24,7 +24,15 @@ from aptp.pipeline import RoutedPipeline
 from aptp.sampling import Trajectory, advance, unet_calls
 
 from .metrics import ServerMetrics
-from .scheduler import AbortOutcome, FinishedBatch, QueuedRequest, ScheduledBatch, Scheduler, SchedulerConfig
+from .scheduler import (
+    AbortOutcome,
+    FinishedBatch,
+    QueuedRequest,
+    ScheduledBatch,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerStats,
+)
 
 logger = logging.getLogger("aptp.engine")
 
@@ -171,7 +179,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         if metrics is not None:
-            metrics.watch_scheduler(self.scheduler.stats)
+            metrics.watch_scheduler(self.stats)
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def warm_up(self, steps: int = 2) -> None:
@@ -228,6 +236,9 @@ class Engine:
             self.scheduler.abort(request_id)
             self._fail(request_id, EngineStopped("the server stopped before this request ran"))
         return drained
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
 
     # ------------------------------------------------------------------------------------------------- requests
     def check_room(self, incoming: int = 0) -> None:

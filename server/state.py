@@ -20,17 +20,26 @@ from .settings import Settings
 
 logger = logging.getLogger("aptp.server")
 
+# (pipeline, scheduler config, metrics, step_level=) -> an engine: `Engine`, or one with its interface.
+EngineFactory = Callable[..., Engine]
+
 
 class ServerState:
     """Parameters:
     settings (`Settings`): the operator's settings.
     pipeline (`RoutedPipeline`, *optional*): an already loaded pipeline (tests share one); else `settings.bundle`
         is loaded by `start`.
+    engine_factory (`EngineFactory`, *optional*): what runs the admitted requests, built once the pipeline is
+        loaded (default: `Engine`, every expert in this process; `server.cluster` passes one that sends them to Ray
+        Serve expert replicas).
     """
 
-    def __init__(self, settings: Settings, pipeline: RoutedPipeline | None = None):
+    def __init__(
+        self, settings: Settings, pipeline: RoutedPipeline | None = None, engine_factory: EngineFactory | None = None
+    ):
         self.settings = settings
         self.pipeline = pipeline
+        self.engine_factory = engine_factory or Engine
         self.engine: Engine | None = None
         self.routing: RoutingStage | None = None
         self.metrics: ServerMetrics | None = None
@@ -96,7 +105,8 @@ class ServerState:
             max_wait_ms=settings.max_wait_ms,
             max_queue_size=settings.max_queue_size,
         )
-        self.engine = Engine(self.pipeline, scheduler_config, self.metrics, step_level=settings.batching == "step")
+        step_level = settings.batching == "step"
+        self.engine = self.engine_factory(self.pipeline, scheduler_config, self.metrics, step_level=step_level)
         self.engine.start()
         self.routing = RoutingStage(self.pipeline, settings.max_routing_queue, settings.max_routing_batch)
         if settings.warmup:  # in the background: the server listens (503 on /readyz) while the experts warm up

@@ -17,7 +17,7 @@ router = APIRouter(tags=["routing"], dependencies=[Authorized])
 async def list_codes(state: State) -> CodesResponse:
     require_loaded(state)
     pipeline = state.pipeline
-    stats = state.engine.scheduler.stats()
+    stats = state.engine.stats()
     teacher = pipeline.teacher_macs
     codes = [
         CodeDescription(

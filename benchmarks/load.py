@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import json
 import math
@@ -32,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -55,6 +55,7 @@ PROBE_TIMEOUT_S = 1.0
 # The reliability issue's bars: a refusal answered, and /healthz answering, within this (429 p95, /healthz p99).
 LATENCY_TARGET_S = 0.1
 PROBE_INTERVAL_S = 0.5
+LAG_TICK_S = 0.005
 # RSS growth over the reading after round 1 still called "flat" (the highest later reading counts), and the most
 # the second half of the rounds may add for memory that grew to be called "settled". Round 1 is the reference, not
 # the idle server: the first round fills allocator caches and thread pools once.
@@ -71,7 +72,10 @@ class Outcome:
     index: int
     prompt_index: int
     status: int | None  # None: no HTTP answer at all (transport error or client timeout)
-    latency_s: float
+    latency_s: float  # from the client's call to the answer, the client's own queueing and connecting included
+    # From the request's first byte on the wire to the answer's headers: the server's part (the client's event loop,
+    # busy starting the rest of a burst on the same cores, still adds its delay in noticing the answer).
+    wire_s: float | None = None
     retry_after: str | None = None
     code: int | None = None  # the code the server routed a 200 to
     images: int = 0
@@ -114,6 +118,9 @@ class RoundResult:
     latency_200_p95_s: float | None
     latency_429_p50_s: float | None
     latency_429_p95_s: float | None
+    wire_429_p50_s: float | None
+    wire_429_p95_s: float | None
+    client_lag_max_s: float
     retry_after_values: list[str]
     images_per_s: float
     ok_per_code: dict[str, int]
@@ -273,14 +280,23 @@ async def wait_ready(client: httpx.AsyncClient, url: str, server: ServerProcess 
 async def send(
     client: httpx.AsyncClient, url: str, limit: asyncio.Semaphore, index: int, prompt_index: int, body: dict
 ) -> Outcome:
+    marks: dict[str, float] = {}
+
+    async def trace(event: str, info: dict) -> None:  # httpcore's request events
+        if event.endswith("send_request_headers.started"):
+            marks["sent"] = time.perf_counter()
+        elif event.endswith("receive_response_headers.complete"):
+            marks["answered"] = time.perf_counter()
+
     async with limit:
         began = time.perf_counter()
         try:
-            response = await client.post(f"{url}/generate", json=body)
+            response = await client.post(f"{url}/generate", json=body, extensions={"trace": trace})
         except httpx.HTTPError as e:  # connection refused/reset, client timeout, broken response
             return Outcome(index, prompt_index, None, time.perf_counter() - began, error=f"{type(e).__name__}: {e}")
         latency = time.perf_counter() - began
-    outcome = Outcome(index, prompt_index, response.status_code, latency)
+    wire = marks["answered"] - marks["sent"] if {"sent", "answered"} <= marks.keys() else None
+    outcome = Outcome(index, prompt_index, response.status_code, latency, wire_s=wire)
     if response.status_code == 200:
         try:
             payload = response.json()
@@ -297,10 +313,11 @@ async def send(
     return outcome
 
 
-async def probe_readiness(url: str, done: asyncio.Event) -> Probes:
+async def probe_readiness(url: str, done: threading.Event) -> Probes:
     """Poll `/readyz` and `/healthz` until the round is over, each probe with a `PROBE_TIMEOUT_S` timeout, on a
     client of its own so probes never wait behind the load's connection pool (a real load balancer's probes do not
-    share the clients' connections either)."""
+    share the clients' connections either). Run on an event loop of its own, in its own thread (`run_round`): the
+    load's loop is busy sending a burst, and a probe sharing it would time the client's delays, not the server's."""
     probes = Probes()
     async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
         while True:
@@ -320,17 +337,28 @@ async def probe_readiness(url: str, done: asyncio.Event) -> Probes:
             probes.health_latencies_s.append(time.perf_counter() - began)
             if done.is_set():
                 return probes
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), PROBE_INTERVAL_S)
+            await asyncio.to_thread(done.wait, PROBE_INTERVAL_S)
             # One more probe after the round ends, so a round shorter than the interval still gets two.
+
+
+async def client_lag(done: asyncio.Event) -> float:
+    """The longest the load's own event loop was late to wake a `LAG_TICK_S` sleep during the round: how long an
+    answer could sit unread by the client (its wire times include it)."""
+    worst = 0.0
+    while not done.is_set():
+        began = time.perf_counter()
+        await asyncio.sleep(LAG_TICK_S)
+        worst = max(worst, time.perf_counter() - began - LAG_TICK_S)
+    return worst
 
 
 async def run_round(
     client: httpx.AsyncClient, url: str, prompts: list[str], args: argparse.Namespace, number: int
-) -> tuple[list[Outcome], Probes, float]:
+) -> tuple[list[Outcome], Probes, float, float]:
     limit = asyncio.Semaphore(args.concurrency)
-    done = asyncio.Event()
-    prober = asyncio.create_task(probe_readiness(url, done))
+    done, probing_done = asyncio.Event(), threading.Event()
+    prober = asyncio.create_task(asyncio.to_thread(asyncio.run, probe_readiness(url, probing_done)))
+    lag = asyncio.create_task(client_lag(done))
     began = time.perf_counter()
     tasks = []
     for i in range(args.requests):
@@ -341,7 +369,8 @@ async def run_round(
     outcomes = await asyncio.gather(*tasks)
     wall = time.perf_counter() - began
     done.set()
-    return list(outcomes), await prober, wall
+    probing_done.set()
+    return list(outcomes), await prober, wall, await lag
 
 
 def summarise(
@@ -349,6 +378,7 @@ def summarise(
     outcomes: list[Outcome],
     probes: Probes,
     wall: float,
+    lag: float,
     ready_after: bool,
     rss_mb: float | None,
     metrics: dict,
@@ -367,6 +397,9 @@ def summarise(
         latency_200_p95_s=percentile([o.latency_s for o in ok], 95),
         latency_429_p50_s=percentile([o.latency_s for o in outcomes if o.status == 429], 50),
         latency_429_p95_s=percentile([o.latency_s for o in outcomes if o.status == 429], 95),
+        wire_429_p50_s=percentile([o.wire_s for o in outcomes if o.status == 429 and o.wire_s is not None], 50),
+        wire_429_p95_s=percentile([o.wire_s for o in outcomes if o.status == 429 and o.wire_s is not None], 95),
+        client_lag_max_s=lag,
         retry_after_values=retry_after_values(o.retry_after for o in outcomes if o.retry_after),
         images_per_s=sum(o.images for o in ok) / wall,
         ok_per_code={str(code): n for code, n in sorted(Counter(o.code for o in ok).items())},
@@ -399,6 +432,8 @@ TABLE_HEADER = (
     "p50 s",
     "p95 s",
     "429 p50/p95 s",
+    "429 wire p50/p95 s",
+    "client lag max s",
     "healthz p99 s",
     "img/s",
     "mean batch by code",
@@ -418,6 +453,8 @@ def table_row(r: RoundResult) -> tuple[str, ...]:
         _seconds(r.latency_200_p50_s),
         _seconds(r.latency_200_p95_s),
         f"{_seconds(r.latency_429_p50_s)}/{_seconds(r.latency_429_p95_s)}",
+        f"{_seconds(r.wire_429_p50_s)}/{_seconds(r.wire_429_p95_s)}",
+        _seconds(r.client_lag_max_s),
         _seconds(r.healthz_p99_s) + (f" ({r.healthz_failed} failed)" if r.healthz_failed else ""),
         f"{r.images_per_s:.2f}",
         _batches(r.mean_batch_per_code),
@@ -489,7 +526,7 @@ async def drive(args: argparse.Namespace, url: str, server: ServerProcess | None
         timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=30.0)
         async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
             for number in range(1, args.rounds + 1):
-                outcomes, probes, wall = await run_round(client, url, prompts, args, number)
+                outcomes, probes, wall, lag = await run_round(client, url, prompts, args, number)
                 try:
                     ready_after = (await control.get(f"{url}/readyz", timeout=PROBE_TIMEOUT_S)).status_code == 200
                 except httpx.HTTPError:
@@ -501,6 +538,7 @@ async def drive(args: argparse.Namespace, url: str, server: ServerProcess | None
                     outcomes,
                     probes,
                     wall,
+                    lag,
                     ready_after,
                     memory["VmRSS"] if memory else None,
                     metrics_delta(metrics_after, metrics_before),
@@ -584,11 +622,17 @@ def verdict(report: dict, rss_tolerance_mb: float) -> tuple[bool, str, dict]:
     failed = sum(r.probes_failed for r in rounds)
     parts.append("ready throughout" if ready else f"NOT READY ({failed}/{probes} probes failed or not ready after)")
     refusal_p95 = max((r.latency_429_p95_s for r in rounds if r.latency_429_p95_s is not None), default=None)
+    # judged on the wire: a burst's last requests wait for the client itself, on the same cores, before they are sent
+    wire_p95 = max((r.wire_429_p95_s for r in rounds if r.wire_429_p95_s is not None), default=None)
     health_p99 = max((r.healthz_p99_s for r in rounds if r.healthz_p99_s is not None), default=None)
-    fast = all(v is None or v <= LATENCY_TARGET_S for v in (refusal_p95, health_p99))
+    fast = all(v is None or v <= LATENCY_TARGET_S for v in (wire_p95, health_p99))
+
+    def judged(value: float | None) -> str:
+        return f"{_seconds(value)} s ({'within' if value is None or value <= LATENCY_TARGET_S else 'OVER'})"
+
     parts.append(
-        f"worst round: 429 p95 {_seconds(refusal_p95)} s, /healthz p99 {_seconds(health_p99)} s "
-        f"({'within' if fast else 'OVER'} {LATENCY_TARGET_S} s)"
+        f"worst round against {LATENCY_TARGET_S} s: 429 p95 {judged(wire_p95)} from request sent to answer "
+        f"({_seconds(refusal_p95)} s from the client's call), /healthz p99 {judged(health_p99)}"
     )
     rss = [r.rss_mb for r in rounds if r.rss_mb is not None]
     memory = memory_trend(rss, rss_tolerance_mb) if rss else {}
@@ -623,19 +667,14 @@ def write_reports(out: Path, report: dict, command: str) -> None:
         f"{report['queue_capacity']} queued requests in total; {s['requests']} requests per round "
         f"({s['requests'] / report['queue_capacity']:.1f}x capacity) with at most {s['concurrency']} in flight; "
         f"{s['rounds']} round(s); steps {s['steps']}; max_batch_size {s['max_batch_size']}; "
-        f"max_wait_ms {s['max_wait_ms']:g}; {len(report['prompts'])} prompts.",
+        f"max_wait_ms {s['max_wait_ms']:g}; engine threads {s.get('threads') or 'torch default'}; "
+        f"{len(report['prompts'])} prompts.",
         "",
-        "| round | 200 | 429 | other | lost | p50 / p95 latency of 200s (s) | p50 latency of 429s (s) | images/s "
-        "| mean batch by code | /readyz 200 during round | ready after | RSS after (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        # the printed table's columns: p50/p95 of the 200s, of the 429s, /healthz p99, /readyz probes answered 200
+        "| " + " | ".join(TABLE_HEADER) + " |",
+        "|" + "---|" * len(TABLE_HEADER),
+        *("| " + " | ".join(table_row(r)) + " |" for r in rounds),
     ]
-    for r in rounds:
-        row = table_row(r)
-        lines.append(
-            f"| {r.round} | {row[1]} | {row[2]} | {row[3]} | {r.lost} | {row[5]} / {row[6]} "
-            f"| {_seconds(r.latency_429_p50_s)} | {row[7]} | {row[8]} | {r.probes - r.probes_failed}/{r.probes} "
-            f"| {'yes' if r.ready_after else 'NO'} | {row[10]} |"
-        )
     metrics = report["metrics"]
     lines += [
         "",
@@ -680,6 +719,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-queue-size", type=int, default=4, help="APTP_MAX_QUEUE_SIZE (queued requests per code)")
     parser.add_argument("--max-batch-size", type=int, default=4, help="APTP_MAX_BATCH_SIZE")
     parser.add_argument("--max-wait-ms", type=float, default=50.0, help="APTP_MAX_WAIT_MS")
+    parser.add_argument("--threads", type=int, help="APTP_THREADS: the engine's torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--url", help="load an already running server instead (memory is then not measured)")
@@ -734,6 +774,8 @@ def main(argv: list[str] | None = None) -> int:
                 "APTP_MAX_WAIT_MS": str(args.max_wait_ms),
                 "APTP_WARMUP": "true",
             }
+            if args.threads is not None:
+                settings["APTP_THREADS"] = str(args.threads)
             server = ServerProcess(bundle, port, settings, Path(scratch) / "server.log", args.device)
             print(f"started the server (pid {server.pid}) on {url}", flush=True)
 
@@ -767,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_queue_size": args.max_queue_size,
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
+        "threads": args.threads,
     }
     measured = [bundle_label] if Path(bundle_label).is_dir() else []
     provenance = collect_provenance(measured, config=report["settings"], command=command)

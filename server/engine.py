@@ -24,6 +24,7 @@ from aptp.pipeline import RoutedPipeline
 from aptp.sampling import Trajectory, advance, unet_calls
 
 from .metrics import ServerMetrics
+from .priority import lower_thread_priority
 from .scheduler import (
     AbortOutcome,
     FinishedBatch,
@@ -150,6 +151,7 @@ class Engine:
         clock (`Callable[[], float]`): monotonic seconds (tests may pass their own).
         step_level (`bool`): step-level batching (requests join and leave a code's running rows between denoising
             steps) instead of whole batches run from first step to last.
+        niceness (`int`): how much lower the worker's CPU priority is than the event loop's (`server.priority`).
     """
 
     def __init__(
@@ -159,6 +161,7 @@ class Engine:
         metrics: ServerMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         step_level: bool = False,
+        niceness: int = 0,
     ):
         if scheduler_config.num_codes != pipeline.num_codes:
             raise ValueError(f"scheduler has {scheduler_config.num_codes} codes, the bundle {pipeline.num_codes}")
@@ -171,6 +174,7 @@ class Engine:
         self.metrics = metrics
         self.clock = clock
         self.step_level = step_level
+        self.niceness = niceness
         self._rows: dict[int, list[_RunningRequest]] = {}  # step-level batching: each code's running requests
         self._futures: dict[str, Future] = {}
         self._futures_lock = threading.Lock()
@@ -294,6 +298,7 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------------- worker loop
     def _loop(self) -> None:
+        lower_thread_priority(self.niceness)
         if self.step_level:
             self._step_loop()
             return

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from aptp.conditioning.prompts import Conditioning
 from aptp.pipeline import RoutedPipeline
 
+from .priority import lower_thread_priority
+
 logger = logging.getLogger("aptp.routing")
 
 
@@ -50,10 +52,11 @@ class RoutingStage:
     pipeline (`RoutedPipeline`): what encodes and routes.
     max_pending (`int`): requests waiting for routing at most; more are refused.
     max_batch (`int`): requests routed together at most.
+    niceness (`int`): how much lower the routing thread's CPU priority is than the event loop's (`server.priority`).
     """
 
-    def __init__(self, pipeline: RoutedPipeline, max_pending: int = 64, max_batch: int = 32):
-        self.pipeline, self.max_batch = pipeline, max_batch
+    def __init__(self, pipeline: RoutedPipeline, max_pending: int = 64, max_batch: int = 32, niceness: int = 0):
+        self.pipeline, self.max_batch, self.niceness = pipeline, max_batch, niceness
         self._queue: queue.Queue[tuple[list[str], Future] | None] = queue.Queue(maxsize=max_pending)
         self._in_flight, self._count_lock = 0, threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="aptp-routing", daemon=True)
@@ -103,6 +106,7 @@ class RoutingStage:
         self._thread.join(timeout=30)
 
     def _loop(self) -> None:
+        lower_thread_priority(self.niceness)
         while True:
             first = self._queue.get()
             if first is None:

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     batching (`str`): `"step"`: requests join and leave a code's running batch between denoising steps
         (iteration-level scheduling); `"request"`: a batch runs from its first step to its last, and requests that
         arrive meanwhile wait for the next one.
+    compute_niceness (`int`): how much lower the CPU priority (nice value) of the engine and routing threads is
+        than the event loop's, so refusals and health checks are answered at once however busy the CPU (0: same).
     degrade_when_full (`bool`): when a request's code's queue is past its share, serve it with a cheaper code below
         its share (reported as `degraded`) instead of lengthening that queue.
     """
@@ -74,6 +76,7 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(300.0, ge=0)
     warmup: bool = True
     degrade_when_full: bool = False
+    compute_niceness: int = Field(10, ge=0, le=19)
     batching: Literal["request", "step"] = "request"
 
     @field_validator("api_keys", mode="before")

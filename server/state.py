@@ -106,9 +106,13 @@ class ServerState:
             max_queue_size=settings.max_queue_size,
         )
         step_level = settings.batching == "step"
-        self.engine = self.engine_factory(self.pipeline, scheduler_config, self.metrics, step_level=step_level)
+        self.engine = self.engine_factory(
+            self.pipeline, scheduler_config, self.metrics, step_level=step_level, niceness=settings.compute_niceness
+        )
         self.engine.start()
-        self.routing = RoutingStage(self.pipeline, settings.max_routing_queue, settings.max_routing_batch)
+        self.routing = RoutingStage(
+            self.pipeline, settings.max_routing_queue, settings.max_routing_batch, niceness=settings.compute_niceness
+        )
         if settings.warmup:  # in the background: the server listens (503 on /readyz) while the experts warm up
             self._warming = threading.Thread(target=self._warm_up, name="aptp-warm-up", daemon=True)
             self._warming.start()

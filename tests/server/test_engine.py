@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -139,3 +140,29 @@ def test_step_level_drain_answers_everything_queued(pipeline):
     futures = [engine.submit(f"r{i}", i % pipeline.num_codes, _job(pipeline, i)) for i in range(4)]
     assert engine.shutdown(drain_timeout=60)
     assert all(future.result(timeout=1).images.shape == (1, 3, 32, 32) for future in futures)
+
+
+def _nice(thread_id: int) -> int:
+    """A thread's nice value, from /proc (field 19 of its stat line)."""
+    with open(f"/proc/self/task/{thread_id}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread priorities from Linux's /proc")
+def test_compute_runs_below_the_event_loops_priority(pipeline):
+    """The engine's worker and the routing thread give way to the thread serving HTTP on a busy CPU."""
+    from server.routing import RoutingStage
+
+    engine = Engine(pipeline, SchedulerConfig(num_codes=pipeline.num_codes, max_wait_ms=0), niceness=7)
+    engine.start()
+    routing = RoutingStage(pipeline, niceness=7)
+    try:
+        assert engine.submit("one", 0, _job(pipeline, 1)).result(timeout=60).images.shape[0] == 1
+        routing.submit(["a red circle"]).result(timeout=60)
+        threads = {thread.name: thread.native_id for thread in threading.enumerate()}
+        mine = _nice(threading.get_native_id())
+        assert _nice(threads["aptp-engine"]) == mine + 7
+        assert _nice(threads["aptp-routing"]) == mine + 7
+    finally:
+        engine.shutdown()
+        routing.stop()

@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/load.py --url http://127.0.0.1:8000 --requests 32   # an already running server
 
 The script starts the server itself (a subprocess, warm-up on), waits for `/readyz`, and fires each round's
-`POST /generate` requests concurrently while probing `/readyz`. By default a round sends 4x the server's total queue
+`POST /generate` requests concurrently while a process of its own probes `/readyz` and `/healthz`. By default a round sends 4x the server's total queue
 capacity (max_queue_size x codes) all at once, so most requests must be turned away: the test passes when every
 request is answered, with an image (200) or a 429 carrying `Retry-After`, none is lost (transport error, timeout,
 any other status), and the server stays ready throughout. Between rounds it records the server's resident memory
@@ -25,13 +25,13 @@ import json
 import math
 import os
 import platform
+import select
 import shlex
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -313,32 +313,51 @@ async def send(
     return outcome
 
 
-async def probe_readiness(url: str, done: threading.Event) -> Probes:
-    """Poll `/readyz` and `/healthz` until the round is over, each probe with a `PROBE_TIMEOUT_S` timeout, on a
-    client of its own so probes never wait behind the load's connection pool (a real load balancer's probes do not
-    share the clients' connections either). Run on an event loop of its own, in its own thread (`run_round`): the
-    load's loop is busy sending a burst, and a probe sharing it would time the client's delays, not the server's."""
+def _probe(client: httpx.Client, url: str, probes: Probes) -> None:
+    began = time.perf_counter()
+    try:
+        probes.statuses.append(client.get(f"{url}/readyz").status_code)
+    except httpx.HTTPError as e:
+        probes.statuses.append(None)
+        probes.errors.append(f"{type(e).__name__}: {e}")
+    probes.latencies_s.append(time.perf_counter() - began)
+    began = time.perf_counter()
+    try:
+        probes.health_failed += client.get(f"{url}/healthz").status_code != 200
+    except httpx.HTTPError:
+        probes.health_failed += 1
+    probes.health_latencies_s.append(time.perf_counter() - began)
+
+
+def probe_until_told(url: str) -> None:
+    """The prober (`load.py --probe URL`, a process of its own, like a load balancer's health checker): poll
+    `/readyz` and `/healthz` every `PROBE_INTERVAL_S`, each probe with a `PROBE_TIMEOUT_S` timeout, until stdin is
+    closed; probe once more, then print the `Probes` as one JSON line. A process of its own, because the load's
+    client saturates its own interpreter sending a burst: probes sharing it would time the client, not the server."""
     probes = Probes()
-    async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+    with httpx.Client(timeout=PROBE_TIMEOUT_S) as client:
+        print("probing", flush=True)
         while True:
-            began = time.perf_counter()
-            try:
-                response = await client.get(f"{url}/readyz")
-                probes.statuses.append(response.status_code)
-            except httpx.HTTPError as e:
-                probes.statuses.append(None)
-                probes.errors.append(f"{type(e).__name__}: {e}")
-            probes.latencies_s.append(time.perf_counter() - began)
-            began = time.perf_counter()
-            try:
-                probes.health_failed += (await client.get(f"{url}/healthz")).status_code != 200
-            except httpx.HTTPError:
-                probes.health_failed += 1
-            probes.health_latencies_s.append(time.perf_counter() - began)
-            if done.is_set():
-                return probes
-            await asyncio.to_thread(done.wait, PROBE_INTERVAL_S)
-            # One more probe after the round ends, so a round shorter than the interval still gets two.
+            _probe(client, url, probes)
+            told, _, _ = select.select([sys.stdin], [], [], PROBE_INTERVAL_S)
+            if told:  # the round is over: one more probe, so a short round still gets two
+                _probe(client, url, probes)
+                break
+    print(json.dumps(asdict(probes)), flush=True)
+
+
+async def start_prober(url: str) -> asyncio.subprocess.Process:
+    prober = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--probe", url, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    await prober.stdout.readline()  # "probing": the round starts once the prober runs
+    return prober
+
+
+async def stop_prober(prober: asyncio.subprocess.Process) -> Probes:
+    prober.stdin.close()
+    output, _ = await prober.communicate()
+    return Probes(**json.loads(output.decode().splitlines()[-1]))
 
 
 async def client_lag(done: asyncio.Event) -> float:
@@ -356,8 +375,8 @@ async def run_round(
     client: httpx.AsyncClient, url: str, prompts: list[str], args: argparse.Namespace, number: int
 ) -> tuple[list[Outcome], Probes, float, float]:
     limit = asyncio.Semaphore(args.concurrency)
-    done, probing_done = asyncio.Event(), threading.Event()
-    prober = asyncio.create_task(asyncio.to_thread(asyncio.run, probe_readiness(url, probing_done)))
+    done = asyncio.Event()
+    prober = await start_prober(url)
     lag = asyncio.create_task(client_lag(done))
     began = time.perf_counter()
     tasks = []
@@ -369,8 +388,7 @@ async def run_round(
     outcomes = await asyncio.gather(*tasks)
     wall = time.perf_counter() - began
     done.set()
-    probing_done.set()
-    return list(outcomes), await prober, wall, await lag
+    return list(outcomes), await stop_prober(prober), wall, await lag
 
 
 def summarise(
@@ -722,6 +740,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="APTP_THREADS: the engine's torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
+    parser.add_argument("--probe", metavar="URL", help=argparse.SUPPRESS)  # the prober process (probe_until_told)
     parser.add_argument("--url", help="load an already running server instead (memory is then not measured)")
     parser.add_argument(
         "--prompts", default="20", help="N shapes captions spread over the codes (default 20), or a file of prompts"
@@ -751,6 +770,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.probe:
+        probe_until_told(args.probe)
+        return 0
     command = shlex.join(["python", "benchmarks/load.py", *(sys.argv[1:] if argv is None else argv)])
     with tempfile.TemporaryDirectory(prefix="aptp-load-") as scratch:
         server = None

@@ -222,15 +222,24 @@ def mean_batches(metrics: dict) -> dict[str, float | None]:
 
 # ------------------------------------------------------------------------------------------------- the server
 class ServerProcess:
-    """`python -m aptp.cli.main serve` as a child process, configured through APTP_* variables, its log in a file."""
+    """`python -m aptp.cli.main serve` as a child process, configured through APTP_* variables, its log in a file
+    (`serve_args`: more options, e.g. `--ray`)."""
 
-    def __init__(self, bundle: Path, port: int, settings: dict[str, str], log_path: Path, device: str):
+    def __init__(
+        self,
+        bundle: Path,
+        port: int,
+        settings: dict[str, str],
+        log_path: Path,
+        device: str,
+        serve_args: tuple[str, ...] = (),
+    ):
         env = dict(os.environ)
         env.update(settings)
         # The load test talks to its own server without keys, whatever an operator's environment or .env says.
         env["APTP_API_KEYS"] = ""
         command = [sys.executable, "-m", "aptp.cli.main", "serve", "--bundle", str(bundle), "--port", str(port)]
-        command += ["--host", "127.0.0.1", "--device", device]
+        command += ["--host", "127.0.0.1", "--device", device, *serve_args]
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)

@@ -188,12 +188,14 @@ async def closed_loop(url: str, prompts: list[str], clients: int, requests: int,
     }
 
 
-def serve_and_measure(name: str, bundle: Path, settings: dict[str, str], args, prompts: list[str]) -> dict:
+def serve_and_measure(
+    name: str, bundle: Path, settings: dict[str, str], args, prompts: list[str], serve_args: tuple[str, ...] = ()
+) -> dict:
     port = free_port()
     log = Path(args.out).with_name(f"{Path(args.out).name}-{name}.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {"APTP_THREADS": str(args.threads), "APTP_MAX_WAIT_MS": "50", "APTP_MAX_QUEUE_SIZE": "64", **settings}
-    server = ServerProcess(bundle, port, env, log, "cpu")
+    server = ServerProcess(bundle, port, env, log, "cpu", serve_args)
     url = f"http://127.0.0.1:{port}"
     try:
 

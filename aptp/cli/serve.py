@@ -29,6 +29,18 @@ def _serve(args: argparse.Namespace) -> int:
     if folder_kind(settings.bundle) is None:  # answered before the model libraries are imported
         print(f"aptp serve: error: {not_a_model_folder(settings.bundle)}", file=sys.stderr)
         return 2
+    if args.ray:
+        try:
+            from server.cluster import ClusterSettings, serve_cluster
+        except ImportError as e:
+            print(f"aptp serve: error: --ray needs Ray Serve (pip install '.[ray]'): {e}", file=sys.stderr)
+            return 2
+        try:
+            cluster = ClusterSettings()
+        except ValidationError as e:
+            print(f"aptp serve: invalid APTP_RAY_ setting ({validation_problems(e, limit=20)})", file=sys.stderr)
+            return 2
+        return serve_cluster(settings, cluster)
     from server.app import serve
 
     # The server listens at once and loads the bundle meanwhile (/readyz 503 "loading"); a bundle that cannot be
@@ -47,4 +59,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", help="listen address (APTP_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (APTP_PORT, default 8000)")
     serve.add_argument("--device", help="torch device (APTP_DEVICE, default cpu)")
+    serve.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve as a Ray Serve application: an ingress and expert replicas on a Ray cluster (APTP_RAY_* "
+        "settings, see server/cluster.py; needs pip install '.[ray]')",
+    )
     serve.set_defaults(handler=_serve)

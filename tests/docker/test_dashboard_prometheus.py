@@ -9,7 +9,6 @@ package: `apt-get install prometheus`) and is skipped without it.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -20,47 +19,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.docker.dashboard import METRIC, query_panels
+from tests.docker.dashboard import (
+    METRIC,
+    SCRAPE_INTERVAL_S,
+    empty_panels,
+    instant,
+    last_scrape,
+    readiness_expr,
+    running_prometheus,
+)
 from tests.helpers import free_port, wait_for, wait_until_ready
 
-SCRAPE_INTERVAL_S = 1
-# Grafana sets $__rate_interval to at least four scrape intervals; a little more keeps two samples in each window.
-RATE_INTERVAL = "6s"
-
 pytestmark = pytest.mark.slow
-
-
-def grafana_to_promql(expr: str) -> str:
-    """A panel's expression as Grafana sends it with the `code` variable at "All"."""
-    return expr.replace("$__rate_interval", RATE_INTERVAL).replace("$code", ".*")
-
-
-def panel_queries(dashboard: dict) -> list[tuple[str, str]]:
-    return [(panel["title"], target["expr"]) for panel in query_panels(dashboard) for target in panel["targets"]]
-
-
-def readiness_expr(dashboard: dict) -> str:
-    (expr,) = [expr for title, expr in panel_queries(dashboard) if title == "Readiness"]
-    return grafana_to_promql(expr)
-
-
-def instant(prometheus: str, expr: str) -> list[dict]:
-    answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10).json()
-    assert answer["status"] == "success", f"{expr}: {answer.get('error')}"
-    return answer["data"]["result"]
-
-
-def last_scrape(prometheus: str, instance: str) -> float:
-    """Unix time of Prometheus's latest scrape of `instance` (0 before the first): the timestamp of its `up`."""
-    result = instant(prometheus, f'timestamp(up{{instance="{instance}"}})')
-    return float(result[0]["value"][1]) if result else 0.0
-
-
-def answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 @pytest.fixture()
@@ -72,64 +42,44 @@ def prometheus_binary() -> str:
 
 
 def test_every_panel_query_evaluates_and_a_stopped_server_reads_down(dashboard, prometheus_binary, tmp_path: Path):
-    server_port, prometheus_port = free_port(), free_port()
+    server_port = free_port()
     target = f"127.0.0.1:{server_port}"
-    url, prometheus = f"http://{target}", f"http://127.0.0.1:{prometheus_port}"
-    (tmp_path / "prometheus.yml").write_text(
-        f"global:\n  scrape_interval: {SCRAPE_INTERVAL_S}s\n  evaluation_interval: {SCRAPE_INTERVAL_S}s\n"
-        f"scrape_configs:\n  - job_name: aptp\n    static_configs:\n      - targets: ['{target}']\n"
-    )
+    url = f"http://{target}"
+    scrape = f"  - job_name: aptp\n    static_configs:\n      - targets: ['{target}']\n"
     env = {**os.environ, "APTP_PORT": str(server_port), "APTP_DEFAULT_STEPS": "2", "APTP_THREADS": "1"}
     server = subprocess.Popen(
         [sys.executable, "-m", "aptp.cli.main", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    scraper = subprocess.Popen(
-        [
-            prometheus_binary,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{prometheus_port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        wait_until_ready(server, url)
-        wait_for(lambda: answers(f"{prometheus}/-/ready"), timeout=30)
-        # one event of each kind the panels show: images of several codes, a refused request, routing
-        prompts = ["a red circle", "three blue squares in a row on a grey background", "the digit 7 in green"]
-        for seed, prompt in enumerate(prompts):
-            assert httpx.post(f"{url}/generate", json={"prompt": prompt, "seed": seed}, timeout=120).status_code == 200
-        assert httpx.post(f"{url}/generate", json={"prompt": " "}, timeout=10).status_code == 422
-        exported = set(METRIC.findall(httpx.get(f"{url}/metrics", timeout=10).text))
-        # two scrapes after the traffic, so every rate() window holds the change
-        began = time.time()
-        wait_for(lambda: last_scrape(prometheus, target) > began + SCRAPE_INTERVAL_S, timeout=30)
+        with running_prometheus(prometheus_binary, scrape, tmp_path, free_port()) as prometheus:
+            wait_until_ready(server, url)
+            # one event of each kind the panels show: images of several codes, a refused request, routing
+            prompts = ["a red circle", "three blue squares in a row on a grey background", "the digit 7 in green"]
+            for seed, prompt in enumerate(prompts):
+                response = httpx.post(f"{url}/generate", json={"prompt": prompt, "seed": seed}, timeout=120)
+                assert response.status_code == 200
+            assert httpx.post(f"{url}/generate", json={"prompt": " "}, timeout=10).status_code == 422
+            exported = set(METRIC.findall(httpx.get(f"{url}/metrics", timeout=10).text))
+            # two scrapes after the traffic, so every rate() window holds the change
+            began = time.time()
+            wait_for(lambda: last_scrape(prometheus, target) > began + SCRAPE_INTERVAL_S, timeout=30)
+            empty = empty_panels(prometheus, dashboard, exported)
+            assert not empty, "queries over exported series returned nothing:\n" + "\n".join(empty)
 
-        empty = []
-        for title, expr in panel_queries(dashboard):
-            result = instant(prometheus, grafana_to_promql(expr))
-            # a query over series the server has exported must return data; others (a counter never incremented,
-            # such as degraded requests) may evaluate to nothing
-            if not result and set(re.findall(METRIC, expr)) <= exported:
-                empty.append(f"{title}: {expr}")
-        assert not empty, "queries over exported series returned nothing:\n" + "\n".join(empty)
+            ready = instant(prometheus, readiness_expr(dashboard))
+            assert [(series["metric"]["instance"], series["value"][1]) for series in ready] == [(target, "1")]
 
-        ready = instant(prometheus, readiness_expr(dashboard))
-        assert [(series["metric"]["instance"], series["value"][1]) for series in ready] == [(target, "1")]
-
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=60) == 0
-        stopped = time.time()
-        wait_for(lambda: last_scrape(prometheus, target) > stopped + SCRAPE_INTERVAL_S, timeout=30)
-        down = instant(prometheus, readiness_expr(dashboard))
-        assert [(series["metric"]["instance"], series["value"][1]) for series in down] == [(target, "-1")]
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=60) == 0
+            stopped = time.time()
+            wait_for(lambda: last_scrape(prometheus, target) > stopped + SCRAPE_INTERVAL_S, timeout=30)
+            down = instant(prometheus, readiness_expr(dashboard))
+            assert [(series["metric"]["instance"], series["value"][1]) for series in down] == [(target, "-1")]
     finally:
-        for process in (server, scraper):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()

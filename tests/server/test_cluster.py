@@ -7,6 +7,7 @@ Heavy (a Ray cluster and three copies of the bundle on two cores): slow-marked. 
 
 from __future__ import annotations
 
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +23,15 @@ from ray import serve  # noqa: E402
 from aptp.formats.kinds import DEFAULT_BUNDLE  # noqa: E402
 from server.cluster import EXPERTS, NAMESPACE, TARGETS_ACTOR, ClusterSettings, application  # noqa: E402
 from server.settings import Settings  # noqa: E402
+from tests.docker.dashboard import (  # noqa: E402
+    METRIC,
+    SCRAPE_INTERVAL_S,
+    empty_panels,
+    instant,
+    last_scrape,
+    readiness_expr,
+    running_prometheus,
+)
 from tests.helpers import free_port, wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,6 +165,13 @@ def test_a_replica_killed_under_load_loses_no_request_and_is_replaced(cluster):
     assert _generate(cluster, "a red circle", 7).status_code == 200
 
 
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    from tests.docker.dashboard import load_dashboard
+
+    return load_dashboard()
+
+
 def test_the_expert_deployment_follows_the_cluster_settings():
     layout = ClusterSettings(expert_replicas=3, max_expert_replicas=5, gpus_per_replica=0.5)
     options = layout.expert_options(Settings(max_queue_size=4, max_batch_size=8), num_codes=4)
@@ -164,3 +181,37 @@ def test_the_expert_deployment_follows_the_cluster_settings():
     assert "num_replicas" not in options
     fixed = ClusterSettings(expert_replicas=2).expert_options(Settings(max_batch_size={0: 2, 1: 6}), num_codes=2)
     assert fixed["num_replicas"] == 2 and fixed["max_ongoing_requests"] == 16 * 2 + 6  # the largest batch
+
+
+def test_prometheus_finds_every_replica_and_the_dashboard_reads_the_cluster(cluster, dashboard, tmp_path):
+    """Prometheus scrapes the ingress, and the expert replicas it finds through `/metrics/targets` (HTTP service
+    discovery); every panel's query evaluates, and the per-code batch panels add the replicas up."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("needs the prometheus binary (Debian: apt-get install prometheus)")
+    ingress = cluster.removeprefix("http://")
+    scrape = (
+        f"  - job_name: aptp\n    static_configs:\n      - targets: ['{ingress}']\n"
+        f"    http_sd_configs:\n      - url: {cluster}/metrics/targets\n        refresh_interval: 1s\n"
+    )
+    (group,) = httpx.get(f"{cluster}/metrics/targets", timeout=10).json()
+    with running_prometheus(binary, scrape, tmp_path, free_port()) as prometheus:
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            statuses = list(pool.map(lambda i: _generate(cluster, PROMPTS[i], 300 + i).status_code, range(6)))
+        assert statuses == [200] * len(PROMPTS)
+        exported = set(METRIC.findall(httpx.get(f"{cluster}/metrics", timeout=10).text))
+        for target in group["targets"]:
+            exported |= set(METRIC.findall(httpx.get(f"http://{target}/metrics", timeout=10).text))
+        began = time.time()
+        instances = [ingress, *group["targets"]]
+        # scraped through a whole rate window after the traffic: replicas found by discovery start late
+        after = began + 6 * SCRAPE_INTERVAL_S
+        wait_for(lambda: all(last_scrape(prometheus, i) > after for i in instances), timeout=60)
+        up = instant(prometheus, 'up{job="aptp"}')
+        assert sorted(series["metric"]["instance"] for series in up) == sorted(instances)
+        empty = empty_panels(prometheus, dashboard, exported)
+        assert not empty, "queries over exported series returned nothing:\n" + "\n".join(empty)
+        ready = instant(prometheus, readiness_expr(dashboard))
+        assert {series["metric"]["instance"]: series["value"][1] for series in ready} == dict.fromkeys(instances, "1")
+        batches = instant(prometheus, "sum by (code) (aptp_batch_size_count)")
+        assert {series["metric"]["code"] for series in batches} >= {"0", "2", "3"}

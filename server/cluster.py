@@ -382,7 +382,7 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         engine = partial(ClusterEngine, self._experts, self._cluster, self._settings)
-        app = create_app(self._settings, engine_factory=engine)
+        app = self._app = create_app(self._settings, engine_factory=engine)
 
         @app.get("/metrics/targets", include_in_schema=False)
         async def metrics_targets_sd() -> list[dict[str, Any]]:
@@ -391,6 +391,15 @@ class Ingress:
             return [{"targets": targets, "labels": {"role": "expert"}}]
 
         return app
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop admitting (503, `/readyz` 503) and wait until every request sent to the experts is answered; False
+        when `timeout_s` passed first. Called before Serve shuts down, which would drop open HTTP requests."""
+        state = self._app.state.aptp
+        state.begin_drain()
+        if state.engine is None:
+            return True
+        return await asyncio.to_thread(state.engine.wait_drained, timeout_s)
 
 
 def application(settings: Settings | None = None, cluster: ClusterSettings | None = None) -> serve.Application:
@@ -428,8 +437,6 @@ def serve_cluster(settings: Settings | None = None, cluster: ClusterSettings | N
     settings = settings or Settings()
     cluster = cluster or ClusterSettings()
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     ray.init(address=cluster.address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options=HTTPOptions(host=settings.host, port=settings.port))
@@ -438,11 +445,16 @@ def serve_cluster(settings: Settings | None = None, cluster: ClusterSettings | N
         except Exception as error:  # noqa: BLE001 - a deployment that cannot start is reported, then exit
             print(f"aptp serve: error: the Ray Serve application did not start: {error}", flush=True)
             return 2
+        for sig in (signal.SIGTERM, signal.SIGINT):  # after Ray's start-up, which sets handlers of its own
+            signal.signal(sig, lambda *_: stop.set())
         url = f"http://{settings.host}:{settings.port}"
         replicas = cluster.expert_replicas
         print(f"aptp-serve (Ray Serve): serving {settings.bundle} on {url}, {replicas} expert replica(s)", flush=True)
         stop.wait()
-        print("aptp-serve: draining the Ray Serve application", flush=True)
+        print("aptp-serve: draining: admission stopped, answering the requests held", flush=True)
+        ingress = serve.get_app_handle("aptp")
+        drained = all(ingress.drain.remote(settings.drain_timeout_s).result() for _ in range(cluster.ingress_replicas))
+        print("aptp-serve: drained" if drained else "aptp-serve: drain timeout: stopping with work left", flush=True)
         serve.shutdown()
         return 0
     finally:

@@ -35,8 +35,6 @@ from typing import Any
 
 import ray
 import torch
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
@@ -48,7 +46,7 @@ from .app import create_app
 from .engine import BatchFailed, Engine, EngineStopped, GenerationJob, GenerationResult, QueueTimeout
 from .metrics import ServerMetrics
 from .scheduler import QueueFull, SchedulerClosed, SchedulerConfig, SchedulerStats
-from .settings import Settings
+from .settings import ClusterSettings, Settings
 
 logger = logging.getLogger("aptp.cluster")
 
@@ -60,54 +58,24 @@ NAMESPACE = "aptp"
 ATTEMPTS = 2
 
 
-class ClusterSettings(BaseSettings):
-    """How the application is laid out on the Ray cluster (`APTP_RAY_*` variables).
-
-    Parameters:
-        address (`str`, *optional*): the Ray cluster to join (`ray start --head` prints it); None starts a local one.
-        expert_replicas (`int`): expert replicas when not autoscaling (each holds every code).
-        max_expert_replicas (`int`, *optional*): autoscale between `expert_replicas` and this many replicas, on
-            requests in flight per replica (`target_requests_per_replica`).
-        target_requests_per_replica (`float`): the autoscaler's target of requests in flight per expert replica.
-        gpus_per_replica (`float`): GPUs each expert replica reserves (0 on CPU; fractions share one GPU).
-        cpus_per_replica (`float`): CPUs each expert replica reserves.
-        ingress_replicas (`int`): ingress replicas (each encodes and routes; Serve's proxy spreads HTTP over them).
-        metrics_host (`str`): the address expert replicas serve their metrics on (reachable by Prometheus).
-    """
-
-    model_config = SettingsConfigDict(env_prefix="APTP_RAY_", env_file=".env", extra="ignore")
-
-    address: str | None = None
-    expert_replicas: int = Field(1, ge=1)
-    max_expert_replicas: int | None = Field(None, ge=1)
-    target_requests_per_replica: float = Field(8.0, gt=0)
-    gpus_per_replica: float = Field(0.0, ge=0)
-    cpus_per_replica: float = Field(1.0, ge=0)
-    ingress_replicas: int = Field(1, ge=1)
-    metrics_host: str = "127.0.0.1"
-
-    @property
-    def most_expert_replicas(self) -> int:
-        return max(self.expert_replicas, self.max_expert_replicas or 0)
-
-    def expert_options(self, settings: Settings, num_codes: int) -> dict[str, Any]:
-        """`serve.deployment` options of the expert replicas."""
-        options: dict[str, Any] = {
-            "name": EXPERTS,
-            "ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica},
-            # every queued request reaches a replica's batcher: admission bounds them at the ingress
-            "max_ongoing_requests": places_per_replica(settings, num_codes),
-            "graceful_shutdown_timeout_s": settings.drain_timeout_s,
+def expert_options(cluster: ClusterSettings, settings: Settings, num_codes: int) -> dict[str, Any]:
+    """`serve.deployment` options of the expert replicas."""
+    options: dict[str, Any] = {
+        "name": EXPERTS,
+        "ray_actor_options": {"num_cpus": cluster.cpus_per_replica, "num_gpus": cluster.gpus_per_replica},
+        # every queued request reaches a replica's batcher: admission bounds them at the ingress
+        "max_ongoing_requests": places_per_replica(settings, num_codes),
+        "graceful_shutdown_timeout_s": settings.drain_timeout_s,
+    }
+    if cluster.max_expert_replicas is not None and cluster.max_expert_replicas > cluster.expert_replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": cluster.expert_replicas,
+            "max_replicas": cluster.max_expert_replicas,
+            "target_ongoing_requests": cluster.target_requests_per_replica,
         }
-        if self.max_expert_replicas is not None and self.max_expert_replicas > self.expert_replicas:
-            options["autoscaling_config"] = {
-                "min_replicas": self.expert_replicas,
-                "max_replicas": self.max_expert_replicas,
-                "target_ongoing_requests": self.target_requests_per_replica,
-            }
-        else:
-            options["num_replicas"] = self.expert_replicas
-        return options
+    else:
+        options["num_replicas"] = cluster.expert_replicas
+    return options
 
 
 def largest_batch(settings: Settings, num_codes: int) -> int:
@@ -172,6 +140,8 @@ class ExpertReplica:
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._metrics_server, _ = _serve_metrics(self.metrics, cluster.metrics_host)
         host, port = self._metrics_server.server_address[:2]
+        if host in ("0.0.0.0", "::"):  # listening on every interface: advertise the node's own address
+            host = ray.util.get_node_ip_address()
         self._targets = metrics_targets()
         ray.get(self._targets.add.remote(self._replica, f"{host}:{port}"))
 
@@ -410,7 +380,7 @@ def application(settings: Settings | None = None, cluster: ClusterSettings | Non
     settings = settings or Settings()
     cluster = cluster or ClusterSettings()
     num_codes = read_manifest(settings.bundle).num_codes if folder_kind(settings.bundle) == "bundle" else 1
-    experts = serve.deployment(ExpertReplica).options(**cluster.expert_options(settings, num_codes))
+    experts = serve.deployment(ExpertReplica).options(**expert_options(cluster, settings, num_codes))
     ingress = serve.deployment(Ingress).options(
         name=INGRESS,
         num_replicas=cluster.ingress_replicas,

@@ -104,3 +104,34 @@ class Settings(BaseSettings):
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+class ClusterSettings(BaseSettings):
+    """How the application is laid out on the Ray cluster (`APTP_RAY_*` variables).
+
+    Parameters:
+        address (`str`, *optional*): the Ray cluster to join (`ray start --head` prints it); None starts a local one.
+        expert_replicas (`int`): expert replicas when not autoscaling (each holds every code).
+        max_expert_replicas (`int`, *optional*): autoscale between `expert_replicas` and this many replicas, on
+            requests in flight per replica (`target_requests_per_replica`).
+        target_requests_per_replica (`float`): the autoscaler's target of requests in flight per expert replica.
+        gpus_per_replica (`float`): GPUs each expert replica reserves (0 on CPU; fractions share one GPU).
+        cpus_per_replica (`float`): CPUs each expert replica reserves.
+        ingress_replicas (`int`): ingress replicas (each encodes and routes; Serve's proxy spreads HTTP over them).
+        metrics_host (`str`): the address expert replicas serve their metrics on (reachable by Prometheus).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="APTP_RAY_", env_file=".env", extra="ignore")
+
+    address: str | None = None
+    expert_replicas: int = Field(1, ge=1)
+    max_expert_replicas: int | None = Field(None, ge=1)
+    target_requests_per_replica: float = Field(8.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    cpus_per_replica: float = Field(1.0, ge=0)
+    ingress_replicas: int = Field(1, ge=1)
+    metrics_host: str = "127.0.0.1"
+
+    @property
+    def most_expert_replicas(self) -> int:
+        return max(self.expert_replicas, self.max_expert_replicas or 0)

@@ -31,10 +31,12 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if args.ray:
         try:
-            from server.cluster import ClusterSettings, serve_cluster
+            from server.cluster import serve_cluster
         except ImportError as e:
             print(f"aptp serve: error: --ray needs Ray Serve (pip install '.[ray]'): {e}", file=sys.stderr)
             return 2
+        from server.settings import ClusterSettings
+
         try:
             cluster = ClusterSettings()
         except ValidationError as e:

@@ -223,3 +223,24 @@ def test_the_serving_image_holds_every_package_serving_imports_and_no_training_c
     needed = {module.split(".")[0] for module in reached}
     assert needed <= copied, f"the image misses {needed - copied}"
     assert "training" not in copied
+
+
+# ------------------------------------------------------------------------------------------ Ray Serve config file
+def test_the_ray_serve_config_runs_the_application_with_valid_settings():
+    """`serve deploy configs/ray-serve.yaml`: its import path names the application builder, its arguments are
+    server settings and its environment the cluster layout, all valid (Ray itself is not needed to check this)."""
+    import ast
+
+    from server.settings import ClusterSettings, Settings
+
+    config = load_yaml(REPO / "configs" / "ray-serve.yaml")
+    (app,) = config["applications"]
+    module, _, builder = app["import_path"].partition(":")
+    tree = ast.parse((REPO / Path(*module.split("."))).with_suffix(".py").read_text())
+    assert builder in {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    settings = Settings(**app["args"])
+    assert settings.device == "cuda" and settings.dtype == "float16"
+    env = app["runtime_env"]["env_vars"]
+    assert all(name.startswith("APTP_RAY_") and isinstance(value, str) for name, value in env.items())
+    layout = ClusterSettings(**{name.removeprefix("APTP_RAY_").lower(): value for name, value in env.items()})
+    assert layout.gpus_per_replica == 1 and layout.max_expert_replicas > layout.expert_replicas

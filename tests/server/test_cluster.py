@@ -21,8 +21,8 @@ ray = pytest.importorskip("ray", reason="needs Ray Serve: pip install '.[ray]'")
 from ray import serve  # noqa: E402
 
 from aptp.formats.kinds import DEFAULT_BUNDLE  # noqa: E402
-from server.cluster import EXPERTS, NAMESPACE, TARGETS_ACTOR, ClusterSettings, application  # noqa: E402
-from server.settings import Settings  # noqa: E402
+from server.cluster import EXPERTS, NAMESPACE, TARGETS_ACTOR, application, expert_options  # noqa: E402
+from server.settings import ClusterSettings, Settings  # noqa: E402
 from tests.docker.dashboard import (  # noqa: E402
     METRIC,
     SCRAPE_INTERVAL_S,
@@ -174,12 +174,12 @@ def dashboard() -> dict:
 
 def test_the_expert_deployment_follows_the_cluster_settings():
     layout = ClusterSettings(expert_replicas=3, max_expert_replicas=5, gpus_per_replica=0.5)
-    options = layout.expert_options(Settings(max_queue_size=4, max_batch_size=8), num_codes=4)
+    options = expert_options(layout, Settings(max_queue_size=4, max_batch_size=8), num_codes=4)
     assert options["autoscaling_config"] == {"min_replicas": 3, "max_replicas": 5, "target_ongoing_requests": 8.0}
     assert options["ray_actor_options"]["num_gpus"] == 0.5
     assert options["max_ongoing_requests"] == 4 * 4 + 8  # queued places per code, and one batch computing
     assert "num_replicas" not in options
-    fixed = ClusterSettings(expert_replicas=2).expert_options(Settings(max_batch_size={0: 2, 1: 6}), num_codes=2)
+    fixed = expert_options(ClusterSettings(expert_replicas=2), Settings(max_batch_size={0: 2, 1: 6}), num_codes=2)
     assert fixed["num_replicas"] == 2 and fixed["max_ongoing_requests"] == 16 * 2 + 6  # the largest batch
 
 

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from load import ServerProcess, free_port, percentile, wait_ready  # noqa: E402
+from svg import Panel, Series, panels_svg  # noqa: E402
 
 from aptp.conditioning.prompts import Conditioning  # noqa: E402
 from aptp.formats.kinds import DEFAULT_BUNDLE  # noqa: E402
@@ -214,6 +215,37 @@ def serve_and_measure(
 
 
 # --------------------------------------------------------------------------------------------------------- main
+BATCH_COLOURS = {1: "#1f77b4", 4: "#ff7f0e", 8: "#2ca02c", 16: "#d62728"}
+CONFIG_COLOURS = ("#d62728", "#9467bd", "#8c564b", "#000000", "#17becf")
+
+
+def plot(figures: dict) -> str:
+    """Two panels: each model's guided-call latency against its MACs, one line per batch size; and each server
+    configuration's throughput against the images its batches held."""
+    unet = figures["unet"]
+    latency = Panel(
+        "guided U-Net call (ms)",
+        "MACs (x teacher)",
+        (0.5, 1.05),
+        [
+            Series(f"batch {b}", colour, [(r["mac_ratio"], 1000 * r["seconds"]) for r in unet if r["batch"] == b])
+            for b, colour in BATCH_COLOURS.items()
+        ],
+    )
+    configs = {r["config"]: colour for r, colour in zip(figures["server"], CONFIG_COLOURS, strict=False)}
+    throughput = Panel(
+        "server images/s at saturation",
+        "mean images per batch",
+        (0.0, 9.0),
+        [
+            Series(r["config"], configs[r["config"]], [(r["mean_batch_images"], r["images_per_s"])], joined=False)
+            for r in figures["server"]
+        ],
+    )
+    legend = {f"batch {b}": colour for b, colour in BATCH_COLOURS.items()} | configs
+    return panels_svg([latency, throughput], legend)
+
+
 def table(figures: dict) -> str:
     lines = ["### U-Net: a guided call per batch size (median), latency over the teacher's per MAC ratio", ""]
     lines += ["| model | MACs x teacher | " + " | ".join(f"batch {b}" for b in BATCHES) + " |"]
@@ -295,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     provenance = collect_provenance([args.bundle, args.teacher], config=settings)
     out = Path(args.out)
-    write_report(out.parent, out.name, figures, table(figures), echo=True, provenance=provenance)
+    (out.parent / f"{out.name}.svg").write_text(plot(figures))
+    text = table(figures) + f"\n\n![U-Net latency against MACs, and throughput per configuration]({out.name}.svg)\n"
+    write_report(out.parent, out.name, figures, text, echo=True, provenance=provenance)
     return 0
 
 

@@ -21,6 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from svg import Panel, Series, panels_svg  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks/results/sweep"
 RESULTS_ARGUMENT = str(RESULTS.relative_to(REPO))  # the commands run in the repository
@@ -160,44 +164,24 @@ def table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _points(rows: list[dict], method: str, key: str) -> list[tuple[float, float]]:
+    return [(r["macs_ratio"], r[key]) for r in rows if r["method"] == method and r.get(key) is not None]
+
+
 def plot(rows: list[dict]) -> str:
     """An SVG of four panels (alignment on each set, and domain FID) against MACs, one line per method."""
-    panels = [*(("alignment, " + s, s) for s in SETS), ("domain FID (test)", "domain_fid")]
+    keys = [*(("alignment, " + s, s) for s in SETS), ("domain FID (test)", "domain_fid")]
     colours = {"aptp": "#d62728", "aptp-k1": "#1f77b4", "baseline": "#2ca02c", "teacher": "#000000"}
-    width, height, pad = 260, 200, 36
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{len(panels) * width}" height="{height + 30}">']
-    for index, (title, key) in enumerate(panels):
-        values = [r[key] for r in rows if r.get(key) is not None]
-        if not values:
-            continue
-        low, high = min(values), max(values)
-        low, high = (low - 0.05 * (high - low or 1), high + 0.05 * (high - low or 1))
-        left = index * width
-
-        def x(macs, left=left):
-            return left + pad + (width - 2 * pad) * (macs - 0.3) / 0.75
-
-        def y(value, low=low, high=high):
-            return height - pad + (2 * pad - height) * (value - low) / (high - low)
-
-        parts.append(f'<text x="{left + width / 2}" y="14" font-size="12" text-anchor="middle">{title}</text>')
-        parts.append(f'<line x1="{x(0.3)}" y1="{y(low)}" x2="{x(1.05)}" y2="{y(low)}" stroke="#888"/>')
-        parts.append(
-            f'<text x="{left + width / 2}" y="{height - 6}" font-size="10" text-anchor="middle">MACs (x teacher)</text>'
+    panels = [
+        Panel(
+            title,
+            "MACs (x teacher)",
+            (0.3, 1.05),
+            [Series(method, colour, _points(rows, method, key)) for method, colour in colours.items()],
         )
-        for tick in (low, high):
-            parts.append(f'<text x="{left + 4}" y="{y(tick)}" font-size="9">{tick:.3g}</text>')
-        for method, colour in colours.items():
-            points = sorted((r["macs_ratio"], r[key]) for r in rows if r["method"] == method and r.get(key) is not None)
-            if len(points) > 1:
-                path = " ".join(f"{x(m):.1f},{y(v):.1f}" for m, v in points)
-                parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
-            for m, v in points:
-                parts.append(f'<circle cx="{x(m):.1f}" cy="{y(v):.1f}" r="3" fill="{colour}"/>')
-    for k, (method, colour) in enumerate(colours.items()):
-        parts.append(f'<text x="{10 + 90 * k}" y="{height + 24}" font-size="11" fill="{colour}">{method}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
+        for title, key in keys
+    ]
+    return panels_svg(panels, colours)
 
 
 def main(argv: list[str] | None = None) -> int:

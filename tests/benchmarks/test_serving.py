@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.serving import BATCHES, gated_teacher, table, unet_latency
+from benchmarks.serving import BATCH_COLOURS, BATCHES, gated_teacher, plot, table, unet_latency
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +52,11 @@ def test_the_gated_teacher_runs_a_mixed_batch_and_the_table_renders(models):
     }
     text = table(figures)
     assert "| code 1 |" in text and "GEMM" in text
+
+    # the plot: a point per model at each plotted batch size, and one per server configuration
+    import xml.etree.ElementTree as ElementTree
+
+    server = [{"config": "bundle", "mean_batch_images": 3.5, "images_per_s": 2.0}]
+    svg = ElementTree.fromstring(plot({**figures, "server": server}))
+    circles = svg.findall("{http://www.w3.org/2000/svg}circle")
+    assert len(circles) == 3 * len(BATCH_COLOURS) + len(server)

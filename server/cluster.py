@@ -63,7 +63,7 @@ def expert_options(cluster: ClusterSettings, settings: Settings, num_codes: int)
     options: dict[str, Any] = {
         "name": EXPERTS,
         "ray_actor_options": {"num_cpus": cluster.cpus_per_replica, "num_gpus": cluster.gpus_per_replica},
-        # every queued request reaches a replica's batcher: admission bounds them at the ingress
+        # a replica takes every request it is sent into its engine's queues: admission bounds them at the ingress
         "max_ongoing_requests": places_per_replica(settings, num_codes),
         "graceful_shutdown_timeout_s": settings.drain_timeout_s,
     }
@@ -79,7 +79,7 @@ def expert_options(cluster: ClusterSettings, settings: Settings, num_codes: int)
 
 
 def largest_batch(settings: Settings, num_codes: int) -> int:
-    """Images per batch on an expert replica: Serve's batcher has one size, so per-code sizes take their largest."""
+    """The most images one batch of an expert replica holds (with per-code batch sizes, the largest)."""
     config = SchedulerConfig(num_codes=num_codes, max_batch_size=settings.max_batch_size)
     return max(config.batch_size(code) for code in range(num_codes))
 
@@ -172,6 +172,17 @@ class ExpertReplica:
             self._metrics_server.shutdown()
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown(drain_timeout=0)
+
+
+async def _listening(target: str, timeout_s: float = 0.5) -> bool:
+    """Whether something accepts connections at `host:port`."""
+    host, _, port = target.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 def _serve_metrics(metrics: ServerMetrics, host: str):
@@ -356,8 +367,14 @@ class Ingress:
 
         @app.get("/metrics/targets", include_in_schema=False)
         async def metrics_targets_sd() -> list[dict[str, Any]]:
-            """The expert replicas' metrics endpoints, as Prometheus's `http_sd_configs` reads them."""
-            targets = await metrics_targets().targets.remote()
+            """The live expert replicas' metrics endpoints, as Prometheus's `http_sd_configs` reads them."""
+            directory = metrics_targets()
+            registered = await directory.by_replica.remote()
+            live = await asyncio.gather(*(_listening(target) for target in registered.values()))
+            for (replica, _), alive in zip(registered.items(), live, strict=True):
+                if not alive:  # a replica that died without saying so (killed, its node lost)
+                    directory.remove.remote(replica)
+            targets = sorted(target for target, alive in zip(registered.values(), live, strict=True) if alive)
             return [{"targets": targets, "labels": {"role": "expert"}}]
 
         return app

@@ -163,6 +163,8 @@ def test_a_replica_killed_under_load_loses_no_request_and_is_replaced(cluster):
 
     wait_for(replaced, timeout=180)
     assert _generate(cluster, "a red circle", 7).status_code == 200
+    (group,) = httpx.get(f"{cluster}/metrics/targets", timeout=10).json()
+    assert len(group["targets"]) == 2 and targets[victim.rsplit("#", 1)[-1]] not in group["targets"]
 
 
 @pytest.fixture(scope="module")

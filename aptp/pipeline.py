@@ -144,7 +144,8 @@ class RoutedPipeline:
         encoder (`Conditioner` or `ClipConditioner`): what the U-Nets read (the embedded domain's frozen encoder
             and text adapter, or a pipeline's CLIP text encoder) and the pooled embedding the router reads.
         router (`Router`, *optional*): None for a one-code pipeline (a teacher or a diffusers pipeline folder).
-        experts (`list[nn.Module]`): the U-Net of each code.
+        experts (`list[nn.Module]`): the U-Net of each code; empty for a pipeline loaded to encode and route only
+            (`from_pretrained(..., load_experts=False)`), which cannot generate.
         codes (`list[CodeInfo]`): their description.
         scheduler_config (`dict`): the training noise schedule (samplers are built from it).
         resolution (`int`): image size in pixels (the U-Nets run at `resolution // decoder.scale_factor`).
@@ -169,6 +170,8 @@ class RoutedPipeline:
     ):
         if router is None and len(experts) != 1:
             raise ValueError("a pipeline without a router has exactly one expert")
+        if decoder is None and not experts:
+            raise ValueError("a pipeline without experts needs its decoder given")
         decoder = decoder or PixelDecoder(experts[0].config.out_channels)
         made = encoder.map_channels
         for code, expert in enumerate(experts):
@@ -230,15 +233,21 @@ class RoutedPipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.experts[0].parameters()).device
+        return next((self.experts[0] if self.experts else self.router).parameters()).device
 
     # --------------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        load_experts: bool = True,
     ) -> RoutedPipeline:
         """Load a bundle folder (`manifest.json`), a teacher folder (`teacher.json`) or a diffusers Stable Diffusion
-        pipeline folder (`model_index.json`), verifying what can be verified; errors name the file."""
+        pipeline folder (`model_index.json`), verifying what can be verified; errors name the file.
+        `load_experts=False` loads a bundle to encode, route and count costs only, without its codes' U-Nets (what
+        a Ray Serve ingress needs); a one-code folder's U-Net is loaded whatever it says."""
         path = Path(path)
         kind = folder_kind(path)
         if kind == "teacher":
@@ -269,7 +278,9 @@ class RoutedPipeline:
             raise BundleError(
                 path / "router", f"router has {router.config.num_codes} codes, manifest {manifest.num_codes}"
             )
-        experts = load_code_experts(path, manifest, device=device, dtype=dtype)
+        experts = load_code_experts(path, manifest, device=device, dtype=dtype) if load_experts else []
+        if decoder is None and not load_experts:
+            decoder = PixelDecoder(manifest.teacher_config["out_channels"])
         codes = [CodeInfo(c.code, c.macs, c.params, c.training_share) for c in manifest.codes]
         return cls(
             encoder,
@@ -500,7 +511,7 @@ class RoutedPipeline:
         generator), decoded; the unconditional branch reads `negative` (one row per image) or, when it is None, the
         empty prompt. `output`: `"uint8"` (what is served) or `"model"` (float, [-1, 1] unclipped), on the CPU."""
         trajectory = self.trajectory(code, cond, seeds, steps, guidance_scales, negative)
-        return self.decode(run_to_end(self.experts[code], trajectory), output)
+        return self.decode(run_to_end(self._expert(code), trajectory), output)
 
     def trajectory(
         self,
@@ -515,8 +526,13 @@ class RoutedPipeline:
         `decode` turns its result into images): `generate` one step at a time, for step-level batching."""
         uncond = self.empty_prompt if negative is None else negative
         return Trajectory(
-            self.experts[code], self.sampler, cond, uncond, seeds, steps, list(guidance_scales), self.latent_size
+            self._expert(code), self.sampler, cond, uncond, seeds, steps, list(guidance_scales), self.latent_size
         )
+
+    def _expert(self, code: int) -> nn.Module:
+        if not self.experts:
+            raise RuntimeError("this pipeline was loaded to encode and route only (load_experts=False): no U-Net")
+        return self.experts[code]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output: str = "uint8") -> torch.Tensor:

@@ -34,12 +34,14 @@ def create_app(
     settings: Settings | None = None,
     pipeline: RoutedPipeline | None = None,
     engine_factory: EngineFactory | None = None,
+    load_experts: bool = True,
 ) -> FastAPI:
     """An app serving `settings.bundle` (or an already loaded `pipeline`). Loading, warm-up and the engine worker
     start with the app's lifespan; shutdown drains queued work for up to `settings.drain_timeout_s`.
-    `engine_factory` replaces the in-process engine (see `ServerState`)."""
+    `engine_factory` replaces the in-process engine, and `load_experts=False` loads the bundle to encode and route
+    only (see `ServerState`)."""
     settings = settings or Settings()
-    state = ServerState(settings, pipeline, engine_factory)
+    state = ServerState(settings, pipeline, engine_factory, load_experts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

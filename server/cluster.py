@@ -363,7 +363,8 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         engine = partial(ClusterEngine, self._experts, self._cluster, self._settings)
-        app = self._app = create_app(self._settings, engine_factory=engine)
+        # the ingress encodes and routes; the codes' U-Nets live on the expert replicas only
+        app = self._app = create_app(self._settings, engine_factory=engine, load_experts=False)
 
         @app.get("/metrics/targets", include_in_schema=False)
         async def metrics_targets_sd() -> list[dict[str, Any]]:

@@ -32,14 +32,21 @@ class ServerState:
     engine_factory (`EngineFactory`, *optional*): what runs the admitted requests, built once the pipeline is
         loaded (default: `Engine`, every expert in this process; `server.cluster` passes one that sends them to Ray
         Serve expert replicas).
+    load_experts (`bool`): load the codes' U-Nets with the bundle (False: encode and route only, for an engine that
+        runs them elsewhere).
     """
 
     def __init__(
-        self, settings: Settings, pipeline: RoutedPipeline | None = None, engine_factory: EngineFactory | None = None
+        self,
+        settings: Settings,
+        pipeline: RoutedPipeline | None = None,
+        engine_factory: EngineFactory | None = None,
+        load_experts: bool = True,
     ):
         self.settings = settings
         self.pipeline = pipeline
         self.engine_factory = engine_factory or Engine
+        self.load_experts = load_experts
         self.engine: Engine | None = None
         self.routing: RoutingStage | None = None
         self.metrics: ServerMetrics | None = None
@@ -78,7 +85,9 @@ class ServerState:
     def _load_then_start(self) -> None:
         settings, began = self.settings, time.monotonic()
         try:
-            pipeline = RoutedPipeline.load(settings.bundle, device=settings.device, dtype=settings.torch_dtype)
+            pipeline = RoutedPipeline.load(
+                settings.bundle, device=settings.device, dtype=settings.torch_dtype, load_experts=self.load_experts
+            )
         except Exception as error:  # noqa: BLE001 - whatever stops the bundle from loading is reported, then exit
             message = str(error) if isinstance(error, ModelFileError) else f"{type(error).__name__}: {error}"
             logger.error("cannot serve %s: %s", settings.bundle, message)

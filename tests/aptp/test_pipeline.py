@@ -136,6 +136,23 @@ def test_a_bundle_pipeline_routes_with_its_router(tmp_path, teacher_folder):
     assert routed.codes == expected.codes.tolist()
 
 
+def test_a_bundle_loaded_to_route_only_routes_and_costs_as_the_whole_one_and_refuses_to_generate(
+    tmp_path, teacher_folder
+):
+    """What a Ray Serve ingress loads: the encoder, router and code costs, none of the codes' U-Nets."""
+    from training.export import random_bundle
+
+    bundle = random_bundle(teacher_folder, tmp_path / "bundle", num_codes=3, keeps=[1.0, 0.4, 0.7], seed=1)
+    whole, routing = RoutedPipeline.load(bundle), RoutedPipeline.load(bundle, load_experts=False)
+    assert routing.experts == [] and routing.codes == whole.codes and routing.teacher_macs == whole.teacher_macs
+    assert routing.decoder_macs_per_image == whole.decoder_macs_per_image
+    prompts = ["a red circle", "two blue squares", "the letter K in green"]
+    assert routing.route(routing.encode(prompts)).rankings == whole.route(whole.encode(prompts)).rankings
+    assert routing.device == whole.device
+    with pytest.raises(RuntimeError, match="route only"):
+        routing.generate(0, routing.encode(["a red circle"]), [0], 2, [1.0])
+
+
 def test_a_folder_that_is_neither_names_itself(tmp_path):
     with pytest.raises(BundleError, match="manifest.json"):
         RoutedPipeline.load(tmp_path)

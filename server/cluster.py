@@ -80,7 +80,7 @@ def expert_options(cluster: ClusterSettings, settings: Settings, num_codes: int)
 
 def largest_batch(settings: Settings, num_codes: int) -> int:
     """The most images one batch of an expert replica holds (with per-code batch sizes, the largest)."""
-    config = SchedulerConfig(num_codes=num_codes, max_batch_size=settings.max_batch_size)
+    config = settings.scheduler_config(num_codes)
     return max(config.batch_size(code) for code in range(num_codes))
 
 
@@ -126,12 +126,7 @@ class ExpertReplica:
             torch.set_num_threads(settings.threads)
         self.pipeline = RoutedPipeline.load(settings.bundle, device=settings.device, dtype=settings.torch_dtype)
         self.metrics = ServerMetrics([code.macs for code in self.pipeline.codes])
-        config = SchedulerConfig(
-            num_codes=self.pipeline.num_codes,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue_size=settings.max_queue_size,
-        )
+        config = settings.scheduler_config(self.pipeline.num_codes)
         step_level, niceness = settings.batching == "step", settings.compute_niceness
         self.engine = Engine(self.pipeline, config, self.metrics, step_level=step_level, niceness=niceness)
         self.engine.start()

@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from aptp.formats.kinds import DEFAULT_BUNDLE
 
+from .scheduler import SchedulerConfig
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -104,6 +106,15 @@ class Settings(BaseSettings):
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def scheduler_config(self, num_codes: int) -> SchedulerConfig:
+        """The batching and admission policy these settings give a bundle of `num_codes` codes."""
+        return SchedulerConfig(
+            num_codes=num_codes,
+            max_batch_size=self.max_batch_size,
+            max_wait_ms=self.max_wait_ms,
+            max_queue_size=self.max_queue_size,
+        )
 
 
 class ClusterSettings(BaseSettings):

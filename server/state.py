@@ -15,7 +15,6 @@ from aptp.pipeline import RoutedPipeline
 from .engine import Engine
 from .metrics import ServerMetrics
 from .routing import RoutingStage
-from .scheduler import SchedulerConfig
 from .settings import Settings
 
 logger = logging.getLogger("aptp.server")
@@ -108,12 +107,7 @@ class ServerState:
     def _start_engine(self) -> None:
         settings = self.settings
         self.metrics = ServerMetrics([code.macs for code in self.pipeline.codes])
-        scheduler_config = SchedulerConfig(
-            num_codes=self.pipeline.num_codes,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue_size=settings.max_queue_size,
-        )
+        scheduler_config = settings.scheduler_config(self.pipeline.num_codes)
         step_level = settings.batching == "step"
         self.engine = self.engine_factory(
             self.pipeline, scheduler_config, self.metrics, step_level=step_level, niceness=settings.compute_niceness

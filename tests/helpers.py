@@ -322,3 +322,17 @@ def search_settings(tiny_sd, tiny_captions, out, **overrides) -> dict:
         "checkpoint_minutes": 60.0,
         **overrides,
     }
+
+
+def stop_process(process, timeout_s: float = 30.0) -> None:
+    """SIGTERM a child process that is still running, then SIGKILL it if it has not exited within `timeout_s`."""
+    import subprocess
+
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import wait_for
+from tests.helpers import stop_process, wait_for
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docker" / "grafana" / "dashboards" / "aptp.json"
 METRIC = re.compile(r"aptp_[a-z_]+")
@@ -102,9 +102,4 @@ def running_prometheus(binary: str, scrape_configs: str, folder: Path, port: int
         wait_for(lambda: answers(f"{url}/-/ready"), timeout=30)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)

@@ -28,7 +28,7 @@ from tests.docker.dashboard import (
     readiness_expr,
     running_prometheus,
 )
-from tests.helpers import free_port, wait_for, wait_until_ready
+from tests.helpers import free_port, stop_process, wait_for, wait_until_ready
 
 pytestmark = pytest.mark.slow
 
@@ -76,10 +76,4 @@ def test_every_panel_query_evaluates_and_a_stopped_server_reads_down(dashboard, 
             down = instant(prometheus, readiness_expr(dashboard))
             assert [(series["metric"]["instance"], series["value"][1]) for series in down] == [(target, "-1")]
     finally:
-        if server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        stop_process(server)

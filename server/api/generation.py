@@ -203,11 +203,9 @@ async def _wait(
             count.labels(code=str(code), status="cancelled").inc()
             raise ApiError(CLIENT_CLOSED_REQUEST, "client closed the request")
     try:
-        return result.result()
-    except QueueFull as full:  # an engine that learns of a full queue only once the request is sent (Ray Serve)
-        count.labels(code=str(code), status="rejected").inc()
-        retry = {"Retry-After": str(full.retry_after_seconds)}
-        raise ApiError(429, str(full), headers=retry, reason="queue_full") from None
+        # an engine may learn of a full queue only once the request is sent (Ray Serve): refused as at admission
+        with _admission_errors(state, code):
+            return result.result()
     except QueueTimeout as e:
         count.labels(code=str(code), status="timeout").inc()
         raise ApiError(504, f"{e} (limit {state.settings.request_timeout_s:g} s)") from None

@@ -45,7 +45,7 @@ from aptp.pipeline import RoutedPipeline
 from .app import create_app
 from .engine import BatchFailed, Engine, EngineStopped, GenerationJob, GenerationResult, QueueTimeout
 from .metrics import ServerMetrics
-from .scheduler import QueueFull, SchedulerClosed, SchedulerConfig, SchedulerStats
+from .scheduler import QueueFull, SchedulerClosed, SchedulerStats
 from .settings import ClusterSettings, Settings
 
 logger = logging.getLogger("aptp.cluster")
@@ -126,9 +126,7 @@ class ExpertReplica:
             torch.set_num_threads(settings.threads)
         self.pipeline = RoutedPipeline.load(settings.bundle, device=settings.device, dtype=settings.torch_dtype)
         self.metrics = ServerMetrics([code.macs for code in self.pipeline.codes])
-        config = settings.scheduler_config(self.pipeline.num_codes)
-        step_level, niceness = settings.batching == "step", settings.compute_niceness
-        self.engine = Engine(self.pipeline, config, self.metrics, step_level=step_level, niceness=niceness)
+        self.engine = Engine.from_settings(self.pipeline, settings, self.metrics)
         self.engine.start()
         self.engine.warm_up()  # before Serve counts the replica as running
         self.metrics.ready.set(1)
@@ -197,21 +195,17 @@ class ClusterEngine:
     Parameters:
         experts (`DeploymentHandle`): the expert deployment.
         cluster (`ClusterSettings`): replicas (the places scale with the most there may be).
-        settings (`Settings`): queue places and batch sizes.
-        pipeline (`RoutedPipeline`), scheduler_config, metrics, step_level: as `Engine` takes them (the ingress's
-            pipeline encodes and routes; batching happens on the replicas, so `step_level` is not used).
+        pipeline (`RoutedPipeline`), settings (`Settings`), metrics (`ServerMetrics`): as `Engine.from_settings`
+            takes them (the ingress's pipeline encodes and routes; the replicas batch).
     """
 
     def __init__(
         self,
         experts: DeploymentHandle,
         cluster: ClusterSettings,
-        settings: Settings,
         pipeline: RoutedPipeline,
-        scheduler_config: SchedulerConfig,
+        settings: Settings,
         metrics: ServerMetrics | None = None,
-        step_level: bool = False,
-        niceness: int = 0,
     ):
         self.experts = experts
         self.pipeline = pipeline
@@ -357,7 +351,7 @@ class Ingress:
         self._experts, self._settings, self._cluster = experts, settings, cluster
 
     def __serve_build_asgi_app__(self):
-        engine = partial(ClusterEngine, self._experts, self._cluster, self._settings)
+        engine = partial(ClusterEngine, self._experts, self._cluster)
         # the ingress encodes and routes; the codes' U-Nets live on the expert replicas only
         app = self._app = create_app(self._settings, engine_factory=engine, load_experts=False)
 

@@ -34,6 +34,7 @@ from .scheduler import (
     SchedulerConfig,
     SchedulerStats,
 )
+from .settings import Settings
 
 logger = logging.getLogger("aptp.engine")
 
@@ -184,6 +185,20 @@ class Engine:
         self._thread: threading.Thread | None = None
         if metrics is not None:
             metrics.watch_scheduler(self.stats)
+
+    @classmethod
+    def from_settings(
+        cls, pipeline: RoutedPipeline, settings: Settings, metrics: ServerMetrics | None = None
+    ) -> Engine:
+        """The engine an operator's settings describe: their batching and admission policy, batching mode and
+        compute priority."""
+        return cls(
+            pipeline,
+            settings.scheduler_config(pipeline.num_codes),
+            metrics,
+            step_level=settings.batching == "step",
+            niceness=settings.compute_niceness,
+        )
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def warm_up(self, steps: int = 2) -> None:

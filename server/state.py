@@ -19,8 +19,8 @@ from .settings import Settings
 
 logger = logging.getLogger("aptp.server")
 
-# (pipeline, scheduler config, metrics, step_level=) -> an engine: `Engine`, or one with its interface.
-EngineFactory = Callable[..., Engine]
+# (pipeline, settings, metrics) -> an engine: `Engine.from_settings`, or one with its interface.
+EngineFactory = Callable[[RoutedPipeline, Settings, ServerMetrics], Engine]
 
 
 class ServerState:
@@ -29,8 +29,8 @@ class ServerState:
     pipeline (`RoutedPipeline`, *optional*): an already loaded pipeline (tests share one); else `settings.bundle`
         is loaded by `start`.
     engine_factory (`EngineFactory`, *optional*): what runs the admitted requests, built once the pipeline is
-        loaded (default: `Engine`, every expert in this process; `server.cluster` passes one that sends them to Ray
-        Serve expert replicas).
+        loaded (default: `Engine.from_settings`, every expert in this process; `server.cluster` passes one that
+        sends them to Ray Serve expert replicas).
     load_experts (`bool`): load the codes' U-Nets with the bundle (False: encode and route only, for an engine that
         runs them elsewhere).
     """
@@ -44,7 +44,7 @@ class ServerState:
     ):
         self.settings = settings
         self.pipeline = pipeline
-        self.engine_factory = engine_factory or Engine
+        self.engine_factory = engine_factory or Engine.from_settings
         self.load_experts = load_experts
         self.engine: Engine | None = None
         self.routing: RoutingStage | None = None
@@ -107,11 +107,7 @@ class ServerState:
     def _start_engine(self) -> None:
         settings = self.settings
         self.metrics = ServerMetrics([code.macs for code in self.pipeline.codes])
-        scheduler_config = settings.scheduler_config(self.pipeline.num_codes)
-        step_level = settings.batching == "step"
-        self.engine = self.engine_factory(
-            self.pipeline, scheduler_config, self.metrics, step_level=step_level, niceness=settings.compute_niceness
-        )
+        self.engine = self.engine_factory(self.pipeline, settings, self.metrics)
         self.engine.start()
         self.routing = RoutingStage(
             self.pipeline, settings.max_routing_queue, settings.max_routing_batch, niceness=settings.compute_niceness

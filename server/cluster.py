@@ -111,7 +111,10 @@ class MetricsTargets:
 
 
 def metrics_targets() -> ray.actor.ActorHandle:
-    return MetricsTargets.options(name=TARGETS_ACTOR, namespace=NAMESPACE, get_if_exists=True).remote()
+    """The directory of replicas' metrics endpoints. Detached: an actor owned by the replica that first asked for
+    it would die with that replica, and take every other replica's entry with it."""
+    options = {"name": TARGETS_ACTOR, "namespace": NAMESPACE, "get_if_exists": True, "lifetime": "detached"}
+    return MetricsTargets.options(**options).remote()
 
 
 class ExpertReplica:
@@ -433,6 +436,7 @@ def serve_cluster(settings: Settings | None = None, cluster: ClusterSettings | N
         drained = all(ingress.drain.remote(settings.drain_timeout_s).result() for _ in range(cluster.ingress_replicas))
         print("aptp-serve: drained" if drained else "aptp-serve: drain timeout: stopping with work left", flush=True)
         serve.shutdown()
+        ray.kill(metrics_targets())  # detached: it would outlive the application
         return 0
     finally:
         ray.shutdown()

@@ -96,3 +96,23 @@ def tiny_captions(tmp_path_factory) -> Path:
     from scripts.tiny_sd import build_tiny_captions
 
     return build_tiny_captions(tmp_path_factory.mktemp("captions") / "data")
+
+
+# ---------------------------------------------------------------------------------------- dashboard and Prometheus
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    """The Grafana dashboard (docker/grafana/dashboards/aptp.json)."""
+    from tests.docker.dashboard import load_dashboard
+
+    return load_dashboard()
+
+
+@pytest.fixture()
+def prometheus_binary() -> str:
+    """The `prometheus` binary; the test is skipped without it."""
+    import shutil
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("needs the prometheus binary (Debian: apt-get install prometheus)")
+    return binary

@@ -9,7 +9,6 @@ package: `apt-get install prometheus`) and is skipped without it.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,14 +30,6 @@ from tests.docker.dashboard import (
 from tests.helpers import free_port, stop_process, wait_for, wait_until_ready
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture()
-def prometheus_binary() -> str:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("needs the prometheus binary (Debian: apt-get install prometheus)")
-    return binary
 
 
 def test_every_panel_query_evaluates_and_a_stopped_server_reads_down(dashboard, prometheus_binary, tmp_path: Path):

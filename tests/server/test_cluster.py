@@ -7,7 +7,6 @@ Heavy (a Ray cluster and three copies of the bundle on two cores): slow-marked. 
 
 from __future__ import annotations
 
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +25,7 @@ from server.settings import ClusterSettings, Settings  # noqa: E402
 from tests.docker.dashboard import (  # noqa: E402
     METRIC,
     SCRAPE_INTERVAL_S,
+    answers,
     empty_panels,
     instant,
     last_scrape,
@@ -65,18 +65,11 @@ def cluster():
         layout = ClusterSettings(expert_replicas=2, cpus_per_replica=1)
         serve.run(application(settings, layout), name="aptp", route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _ready(url), timeout=180)
+        wait_for(lambda: answers(f"{url}/readyz"), timeout=180)
         yield url
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _generate(url: str, prompt: str, seed: int, **extra) -> httpx.Response:
@@ -167,13 +160,6 @@ def test_a_replica_killed_under_load_loses_no_request_and_is_replaced(cluster):
     assert len(group["targets"]) == 2 and targets[victim.rsplit("#", 1)[-1]] not in group["targets"]
 
 
-@pytest.fixture(scope="module")
-def dashboard() -> dict:
-    from tests.docker.dashboard import load_dashboard
-
-    return load_dashboard()
-
-
 def test_the_expert_deployment_follows_the_cluster_settings():
     layout = ClusterSettings(expert_replicas=3, max_expert_replicas=5, gpus_per_replica=0.5)
     options = expert_options(layout, Settings(max_queue_size=4, max_batch_size=8), num_codes=4)
@@ -185,19 +171,18 @@ def test_the_expert_deployment_follows_the_cluster_settings():
     assert fixed["num_replicas"] == 2 and fixed["max_ongoing_requests"] == 16 * 2 + 6  # the largest batch
 
 
-def test_prometheus_finds_every_replica_and_the_dashboard_reads_the_cluster(cluster, dashboard, tmp_path):
+def test_prometheus_finds_every_replica_and_the_dashboard_reads_the_cluster(
+    cluster, dashboard, prometheus_binary, tmp_path
+):
     """Prometheus scrapes the ingress, and the expert replicas it finds through `/metrics/targets` (HTTP service
     discovery); every panel's query evaluates, and the per-code batch panels add the replicas up."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("needs the prometheus binary (Debian: apt-get install prometheus)")
     ingress = cluster.removeprefix("http://")
     scrape = (
         f"  - job_name: aptp\n    static_configs:\n      - targets: ['{ingress}']\n"
         f"    http_sd_configs:\n      - url: {cluster}/metrics/targets\n        refresh_interval: 1s\n"
     )
     (group,) = httpx.get(f"{cluster}/metrics/targets", timeout=10).json()
-    with running_prometheus(binary, scrape, tmp_path, free_port()) as prometheus:
+    with running_prometheus(prometheus_binary, scrape, tmp_path, free_port()) as prometheus:
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             statuses = list(pool.map(lambda i: _generate(cluster, PROMPTS[i], 300 + i).status_code, range(6)))
         assert statuses == [200] * len(PROMPTS)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import math
@@ -276,12 +277,10 @@ async def wait_ready(client: httpx.AsyncClient, url: str, server: ServerProcess 
     while time.monotonic() < deadline:
         if server is not None and server.process.poll() is not None:
             raise RuntimeError(f"the server exited with code {server.process.returncode} before it was ready")
-        try:
+        with contextlib.suppress(httpx.HTTPError):  # not listening yet: poll again
             response = await client.get(f"{url}/readyz", timeout=PROBE_TIMEOUT_S)
             if response.status_code == 200:
                 return response.json()
-        except httpx.HTTPError:
-            pass  # not listening yet
         await asyncio.sleep(0.5)
     raise RuntimeError(f"{url}/readyz did not answer 200 within {READY_TIMEOUT_S:.0f} s")
 

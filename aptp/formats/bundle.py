@@ -180,20 +180,34 @@ def load_code_experts(
     spaces: dict[str, ArchitectureSpace] = {}  # experts of one teacher share a space: its MACs are traced once
     for entry in manifest.codes:
         unet, info = load_expert(folder / entry.expert, device=device, dtype=dtype, verify=False)
-        if not torch.equal(info.arch, entry.architecture_tensor()):
-            raise BundleError(folder / entry.expert, f"expert architecture differs from code {entry.code} in manifest")
+        check_code_architecture(folder, entry, info.arch)
         space = spaces.setdefault(json.dumps(info.space.to_dict(), sort_keys=True), info.space)
         # The costs a server reports and schedules by are recounted from the expert itself, not trusted.
-        counted = {
-            f"codes[{entry.code}].macs": (entry.macs, space.macs(info.arch, manifest.resolution)),
-            f"codes[{entry.code}].params": (entry.params, sum(p.numel() for p in unet.parameters())),
-            "teacher_macs": (manifest.teacher_macs, space.total_macs(manifest.resolution)),
-        }
-        for field, (stated, actual) in counted.items():
-            if stated != actual:
-                raise BundleError(folder / MANIFEST, f"{field} is {stated}, but the expert counts {actual}")
+        macs, params = space.macs(info.arch, manifest.resolution), sum(p.numel() for p in unet.parameters())
+        check_code_costs(folder, manifest, entry, macs, params, space.total_macs(manifest.resolution))
         experts.append(unet)
     return experts
+
+
+def check_code_architecture(folder: Path, entry: CodeEntry, arch: torch.Tensor) -> None:
+    """The expert folder of code `entry` (in bundle `folder`) holds the architecture the manifest gives it."""
+    if not torch.equal(arch, entry.architecture_tensor()):
+        raise BundleError(folder / entry.expert, f"expert architecture differs from code {entry.code} in {MANIFEST}")
+
+
+def check_code_costs(
+    folder: Path, manifest: Manifest, entry: CodeEntry, macs: int, params: int, teacher_macs: int
+) -> None:
+    """What the manifest states of code `entry`'s costs and the teacher's MACs is what its expert counts (at the
+    bundle's resolution); the error names the manifest's field."""
+    counted = {
+        f"codes[{entry.code}].macs": (entry.macs, macs),
+        f"codes[{entry.code}].params": (entry.params, params),
+        "teacher_macs": (manifest.teacher_macs, teacher_macs),
+    }
+    for field, (stated, actual) in counted.items():
+        if stated != actual:
+            raise BundleError(folder / MANIFEST, f"{field} is {stated}, but the expert counts {actual}")
 
 
 def load_bundle_text_adapter(

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from aptp.formats.bundle import MANIFEST, BundleError, read_manifest
+from aptp.formats.bundle import MANIFEST, BundleError, check_code_architecture, check_code_costs, read_manifest
 from aptp.formats.diffusers import check_pipeline_folder, is_pipeline_folder
 from aptp.formats.expert import EXPERT_NAME, is_expert_folder, read_expert_info
 from aptp.formats.files import read_json_object
@@ -184,17 +184,9 @@ def _describe_bundle(path: Path, resolution: int | None, text_len: int | None, v
             problem = f"has no {EXPERT_NAME}" if folder.is_dir() else "is missing"
             raise BundleError(folder, f"code {entry.code}'s expert folder (listed in {MANIFEST}) {problem}")
         report, _, arch = _describe_unet(folder, resolution or manifest.resolution, text_len, verify, spaces)
-        if not torch.equal(arch, entry.architecture_tensor()):
-            raise BundleError(folder, f"expert architecture differs from code {entry.code} in {MANIFEST}")
-        if resolution in (None, manifest.resolution) and text_len is None:
-            counted = {
-                f"codes[{entry.code}].macs": (entry.macs, report["expert_macs"]),
-                f"codes[{entry.code}].params": (entry.params, report["params"]),
-                "teacher_macs": (manifest.teacher_macs, report["total_macs"]),
-            }
-            for field, (stated, actual) in counted.items():
-                if stated != actual:
-                    raise BundleError(path / MANIFEST, f"{field} is {stated}, but the expert counts {actual}")
+        check_code_architecture(path, entry, arch)
+        if resolution in (None, manifest.resolution) and text_len is None:  # the manifest counts at its own
+            check_code_costs(path, manifest, entry, report["expert_macs"], report["params"], report["total_macs"])
         codes.append({"code": entry.code, "expert": entry.expert, "training_share": entry.training_share, **report})
     first = codes[0]
     teacher = _build_skeleton(manifest.teacher_config, path / MANIFEST)

@@ -49,8 +49,10 @@ class Settings(BaseSettings):
     batching (`str`): `"step"`: requests join and leave a code's running batch between denoising steps
         (iteration-level scheduling); `"request"`: a batch runs from its first step to its last, and requests that
         arrive meanwhile wait for the next one.
-    compute_niceness (`int`): how much lower the CPU priority (nice value) of the engine and routing threads is
-        than the event loop's, so refusals and health checks are answered at once however busy the CPU (0: same).
+    compute_niceness (`int`): how much lower the CPU priority (nice value) of the engine's thread is than the event
+        loop's, so refusals and health checks are answered at once however busy the CPU (0: same).
+    routing_niceness (`int`): the same for the routing thread. Between the two by default: routing a burst is
+        short and every request waits for it, so it runs before denoising rather than beside it.
     degrade_when_full (`bool`): when a request's code's queue is past its share, serve it with a cheaper code below
         its share (reported as `degraded`) instead of lengthening that queue.
     """
@@ -79,6 +81,7 @@ class Settings(BaseSettings):
     warmup: bool = True
     degrade_when_full: bool = False
     compute_niceness: int = Field(10, ge=0, le=19)
+    routing_niceness: int = Field(5, ge=0, le=19)
     batching: Literal["request", "step"] = "request"
 
     @field_validator("api_keys", mode="before")

@@ -149,20 +149,12 @@ def _nice(thread_id: int) -> int:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread priorities from Linux's /proc")
-def test_compute_runs_below_the_event_loops_priority(pipeline):
-    """The engine's worker and the routing thread give way to the thread serving HTTP on a busy CPU."""
-    from server.routing import RoutingStage
-
-    engine = Engine(pipeline, SchedulerConfig(num_codes=pipeline.num_codes, max_wait_ms=0), niceness=7)
-    engine.start()
-    routing = RoutingStage(pipeline, niceness=7)
-    try:
-        assert engine.submit("one", 0, _job(pipeline, 1)).result(timeout=60).images.shape[0] == 1
-        routing.submit(["a red circle"]).result(timeout=60)
+def test_compute_runs_below_the_event_loops_priority_and_denoising_below_routing(make_client):
+    """On a busy CPU the thread serving HTTP preempts routing, and routing (short, and every request waits for it)
+    preempts the engine's denoising: the server's settings reach both threads."""
+    with make_client(compute_niceness=7, routing_niceness=3) as client:
+        assert client.post("/generate", json={"prompt": "a red circle", "steps": 1}).status_code == 200
         threads = {thread.name: thread.native_id for thread in threading.enumerate()}
         mine = _nice(threading.get_native_id())
         assert _nice(threads["aptp-engine"]) == mine + 7
-        assert _nice(threads["aptp-routing"]) == mine + 7
-    finally:
-        engine.shutdown()
-        routing.stop()
+        assert _nice(threads["aptp-routing"]) == mine + 3

@@ -10,13 +10,19 @@ Parts, each printed and written to OUT.json / OUT.md with provenance:
   teacher's, divided by its MAC ratio ("latency per MAC x teacher", 1.0 when time follows MACs), and the GMAC/s the
   call reaches.
 - **gemm**: a 2048 x 2048 fp32 matmul on the same threads: the machine's dense rate, the U-Net's ceiling.
-- **gated**: a mixed batch as per-prompt dynamic pruning runs it: the teacher with each row's code as gate masks
-  (`pruning.gates.UNetGates`), against the same rows routed to their sliced experts, one batch per code.
+- **offline**: the same requests the server configurations send, without a server: encoded and routed at once,
+  then each code's in batches through the engine's own batch function (`server.engine.run_jobs`), what the server's
+  throughput is held against; and per-sample dynamic pruning of them, the teacher gated row by row by each prompt's
+  code (`pruning.gates.UNetGates`) in mixed batches of arrival order.
 - **server**: `aptp serve` at saturation (closed loop: `--clients` clients, each sending its next request when the
   last is answered) on a mixed prompt stream, for the bundle with whole-batch and with step-level batching, the
-  bundle with batches of one, and the teacher. Throughput (images/s), latency p50/p95, and where a request's time
-  went (the server's report: routing, queueing, computing; the rest of the client's latency is HTTP, JSON and PNG),
-  and the engine's busy share of the run (`aptp_compute_seconds` over the wall time).
+  bundle with batches of one, and the teacher. Throughput (images/s), latency p50/p95, the routed MACs, where a
+  request's time went (the server's report: routing, queueing, computing; the rest of the client's latency is HTTP,
+  JSON and PNG), and the engine's busy share of the run (`aptp_compute_seconds` over the wall time).
+- **overload**: the bundle offered `--overload` times its saturation rate (open loop, `--overload-seconds`), once
+  refusing with 429 when full (the default) and once degrading to cheaper codes (`APTP_DEGRADE_WHEN_FULL`): what
+  is served and how fast, what is refused and how fast.
+- **targets**: the serving issue's bars beside what the run measured.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from load import ServerProcess, free_port, percentile, wait_ready  # noqa: E402
+from load import ServerProcess, free_port, percentile, shapes_captions, wait_ready  # noqa: E402
 from svg import Panel, Series, panels_svg  # noqa: E402
 
 from aptp.conditioning.prompts import Conditioning  # noqa: E402
@@ -43,8 +49,12 @@ from aptp.formats.kinds import DEFAULT_BUNDLE  # noqa: E402
 from aptp.formats.report import collect_provenance, write_report  # noqa: E402
 from aptp.pipeline import RoutedPipeline  # noqa: E402
 from aptp.sampling import denoise  # noqa: E402
+from server.engine import GenerationJob, run_jobs  # noqa: E402
 
 BATCHES = (1, 2, 4, 8, 16)
+# The server configurations, by name in the report.
+WHOLE_BATCHES, STEP_LEVEL, BATCH_ONE = "bundle, whole batches", "bundle, step-level", "bundle, batch 1"
+TEACHER = "teacher"
 
 
 # ------------------------------------------------------------------------------------------------ U-Net latency
@@ -112,29 +122,53 @@ def gemm_rate(size: int = 2048, repeats: int = 5) -> float:
     return size**3 / statistics.median(times) / 1e9
 
 
-# ------------------------------------------------------------------------------------------- per-sample gating
-@torch.inference_mode()
-def gated_teacher(bundle: RoutedPipeline, teacher: RoutedPipeline, batch: int, repeats: int) -> dict:
-    """Seconds for one guided step of a mixed batch (`batch` images spread over the codes): the teacher gated per
-    row by each row's code, against each code's rows on its sliced expert."""
-    from pruning.gates import UNetGates
+# ------------------------------------------------------------------------------------------------------ offline
+def request_texts(prompts: list[str], requests: int) -> list[str]:
+    """The prompt of request i, as the server parts send it."""
+    return [prompts[i % len(prompts)] for i in range(requests)]
 
-    codes = [i % bundle.num_codes for i in range(batch)]
-    x, t, context = _guided_inputs(bundle, batch)
-    architectures = bundle.router.code_architectures()
-    unet = teacher.experts[0]
-    gates = UNetGates(unet, bundle.router.space).attach()
-    try:
-        gates.set(torch.cat([architectures[codes], architectures[codes]]))  # both guidance branches
-        gated = statistics.median(_seconds(unet, x, t, context, repeats))
-    finally:
-        gates.detach()
-    sliced = 0.0
+
+@torch.inference_mode()
+def offline_engine(bundle: RoutedPipeline, texts: list[str], steps: int, batch: int) -> dict:
+    """The server's work without the server: request i (prompt `texts[i]`, seed i) encoded and routed with all the
+    others at once, then each code's requests in batches of `batch` through `server.engine.run_jobs`, the function
+    the engine runs a batch with. What the server's throughput is measured against."""
+    guidance = bundle.default_guidance_scale
+    began = time.perf_counter()
+    encoded = bundle.encode(texts)
+    codes = bundle.route(encoded).codes
     for code in sorted(set(codes)):
         rows = [i for i, c in enumerate(codes) if c == code]
-        both = rows + [batch + i for i in rows]
-        sliced += statistics.median(_seconds(bundle.experts[code], x[both], t[both], context.select(both), repeats))
-    return {"batch": batch, "gated_teacher_s": gated, "sliced_experts_s": sliced, "speedup": gated / sliced}
+        for start in range(0, len(rows), batch):
+            jobs = [GenerationJob(encoded.select([i]), [i], steps, guidance) for i in rows[start : start + batch]]
+            run_jobs(bundle, code, jobs)
+    wall = time.perf_counter() - began
+    return {"images": len(texts), "wall_s": wall, "images_per_s": len(texts) / wall}
+
+
+@torch.inference_mode()
+def offline_gated_teacher(bundle: RoutedPipeline, teacher: RoutedPipeline, texts: list[str], steps: int, batch: int):
+    """Per-sample dynamic pruning of the same requests: each routed as the bundle routes it, then, in arrival order,
+    `batch` at a time, through the teacher with every row gated by its code's architecture
+    (`pruning.gates.UNetGates`; with hard gates a row computes what its sliced code computes). A mixed batch runs at
+    the teacher's cost: what serving the codes as separate dense networks saves."""
+    from pruning.gates import UNetGates
+
+    architectures = bundle.router.code_architectures()
+    gates = UNetGates(teacher.experts[0], bundle.router.space).attach()
+    guidance = bundle.default_guidance_scale
+    try:
+        began = time.perf_counter()
+        codes = bundle.route(bundle.encode(texts)).codes
+        encoded = teacher.encode(texts)
+        for start in range(0, len(texts), batch):
+            rows = list(range(start, min(start + batch, len(texts))))
+            gates.set(architectures[[codes[i] for i in rows]])  # both guidance halves take their row's gates
+            teacher.generate(0, encoded.select(rows), seeds=rows, steps=steps, guidance_scales=[guidance] * len(rows))
+        wall = time.perf_counter() - began
+    finally:
+        gates.detach()
+    return {"images": len(texts), "wall_s": wall, "images_per_s": len(texts) / wall}
 
 
 # ------------------------------------------------------------------------------------------------------ server
@@ -145,6 +179,12 @@ def _compute_seconds(text: str) -> float:
         for sample in family.samples
         if sample.name == "aptp_compute_seconds_sum"
     )
+
+
+def _mean_macs_ratio(reports: list[dict]) -> float:
+    """The served images' mean U-Net MACs per call over the teacher's."""
+    ratios = [r["macs_per_call"] / r["teacher_macs_per_call"] for r in reports for _ in r["seeds"]]
+    return statistics.mean(ratios)
 
 
 async def closed_loop(url: str, prompts: list[str], clients: int, requests: int, steps: int) -> dict:
@@ -179,6 +219,7 @@ async def closed_loop(url: str, prompts: list[str], clients: int, requests: int,
         "latency_p50_s": percentile(latencies, 50),
         "latency_p95_s": percentile(latencies, 95),
         "mean_batch_images": statistics.mean(r["batch_images"] for r in reports),
+        "mean_macs_ratio": _mean_macs_ratio(reports),
         "mean_router_s": mean["router_seconds"],
         "mean_queue_s": mean["queue_seconds"],
         "mean_server_s": mean["total_seconds"],
@@ -189,29 +230,99 @@ async def closed_loop(url: str, prompts: list[str], clients: int, requests: int,
     }
 
 
-def serve_and_measure(
-    name: str, bundle: Path, settings: dict[str, str], args, prompts: list[str], serve_args: tuple[str, ...] = ()
-) -> dict:
+async def open_loop(url: str, prompts: list[str], rate: float, seconds: float, steps: int) -> dict:
+    """Requests at `rate` per second for `seconds`, on a fixed schedule whatever the answers (an overload is an
+    arrival rate the server cannot keep up with), then every answer awaited. What was served, and how fast; what
+    was refused, and how fast."""
+    count = round(rate * seconds)
+    answers: list[tuple[int, float, dict | None]] = []
+
+    async def one(client: httpx.AsyncClient, i: int, start: float) -> None:
+        await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        body = {"prompt": prompts[i % len(prompts)], "seed": i, "steps": steps}
+        sent = time.perf_counter()
+        response = await client.post(f"{url}/generate", json=body)
+        report = response.json()["report"] if response.status_code == 200 else None
+        answers.append((response.status_code, time.perf_counter() - sent, report))
+
+    # No connection limit: a pool that queued requests on the client would lower the rate the server sees.
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(client, i, start) for i in range(count)))
+        wall = time.perf_counter() - start
+    served = [(seconds, report) for status, seconds, report in answers if status == 200]
+    refused = [seconds for status, seconds, _ in answers if status == 429]
+    reports = [report for _, report in served]
+    return {
+        "offered": count,
+        "offered_per_s": rate,
+        "seconds": seconds,
+        "served": len(served),
+        "refused": len(refused),
+        "failed": count - len(served) - len(refused),
+        "wall_s": wall,
+        "served_images_per_s": sum(len(r["seeds"]) for r in reports) / wall,
+        "latency_p50_s": percentile([s for s, _ in served], 50),
+        "latency_p95_s": percentile([s for s, _ in served], 95),
+        "refusal_p95_s": percentile(refused, 95),
+        "degraded_share": statistics.mean(r["degraded"] for r in reports) if reports else None,
+        "mean_macs_ratio": _mean_macs_ratio(reports) if reports else None,
+    }
+
+
+def serve_and_measure(name: str, bundle: Path, settings: dict[str, str], args, measure) -> dict:
+    """Start `aptp serve` on `bundle` with `settings` (over the benchmark's defaults), warm the whole path with one
+    closed-loop wave, and return what `measure(url)` (a coroutine function) measures."""
     port = free_port()
     log = Path(args.out).with_name(f"{Path(args.out).name}-{name}.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {"APTP_THREADS": str(args.threads), "APTP_MAX_WAIT_MS": "50", "APTP_MAX_QUEUE_SIZE": "64", **settings}
-    server = ServerProcess(bundle, port, env, log, "cpu", serve_args)
+    server = ServerProcess(bundle, port, env, log, "cpu", ())
     url = f"http://127.0.0.1:{port}"
     try:
 
         async def run() -> dict:
             async with httpx.AsyncClient() as control:
                 await wait_ready(control, url, server)
-            await closed_loop(url, prompts, args.clients, args.clients, args.steps)  # warm the whole path once
-            return await closed_loop(url, prompts, args.clients, args.requests, args.steps)
+            await closed_loop(url, args.prompts, args.clients, args.clients, args.steps)
+            return await measure(url)
 
         result = asyncio.run(run())
     finally:
         server.stop(60)
         log.unlink(missing_ok=True)
-    print(f"  {name}: {result['images_per_s']:.2f} images/s, p50 {result['latency_p50_s']:.2f} s", flush=True)
     return {"config": name, "settings": settings, **result}
+
+
+def saturation(name: str, bundle: Path, settings: dict[str, str], args) -> dict:
+    """The server at saturation: `--clients` closed-loop clients, `--requests` requests."""
+    result = serve_and_measure(
+        name,
+        bundle,
+        settings,
+        args,
+        lambda url: closed_loop(url, args.prompts, args.clients, args.requests, args.steps),
+    )
+    print(f"  {name}: {result['images_per_s']:.2f} images/s, p50 {result['latency_p50_s']:.2f} s", flush=True)
+    return result
+
+
+def overload(name: str, settings: dict[str, str], args, rate: float) -> dict:
+    """The bundle under `rate` requests/s for `--overload-seconds`, with `--overload-queue` places per code."""
+    settings = {"APTP_MAX_QUEUE_SIZE": str(args.overload_queue), **settings}
+    result = serve_and_measure(
+        name,
+        args.bundle,
+        settings,
+        args,
+        lambda url: open_loop(url, args.prompts, rate, args.overload_seconds, args.steps),
+    )
+    print(
+        f"  {name}: {result['served']} served, {result['refused']} refused, "
+        f"{result['served_images_per_s']:.2f} images/s served",
+        flush=True,
+    )
+    return result
 
 
 # --------------------------------------------------------------------------------------------------------- main
@@ -246,6 +357,42 @@ def plot(figures: dict) -> str:
     return panels_svg([latency, throughput], legend)
 
 
+def targets(figures: dict) -> list[dict]:
+    """The serving issue's bars, each beside what this run measured (None: a part that did not run)."""
+    unet, server = figures["unet"], {r["config"]: r for r in figures["server"]}
+    rows = []
+
+    def bar(name: str, value: float | None, relation: str, limit: float) -> None:
+        met = None if value is None else (value <= limit if relation == "<=" else value >= limit)
+        rows.append({"target": name, "value": value, "relation": relation, "limit": limit, "met": met})
+
+    for batch in (1, 8):
+        worst = max(r["latency_per_mac"] for r in unet if r["batch"] == batch and r["model"] != "teacher")
+        bar(f"latency per MAC x teacher, worst code, batch {batch}", worst, "<=", 1.1)
+    teacher_8 = next(r for r in unet if r["model"] == "teacher" and r["batch"] == 8)
+    bar("teacher U-Net GMAC/s at batch 8 / GEMM's", teacher_8["gmacs_per_s"] / figures["gemm_gmacs_per_s"], ">=", 0.6)
+    bundle, teacher = server.get(WHOLE_BATCHES), server.get(TEACHER)
+    served = bundle["images_per_s"] if bundle else None
+    ideal = teacher["images_per_s"] / bundle["mean_macs_ratio"] if bundle and teacher else None
+    offline = figures["offline"]
+    bar("bundle images/s / ideal (teacher's / routed MAC ratio)", _ratio(served, ideal), ">=", 0.9)
+    bar("bundle images/s / the same engine's offline", _ratio(served, offline["engine"]["images_per_s"]), ">=", 0.95)
+    gated = offline["gated_teacher"]["images_per_s"]
+    bar("bundle images/s / per-sample gated teacher's offline", _ratio(served, gated), ">=", 2.0)
+    bar("routing share of end-to-end time", bundle["router_share"] if bundle else None, "<=", 0.02)
+    outside = bundle["outside_server_share"] if bundle else None
+    bar("share of end-to-end time outside the server (HTTP, JSON, PNG)", outside, "<=", 0.02)
+    return rows
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or denominator is None else numerator / denominator
+
+
+def _cell(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def table(figures: dict) -> str:
     lines = ["### U-Net: a guided call per batch size (median), latency over the teacher's per MAC ratio", ""]
     lines += ["| model | MACs x teacher | " + " | ".join(f"batch {b}" for b in BATCHES) + " |"]
@@ -260,28 +407,58 @@ def table(figures: dict) -> str:
         ]
         lines.append(f"| {model} | {rows[BATCHES[0]]['mac_ratio']:.3f} | " + " | ".join(cells) + " |")
     lines += ["", f"GEMM (2048^3 fp32): {figures['gemm_gmacs_per_s']:.1f} GMAC/s on {figures['threads']} threads."]
-    gated = figures["gated"]
+    offline = figures["offline"]
     lines += [
         "",
-        f"Mixed batch of {gated['batch']} images, one guided step: teacher gated per row "
-        f"{gated['gated_teacher_s']:.3f} s, sliced experts one batch per code {gated['sliced_experts_s']:.3f} s "
-        f"({gated['speedup']:.2f}x).",
+        f"### Offline: the same {offline['engine']['images']} requests without a server ({figures['steps']} steps, "
+        f"batches of {figures['batch']})",
         "",
-        f"### Server at saturation ({figures['clients']} closed-loop clients, {figures['requests']} requests, "
-        f"{figures['steps']} steps)",
-        "",
-        "| config | images/s | x teacher | p50 s | p95 s | mean batch | router share | outside-server share "
-        "| engine busy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | images/s | seconds |",
+        "|---|---|---|",
+        f"| the engine's batches, one code each (`server.engine.run_jobs`) | {offline['engine']['images_per_s']:.2f} "
+        f"| {offline['engine']['wall_s']:.1f} |",
+        f"| the teacher gated per row, mixed batches in arrival order | "
+        f"{offline['gated_teacher']['images_per_s']:.2f} | {offline['gated_teacher']['wall_s']:.1f} |",
     ]
-    teacher = next((r for r in figures["server"] if r["config"] == "teacher"), None)
-    for r in figures["server"]:
-        relative = f"{r['images_per_s'] / teacher['images_per_s']:.2f}" if teacher else "-"
-        lines.append(
-            f"| {r['config']} | {r['images_per_s']:.2f} | {relative} | {r['latency_p50_s']:.2f} | "
-            f"{r['latency_p95_s']:.2f} | {r['mean_batch_images']:.1f} | {r['router_share']:.3f} | "
-            f"{r['outside_server_share']:.3f} | {r['engine_busy_share']:.2f} |"
-        )
+    if figures["server"]:
+        lines += [
+            "",
+            f"### Server at saturation ({figures['clients']} closed-loop clients, {figures['requests']} requests, "
+            f"{figures['steps']} steps)",
+            "",
+            "| config | images/s | x teacher | p50 s | p95 s | mean batch | routed MACs | router share "
+            "| outside-server share | engine busy |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        teacher = next((r for r in figures["server"] if r["config"] == TEACHER), None)
+        for r in figures["server"]:
+            relative = f"{r['images_per_s'] / teacher['images_per_s']:.2f}" if teacher else "-"
+            lines.append(
+                f"| {r['config']} | {r['images_per_s']:.2f} | {relative} | {r['latency_p50_s']:.2f} | "
+                f"{r['latency_p95_s']:.2f} | {r['mean_batch_images']:.1f} | {r['mean_macs_ratio']:.3f} | "
+                f"{r['router_share']:.3f} | {r['outside_server_share']:.3f} | {r['engine_busy_share']:.2f} |"
+            )
+    if figures["overload"]:
+        first = figures["overload"][0]
+        lines += [
+            "",
+            f"### Overload: {first['offered_per_s']:.1f} requests/s for {first['seconds']:.0f} s (open loop, "
+            f"{first['offered']} requests), {figures['batch']}-image batches",
+            "",
+            "| policy | served | refused (429) | failed | served images/s | p50 s | p95 s | 429 p95 s | degraded "
+            "| routed MACs |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in figures["overload"]:
+            lines.append(
+                f"| {r['config']} | {r['served']} | {r['refused']} | {r['failed']} | {r['served_images_per_s']:.2f} "
+                f"| {_cell(r['latency_p50_s'])} | {_cell(r['latency_p95_s'])} | {_cell(r['refusal_p95_s'], 3)} "
+                f"| {_cell(r['degraded_share'])} | {_cell(r['mean_macs_ratio'], 3)} |"
+            )
+    lines += ["", "### Targets", "", "| target | measured | bar | met |", "|---|---|---|---|"]
+    for row in figures["targets"]:
+        met = {True: "yes", False: "no", None: "-"}[row["met"]]
+        lines.append(f"| {row['target']} | {_cell(row['value'], 3)} | {row['relation']} {row['limit']} | {met} |")
     return "\n".join(lines) + "\n"
 
 
@@ -292,12 +469,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="U-Net calls per model and batch size")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=96, help="requests per server configuration")
+    parser.add_argument("--requests", type=int, default=96, help="requests per server configuration, and offline")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8, help="APTP_MAX_BATCH_SIZE of the batched configurations")
+    parser.add_argument("--overload", type=float, default=2.0, help="offered rate over the bundle's saturation rate")
+    parser.add_argument("--overload-seconds", type=float, default=30.0)
+    parser.add_argument("--overload-queue", type=int, default=8, help="APTP_MAX_QUEUE_SIZE under overload")
     parser.add_argument("--skip-server", action="store_true", help="the offline parts only")
     parser.add_argument("--out", default="benchmarks/results/serving/serving")
     args = parser.parse_args(argv)
+    args.prompts = shapes_captions(64)
     torch.set_num_threads(args.threads)
     bundle, teacher = RoutedPipeline.load(args.bundle), RoutedPipeline.load(args.teacher)
     print("U-Net latency ...", flush=True)
@@ -306,25 +487,35 @@ def main(argv: list[str] | None = None) -> int:
         "clients": args.clients,
         "requests": args.requests,
         "steps": args.steps,
+        "batch": args.batch,
         "unet": unet_latency(bundle, teacher, args.repeats),
         "gemm_gmacs_per_s": gemm_rate(),
-        "gated": gated_teacher(bundle, teacher, args.batch, args.repeats),
-        "server": [],
     }
+    print("offline ...", flush=True)
+    texts = request_texts(args.prompts, args.requests)
+    figures["offline"] = {
+        "engine": offline_engine(bundle, texts, args.steps, args.batch),
+        "gated_teacher": offline_gated_teacher(bundle, teacher, texts, args.steps, args.batch),
+    }
+    del bundle, teacher  # the servers below are processes of their own
+    figures["server"], figures["overload"] = [], []
     if not args.skip_server:
-        from load import shapes_captions
-
-        prompts = shapes_captions(64)
-        batch = str(args.batch)
-        configs = [
-            ("bundle, whole batches", args.bundle, {"APTP_MAX_BATCH_SIZE": batch, "APTP_BATCHING": "request"}),
-            ("bundle, step-level", args.bundle, {"APTP_MAX_BATCH_SIZE": batch, "APTP_BATCHING": "step"}),
-            ("bundle, batch 1", args.bundle, {"APTP_MAX_BATCH_SIZE": "1", "APTP_BATCHING": "request"}),
-            ("teacher", args.teacher, {"APTP_MAX_BATCH_SIZE": batch, "APTP_BATCHING": "request"}),
-        ]
+        batch = {"APTP_MAX_BATCH_SIZE": str(args.batch)}
         print("server ...", flush=True)
-        figures["server"] = [serve_and_measure(name, path, env, args, prompts) for name, path, env in configs]
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        figures["server"] = [
+            saturation(WHOLE_BATCHES, args.bundle, {**batch, "APTP_BATCHING": "request"}, args),
+            saturation(STEP_LEVEL, args.bundle, {**batch, "APTP_BATCHING": "step"}, args),
+            saturation(BATCH_ONE, args.bundle, {"APTP_MAX_BATCH_SIZE": "1", "APTP_BATCHING": "request"}, args),
+            saturation(TEACHER, args.teacher, {**batch, "APTP_BATCHING": "request"}, args),
+        ]
+        rate = args.overload * figures["server"][0]["images_per_s"]
+        print(f"overload at {rate:.1f} requests/s ...", flush=True)
+        figures["overload"] = [
+            overload(policy, {**batch, "APTP_DEGRADE_WHEN_FULL": degrade}, args, rate)
+            for policy, degrade in (("refuse when full (default)", "false"), ("degrade when full", "true"))
+        ]
+    figures["targets"] = targets(figures)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "prompts"}
     provenance = collect_provenance([args.bundle, args.teacher], config=settings)
     out = Path(args.out)
     (out.parent / f"{out.name}.svg").write_text(plot(figures))

@@ -1,12 +1,24 @@
 """benchmarks/serving.py's offline parts on a tiny bundle: every model at every batch size, ratios against the
-teacher, and the gated mixed batch (what they measure is only meaningful on the real bundle; here, that they run
-and relate the figures as they say)."""
+teacher, the offline runs of the server's requests, and the targets (what they measure is only meaningful on the
+real bundle; here, that they run and relate the figures as they say)."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.serving import BATCH_COLOURS, BATCHES, gated_teacher, plot, table, unet_latency
+from benchmarks.serving import (
+    BATCH_COLOURS,
+    BATCHES,
+    TEACHER,
+    WHOLE_BATCHES,
+    offline_engine,
+    offline_gated_teacher,
+    plot,
+    request_texts,
+    table,
+    targets,
+    unet_latency,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,27 +48,84 @@ def test_unet_latency_covers_every_model_and_batch_against_the_teacher(models):
     assert all(r["mac_ratio"] < 1 for r in cheap)
 
 
-def test_the_gated_teacher_runs_a_mixed_batch_and_the_table_renders(models):
+def test_offline_runs_serve_every_request_and_the_gated_teacher_runs_mixed_batches(models):
     bundle, teacher = models
-    gated = gated_teacher(bundle, teacher, batch=4, repeats=1)
-    assert gated["gated_teacher_s"] > 0 and gated["sliced_experts_s"] > 0
-    figures = {
+    texts = request_texts(["a red circle", "a blue square in the top left corner", "the letter A"], 5)
+    assert texts[3] == "a red circle" and len(texts) == 5
+    engine = offline_engine(bundle, texts, steps=2, batch=2)
+    gated = offline_gated_teacher(bundle, teacher, texts, steps=2, batch=4)
+    for run in (engine, gated):
+        assert run["images"] == 5 and run["images_per_s"] == pytest.approx(5 / run["wall_s"])
+    # the gates come off with the run: the teacher is the full model again
+    modules = list(teacher.experts[0].modules())
+    assert not any(module._forward_pre_hooks or module._forward_hooks for module in modules)
+
+
+def _figures(models) -> dict:
+    bundle, teacher = models
+    texts = request_texts(["a red circle"], 2)
+    return {
         "threads": 1,
         "clients": 1,
-        "requests": 1,
+        "requests": 2,
         "steps": 1,
+        "batch": 2,
         "unet": unet_latency(bundle, teacher, repeats=1),
         "gemm_gmacs_per_s": 1.0,
-        "gated": gated,
+        "offline": {
+            "engine": offline_engine(bundle, texts, steps=1, batch=2),
+            "gated_teacher": offline_gated_teacher(bundle, teacher, texts, steps=1, batch=2),
+        },
         "server": [],
+        "overload": [],
     }
+
+
+def _server_row(config: str, images_per_s: float, macs_ratio: float) -> dict:
+    return {
+        "config": config,
+        "images_per_s": images_per_s,
+        "latency_p50_s": 1.0,
+        "latency_p95_s": 2.0,
+        "mean_batch_images": 3.5,
+        "mean_macs_ratio": macs_ratio,
+        "router_share": 0.01,
+        "outside_server_share": 0.03,
+        "engine_busy_share": 0.99,
+    }
+
+
+def test_targets_hold_the_server_against_the_ideal_the_offline_engine_and_the_gated_teacher(models):
+    figures = _figures(models)
+    without_server = {row["target"]: row for row in targets(figures)}
+    assert without_server["routing share of end-to-end time"]["met"] is None  # no server part: not judged
+    offline = figures["offline"]["engine"]["images_per_s"]
+    figures["server"] = [_server_row(WHOLE_BATCHES, offline, 0.5), _server_row(TEACHER, offline / 2.5, 1.0)]
+    rows = {row["target"]: row for row in targets(figures)}
+    ideal = rows["bundle images/s / ideal (teacher's / routed MAC ratio)"]
+    assert ideal["value"] == pytest.approx(offline / (offline / 2.5 / 0.5)) and ideal["met"] is True  # 1.25
+    assert rows["bundle images/s / the same engine's offline"]["value"] == pytest.approx(1.0)
+    assert rows["routing share of end-to-end time"]["met"] is True
+    assert rows["share of end-to-end time outside the server (HTTP, JSON, PNG)"]["met"] is False
+
+
+def test_the_table_and_plot_render_every_part(models):
+    figures = _figures(models)
+    figures["server"] = [_server_row(WHOLE_BATCHES, 2.0, 0.5)]
+    overload = {"offered": 60, "offered_per_s": 2.0, "seconds": 30.0, "served": 40, "refused": 20, "failed": 0}
+    overload |= {"served_images_per_s": 1.9, "latency_p50_s": 3.0, "latency_p95_s": 4.0, "refusal_p95_s": 0.01}
+    figures["overload"] = [
+        {"config": "refuse when full (default)", **overload, "degraded_share": 0.0, "mean_macs_ratio": 0.6},
+        {"config": "degrade when full", **overload, "degraded_share": None, "mean_macs_ratio": None},
+    ]
+    figures["targets"] = targets(figures)
     text = table(figures)
-    assert "| code 1 |" in text and "GEMM" in text
+    assert "| code 1 |" in text and "GEMM" in text and "### Offline" in text
+    assert "| degrade when full | 40 | 20 | 0 | 1.90 |" in text and "### Targets" in text
 
     # the plot: a point per model at each plotted batch size, and one per server configuration
     import xml.etree.ElementTree as ElementTree
 
-    server = [{"config": "bundle", "mean_batch_images": 3.5, "images_per_s": 2.0}]
-    svg = ElementTree.fromstring(plot({**figures, "server": server}))
+    svg = ElementTree.fromstring(plot(figures))
     circles = svg.findall("{http://www.w3.org/2000/svg}circle")
-    assert len(circles) == 3 * len(BATCH_COLOURS) + len(server)
+    assert len(circles) == 3 * len(BATCH_COLOURS) + len(figures["server"])

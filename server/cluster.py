@@ -127,7 +127,7 @@ class ExpertReplica:
     def __init__(self, settings: Settings, cluster: ClusterSettings):
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
-        self.pipeline = RoutedPipeline.load(settings.bundle, device=settings.device, dtype=settings.torch_dtype)
+        self.pipeline = settings.load_pipeline()
         self.metrics = ServerMetrics([code.macs for code in self.pipeline.codes])
         self.engine = Engine.from_settings(self.pipeline, settings, self.metrics)
         self.engine.start()

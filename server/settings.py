@@ -9,7 +9,7 @@ Examples:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -18,6 +18,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from aptp.formats.kinds import DEFAULT_BUNDLE
 
 from .scheduler import SchedulerConfig
+
+if TYPE_CHECKING:
+    from aptp.pipeline import RoutedPipeline
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -29,6 +32,8 @@ class Settings(BaseSettings):
     device (`str`): torch device of every component ("cpu", "cuda", "cuda:1", ...).
     dtype (`str`): float32, float16 or bfloat16 for the experts (and a pipeline's VAE and text encoder).
     threads (`int`, *optional*): torch intra-op threads (default: torch's choice).
+    channels_last (`bool`): keep the experts' convolution weights channels-last (NHWC), the layout oneDNN and
+        cuDNN run convolutions in (`RoutedPipeline.to_memory_format`).
     host, port: where uvicorn listens.
     max_batch_size (`int` or `dict[int, int]`): images per batch, for every code or per code.
     max_wait_ms (`float`): how long a code's oldest request waits for its batch to fill.
@@ -82,6 +87,7 @@ class Settings(BaseSettings):
     degrade_when_full: bool = False
     compute_niceness: int = Field(10, ge=0, le=19)
     routing_niceness: int = Field(5, ge=0, le=19)
+    channels_last: bool = True
     batching: Literal["request", "step"] = "request"
 
     @field_validator("api_keys", mode="before")
@@ -109,6 +115,15 @@ class Settings(BaseSettings):
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def load_pipeline(self, load_experts: bool = True) -> RoutedPipeline:
+        """The bundle as these settings serve it: on their device, in their dtype and memory layout."""
+        from aptp.pipeline import RoutedPipeline
+
+        pipeline = RoutedPipeline.load(
+            self.bundle, device=self.device, dtype=self.torch_dtype, load_experts=load_experts
+        )
+        return pipeline.to_memory_format(torch.channels_last) if self.channels_last else pipeline
 
     def scheduler_config(self, num_codes: int) -> SchedulerConfig:
         """The batching and admission policy these settings give a bundle of `num_codes` codes."""

@@ -84,9 +84,7 @@ class ServerState:
     def _load_then_start(self) -> None:
         settings, began = self.settings, time.monotonic()
         try:
-            pipeline = RoutedPipeline.load(
-                settings.bundle, device=settings.device, dtype=settings.torch_dtype, load_experts=self.load_experts
-            )
+            pipeline = settings.load_pipeline(load_experts=self.load_experts)
         except Exception as error:  # noqa: BLE001 - whatever stops the bundle from loading is reported, then exit
             message = str(error) if isinstance(error, ModelFileError) else f"{type(error).__name__}: {error}"
             logger.error("cannot serve %s: %s", settings.bundle, message)

@@ -230,3 +230,22 @@ def test_cheaper_codes_come_in_the_routers_order(three_codes):
     cheaper = three_codes.cheaper(ranking, costliest)
     assert cheaper == [c for c in ranking if macs[c] < macs[costliest]] and len(cheaper) == 2
     assert three_codes.cheaper(ranking, macs.index(min(macs))) == []
+
+
+def test_channels_last_experts_make_the_same_images_alone_or_batched(tmp_path, teacher_folder):
+    """The serving layout (`Settings.channels_last`) changes how convolutions run, not what they compute: every
+    code's images agree with the default layout's to float rounding, and a seed's image does not depend on its
+    batch."""
+    from training.export import random_bundle
+
+    bundle = random_bundle(teacher_folder, tmp_path / "bundle", num_codes=2, keeps=[1.0, 0.5])
+    default, nhwc = RoutedPipeline.load(bundle), RoutedPipeline.load(bundle).to_memory_format(torch.channels_last)
+    conv = next(m for m in nhwc.experts[0].modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    prompts = default.encode(["a red circle", "a blue square", "the letter K"])
+    for code in range(2):
+        args = {"seeds": [1, 2, 3], "steps": 2, "guidance_scales": [4.0] * 3, "output": "model"}
+        batched = nhwc.generate(code, prompts, **args)
+        torch.testing.assert_close(batched, default.generate(code, prompts, **args), atol=1e-4, rtol=1e-4)
+        alone = nhwc.generate(code, prompts.select([1]), seeds=[2], steps=2, guidance_scales=[4.0], output="model")
+        torch.testing.assert_close(alone[0], batched[1], atol=1e-5, rtol=1e-5)

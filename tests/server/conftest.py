@@ -27,9 +27,8 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline(tiny_bundle):
-    from aptp.pipeline import RoutedPipeline
-
-    return RoutedPipeline.load(tiny_bundle)
+    """The tiny bundle as the server loads it (`Settings.load_pipeline`: device, dtype and layout included)."""
+    return server_settings(tiny_bundle).load_pipeline()
 
 
 def server_settings(bundle: Path, **overrides: Any):

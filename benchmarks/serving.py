@@ -10,6 +10,9 @@ Parts, each printed and written to OUT.json / OUT.md with provenance:
   teacher's, divided by its MAC ratio ("latency per MAC x teacher", 1.0 when time follows MACs), and the GMAC/s the
   call reaches.
 - **gemm**: a 2048 x 2048 fp32 matmul on the same threads: the machine's dense rate, the U-Net's ceiling.
+- **layout**: every model's guided call at batch 1 and 8 with its weights in the default layout (NCHW) and
+  channels-last, alternating: what `APTP_CHANNELS_LAST` (on by default) buys. The other parts run the models as
+  `aptp serve` loads them (`Settings.load_pipeline`).
 - **offline**: the same requests the server configurations send, without a server: encoded and routed at once,
   then each code's in batches through the engine's own batch function (`server.engine.run_jobs`), what the server's
   throughput is held against; and per-sample dynamic pruning of them, the teacher gated row by row by each prompt's
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import statistics
 import sys
 import time
@@ -50,6 +54,7 @@ from aptp.formats.report import collect_provenance, write_report  # noqa: E402
 from aptp.pipeline import RoutedPipeline  # noqa: E402
 from aptp.sampling import denoise  # noqa: E402
 from server.engine import GenerationJob, run_jobs  # noqa: E402
+from server.settings import Settings  # noqa: E402
 
 BATCHES = (1, 2, 4, 8, 16)
 # The server configurations, by name in the report.
@@ -110,6 +115,31 @@ def unet_latency(bundle: RoutedPipeline, teacher: RoutedPipeline, repeats: int) 
 
 
 @torch.inference_mode()
+def layout_speedup(bundle: RoutedPipeline, teacher: RoutedPipeline, repeats: int, batches=(1, 8)) -> list[dict]:
+    """Per model and batch size, the median guided call with the weights in the default layout (NCHW) and
+    channels-last (NHWC), the two alternating: what `APTP_CHANNELS_LAST` buys."""
+    models = [("teacher", teacher.experts[0])] + [(f"code {c}", unet) for c, unet in enumerate(bundle.experts)]
+    rows = []
+    for batch in batches:
+        x, t, context = _guided_inputs(bundle, batch)
+        for name, unet in models:
+            layouts = {
+                layout: copy.deepcopy(unet).to(memory_format=memory_format)
+                for layout, memory_format in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last))
+            }
+            samples: dict[str, list[float]] = {layout: [] for layout in layouts}
+            for model in layouts.values():
+                _seconds(model, x, t, context, 1)
+            for _ in range(repeats):
+                for layout, model in layouts.items():
+                    samples[layout] += _seconds(model, x, t, context, 1)
+            nchw, nhwc = statistics.median(samples["nchw"]), statistics.median(samples["channels_last"])
+            rows.append(
+                {"model": name, "batch": batch, "nchw_s": nchw, "channels_last_s": nhwc, "speedup": nchw / nhwc}
+            )
+    return rows
+
+
 def gemm_rate(size: int = 2048, repeats: int = 5) -> float:
     """GMAC/s of a `size`^3 fp32 matmul (median of `repeats`)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -407,6 +437,13 @@ def table(figures: dict) -> str:
         ]
         lines.append(f"| {model} | {rows[BATCHES[0]]['mac_ratio']:.3f} | " + " | ".join(cells) + " |")
     lines += ["", f"GEMM (2048^3 fp32): {figures['gemm_gmacs_per_s']:.1f} GMAC/s on {figures['threads']} threads."]
+    lines += ["", "### Weight layout: a guided call, NCHW against channels-last (`APTP_CHANNELS_LAST`)", ""]
+    lines += ["| model | batch | NCHW | channels-last | speed-up |", "|---|---|---|---|---|"]
+    for r in figures["layout"]:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['nchw_s'] * 1000:.0f} ms | {r['channels_last_s'] * 1000:.0f} ms "
+            f"| {r['speedup']:.2f}x |"
+        )
     offline = figures["offline"]
     lines += [
         "",
@@ -480,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.prompts = shapes_captions(64)
     torch.set_num_threads(args.threads)
-    bundle, teacher = RoutedPipeline.load(args.bundle), RoutedPipeline.load(args.teacher)
+    # Loaded as `aptp serve` loads them (the serving layout included), so the parts measure the served models.
+    bundle, teacher = (Settings(bundle=path, _env_file=None).load_pipeline() for path in (args.bundle, args.teacher))
     print("U-Net latency ...", flush=True)
     figures = {
         "threads": args.threads,
@@ -490,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "unet": unet_latency(bundle, teacher, args.repeats),
         "gemm_gmacs_per_s": gemm_rate(),
+        "layout": layout_speedup(bundle, teacher, args.repeats),
     }
     print("offline ...", flush=True)
     texts = request_texts(args.prompts, args.requests)

@@ -11,6 +11,7 @@ from benchmarks.serving import (
     BATCHES,
     TEACHER,
     WHOLE_BATCHES,
+    layout_speedup,
     offline_engine,
     offline_gated_teacher,
     plot,
@@ -48,6 +49,18 @@ def test_unet_latency_covers_every_model_and_batch_against_the_teacher(models):
     assert all(r["mac_ratio"] < 1 for r in cheap)
 
 
+def test_the_layout_comparison_times_every_model_both_ways_and_leaves_the_models_as_they_were(models):
+    import torch
+
+    bundle, teacher = models
+    conv = next(m for m in bundle.experts[1].modules() if isinstance(m, torch.nn.Conv2d))
+    before = conv.weight.is_contiguous()
+    rows = layout_speedup(bundle, teacher, repeats=1, batches=(1, 2))
+    assert [(r["model"], r["batch"]) for r in rows] == [(m, b) for b in (1, 2) for m in ("teacher", "code 0", "code 1")]
+    assert all(r["speedup"] == pytest.approx(r["nchw_s"] / r["channels_last_s"]) for r in rows)
+    assert conv.weight.is_contiguous() == before  # timed on copies
+
+
 def test_offline_runs_serve_every_request_and_the_gated_teacher_runs_mixed_batches(models):
     bundle, teacher = models
     texts = request_texts(["a red circle", "a blue square in the top left corner", "the letter A"], 5)
@@ -72,6 +85,7 @@ def _figures(models) -> dict:
         "batch": 2,
         "unet": unet_latency(bundle, teacher, repeats=1),
         "gemm_gmacs_per_s": 1.0,
+        "layout": layout_speedup(bundle, teacher, repeats=1, batches=(1,)),
         "offline": {
             "engine": offline_engine(bundle, texts, steps=1, batch=2),
             "gated_teacher": offline_gated_teacher(bundle, teacher, texts, steps=1, batch=2),
@@ -121,6 +135,7 @@ def test_the_table_and_plot_render_every_part(models):
     figures["targets"] = targets(figures)
     text = table(figures)
     assert "| code 1 |" in text and "GEMM" in text and "### Offline" in text
+    assert "| code 1 | 1 |" in text  # the layout comparison, per model and batch size
     assert "| degrade when full | 40 | 20 | 0 | 1.90 |" in text and "### Targets" in text
 
     # the plot: a point per model at each plotted batch size, and one per server configuration

@@ -24,7 +24,7 @@ from aptp.pipeline import RoutedPipeline
 from aptp.sampling import Trajectory, advance, unet_calls
 
 from .metrics import ServerMetrics
-from .priority import lower_thread_priority
+from .priority import lower_thread_priority, use_intra_op_threads
 from .scheduler import (
     AbortOutcome,
     FinishedBatch,
@@ -153,6 +153,7 @@ class Engine:
         step_level (`bool`): step-level batching (requests join and leave a code's running rows between denoising
             steps) instead of whole batches run from first step to last.
         niceness (`int`): how much lower the worker's CPU priority is than the event loop's (`server.priority`).
+        threads (`int`, *optional*): torch intra-op threads of the worker (and of warm-up); None: torch's default.
     """
 
     def __init__(
@@ -163,6 +164,7 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         step_level: bool = False,
         niceness: int = 0,
+        threads: int | None = None,
     ):
         if scheduler_config.num_codes != pipeline.num_codes:
             raise ValueError(f"scheduler has {scheduler_config.num_codes} codes, the bundle {pipeline.num_codes}")
@@ -175,7 +177,7 @@ class Engine:
         self.metrics = metrics
         self.clock = clock
         self.step_level = step_level
-        self.niceness = niceness
+        self.niceness, self.threads = niceness, threads
         self._rows: dict[int, list[_RunningRequest]] = {}  # step-level batching: each code's running requests
         self._futures: dict[str, Future] = {}
         self._futures_lock = threading.Lock()
@@ -198,11 +200,13 @@ class Engine:
             metrics,
             step_level=settings.batching == "step",
             niceness=settings.compute_niceness,
+            threads=settings.threads,
         )
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def warm_up(self, steps: int = 2) -> None:
         """Run every expert once (guided, one image) so first requests do not pay for lazy initialisation."""
+        use_intra_op_threads(self.threads)
         for code in range(self.pipeline.num_codes):
             empty = self.pipeline.empty_prompt
             for scale in (2.0, 1.0):
@@ -314,6 +318,7 @@ class Engine:
     # ---------------------------------------------------------------------------------------------- worker loop
     def _loop(self) -> None:
         lower_thread_priority(self.niceness)
+        use_intra_op_threads(self.threads)
         if self.step_level:
             self._step_loop()
             return

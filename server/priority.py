@@ -1,9 +1,13 @@
-"""CPU priority of the server's compute threads.
+"""How the server's compute threads share the CPU: their priority and their torch intra-op threads.
 
 The event loop answers admission refusals and health checks; the engine and routing threads run the U-Nets and
 the text encoder. On a busy CPU all of them compete for the same cores, and a burst of refusals would wait behind
 compute. Lowering the compute threads' priority (a higher nice value, per thread on Linux) lets the event loop
 preempt them: compute still gets every cycle the loop does not use.
+
+Each compute thread also sets its own torch intra-op thread count (`Settings.threads`, or `routing_threads` for
+the routing thread): with OpenMP the count belongs to the calling thread, and a thread started later begins with
+whatever count was set last anywhere in the process.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+
+import torch
 
 logger = logging.getLogger("aptp.server")
 
@@ -25,3 +31,11 @@ def lower_thread_priority(niceness: int) -> None:
         os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + niceness)
     except OSError as error:
         logger.warning("could not lower the priority of thread %s: %s", threading.current_thread().name, error)
+
+
+def use_intra_op_threads(threads: int | None) -> None:
+    """Give the calling thread `threads` torch intra-op threads (None: leave it as it is). Per calling thread with
+    OpenMP; threads started afterwards begin with the last count set anywhere, so every compute thread sets its
+    own."""
+    if threads is not None:
+        torch.set_num_threads(threads)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from aptp.conditioning.prompts import Conditioning
 from aptp.pipeline import RoutedPipeline
 
-from .priority import lower_thread_priority
+from .priority import lower_thread_priority, use_intra_op_threads
 
 logger = logging.getLogger("aptp.routing")
 
@@ -53,10 +53,18 @@ class RoutingStage:
     max_pending (`int`): requests waiting for routing at most; more are refused.
     max_batch (`int`): requests routed together at most.
     niceness (`int`): how much lower the routing thread's CPU priority is than the event loop's (`server.priority`).
+    threads (`int`, *optional*): the routing thread's torch intra-op threads; None: torch's default.
     """
 
-    def __init__(self, pipeline: RoutedPipeline, max_pending: int = 64, max_batch: int = 32, niceness: int = 0):
-        self.pipeline, self.max_batch, self.niceness = pipeline, max_batch, niceness
+    def __init__(
+        self,
+        pipeline: RoutedPipeline,
+        max_pending: int = 64,
+        max_batch: int = 32,
+        niceness: int = 0,
+        threads: int | None = None,
+    ):
+        self.pipeline, self.max_batch, self.niceness, self.threads = pipeline, max_batch, niceness, threads
         self._queue: queue.Queue[tuple[list[str], Future] | None] = queue.Queue(maxsize=max_pending)
         self._in_flight, self._count_lock = 0, threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="aptp-routing", daemon=True)
@@ -107,6 +115,7 @@ class RoutingStage:
 
     def _loop(self) -> None:
         lower_thread_priority(self.niceness)
+        use_intra_op_threads(self.threads)
         while True:
             first = self._queue.get()
             if first is None:

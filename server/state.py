@@ -108,7 +108,11 @@ class ServerState:
         self.engine = self.engine_factory(self.pipeline, settings, self.metrics)
         self.engine.start()
         self.routing = RoutingStage(
-            self.pipeline, settings.max_routing_queue, settings.max_routing_batch, niceness=settings.routing_niceness
+            self.pipeline,
+            settings.max_routing_queue,
+            settings.max_routing_batch,
+            niceness=settings.routing_niceness,
+            threads=settings.routing_threads or settings.threads,
         )
         if settings.warmup:  # in the background: the server listens (503 on /readyz) while the experts warm up
             self._warming = threading.Thread(target=self._warm_up, name="aptp-warm-up", daemon=True)

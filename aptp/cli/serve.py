@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # OpenMP's default busy-wait spins idle threads: beside another busy process (or the server's own encoder and
-    # event-loop threads) a 2-thread teacher call ran 8x slower with it than with the passive policy (issue 23's
-    # measurement). Read once, when torch first loads OpenMP, so it is set here, before any import of torch; an
-    # operator's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from server.openmp import use_serving_wait_policy
+
+    use_serving_wait_policy()  # before torch is imported: OpenMP reads it once
     from pydantic import ValidationError
 
     from aptp.formats.files import validation_problems

@@ -1,0 +1,22 @@
+"""How OpenMP's worker threads wait for the next operation while the server runs, set before torch is imported
+(OpenMP reads it once, when torch loads it). This module imports nothing heavy, so that it can run first.
+
+Sleeping at once (`OMP_WAIT_POLICY=PASSIVE`) costs a wake-up per operation: at saturation the server ran at half its
+offline throughput, its 2 compute threads using 1.3 cores. The server has several threads that call torch (engine,
+routing, warm-up), and with more OpenMP threads than cores libgomp's default cuts spinning to almost nothing, so it
+behaves as PASSIVE does. Spinning a bounded while (about 0.1 ms) keeps the workers awake through a U-Net call and
+lets them sleep between batches. Beside other busy processes on the same cores PASSIVE is the safer choice
+(spinning made a 2-thread teacher call several times slower there); `benchmarks/serving.py` measures both.
+"""
+
+from __future__ import annotations
+
+import os
+
+SERVING_WAIT_POLICY = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "100000"}
+
+
+def use_serving_wait_policy() -> None:
+    """Set `SERVING_WAIT_POLICY` in the environment unless an operator set either variable."""
+    if not any(name in os.environ for name in SERVING_WAIT_POLICY):
+        os.environ.update(SERVING_WAIT_POLICY)

@@ -38,14 +38,18 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-import torch
-from prometheus_client.parser import text_string_to_metric_families
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from server.openmp import use_serving_wait_policy  # noqa: E402
+
+if __name__ == "__main__":  # the offline parts wait for work as `aptp serve` does: set before torch loads OpenMP
+    use_serving_wait_policy()
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
 from load import ServerProcess, free_port, percentile, shapes_captions, wait_ready  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from svg import Panel, Series, panels_svg  # noqa: E402
 
 from aptp.conditioning.prompts import Conditioning  # noqa: E402
@@ -59,6 +63,7 @@ from server.settings import Settings  # noqa: E402
 BATCHES = (1, 2, 4, 8, 16)
 # The server configurations, by name in the report.
 WHOLE_BATCHES, STEP_LEVEL, BATCH_ONE = "bundle, whole batches", "bundle, step-level", "bundle, batch 1"
+PASSIVE_WAITS = "bundle, whole batches, OMP_WAIT_POLICY=PASSIVE"
 TEACHER = "teacher"
 
 
@@ -543,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         print("server ...", flush=True)
         figures["server"] = [
             saturation(WHOLE_BATCHES, args.bundle, {**batch, "APTP_BATCHING": "request"}, args),
+            saturation(
+                PASSIVE_WAITS, args.bundle, {**batch, "APTP_BATCHING": "request", "OMP_WAIT_POLICY": "PASSIVE"}, args
+            ),
             saturation(STEP_LEVEL, args.bundle, {**batch, "APTP_BATCHING": "step"}, args),
             saturation(BATCH_ONE, args.bundle, {"APTP_MAX_BATCH_SIZE": "1", "APTP_BATCHING": "request"}, args),
             saturation(TEACHER, args.teacher, {**batch, "APTP_BATCHING": "request"}, args),

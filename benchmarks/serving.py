@@ -18,8 +18,10 @@ Parts, each printed and written to OUT.json / OUT.md with provenance:
   throughput is held against; and per-sample dynamic pruning of them, the teacher gated row by row by each prompt's
   code (`pruning.gates.UNetGates`) in mixed batches of arrival order.
 - **server**: `aptp serve` at saturation (closed loop: `--clients` clients, each sending its next request when the
-  last is answered) on a mixed prompt stream, for the bundle with whole-batch and with step-level batching, the
-  bundle with batches of one, and the teacher. Throughput (images/s), latency p50/p95, the routed MACs, where a
+  last is answered) on a mixed prompt stream, for the bundle with whole-batch batching (also under PASSIVE OpenMP
+  waits) and with step-level batching, the bundle with batches of one, and the teacher. Every server runs at once;
+  `--rounds` rounds each run the offline part and then every server in turn, and ratios are taken within a round
+  (on a shared host the machine's speed drifts by tens of percent over minutes). Throughput (images/s), latency p50/p95, the routed MACs, where a
   request's time went (the server's report: routing, queueing, computing; the rest of the client's latency is HTTP,
   JSON and PNG), and the engine's busy share of the run (`aptp_compute_seconds` over the wall time).
 - **overload**: the bundle offered `--overload` times its saturation rate (open loop, `--overload-seconds`), once
@@ -311,8 +313,7 @@ def serve_and_measure(name: str, bundle: Path, settings: dict[str, str], args, m
     port = free_port()
     log = Path(args.out).with_name(f"{Path(args.out).name}-{name}.log")
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {"APTP_THREADS": str(args.threads), "APTP_MAX_WAIT_MS": "50", "APTP_MAX_QUEUE_SIZE": "64", **settings}
-    server = ServerProcess(bundle, port, env, log, "cpu", ())
+    server = ServerProcess(bundle, port, _server_env(args, settings), log, "cpu", ())
     url = f"http://127.0.0.1:{port}"
     try:
 
@@ -329,17 +330,52 @@ def serve_and_measure(name: str, bundle: Path, settings: dict[str, str], args, m
     return {"config": name, "settings": settings, **result}
 
 
-def saturation(name: str, bundle: Path, settings: dict[str, str], args) -> dict:
-    """The server at saturation: `--clients` closed-loop clients, `--requests` requests."""
-    result = serve_and_measure(
-        name,
-        bundle,
-        settings,
-        args,
-        lambda url: closed_loop(url, args.prompts, args.clients, args.requests, args.steps),
-    )
-    print(f"  {name}: {result['images_per_s']:.2f} images/s, p50 {result['latency_p50_s']:.2f} s", flush=True)
-    return result
+def _server_env(args, settings: dict[str, str]) -> dict[str, str]:
+    return {"APTP_THREADS": str(args.threads), "APTP_MAX_WAIT_MS": "50", "APTP_MAX_QUEUE_SIZE": "64", **settings}
+
+
+def alternating_saturation(configs: list[tuple[str, Path, dict[str, str]]], args, offline_run) -> tuple[dict, list]:
+    """Every configuration's server started at once, then `--rounds` rounds, each running `offline_run()` and then
+    every server at saturation (`--clients` closed-loop clients, `--requests` requests) in turn. Ratios between
+    configurations are taken within a round, minutes apart at most, so a machine whose speed drifts (a shared host)
+    moves them all alike. Idle servers wait without spinning. Returns each configuration's rounds, and the offline
+    runs."""
+    servers: dict[str, tuple[ServerProcess, str, Path]] = {}
+    try:
+        for name, bundle, settings in configs:
+            port = free_port()
+            log = Path(args.out).with_name(f"{Path(args.out).name}-{len(servers)}.log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            server = ServerProcess(bundle, port, _server_env(args, settings), log, "cpu", ())
+            servers[name] = (server, f"http://127.0.0.1:{port}", log)
+
+        async def run() -> tuple[dict, list]:
+            async with httpx.AsyncClient() as control:
+                for server, url, _ in servers.values():
+                    await wait_ready(control, url, server)
+            for _, url, _ in servers.values():  # warm each whole path once
+                await closed_loop(url, args.prompts, args.clients, args.clients, args.steps)
+            rounds: dict[str, list[dict]] = {name: [] for name in servers}
+            offline = []
+            for number in range(args.rounds):
+                offline.append(offline_run())
+                for name, (_, url, _) in servers.items():
+                    result = await closed_loop(url, args.prompts, args.clients, args.requests, args.steps)
+                    rounds[name].append(result)
+                    print(f"  round {number + 1}, {name}: {result['images_per_s']:.2f} images/s", flush=True)
+            return rounds, offline
+
+        return asyncio.run(run())
+    finally:
+        for server, _, log in servers.values():
+            server.stop(60)
+            log.unlink(missing_ok=True)
+
+
+def median_round(name: str, settings: dict[str, str], rounds: list[dict]) -> dict:
+    """A configuration's report: its round of median throughput, with every round's images/s."""
+    middle = sorted(rounds, key=lambda r: r["images_per_s"])[len(rounds) // 2]
+    return {"config": name, "settings": settings, **middle, "rounds_images_per_s": [r["images_per_s"] for r in rounds]}
 
 
 def overload(name: str, settings: dict[str, str], args, rate: float) -> dict:
@@ -406,22 +442,32 @@ def targets(figures: dict) -> list[dict]:
         bar(f"latency per MAC x teacher, worst code, batch {batch}", worst, "<=", 1.1)
     teacher_8 = next(r for r in unet if r["model"] == "teacher" and r["batch"] == 8)
     bar("teacher U-Net GMAC/s at batch 8 / GEMM's", teacher_8["gmacs_per_s"] / figures["gemm_gmacs_per_s"], ">=", 0.6)
-    bundle, teacher = server.get(WHOLE_BATCHES), server.get(TEACHER)
-    served = bundle["images_per_s"] if bundle else None
-    ideal = teacher["images_per_s"] / bundle["mean_macs_ratio"] if bundle and teacher else None
-    offline = figures["offline"]
-    bar("bundle images/s / ideal (teacher's / routed MAC ratio)", _ratio(served, ideal), ">=", 0.9)
-    bar("bundle images/s / the same engine's offline", _ratio(served, offline["engine"]["images_per_s"]), ">=", 0.95)
-    gated = offline["gated_teacher"]["images_per_s"]
-    bar("bundle images/s / per-sample gated teacher's offline", _ratio(served, gated), ">=", 2.0)
+    bundle = server.get(WHOLE_BATCHES)
+    ratios = round_ratios(figures)
+    bar("bundle images/s / ideal (teacher's / routed MAC ratio)", ratios.get("ideal"), ">=", 0.9)
+    bar("bundle images/s / the same engine's offline", ratios.get("offline"), ">=", 0.95)
+    bar("bundle images/s / per-sample gated teacher's offline", ratios.get("gated"), ">=", 2.0)
     bar("routing share of end-to-end time", bundle["router_share"] if bundle else None, "<=", 0.02)
     outside = bundle["outside_server_share"] if bundle else None
     bar("share of end-to-end time outside the server (HTTP, JSON, PNG)", outside, "<=", 0.02)
     return rows
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return None if numerator is None or denominator is None else numerator / denominator
+def round_ratios(figures: dict) -> dict[str, float]:
+    """The whole-batch bundle server's throughput over each reference, taken within each round, median over rounds:
+    `ideal` (the teacher server's / the routed MAC ratio), `offline` (the same engine offline) and `gated` (the
+    per-sample gated teacher offline). Empty without server rounds."""
+    per_round: dict[str, list[float]] = {"ideal": [], "offline": [], "gated": []}
+    for servers, offline in zip(figures["rounds"], figures["offline_rounds"], strict=False):
+        bundle, teacher = servers.get(WHOLE_BATCHES), servers.get(TEACHER)
+        if bundle is None:
+            continue
+        served = bundle["images_per_s"]
+        if teacher is not None:
+            per_round["ideal"].append(served / (teacher["images_per_s"] / bundle["mean_macs_ratio"]))
+        per_round["offline"].append(served / offline["engine"]["images_per_s"])
+        per_round["gated"].append(served / offline["gated_teacher"]["images_per_s"])
+    return {name: statistics.median(values) for name, values in per_round.items() if values}
 
 
 def _cell(value: float | None, digits: int = 2) -> str:
@@ -449,34 +495,39 @@ def table(figures: dict) -> str:
             f"| {r['model']} | {r['batch']} | {r['nchw_s'] * 1000:.0f} ms | {r['channels_last_s'] * 1000:.0f} ms "
             f"| {r['speedup']:.2f}x |"
         )
-    offline = figures["offline"]
+    offline = figures["offline_rounds"]
     lines += [
         "",
-        f"### Offline: the same {offline['engine']['images']} requests without a server ({figures['steps']} steps, "
-        f"batches of {figures['batch']})",
+        f"### Offline: the same {offline[0]['engine']['images']} requests without a server ({figures['steps']} steps, "
+        f"batches of {figures['batch']}), images/s per round",
         "",
-        "| run | images/s | seconds |",
-        "|---|---|---|",
-        f"| the engine's batches, one code each (`server.engine.run_jobs`) | {offline['engine']['images_per_s']:.2f} "
-        f"| {offline['engine']['wall_s']:.1f} |",
-        f"| the teacher gated per row, mixed batches in arrival order | "
-        f"{offline['gated_teacher']['images_per_s']:.2f} | {offline['gated_teacher']['wall_s']:.1f} |",
+        "| run | " + " | ".join(f"round {i + 1}" for i in range(len(offline))) + " |",
+        "|---|" + "---|" * len(offline),
+        "| the engine's batches, one code each (`server.engine.run_jobs`) | "
+        + " | ".join(f"{r['engine']['images_per_s']:.2f}" for r in offline)
+        + " |",
+        "| the teacher gated per row, mixed batches in arrival order | "
+        + " | ".join(f"{r['gated_teacher']['images_per_s']:.2f}" for r in offline)
+        + " |",
     ]
     if figures["server"]:
         lines += [
             "",
             f"### Server at saturation ({figures['clients']} closed-loop clients, {figures['requests']} requests, "
-            f"{figures['steps']} steps)",
+            f"{figures['steps']} steps): each configuration's median round; rounds alternate the servers and the "
+            "offline runs",
             "",
-            "| config | images/s | x teacher | p50 s | p95 s | mean batch | routed MACs | router share "
+            "| config | images/s | every round | x teacher | p50 s | p95 s | mean batch | routed MACs | router share "
             "| outside-server share | engine busy |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         teacher = next((r for r in figures["server"] if r["config"] == TEACHER), None)
         for r in figures["server"]:
             relative = f"{r['images_per_s'] / teacher['images_per_s']:.2f}" if teacher else "-"
             lines.append(
-                f"| {r['config']} | {r['images_per_s']:.2f} | {relative} | {r['latency_p50_s']:.2f} | "
+                f"| {r['config']} | {r['images_per_s']:.2f} | "
+                + ", ".join(f"{v:.2f}" for v in r.get("rounds_images_per_s", [r["images_per_s"]]))
+                + f" | {relative} | {r['latency_p50_s']:.2f} | "
                 f"{r['latency_p95_s']:.2f} | {r['mean_batch_images']:.1f} | {r['mean_macs_ratio']:.3f} | "
                 f"{r['router_share']:.3f} | {r['outside_server_share']:.3f} | {r['engine_busy_share']:.2f} |"
             )
@@ -514,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=96, help="requests per server configuration, and offline")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8, help="APTP_MAX_BATCH_SIZE of the batched configurations")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the servers and offline runs")
     parser.add_argument("--overload", type=float, default=2.0, help="offered rate over the bundle's saturation rate")
     parser.add_argument("--overload-seconds", type=float, default=30.0)
     parser.add_argument("--overload-queue", type=int, default=8, help="APTP_MAX_QUEUE_SIZE under overload")
@@ -535,26 +587,31 @@ def main(argv: list[str] | None = None) -> int:
         "gemm_gmacs_per_s": gemm_rate(),
         "layout": layout_speedup(bundle, teacher, args.repeats),
     }
-    print("offline ...", flush=True)
     texts = request_texts(args.prompts, args.requests)
-    figures["offline"] = {
-        "engine": offline_engine(bundle, texts, args.steps, args.batch),
-        "gated_teacher": offline_gated_teacher(bundle, teacher, texts, args.steps, args.batch),
-    }
-    del bundle, teacher  # the servers below are processes of their own
-    figures["server"], figures["overload"] = [], []
-    if not args.skip_server:
+
+    def offline_run() -> dict:
+        return {
+            "engine": offline_engine(bundle, texts, args.steps, args.batch),
+            "gated_teacher": offline_gated_teacher(bundle, teacher, texts, args.steps, args.batch),
+        }
+
+    figures["server"], figures["overload"], figures["rounds"] = [], [], []
+    if args.skip_server:
+        figures["offline_rounds"] = [offline_run()]
+    else:
         batch = {"APTP_MAX_BATCH_SIZE": str(args.batch)}
-        print("server ...", flush=True)
-        figures["server"] = [
-            saturation(WHOLE_BATCHES, args.bundle, {**batch, "APTP_BATCHING": "request"}, args),
-            saturation(
-                PASSIVE_WAITS, args.bundle, {**batch, "APTP_BATCHING": "request", "OMP_WAIT_POLICY": "PASSIVE"}, args
-            ),
-            saturation(STEP_LEVEL, args.bundle, {**batch, "APTP_BATCHING": "step"}, args),
-            saturation(BATCH_ONE, args.bundle, {"APTP_MAX_BATCH_SIZE": "1", "APTP_BATCHING": "request"}, args),
-            saturation(TEACHER, args.teacher, {**batch, "APTP_BATCHING": "request"}, args),
+        configs = [
+            (WHOLE_BATCHES, args.bundle, {**batch, "APTP_BATCHING": "request"}),
+            (PASSIVE_WAITS, args.bundle, {**batch, "APTP_BATCHING": "request", "OMP_WAIT_POLICY": "PASSIVE"}),
+            (STEP_LEVEL, args.bundle, {**batch, "APTP_BATCHING": "step"}),
+            (BATCH_ONE, args.bundle, {"APTP_MAX_BATCH_SIZE": "1", "APTP_BATCHING": "request"}),
+            (TEACHER, args.teacher, {**batch, "APTP_BATCHING": "request"}),
         ]
+        print(f"server and offline, {args.rounds} alternating rounds ...", flush=True)
+        rounds, figures["offline_rounds"] = alternating_saturation(configs, args, offline_run)
+        figures["server"] = [median_round(name, settings, rounds[name]) for name, _, settings in configs]
+        figures["rounds"] = [{name: rounds[name][i] for name, _, _ in configs} for i in range(args.rounds)]
+        del bundle, teacher  # the overload's servers are processes of their own
         rate = args.overload * figures["server"][0]["images_per_s"]
         print(f"overload at {rate:.1f} requests/s ...", flush=True)
         figures["overload"] = [

@@ -21,9 +21,10 @@ Parts, each printed and written to OUT.json / OUT.md with provenance:
   last is answered) on a mixed prompt stream, for the bundle with whole-batch batching (also under PASSIVE OpenMP
   waits) and with step-level batching, the bundle with batches of one, and the teacher. Every server runs at once;
   `--rounds` rounds each run the offline part and then every server in turn, and ratios are taken within a round
-  (on a shared host the machine's speed drifts by tens of percent over minutes). Throughput (images/s), latency p50/p95, the routed MACs, where a
-  request's time went (the server's report: routing, queueing, computing; the rest of the client's latency is HTTP,
-  JSON and PNG), and the engine's busy share of the run (`aptp_compute_seconds` over the wall time).
+  (on a shared host the machine's speed drifts by tens of percent over minutes). Throughput (images/s), latency
+  p50/p95, the routed MACs, where a request's time went (the server's report: routing, queueing, computing; the rest
+  of the client's latency is HTTP, JSON and PNG), and the engine's busy share of the run (`aptp_compute_seconds` over
+  the wall time).
 - **overload**: the bundle offered `--overload` times its saturation rate (open loop, `--overload-seconds`), once
   refusing with 429 when full (the default) and once degrading to cheaper codes (`APTP_DEGRADE_WHEN_FULL`): what
   is served and how fast, what is refused and how fast.

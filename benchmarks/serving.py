@@ -25,9 +25,9 @@ Parts, each printed and written to OUT.json / OUT.md with provenance:
   p50/p95, the routed MACs, where a request's time went (the server's report: routing, queueing, computing; the rest
   of the client's latency is HTTP, JSON and PNG), and the engine's busy share of the run (`aptp_compute_seconds` over
   the wall time).
-- **overload**: the bundle offered `--overload` times its saturation rate (open loop, `--overload-seconds`), once
-  refusing with 429 when full (the default) and once degrading to cheaper codes (`APTP_DEGRADE_WHEN_FULL`): what
-  is served and how fast, what is refused and how fast.
+- **overload**: the bundle offered `--overload` times its saturation rate (open loop, `--overload-seconds`), one
+  server refusing with 429 when full (the default) and one degrading to cheaper codes (`APTP_DEGRADE_WHEN_FULL`),
+  alternating in rounds as above: what is served and how fast, what is refused and how fast.
 - **targets**: the serving issue's bars beside what the run measured.
 """
 
@@ -67,6 +67,7 @@ BATCHES = (1, 2, 4, 8, 16)
 # The server configurations, by name in the report.
 WHOLE_BATCHES, STEP_LEVEL, BATCH_ONE = "bundle, whole batches", "bundle, step-level", "bundle, batch 1"
 PASSIVE_WAITS = "bundle, whole batches, OMP_WAIT_POLICY=PASSIVE"
+REFUSE, DEGRADE = "refuse when full (default)", "degrade when full"
 TEACHER = "teacher"
 
 
@@ -308,39 +309,16 @@ async def open_loop(url: str, prompts: list[str], rate: float, seconds: float, s
     }
 
 
-def serve_and_measure(name: str, bundle: Path, settings: dict[str, str], args, measure) -> dict:
-    """Start `aptp serve` on `bundle` with `settings` (over the benchmark's defaults), warm the whole path with one
-    closed-loop wave, and return what `measure(url)` (a coroutine function) measures."""
-    port = free_port()
-    log = Path(args.out).with_name(f"{Path(args.out).name}-{name}.log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    server = ServerProcess(bundle, port, _server_env(args, settings), log, "cpu", ())
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        async def run() -> dict:
-            async with httpx.AsyncClient() as control:
-                await wait_ready(control, url, server)
-            await closed_loop(url, args.prompts, args.clients, args.clients, args.steps)
-            return await measure(url)
-
-        result = asyncio.run(run())
-    finally:
-        server.stop(60)
-        log.unlink(missing_ok=True)
-    return {"config": name, "settings": settings, **result}
-
-
 def _server_env(args, settings: dict[str, str]) -> dict[str, str]:
     return {"APTP_THREADS": str(args.threads), "APTP_MAX_WAIT_MS": "50", "APTP_MAX_QUEUE_SIZE": "64", **settings}
 
 
-def alternating_saturation(configs: list[tuple[str, Path, dict[str, str]]], args, offline_run) -> tuple[dict, list]:
-    """Every configuration's server started at once, then `--rounds` rounds, each running `offline_run()` and then
-    every server at saturation (`--clients` closed-loop clients, `--requests` requests) in turn. Ratios between
-    configurations are taken within a round, minutes apart at most, so a machine whose speed drifts (a shared host)
-    moves them all alike. Idle servers wait without spinning. Returns each configuration's rounds, and the offline
-    runs."""
+def alternating(configs: list[tuple[str, Path, dict[str, str]]], args, measure, offline_run=None):
+    """Every configuration's server started at once, warmed with one closed-loop wave, then `--rounds` rounds, each
+    running `offline_run()` (when given) and then `measure(url)` (a coroutine function) on every server in turn.
+    Ratios between configurations are taken within a round, minutes apart at most, so a machine whose speed drifts
+    (a shared host) moves them all alike; idle servers wait without spinning. Returns each configuration's rounds and
+    the offline runs."""
     servers: dict[str, tuple[ServerProcess, str, Path]] = {}
     try:
         for name, bundle, settings in configs:
@@ -354,16 +332,16 @@ def alternating_saturation(configs: list[tuple[str, Path, dict[str, str]]], args
             async with httpx.AsyncClient() as control:
                 for server, url, _ in servers.values():
                     await wait_ready(control, url, server)
-            for _, url, _ in servers.values():  # warm each whole path once
+            for _, url, _ in servers.values():
                 await closed_loop(url, args.prompts, args.clients, args.clients, args.steps)
             rounds: dict[str, list[dict]] = {name: [] for name in servers}
             offline = []
             for number in range(args.rounds):
-                offline.append(offline_run())
+                if offline_run is not None:
+                    offline.append(offline_run())
                 for name, (_, url, _) in servers.items():
-                    result = await closed_loop(url, args.prompts, args.clients, args.requests, args.steps)
-                    rounds[name].append(result)
-                    print(f"  round {number + 1}, {name}: {result['images_per_s']:.2f} images/s", flush=True)
+                    rounds[name].append(await measure(url))
+                    print(f"  round {number + 1}, {name}: {summary(rounds[name][-1])}", flush=True)
             return rounds, offline
 
         return asyncio.run(run())
@@ -373,28 +351,16 @@ def alternating_saturation(configs: list[tuple[str, Path, dict[str, str]]], args
             log.unlink(missing_ok=True)
 
 
-def median_round(name: str, settings: dict[str, str], rounds: list[dict]) -> dict:
-    """A configuration's report: its round of median throughput, with every round's images/s."""
-    middle = sorted(rounds, key=lambda r: r["images_per_s"])[len(rounds) // 2]
-    return {"config": name, "settings": settings, **middle, "rounds_images_per_s": [r["images_per_s"] for r in rounds]}
+def summary(result: dict) -> str:
+    if "served" in result:
+        return f"{result['served']} served, {result['refused']} refused, {result['served_images_per_s']:.2f} images/s"
+    return f"{result['images_per_s']:.2f} images/s"
 
 
-def overload(name: str, settings: dict[str, str], args, rate: float) -> dict:
-    """The bundle under `rate` requests/s for `--overload-seconds`, with `--overload-queue` places per code."""
-    settings = {"APTP_MAX_QUEUE_SIZE": str(args.overload_queue), **settings}
-    result = serve_and_measure(
-        name,
-        args.bundle,
-        settings,
-        args,
-        lambda url: open_loop(url, args.prompts, rate, args.overload_seconds, args.steps),
-    )
-    print(
-        f"  {name}: {result['served']} served, {result['refused']} refused, "
-        f"{result['served_images_per_s']:.2f} images/s served",
-        flush=True,
-    )
-    return result
+def median_round(name: str, settings: dict[str, str], rounds: list[dict], key: str = "images_per_s") -> dict:
+    """A configuration's report: its round of median `key`, with every round's."""
+    middle = sorted(rounds, key=lambda r: r[key])[len(rounds) // 2]
+    return {"config": name, "settings": settings, **middle, f"rounds_{key}": [r[key] for r in rounds]}
 
 
 # --------------------------------------------------------------------------------------------------------- main
@@ -539,14 +505,15 @@ def table(figures: dict) -> str:
             f"### Overload: {first['offered_per_s']:.1f} requests/s for {first['seconds']:.0f} s (open loop, "
             f"{first['offered']} requests), {figures['batch']}-image batches",
             "",
-            "| policy | served | refused (429) | failed | served images/s | p50 s | p95 s | 429 p95 s | degraded "
-            "| routed MACs |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| policy | served | refused (429) | failed | served images/s | every round | p50 s | p95 s | 429 p95 s "
+            "| degraded | routed MACs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in figures["overload"]:
             lines.append(
-                f"| {r['config']} | {r['served']} | {r['refused']} | {r['failed']} | {r['served_images_per_s']:.2f} "
-                f"| {_cell(r['latency_p50_s'])} | {_cell(r['latency_p95_s'])} | {_cell(r['refusal_p95_s'], 3)} "
+                f"| {r['config']} | {r['served']} | {r['refused']} | {r['failed']} | {r['served_images_per_s']:.2f} | "
+                + ", ".join(f"{v:.2f}" for v in r.get("rounds_served_images_per_s", [r["served_images_per_s"]]))
+                + f" | {_cell(r['latency_p50_s'])} | {_cell(r['latency_p95_s'])} | {_cell(r['refusal_p95_s'], 3)} "
                 f"| {_cell(r['degraded_share'])} | {_cell(r['mean_macs_ratio'], 3)} |"
             )
     lines += ["", "### Targets", "", "| target | measured | bar | met |", "|---|---|---|---|"]
@@ -609,15 +576,28 @@ def main(argv: list[str] | None = None) -> int:
             (TEACHER, args.teacher, {**batch, "APTP_BATCHING": "request"}),
         ]
         print(f"server and offline, {args.rounds} alternating rounds ...", flush=True)
-        rounds, figures["offline_rounds"] = alternating_saturation(configs, args, offline_run)
+
+        async def saturate(url: str) -> dict:
+            return await closed_loop(url, args.prompts, args.clients, args.requests, args.steps)
+
+        rounds, figures["offline_rounds"] = alternating(configs, args, saturate, offline_run)
         figures["server"] = [median_round(name, settings, rounds[name]) for name, _, settings in configs]
         figures["rounds"] = [{name: rounds[name][i] for name, _, _ in configs} for i in range(args.rounds)]
         del bundle, teacher  # the overload's servers are processes of their own
         rate = args.overload * figures["server"][0]["images_per_s"]
         print(f"overload at {rate:.1f} requests/s ...", flush=True)
+        places = {**batch, "APTP_MAX_QUEUE_SIZE": str(args.overload_queue)}
+        policies = [
+            (REFUSE, args.bundle, {**places, "APTP_DEGRADE_WHEN_FULL": "false"}),
+            (DEGRADE, args.bundle, {**places, "APTP_DEGRADE_WHEN_FULL": "true"}),
+        ]
+
+        async def overload(url: str) -> dict:
+            return await open_loop(url, args.prompts, rate, args.overload_seconds, args.steps)
+
+        rounds, _ = alternating(policies, args, overload)
         figures["overload"] = [
-            overload(policy, {**batch, "APTP_DEGRADE_WHEN_FULL": degrade}, args, rate)
-            for policy, degrade in (("refuse when full (default)", "false"), ("degrade when full", "true"))
+            median_round(name, settings, rounds[name], "served_images_per_s") for name, _, settings in policies
         ]
     figures["targets"] = targets(figures)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "prompts"}

@@ -147,14 +147,16 @@ def test_the_table_and_plot_render_every_part(models):
     overload = {"offered": 60, "offered_per_s": 2.0, "seconds": 30.0, "served": 40, "refused": 20, "failed": 0}
     overload |= {"served_images_per_s": 1.9, "latency_p50_s": 3.0, "latency_p95_s": 4.0, "refusal_p95_s": 0.01}
     figures["overload"] = [
-        {"config": "refuse when full (default)", **overload, "degraded_share": 0.0, "mean_macs_ratio": 0.6},
+        {"config": "refuse when full (default)", **overload, "degraded_share": 0.0, "mean_macs_ratio": 0.6}
+        | {"rounds_served_images_per_s": [1.8, 1.9, 2.1]},
         {"config": "degrade when full", **overload, "degraded_share": None, "mean_macs_ratio": None},
     ]
     figures["targets"] = targets(figures)
     text = table(figures)
     assert "| code 1 |" in text and "GEMM" in text and "### Offline" in text
     assert "| code 1 | 1 |" in text  # the layout comparison, per model and batch size
-    assert "| degrade when full | 40 | 20 | 0 | 1.90 |" in text and "### Targets" in text
+    assert "| degrade when full | 40 | 20 | 0 | 1.90 | 1.90 |" in text and "### Targets" in text
+    assert "| refuse when full (default) | 40 | 20 | 0 | 1.90 | 1.80, 1.90, 2.10 |" in text
     assert f"| {WHOLE_BATCHES} | 2.00 | 1.50, 2.00, 2.50 |" in text
 
     # the plot: a point per model at each plotted batch size, and one per server configuration

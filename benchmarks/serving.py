@@ -198,8 +198,9 @@ def offline_gated_teacher(bundle: RoutedPipeline, teacher: RoutedPipeline, texts
     guidance = bundle.default_guidance_scale
     try:
         began = time.perf_counter()
-        codes = bundle.route(bundle.encode(texts)).codes
-        encoded = teacher.encode(texts)
+        # One encoding conditions and routes: a bundle's codes read the teacher's own text adapter (checked at load).
+        encoded = bundle.encode(texts)
+        codes = bundle.route(encoded).codes
         for start in range(0, len(texts), batch):
             rows = list(range(start, min(start + batch, len(texts))))
             gates.set(architectures[[codes[i] for i in rows]])  # both guidance halves take their row's gates

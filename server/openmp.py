@@ -2,13 +2,17 @@
 (OpenMP reads it once, when torch loads it). This module imports nothing heavy, so that it can run first.
 
 Sleeping at once (`OMP_WAIT_POLICY=PASSIVE`) costs a wake-up per operation: at saturation the server ran at 0.5-0.6 of
-its offline throughput, its 2 compute threads using 1.3 cores. Without a policy libgomp would not do better here: the
-server has several threads that call torch (engine, routing, warm-up), and with more OpenMP threads than CPUs libgomp
-spins only 100 times before sleeping (1000 under `ACTIVE`; GCC's libgomp manual, GOMP_SPINCOUNT). `ACTIVE` with a
-spin count of 100,000 (about 0.1 ms) keeps the workers awake between the operations of a U-Net call and still lets
-them sleep between batches (an idle process stays idle: tests/server/test_openmp.py). Beside other busy processes
-on the same cores PASSIVE is the safer choice (spinning made a 2-thread teacher call several times slower there);
-`benchmarks/serving.py` measures both.
+its offline throughput, its 2 compute threads using 1.3 cores. `ACTIVE` with a spin count of 100,000 (about 0.1 ms)
+keeps the workers awake between the operations of a U-Net call and still lets them sleep between batches (an idle
+process stays idle: tests/server/test_openmp.py). Beside other busy processes on the same cores PASSIVE is the safer
+choice (spinning made a 2-thread teacher call several times slower there); `benchmarks/serving.py` measures both.
+
+The spin count holds only while the process has no more OpenMP threads than CPUs. Past that libgomp spins 1,000
+times at most (100 without a policy) before sleeping, whatever GOMP_SPINCOUNT says (GCC's libgomp manual), and every
+thread that runs torch operations with more than one intra-op thread brings workers of its own. With the engine on
+2 threads and the routing thread on 2 as well, the engine's two threads used 1.5 of the 2 cores at saturation and
+the server ran at 0.65 of its offline throughput; with one routing thread (`Settings.routing_threads`, default 1),
+1.85 cores and 0.90. `server.priority.use_intra_op_threads` makes a thread's count stick.
 """
 
 from __future__ import annotations

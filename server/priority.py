@@ -34,8 +34,14 @@ def lower_thread_priority(niceness: int) -> None:
 
 
 def use_intra_op_threads(threads: int | None) -> None:
-    """Give the calling thread `threads` torch intra-op threads (None: leave it as it is). Per calling thread with
-    OpenMP; threads started afterwards begin with the last count set anywhere, so every compute thread sets its
-    own."""
+    """Give the calling thread `threads` torch intra-op threads (None: leave it as it is), for good. Per calling
+    thread with OpenMP; threads started afterwards begin with the last count set anywhere, so every compute thread
+    sets its own.
+
+    torch applies the process's last count to a thread lazily, at the thread's first parallel operation (or
+    `torch.get_num_threads`), even when the thread set its own count before: a thread that set 1 and ran its first
+    operation after another thread set 2 ran with 2. Asking for the count first makes that lazy step happen now,
+    so the count set here is the one the thread keeps."""
     if threads is not None:
+        torch.get_num_threads()
         torch.set_num_threads(threads)

@@ -58,7 +58,10 @@ class Settings(BaseSettings):
         loop's, so refusals and health checks are answered at once however busy the CPU (0: same).
     routing_niceness (`int`): the same for the routing thread. Between the two by default: routing a burst is
         short and every request waits for it, so it runs before denoising rather than beside it.
-    routing_threads (`int`, *optional*): torch intra-op threads of the routing thread (None: `threads`).
+    routing_threads (`int`): torch intra-op threads of the routing thread. One by default: with more OpenMP
+        threads in the process than CPUs, libgomp lets every waiting worker spin only briefly before it sleeps, and
+        the engine then paid a wake-up per operation (`server.openmp`); a second routing thread cost the engine
+        far more than it saved routing.
     degrade_when_full (`bool`): when a request's code's queue is past its share, serve it with a cheaper code below
         its share (reported as `degraded`) instead of lengthening that queue.
     """
@@ -88,7 +91,7 @@ class Settings(BaseSettings):
     degrade_when_full: bool = False
     compute_niceness: int = Field(10, ge=0, le=19)
     routing_niceness: int = Field(5, ge=0, le=19)
-    routing_threads: int | None = Field(None, ge=1)
+    routing_threads: int = Field(1, ge=1)
     channels_last: bool = True
     batching: Literal["request", "step"] = "request"
 

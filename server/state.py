@@ -112,7 +112,7 @@ class ServerState:
             settings.max_routing_queue,
             settings.max_routing_batch,
             niceness=settings.routing_niceness,
-            threads=settings.routing_threads or settings.threads,
+            threads=settings.routing_threads,
         )
         if settings.warmup:  # in the background: the server listens (503 on /readyz) while the experts warm up
             self._warming = threading.Thread(target=self._warm_up, name="aptp-warm-up", daemon=True)

@@ -1,0 +1,31 @@
+import threading
+
+import torch
+
+from server.priority import use_intra_op_threads
+
+
+def test_a_threads_intra_op_count_holds_when_another_thread_sets_one_afterwards():
+    """The routing thread asks for one intra-op thread and the engine's thread for two, in whichever order they
+    start: each keeps its own (torch would otherwise apply the last count set to the routing thread's first
+    operation, and the process would hold more OpenMP threads than it has CPUs)."""
+    original = torch.get_num_threads()
+    counted, ready, go = [], threading.Event(), threading.Event()
+
+    def routing_like() -> None:
+        use_intra_op_threads(1)
+        ready.set()
+        go.wait(10)
+        torch.ones(1 << 16).mul_(2).sum()  # its first parallel operations
+        counted.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=routing_like)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        torch.set_num_threads(2)  # another thread sets its count later
+        go.set()
+        thread.join(10)
+    finally:
+        torch.set_num_threads(original)
+    assert counted == [1]

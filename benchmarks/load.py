@@ -222,6 +222,16 @@ def mean_batches(metrics: dict) -> dict[str, float | None]:
 
 
 # ------------------------------------------------------------------------------------------------- the server
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU time process `pid` has used so far, all its threads together (None where /proc cannot tell)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
+
+
 class ServerProcess:
     """`python -m aptp.cli.main serve` as a child process, configured through APTP_* variables, its log in a file
     (`serve_args`: more options, e.g. `--ray`)."""
@@ -251,6 +261,10 @@ class ServerProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server has used so far, all its threads together (None where /proc cannot tell)."""
+        return process_cpu_seconds(self.pid)
 
     def stop(self, timeout_s: float) -> dict:
         """SIGTERM (the server drains, then exits): seconds until it exited, its exit code (None: it hung and was

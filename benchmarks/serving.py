@@ -19,12 +19,14 @@ Parts, each printed and written to OUT.json / OUT.md with provenance:
   code (`pruning.gates.UNetGates`) in mixed batches of arrival order.
 - **server**: `aptp serve` at saturation (closed loop: `--clients` clients, each sending its next request when the
   last is answered) on a mixed prompt stream, for the bundle with whole-batch batching (also under PASSIVE OpenMP
-  waits) and with step-level batching, the bundle with batches of one, and the teacher. Every server runs at once;
+  waits, and with 2 routing threads instead of 1) and with step-level batching, the bundle with batches of one, and
+  the teacher. Every server runs at once;
   `--rounds` rounds each run the offline part and then every server in turn, and ratios are taken within a round
   (on a shared host the machine's speed drifts by tens of percent over minutes). Throughput (images/s), latency
   p50/p95, the routed MACs, where a request's time went (the server's report: routing, queueing, computing; the rest
-  of the client's latency is HTTP, JSON and PNG), and the engine's busy share of the run (`aptp_compute_seconds` over
-  the wall time).
+  of the client's latency is HTTP, JSON and PNG), the engine's busy share of the run (`aptp_compute_seconds` over
+  the wall time), and the cores the server process kept busy (its CPU time over the wall time; the offline runs
+  report theirs too).
 - **overload**: the bundle offered `--overload` times its saturation rate (open loop, `--overload-seconds`), one
   server refusing with 429 when full (the default) and one degrading to cheaper codes (`APTP_DEGRADE_WHEN_FULL`),
   alternating in rounds as above: what is served and how fast, what is refused and how fast.
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import resource
 import statistics
 import sys
 import time
@@ -67,6 +70,7 @@ BATCHES = (1, 2, 4, 8, 16)
 # The server configurations, by name in the report.
 WHOLE_BATCHES, STEP_LEVEL, BATCH_ONE = "bundle, whole batches", "bundle, step-level", "bundle, batch 1"
 PASSIVE_WAITS = "bundle, whole batches, OMP_WAIT_POLICY=PASSIVE"
+TWO_ROUTING_THREADS = "bundle, whole batches, 2 routing threads"
 REFUSE, DEGRADE = "refuse when full (default)", "degrade when full"
 TEACHER = "teacher"
 
@@ -162,6 +166,22 @@ def gemm_rate(size: int = 2048, repeats: int = 5) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ offline
+def _cpu_seconds() -> float:
+    """CPU time of this process so far, all its threads together."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _throughput(images: int, began: float, cpu_began: float) -> dict:
+    wall = time.perf_counter() - began
+    return {
+        "images": images,
+        "wall_s": wall,
+        "images_per_s": images / wall,
+        "cores": (_cpu_seconds() - cpu_began) / wall,
+    }
+
+
 def request_texts(prompts: list[str], requests: int) -> list[str]:
     """The prompt of request i, as the server parts send it."""
     return [prompts[i % len(prompts)] for i in range(requests)]
@@ -173,7 +193,7 @@ def offline_engine(bundle: RoutedPipeline, texts: list[str], steps: int, batch: 
     others at once, then each code's requests in batches of `batch` through `server.engine.run_jobs`, the function
     the engine runs a batch with. What the server's throughput is measured against."""
     guidance = bundle.default_guidance_scale
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), _cpu_seconds()
     encoded = bundle.encode(texts)
     codes = bundle.route(encoded).codes
     for code in sorted(set(codes)):
@@ -181,8 +201,7 @@ def offline_engine(bundle: RoutedPipeline, texts: list[str], steps: int, batch: 
         for start in range(0, len(rows), batch):
             jobs = [GenerationJob(encoded.select([i]), [i], steps, guidance) for i in rows[start : start + batch]]
             run_jobs(bundle, code, jobs)
-    wall = time.perf_counter() - began
-    return {"images": len(texts), "wall_s": wall, "images_per_s": len(texts) / wall}
+    return _throughput(len(texts), began, cpu_began)
 
 
 @torch.inference_mode()
@@ -197,7 +216,7 @@ def offline_gated_teacher(bundle: RoutedPipeline, teacher: RoutedPipeline, texts
     gates = UNetGates(teacher.experts[0], bundle.router.space).attach()
     guidance = bundle.default_guidance_scale
     try:
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), _cpu_seconds()
         # One encoding conditions and routes: a bundle's codes read the teacher's own text adapter (checked at load).
         encoded = bundle.encode(texts)
         codes = bundle.route(encoded).codes
@@ -205,10 +224,10 @@ def offline_gated_teacher(bundle: RoutedPipeline, teacher: RoutedPipeline, texts
             rows = list(range(start, min(start + batch, len(texts))))
             gates.set(architectures[[codes[i] for i in rows]])  # both guidance halves take their row's gates
             teacher.generate(0, encoded.select(rows), seeds=rows, steps=steps, guidance_scales=[guidance] * len(rows))
-        wall = time.perf_counter() - began
+        result = _throughput(len(texts), began, cpu_began)
     finally:
         gates.detach()
-    return {"images": len(texts), "wall_s": wall, "images_per_s": len(texts) / wall}
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------ server
@@ -340,8 +359,13 @@ def alternating(configs: list[tuple[str, Path, dict[str, str]]], args, measure, 
             for number in range(args.rounds):
                 if offline_run is not None:
                     offline.append(offline_run())
-                for name, (_, url, _) in servers.items():
-                    rounds[name].append(await measure(url))
+                for name, (server, url, _) in servers.items():
+                    cpu_began = server.cpu_seconds()
+                    result = await measure(url)
+                    cpu_ended = server.cpu_seconds()
+                    if cpu_began is not None and cpu_ended is not None:  # the cores it kept busy, all threads
+                        result["server_cores"] = (cpu_ended - cpu_began) / result["wall_s"]
+                    rounds[name].append(result)
                     print(f"  round {number + 1}, {name}: {summary(rounds[name][-1])}", flush=True)
             return rounds, offline
 
@@ -366,7 +390,7 @@ def median_round(name: str, settings: dict[str, str], rounds: list[dict], key: s
 
 # --------------------------------------------------------------------------------------------------------- main
 BATCH_COLOURS = {1: "#1f77b4", 4: "#ff7f0e", 8: "#2ca02c", 16: "#d62728"}
-CONFIG_COLOURS = ("#d62728", "#9467bd", "#8c564b", "#000000", "#17becf")
+CONFIG_COLOURS = ("#d62728", "#9467bd", "#bcbd22", "#8c564b", "#000000", "#17becf")
 
 
 def plot(figures: dict) -> str:
@@ -442,6 +466,10 @@ def _cell(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _offline_cell(run: dict) -> str:
+    return f"{run['images_per_s']:.2f} ({run['cores']:.2f} cores)"
+
+
 def table(figures: dict) -> str:
     lines = ["### U-Net: a guided call per batch size (median), latency over the teacher's per MAC ratio", ""]
     lines += ["| model | MACs x teacher | " + " | ".join(f"batch {b}" for b in BATCHES) + " |"]
@@ -472,10 +500,10 @@ def table(figures: dict) -> str:
         "| run | " + " | ".join(f"round {i + 1}" for i in range(len(offline))) + " |",
         "|---|" + "---|" * len(offline),
         "| the engine's batches, one code each (`server.engine.run_jobs`) | "
-        + " | ".join(f"{r['engine']['images_per_s']:.2f}" for r in offline)
+        + " | ".join(_offline_cell(r["engine"]) for r in offline)
         + " |",
         "| the teacher gated per row, mixed batches in arrival order | "
-        + " | ".join(f"{r['gated_teacher']['images_per_s']:.2f}" for r in offline)
+        + " | ".join(_offline_cell(r["gated_teacher"]) for r in offline)
         + " |",
     ]
     if figures["server"]:
@@ -486,8 +514,8 @@ def table(figures: dict) -> str:
             "offline runs",
             "",
             "| config | images/s | every round | x teacher | p50 s | p95 s | mean batch | routed MACs | router share "
-            "| outside-server share | engine busy |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| outside-server share | engine busy | cores used |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         teacher = next((r for r in figures["server"] if r["config"] == TEACHER), None)
         for r in figures["server"]:
@@ -497,7 +525,8 @@ def table(figures: dict) -> str:
                 + ", ".join(f"{v:.2f}" for v in r.get("rounds_images_per_s", [r["images_per_s"]]))
                 + f" | {relative} | {r['latency_p50_s']:.2f} | "
                 f"{r['latency_p95_s']:.2f} | {r['mean_batch_images']:.1f} | {r['mean_macs_ratio']:.3f} | "
-                f"{r['router_share']:.3f} | {r['outside_server_share']:.3f} | {r['engine_busy_share']:.2f} |"
+                f"{r['router_share']:.3f} | {r['outside_server_share']:.3f} | {r['engine_busy_share']:.2f} | "
+                f"{_cell(r.get('server_cores'))} |"
             )
     if figures["overload"]:
         first = figures["overload"][0]
@@ -572,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = [
             (WHOLE_BATCHES, args.bundle, {**batch, "APTP_BATCHING": "request"}),
             (PASSIVE_WAITS, args.bundle, {**batch, "APTP_BATCHING": "request", "OMP_WAIT_POLICY": "PASSIVE"}),
+            (TWO_ROUTING_THREADS, args.bundle, {**batch, "APTP_BATCHING": "request", "APTP_ROUTING_THREADS": "2"}),
             (STEP_LEVEL, args.bundle, {**batch, "APTP_BATCHING": "step"}),
             (BATCH_ONE, args.bundle, {"APTP_MAX_BATCH_SIZE": "1", "APTP_BATCHING": "request"}),
             (TEACHER, args.teacher, {**batch, "APTP_BATCHING": "request"}),

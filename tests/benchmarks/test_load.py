@@ -1,8 +1,15 @@
-"""benchmarks/load.py's memory judgement: flat, settling to a bound, or growing."""
+"""benchmarks/load.py's memory judgement (flat, settling to a bound, or growing) and its reading of a process's CPU
+time."""
 
 from __future__ import annotations
 
-from benchmarks.load import memory_trend
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.load import memory_trend, process_cpu_seconds
 
 # RSS (MB) after each of 40 rounds of `benchmarks/load.py --rounds 40` against the shipped bundle on this machine.
 MEASURED = [794, 826, 844, 857, 872, 880, 888, 895, 906, 908, 915, 922, 923, 926, 928, 933, 933, 935, 937, 937]
@@ -29,3 +36,17 @@ def test_memory_still_climbing_in_the_second_half_is_growing():
 
 def test_one_round_is_not_judged():
     assert memory_trend([800], tolerance_mb=32)["flat"] is None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads CPU time from Linux's /proc")
+def test_a_process_cpu_time_counts_what_it_burnt_and_an_absent_process_reads_as_unknown():
+    """What the serving benchmark divides by the wall time to say how many cores a server kept busy."""
+    burn = "import time\nbegan = time.process_time()\nwhile time.process_time() - began < 0.4: pass\n"
+    burn += "print(1, flush=True)\ninput()"
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "1"
+        assert 0.35 <= process_cpu_seconds(child.pid) < 5
+    finally:
+        child.communicate("\n", timeout=10)
+    assert process_cpu_seconds(child.pid) is None  # reaped: nothing left to read

@@ -4,6 +4,8 @@ real bundle; here, that they run and relate the figures as they say)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from benchmarks.serving import (
@@ -69,6 +71,7 @@ def test_offline_runs_serve_every_request_and_the_gated_teacher_runs_mixed_batch
     gated = offline_gated_teacher(bundle, teacher, texts, steps=2, batch=4)
     for run in (engine, gated):
         assert run["images"] == 5 and run["images_per_s"] == pytest.approx(5 / run["wall_s"])
+        assert 0 < run["cores"] <= os.cpu_count() + 0.1  # the cores the run kept busy, beside its throughput
     # the gates come off with the run: the teacher is the full model again
     modules = list(teacher.experts[0].modules())
     assert not any(module._forward_pre_hooks or module._forward_hooks for module in modules)
@@ -143,7 +146,10 @@ def test_targets_hold_the_server_against_the_ideal_the_offline_engine_and_the_ga
 
 def test_the_table_and_plot_render_every_part(models):
     figures = _figures(models)
-    figures["server"] = [{**_server_row(WHOLE_BATCHES, 2.0, 0.5), "rounds_images_per_s": [1.5, 2.0, 2.5]}]
+    figures["server"] = [
+        {**_server_row(WHOLE_BATCHES, 2.0, 0.5), "rounds_images_per_s": [1.5, 2.0, 2.5], "server_cores": 1.87},
+        _server_row(TEACHER, 1.0, 1.0),  # no CPU reading where /proc is missing
+    ]
     overload = {"offered": 60, "offered_per_s": 2.0, "seconds": 30.0, "served": 40, "refused": 20, "failed": 0}
     overload |= {"served_images_per_s": 1.9, "latency_p50_s": 3.0, "latency_p95_s": 4.0, "refusal_p95_s": 0.01}
     figures["overload"] = [
@@ -158,6 +164,10 @@ def test_the_table_and_plot_render_every_part(models):
     assert "| degrade when full | 40 | 20 | 0 | 1.90 | 1.90 |" in text and "### Targets" in text
     assert "| refuse when full (default) | 40 | 20 | 0 | 1.90 | 1.80, 1.90, 2.10 |" in text
     assert f"| {WHOLE_BATCHES} | 2.00 | 1.50, 2.00, 2.50 |" in text
+    server_part = text.split("### Server at saturation")[1].split("###")[0]
+    server_rows = [line for line in server_part.splitlines() if line.startswith(("| bundle", "| teacher |"))]
+    assert server_rows[0].endswith("| 0.99 | 1.87 |") and server_rows[1].endswith("| 0.99 | - |")
+    assert "cores)" in text  # the offline runs' cores beside their throughput
 
     # the plot: a point per model at each plotted batch size, and one per server configuration
     import xml.etree.ElementTree as ElementTree

@@ -71,6 +71,7 @@ BATCHES = (1, 2, 4, 8, 16)
 WHOLE_BATCHES, STEP_LEVEL, BATCH_ONE = "bundle, whole batches", "bundle, step-level", "bundle, batch 1"
 PASSIVE_WAITS = "bundle, whole batches, OMP_WAIT_POLICY=PASSIVE"
 TWO_ROUTING_THREADS = "bundle, whole batches, 2 routing threads"
+PASSIVE_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
 REFUSE, DEGRADE = "refuse when full (default)", "degrade when full"
 TEACHER = "teacher"
 
@@ -600,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
         batch = {"APTP_MAX_BATCH_SIZE": str(args.batch)}
         configs = [
             (WHOLE_BATCHES, args.bundle, {**batch, "APTP_BATCHING": "request"}),
-            (PASSIVE_WAITS, args.bundle, {**batch, "APTP_BATCHING": "request", "OMP_WAIT_POLICY": "PASSIVE"}),
+            # GOMP_SPINCOUNT would override PASSIVE's spin count of 0, and this process's environment has one.
+            (PASSIVE_WAITS, args.bundle, {**batch, "APTP_BATCHING": "request", **PASSIVE_POLICY}),
             (TWO_ROUTING_THREADS, args.bundle, {**batch, "APTP_BATCHING": "request", "APTP_ROUTING_THREADS": "2"}),
             (STEP_LEVEL, args.bundle, {**batch, "APTP_BATCHING": "step"}),
             (BATCH_ONE, args.bundle, {"APTP_MAX_BATCH_SIZE": "1", "APTP_BATCHING": "request"}),

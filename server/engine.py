@@ -24,7 +24,7 @@ from aptp.pipeline import RoutedPipeline
 from aptp.sampling import Trajectory, advance, unet_calls
 
 from .metrics import ServerMetrics
-from .priority import lower_thread_priority, use_intra_op_threads
+from .priority import lower_thread_priority, on_passing_thread, use_intra_op_threads
 from .scheduler import (
     AbortOutcome,
     FinishedBatch,
@@ -205,12 +205,18 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def warm_up(self, steps: int = 2) -> None:
-        """Run every expert once (guided, one image) so first requests do not pay for lazy initialisation."""
-        use_intra_op_threads(self.threads)
-        for code in range(self.pipeline.num_codes):
-            empty = self.pipeline.empty_prompt
-            for scale in (2.0, 1.0):
-                self.pipeline.generate(code, empty, [0], steps, [scale])
+        """Run every expert once (guided, one image) so first requests do not pay for lazy initialisation. On a
+        thread that ends with it, so the caller's thread keeps no OpenMP workers (`server.priority.on_passing_thread`).
+        """
+
+        def run() -> None:
+            use_intra_op_threads(self.threads)
+            for code in range(self.pipeline.num_codes):
+                empty = self.pipeline.empty_prompt
+                for scale in (2.0, 1.0):
+                    self.pipeline.generate(code, empty, [0], steps, [scale])
+
+        on_passing_thread(run, "aptp-engine-warm-up")
 
     def start(self) -> None:
         if self._thread is not None:

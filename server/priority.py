@@ -15,8 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 logger = logging.getLogger("aptp.server")
 
@@ -45,3 +49,26 @@ def use_intra_op_threads(threads: int | None) -> None:
     if threads is not None:
         torch.get_num_threads()
         torch.set_num_threads(threads)
+
+
+def on_passing_thread(work: Callable[[], T], name: str) -> T:
+    """Run `work` on a thread that ends with it and return its result (or raise its error here). A thread that ran
+    torch operations on several intra-op threads keeps its OpenMP workers for as long as it lives; beside the
+    engine's own they would make the process hold more OpenMP threads than CPUs, where libgomp lets every worker
+    sleep between operations (`server.openmp`). Loading and warming up from a long-lived thread (a Ray replica's
+    actor thread) go through here."""
+    outcome: list[tuple[bool, object]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
+            outcome.append((False, error))
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise value
+    return value

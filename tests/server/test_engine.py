@@ -158,3 +158,40 @@ def test_compute_runs_below_the_event_loops_priority_and_denoising_below_routing
         mine = _nice(threading.get_native_id())
         assert _nice(threads["aptp-engine"]) == mine + 7
         assert _nice(threads["aptp-routing"]) == mine + 3
+
+
+def _threads_now() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts the process's threads in Linux's /proc")
+def test_warm_up_leaves_no_openmp_workers_with_the_thread_that_asked_for_it(pipeline):
+    """A Ray replica warms its engine up from its long-lived actor thread: workers left with that thread would sit
+    beside the engine's own, and past one OpenMP thread per CPU every worker sleeps between operations."""
+    engine = Engine(pipeline, SchedulerConfig(num_codes=pipeline.num_codes), threads=2)
+    counts: list[tuple[int, int]] = []
+
+    def long_lived_caller() -> None:
+        before = _threads_now()
+        engine.warm_up(steps=1)
+        deadline = time.monotonic() + 5  # the warm-up thread's workers leave with it, a moment after it ends
+        while _threads_now() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        counts.append((before, _threads_now()))
+
+    caller = threading.Thread(target=long_lived_caller)
+    caller.start()
+    caller.join(60)
+    ((before, after),) = counts
+    assert after <= before
+
+
+def test_a_warm_up_that_fails_raises_in_the_caller(pipeline, monkeypatch):
+    engine = Engine(pipeline, SchedulerConfig(num_codes=pipeline.num_codes))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("expert 0 cannot run")
+
+    monkeypatch.setattr(pipeline, "generate", broken)
+    with pytest.raises(RuntimeError, match="expert 0 cannot run"):
+        engine.warm_up()

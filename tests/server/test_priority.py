@@ -1,8 +1,9 @@
 import threading
 
+import pytest
 import torch
 
-from server.priority import use_intra_op_threads
+from server.priority import on_passing_thread, use_intra_op_threads
 
 
 def test_a_threads_intra_op_count_holds_when_another_thread_sets_one_afterwards():
@@ -29,3 +30,19 @@ def test_a_threads_intra_op_count_holds_when_another_thread_sets_one_afterwards(
     finally:
         torch.set_num_threads(original)
     assert counted == [1]
+
+
+def test_work_on_a_passing_thread_returns_its_result_or_raises_its_error_in_the_caller():
+    ran_on = []
+
+    def work() -> int:
+        ran_on.append(threading.current_thread().name)
+        return 41 + 1
+
+    assert on_passing_thread(work, "aptp-test") == 42 and ran_on == ["aptp-test"]
+
+    def broken() -> None:
+        raise ValueError("expert 0 cannot load")
+
+    with pytest.raises(ValueError, match="expert 0 cannot load"):
+        on_passing_thread(broken, "aptp-test")

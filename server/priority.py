@@ -57,18 +57,18 @@ def on_passing_thread(work: Callable[[], T], name: str) -> T:
     engine's own they would make the process hold more OpenMP threads than CPUs, where libgomp lets every worker
     sleep between operations (`server.openmp`). Loading and warming up from a long-lived thread (a Ray replica's
     actor thread) go through here."""
-    outcome: list[tuple[bool, object]] = []
+    results: list[T] = []
+    errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            outcome.append((True, work()))
+            results.append(work())
         except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
-            outcome.append((False, error))
+            errors.append(error)
 
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     thread.join()
-    succeeded, value = outcome[0]
-    if not succeeded:
-        raise value
-    return value
+    if errors:
+        raise errors[0]
+    return results[0]

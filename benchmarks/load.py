@@ -172,6 +172,15 @@ def proc_memory_mb(pid: int) -> dict[str, float] | None:
     return values
 
 
+def proc_cpu_seconds(pid: int) -> float | None:
+    """CPU time a process has used so far, all its threads together; None once it is gone (or without /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
+
+
 def shapes_captions(count: int) -> list[str]:
     from training.data.shapes import ShapesDomain
 
@@ -222,16 +231,6 @@ def mean_batches(metrics: dict) -> dict[str, float | None]:
 
 
 # ------------------------------------------------------------------------------------------------- the server
-def process_cpu_seconds(pid: int) -> float | None:
-    """CPU time process `pid` has used so far, all its threads together (None where /proc cannot tell)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
-
-
 class ServerProcess:
     """`python -m aptp.cli.main serve` as a child process, configured through APTP_* variables, its log in a file
     (`serve_args`: more options, e.g. `--ray`)."""
@@ -261,10 +260,6 @@ class ServerProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
-
-    def cpu_seconds(self) -> float | None:
-        """CPU time the server has used so far, all its threads together (None where /proc cannot tell)."""
-        return process_cpu_seconds(self.pid)
 
     def stop(self, timeout_s: float) -> dict:
         """SIGTERM (the server drains, then exits): seconds until it exited, its exit code (None: it hung and was

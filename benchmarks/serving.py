@@ -38,7 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import resource
+import os
 import statistics
 import sys
 import time
@@ -54,7 +54,7 @@ if __name__ == "__main__":  # the offline parts wait for work as `aptp serve` do
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
-from load import ServerProcess, free_port, percentile, shapes_captions, wait_ready  # noqa: E402
+from load import ServerProcess, free_port, percentile, proc_cpu_seconds, shapes_captions, wait_ready  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from svg import Panel, Series, panels_svg  # noqa: E402
 
@@ -167,19 +167,19 @@ def gemm_rate(size: int = 2048, repeats: int = 5) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ offline
-def _cpu_seconds() -> float:
-    """CPU time of this process so far, all its threads together."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def _cores(pid: int, cpu_began: float | None, wall: float) -> float | None:
+    """The cores process `pid` kept busy since it had used `cpu_began` CPU-seconds, `wall` seconds ago."""
+    cpu_ended = proc_cpu_seconds(pid)
+    return None if cpu_began is None or cpu_ended is None else (cpu_ended - cpu_began) / wall
 
 
-def _throughput(images: int, began: float, cpu_began: float) -> dict:
+def _throughput(images: int, began: float, cpu_began: float | None) -> dict:
     wall = time.perf_counter() - began
     return {
         "images": images,
         "wall_s": wall,
         "images_per_s": images / wall,
-        "cores": (_cpu_seconds() - cpu_began) / wall,
+        "cores": _cores(os.getpid(), cpu_began, wall),
     }
 
 
@@ -194,7 +194,7 @@ def offline_engine(bundle: RoutedPipeline, texts: list[str], steps: int, batch: 
     others at once, then each code's requests in batches of `batch` through `server.engine.run_jobs`, the function
     the engine runs a batch with. What the server's throughput is measured against."""
     guidance = bundle.default_guidance_scale
-    began, cpu_began = time.perf_counter(), _cpu_seconds()
+    began, cpu_began = time.perf_counter(), proc_cpu_seconds(os.getpid())
     encoded = bundle.encode(texts)
     codes = bundle.route(encoded).codes
     for code in sorted(set(codes)):
@@ -217,7 +217,7 @@ def offline_gated_teacher(bundle: RoutedPipeline, teacher: RoutedPipeline, texts
     gates = UNetGates(teacher.experts[0], bundle.router.space).attach()
     guidance = bundle.default_guidance_scale
     try:
-        began, cpu_began = time.perf_counter(), _cpu_seconds()
+        began, cpu_began = time.perf_counter(), proc_cpu_seconds(os.getpid())
         # One encoding conditions and routes: a bundle's codes read the teacher's own text adapter (checked at load).
         encoded = bundle.encode(texts)
         codes = bundle.route(encoded).codes
@@ -361,11 +361,9 @@ def alternating(configs: list[tuple[str, Path, dict[str, str]]], args, measure, 
                 if offline_run is not None:
                     offline.append(offline_run())
                 for name, (server, url, _) in servers.items():
-                    cpu_began = server.cpu_seconds()
+                    cpu_began = proc_cpu_seconds(server.pid)
                     result = await measure(url)
-                    cpu_ended = server.cpu_seconds()
-                    if cpu_began is not None and cpu_ended is not None:  # the cores it kept busy, all threads
-                        result["server_cores"] = (cpu_ended - cpu_began) / result["wall_s"]
+                    result["server_cores"] = _cores(server.pid, cpu_began, result["wall_s"])
                     rounds[name].append(result)
                     print(f"  round {number + 1}, {name}: {summary(rounds[name][-1])}", flush=True)
             return rounds, offline
@@ -468,7 +466,7 @@ def _cell(value: float | None, digits: int = 2) -> str:
 
 
 def _offline_cell(run: dict) -> str:
-    return f"{run['images_per_s']:.2f} ({run['cores']:.2f} cores)"
+    return f"{run['images_per_s']:.2f} ({_cell(run['cores'])} cores)"
 
 
 def table(figures: dict) -> str:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks.load import memory_trend, process_cpu_seconds
+from benchmarks.load import memory_trend, proc_cpu_seconds
 
 # RSS (MB) after each of 40 rounds of `benchmarks/load.py --rounds 40` against the shipped bundle on this machine.
 MEASURED = [794, 826, 844, 857, 872, 880, 888, 895, 906, 908, 915, 922, 923, 926, 928, 933, 933, 935, 937, 937]
@@ -46,7 +46,7 @@ def test_a_process_cpu_time_counts_what_it_burnt_and_an_absent_process_reads_as_
     child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "1"
-        assert 0.35 <= process_cpu_seconds(child.pid) < 5
+        assert 0.35 <= proc_cpu_seconds(child.pid) < 5
     finally:
         child.communicate("\n", timeout=10)
-    assert process_cpu_seconds(child.pid) is None  # reaped: nothing left to read
+    assert proc_cpu_seconds(child.pid) is None  # reaped: nothing left to read

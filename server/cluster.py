@@ -45,7 +45,6 @@ from aptp.pipeline import RoutedPipeline
 from .app import create_app
 from .engine import BatchFailed, Engine, EngineStopped, GenerationJob, GenerationResult, QueueTimeout
 from .metrics import ServerMetrics
-from .priority import on_passing_thread
 from .scheduler import QueueFull, SchedulerClosed, SchedulerStats
 from .settings import ClusterSettings, Settings
 
@@ -128,8 +127,7 @@ class ExpertReplica:
     def __init__(self, settings: Settings, cluster: ClusterSettings):
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
-        # Loaded (as warmed up, below) on a thread that ends with it: this actor thread lives as long as the replica.
-        self.pipeline = on_passing_thread(settings.load_pipeline, "aptp-load")
+        self.pipeline = settings.load_pipeline()
         self.metrics = ServerMetrics([code.macs for code in self.pipeline.codes])
         self.engine = Engine.from_settings(self.pipeline, settings, self.metrics)
         self.engine.start()

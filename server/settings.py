@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from aptp.formats.kinds import DEFAULT_BUNDLE
 
+from .priority import on_passing_thread
 from .scheduler import SchedulerConfig
 
 if TYPE_CHECKING:
@@ -122,13 +123,18 @@ class Settings(BaseSettings):
         return DTYPES[self.dtype]
 
     def load_pipeline(self, load_experts: bool = True) -> RoutedPipeline:
-        """The bundle as these settings serve it: on their device, in their dtype and memory layout."""
+        """The bundle as these settings serve it: on their device, in their dtype and memory layout. Loaded on a
+        thread that ends with it, so the caller's thread (a Ray replica's long-lived actor thread, say) keeps no
+        OpenMP workers from it (`server.priority.on_passing_thread`)."""
         from aptp.pipeline import RoutedPipeline
 
-        pipeline = RoutedPipeline.load(
-            self.bundle, device=self.device, dtype=self.torch_dtype, load_experts=load_experts
-        )
-        return pipeline.to_memory_format(torch.channels_last) if self.channels_last else pipeline
+        def load() -> RoutedPipeline:
+            pipeline = RoutedPipeline.load(
+                self.bundle, device=self.device, dtype=self.torch_dtype, load_experts=load_experts
+            )
+            return pipeline.to_memory_format(torch.channels_last) if self.channels_last else pipeline
+
+        return on_passing_thread(load, "aptp-load")
 
     def scheduler_config(self, num_codes: int) -> SchedulerConfig:
         """The batching and admission policy these settings give a bundle of `num_codes` codes."""

@@ -14,12 +14,14 @@ Parts, each printed and written to OUT.json / OUT.md with provenance:
   channels-last, alternating: what `APTP_CHANNELS_LAST` (on by default) buys. The other parts run the models as
   `aptp serve` loads them (`Settings.load_pipeline`).
 - **offline**: the same requests the server configurations send, without a server: encoded and routed at once,
-  then each code's in batches through the engine's own batch function (`server.engine.run_jobs`), what the server's
-  throughput is held against; and per-sample dynamic pruning of them, the teacher gated row by row by each prompt's
-  code (`pruning.gates.UNetGates`) in mixed batches of arrival order.
+  then each code's in batches through the engine's own batch function (`server.engine.run_jobs`), on `--workers`
+  threads as the engine runs them (and on one worker with every thread), what the server's throughput is held
+  against; and per-sample dynamic pruning of them, the teacher gated row by row by each prompt's code
+  (`pruning.gates.UNetGates`) in mixed batches of arrival order, on the same threads.
 - **server**: `aptp serve` at saturation (closed loop: `--clients` clients, each sending its next request when the
-  last is answered) on a mixed prompt stream, for the bundle with whole-batch batching (also under PASSIVE OpenMP
-  waits, and with 2 routing threads instead of 1) and with step-level batching, the bundle with batches of one, and
+  last is answered) on a mixed prompt stream, for the bundle with whole-batch batching (`--workers` engine workers
+  on `--threads` / `--workers` threads each; also with one worker on every thread, under PASSIVE OpenMP waits, and
+  with 2 routing threads instead of 1) and with step-level batching (one worker), the bundle with batches of one, and
   the teacher. Every server runs at once;
   `--rounds` rounds each run the offline part and then every server in turn, and ratios are taken within a round
   (on a shared host the machine's speed drifts by tens of percent over minutes). Throughput (images/s), latency
@@ -38,10 +40,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import functools
 import os
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,8 +67,9 @@ from aptp.conditioning.prompts import Conditioning  # noqa: E402
 from aptp.formats.kinds import DEFAULT_BUNDLE  # noqa: E402
 from aptp.formats.report import collect_provenance, write_report  # noqa: E402
 from aptp.pipeline import RoutedPipeline  # noqa: E402
-from aptp.sampling import denoise  # noqa: E402
+from aptp.sampling import denoise, run_to_end  # noqa: E402
 from server.engine import GenerationJob, run_jobs  # noqa: E402
+from server.priority import use_intra_op_threads  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 BATCHES = (1, 2, 4, 8, 16)
@@ -71,6 +77,7 @@ BATCHES = (1, 2, 4, 8, 16)
 WHOLE_BATCHES, STEP_LEVEL, BATCH_ONE = "bundle, whole batches", "bundle, step-level", "bundle, batch 1"
 PASSIVE_WAITS = "bundle, whole batches, OMP_WAIT_POLICY=PASSIVE"
 TWO_ROUTING_THREADS = "bundle, whole batches, 2 routing threads"
+ONE_WORKER = "bundle, whole batches, one engine worker"
 PASSIVE_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
 REFUSE, DEGRADE = "refuse when full (default)", "degrade when full"
 TEACHER = "teacher"
@@ -188,46 +195,100 @@ def request_texts(prompts: list[str], requests: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(requests)]
 
 
+def side_by_side(tasks: list[Callable[[], object]], workers: int, threads: int) -> None:
+    """Run `tasks` in order on `workers` threads of `threads` intra-op threads each: each thread takes the next task
+    when it is done with its last, as the engine's workers take batches (`server.engine`)."""
+    pending, lock, errors = list(reversed(tasks)), threading.Lock(), []
+
+    def work() -> None:
+        use_intra_op_threads(threads)
+        with torch.inference_mode():
+            while True:
+                with lock:
+                    if not pending or errors:
+                        return
+                    task = pending.pop()
+                try:
+                    task()
+                except BaseException as error:  # noqa: BLE001 - raised again below
+                    errors.append(error)
+
+    running = [threading.Thread(target=work, name=f"offline-worker-{i}") for i in range(workers)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 @torch.inference_mode()
-def offline_engine(bundle: RoutedPipeline, texts: list[str], steps: int, batch: int) -> dict:
+def offline_engine(bundle: RoutedPipeline, texts: list[str], steps: int, batch: int, workers: int, threads: int):
     """The server's work without the server: request i (prompt `texts[i]`, seed i) encoded and routed with all the
     others at once, then each code's requests in batches of `batch` through `server.engine.run_jobs`, the function
-    the engine runs a batch with. What the server's throughput is measured against."""
+    the engine runs a batch with, on `workers` threads of `threads` intra-op threads as the engine lays them out.
+    What the server's throughput is measured against."""
     guidance = bundle.default_guidance_scale
     began, cpu_began = time.perf_counter(), proc_cpu_seconds(os.getpid())
     encoded = bundle.encode(texts)
     codes = bundle.route(encoded).codes
+    batches = []
     for code in sorted(set(codes)):
         rows = [i for i, c in enumerate(codes) if c == code]
         for start in range(0, len(rows), batch):
             jobs = [GenerationJob(encoded.select([i]), [i], steps, guidance) for i in rows[start : start + batch]]
-            run_jobs(bundle, code, jobs)
+            batches.append(functools.partial(run_jobs, bundle, code, jobs))
+    side_by_side(batches, workers, threads)
     return _throughput(len(texts), began, cpu_began)
 
 
 @torch.inference_mode()
-def offline_gated_teacher(bundle: RoutedPipeline, teacher: RoutedPipeline, texts: list[str], steps: int, batch: int):
+def offline_gated_teacher(
+    bundle: RoutedPipeline,
+    teacher: RoutedPipeline,
+    texts: list[str],
+    steps: int,
+    batch: int,
+    workers: int,
+    threads: int,
+):
     """Per-sample dynamic pruning of the same requests: each routed as the bundle routes it, then, in arrival order,
     `batch` at a time, through the teacher with every row gated by its code's architecture
-    (`pruning.gates.UNetGates`; with hard gates a row computes what its sliced code computes). A mixed batch runs at
-    the teacher's cost: what serving the codes as separate dense networks saves."""
+    (`pruning.gates.UNetGates`; with hard gates a row computes what its sliced code computes), laid out on threads as
+    `offline_engine`. A mixed batch runs at the teacher's cost: what serving the codes as separate dense networks
+    saves."""
     from pruning.gates import UNetGates
 
     architectures = bundle.router.code_architectures()
-    gates = UNetGates(teacher.experts[0], bundle.router.space).attach()
     guidance = bundle.default_guidance_scale
+    # One gated copy of the teacher per worker: the gates are the module's state, set per batch.
+    copies = [teacher.experts[0]] + [copy.deepcopy(teacher.experts[0]) for _ in range(workers - 1)]
+    gates = [UNetGates(unet, bundle.router.space).attach() for unet in copies]
+    free, lock = list(range(workers)), threading.Lock()
+
+    def gated_batch(rows: list[int]) -> None:
+        with lock:
+            mine = free.pop()
+        try:
+            gates[mine].set(architectures[[codes[i] for i in rows]])  # both guidance halves take their row's gates
+            trajectory = teacher.trajectory(0, encoded.select(rows), rows, steps, [guidance] * len(rows))
+            teacher.decode(run_to_end(copies[mine], trajectory))
+        finally:
+            with lock:
+                free.append(mine)
+
     try:
         began, cpu_began = time.perf_counter(), proc_cpu_seconds(os.getpid())
         # One encoding conditions and routes: a bundle's codes read the teacher's own text adapter (checked at load).
         encoded = bundle.encode(texts)
         codes = bundle.route(encoded).codes
-        for start in range(0, len(texts), batch):
-            rows = list(range(start, min(start + batch, len(texts))))
-            gates.set(architectures[[codes[i] for i in rows]])  # both guidance halves take their row's gates
-            teacher.generate(0, encoded.select(rows), seeds=rows, steps=steps, guidance_scales=[guidance] * len(rows))
+        starts = range(0, len(texts), batch)
+        tasks = [functools.partial(gated_batch, list(range(s, min(s + batch, len(texts))))) for s in starts]
+        side_by_side(tasks, workers, threads)
         result = _throughput(len(texts), began, cpu_began)
     finally:
-        gates.detach()
+        for gate in gates:
+            gate.detach()
     return result
 
 
@@ -331,7 +392,8 @@ async def open_loop(url: str, prompts: list[str], rate: float, seconds: float, s
 
 
 def _server_env(args, settings: dict[str, str]) -> dict[str, str]:
-    return {"APTP_THREADS": str(args.threads), "APTP_MAX_WAIT_MS": "50", "APTP_MAX_QUEUE_SIZE": "64", **settings}
+    layout = {"APTP_ENGINE_WORKERS": str(args.workers), "APTP_THREADS": str(args.worker_threads)}
+    return {**layout, "APTP_MAX_WAIT_MS": "50", "APTP_MAX_QUEUE_SIZE": "64", **settings}
 
 
 def alternating(configs: list[tuple[str, Path, dict[str, str]]], args, measure, offline_run=None):
@@ -498,8 +560,11 @@ def table(figures: dict) -> str:
         "",
         "| run | " + " | ".join(f"round {i + 1}" for i in range(len(offline))) + " |",
         "|---|" + "---|" * len(offline),
-        "| the engine's batches, one code each (`server.engine.run_jobs`) | "
+        f"| the engine's batches, one code each (`server.engine.run_jobs`), {figures['workers']} worker(s) | "
         + " | ".join(_offline_cell(r["engine"]) for r in offline)
+        + " |",
+        f"| the same, one worker on {figures['threads']} threads | "
+        + " | ".join(_offline_cell(r["engine_one_worker"]) for r in offline)
         + " |",
         "| the teacher gated per row, mixed batches in arrival order | "
         + " | ".join(_offline_cell(r["gated_teacher"]) for r in offline)
@@ -557,7 +622,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=REPO / DEFAULT_BUNDLE)
     parser.add_argument("--teacher", type=Path, default=REPO / "bundles/shapes/teacher")
     parser.add_argument("--repeats", type=int, default=5, help="U-Net calls per model and batch size")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of the compute, in all")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="engine workers (APTP_ENGINE_WORKERS), each on threads / workers"
+    )
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=96, help="requests per server configuration, and offline")
     parser.add_argument("--steps", type=int, default=10)
@@ -570,12 +638,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/serving/serving")
     args = parser.parse_args(argv)
     args.prompts = shapes_captions(64)
+    if args.workers < 1 or args.threads % args.workers:
+        parser.error(f"--threads ({args.threads}) must split evenly over --workers ({args.workers})")
+    args.worker_threads = args.threads // args.workers
     torch.set_num_threads(args.threads)
     # Loaded as `aptp serve` loads them (the serving layout included), so the parts measure the served models.
     bundle, teacher = (Settings(bundle=path, _env_file=None).load_pipeline() for path in (args.bundle, args.teacher))
     print("U-Net latency ...", flush=True)
     figures = {
         "threads": args.threads,
+        "workers": args.workers,
         "clients": args.clients,
         "requests": args.requests,
         "steps": args.steps,
@@ -587,9 +659,11 @@ def main(argv: list[str] | None = None) -> int:
     texts = request_texts(args.prompts, args.requests)
 
     def offline_run() -> dict:
+        layout = (args.workers, args.worker_threads)
         return {
-            "engine": offline_engine(bundle, texts, args.steps, args.batch),
-            "gated_teacher": offline_gated_teacher(bundle, teacher, texts, args.steps, args.batch),
+            "engine": offline_engine(bundle, texts, args.steps, args.batch, *layout),
+            "engine_one_worker": offline_engine(bundle, texts, args.steps, args.batch, 1, args.threads),
+            "gated_teacher": offline_gated_teacher(bundle, teacher, texts, args.steps, args.batch, *layout),
         }
 
     figures["server"], figures["overload"], figures["rounds"] = [], [], []
@@ -597,12 +671,14 @@ def main(argv: list[str] | None = None) -> int:
         figures["offline_rounds"] = [offline_run()]
     else:
         batch = {"APTP_MAX_BATCH_SIZE": str(args.batch)}
+        one_worker = {"APTP_ENGINE_WORKERS": "1", "APTP_THREADS": str(args.threads)}
         configs = [
             (WHOLE_BATCHES, args.bundle, {**batch, "APTP_BATCHING": "request"}),
+            (ONE_WORKER, args.bundle, {**batch, "APTP_BATCHING": "request", **one_worker}),
             # GOMP_SPINCOUNT would override PASSIVE's spin count of 0, and this process's environment has one.
             (PASSIVE_WAITS, args.bundle, {**batch, "APTP_BATCHING": "request", **PASSIVE_POLICY}),
             (TWO_ROUTING_THREADS, args.bundle, {**batch, "APTP_BATCHING": "request", "APTP_ROUTING_THREADS": "2"}),
-            (STEP_LEVEL, args.bundle, {**batch, "APTP_BATCHING": "step"}),
+            (STEP_LEVEL, args.bundle, {**batch, "APTP_BATCHING": "step", **one_worker}),  # one worker steps
             (BATCH_ONE, args.bundle, {"APTP_MAX_BATCH_SIZE": "1", "APTP_BATCHING": "request"}),
             (TEACHER, args.teacher, {**batch, "APTP_BATCHING": "request"}),
         ]

@@ -1,8 +1,13 @@
-"""The engine: every expert resident, one worker thread that turns the scheduler's batches into images.
+"""The engine: every expert resident, worker threads that turn the scheduler's batches into images.
 
 The API layer (event loop) encodes and routes a prompt, then calls `submit`, which queues the request and returns a
-`concurrent.futures.Future`; the worker thread resolves it. The worker never waits on the event loop and the event
-loop never waits on a U-Net, so slow batches cannot stall health checks or admission.
+`concurrent.futures.Future`; a worker thread resolves it. Workers never wait on the event loop and the event loop
+never waits on a U-Net, so slow batches cannot stall health checks or admission.
+
+Several workers run batches side by side, each on its own intra-op threads. On a CPU that beats one batch spread
+over every core: a U-Net of this size is thousands of small operators, and a team of OpenMP threads meets at a
+barrier after each one, waiting for its slowest member (and for any member another thread took the core from).
+Two batches on one thread each never wait for each other.
 
 Per-image seeds make an image depend only on its prompt, seed, steps and guidance, not on the batch it shares: the
 noise of each image comes from its own generator and the denoiser treats rows independently.
@@ -143,7 +148,7 @@ class _RunningRequest:
 
 # --------------------------------------------------------------------------------------------------------- engine
 class Engine:
-    """Resident experts + scheduler + worker thread.
+    """Resident experts + scheduler + worker threads.
 
     Parameters:
         pipeline (`RoutedPipeline`): encoder, router and experts.
@@ -152,8 +157,10 @@ class Engine:
         clock (`Callable[[], float]`): monotonic seconds (tests may pass their own).
         step_level (`bool`): step-level batching (requests join and leave a code's running rows between denoising
             steps) instead of whole batches run from first step to last.
-        niceness (`int`): how much lower the worker's CPU priority is than the event loop's (`server.priority`).
-        threads (`int`, *optional*): torch intra-op threads of the worker (and of warm-up); None: torch's default.
+        niceness (`int`): how much lower the workers' CPU priority is than the event loop's (`server.priority`).
+        threads (`int`, *optional*): torch intra-op threads of each worker (and of warm-up); None: torch's default.
+        workers (`int`): worker threads, each running one whole batch at a time beside the others' (any codes; the
+            scheduler hands out at most this many batches at once). Step-level batching runs one worker.
     """
 
     def __init__(
@@ -165,26 +172,31 @@ class Engine:
         step_level: bool = False,
         niceness: int = 0,
         threads: int | None = None,
+        workers: int = 1,
     ):
         if scheduler_config.num_codes != pipeline.num_codes:
             raise ValueError(f"scheduler has {scheduler_config.num_codes} codes, the bundle {pipeline.num_codes}")
+        if workers < 1 or (step_level and workers > 1):
+            raise ValueError(f"workers must be 1 with step-level batching and at least 1 otherwise (got {workers})")
         self.pipeline = pipeline
         if step_level:  # every running request is a batch of its own; a code's rows hold at most its batch size
             codes = range(scheduler_config.num_codes)
             limit = sum(scheduler_config.batch_size(code) for code in codes)
             scheduler_config = scheduler_config.model_copy(update={"max_running_batches": limit})
+        else:  # each worker holds one batch
+            scheduler_config = scheduler_config.model_copy(update={"max_running_batches": workers})
         self.scheduler = Scheduler(scheduler_config)
         self.metrics = metrics
         self.clock = clock
         self.step_level = step_level
-        self.niceness, self.threads = niceness, threads
+        self.niceness, self.threads, self.workers = niceness, threads, workers
         self._rows: dict[int, list[_RunningRequest]] = {}  # step-level batching: each code's running requests
         self._futures: dict[str, Future] = {}
         self._futures_lock = threading.Lock()
         # Guards "schedule, else sleep" against "add, then notify": no wake-up is lost between the two.
         self._wakeup = threading.Condition()
         self._stop = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         if metrics is not None:
             metrics.watch_scheduler(self.stats)
 
@@ -200,7 +212,8 @@ class Engine:
             metrics,
             step_level=settings.batching == "step",
             niceness=settings.compute_niceness,
-            threads=settings.threads,
+            threads=settings.worker_threads,
+            workers=settings.workers,
         )
 
     # ------------------------------------------------------------------------------------------------ lifecycle
@@ -219,14 +232,17 @@ class Engine:
         on_passing_thread(run, "aptp-engine-warm-up")
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             raise RuntimeError("engine already started")
-        self._thread = threading.Thread(target=self._loop, name="aptp-engine", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"aptp-engine-{i}", daemon=True) for i in range(self.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
     @property
     def draining(self) -> bool:
@@ -250,15 +266,15 @@ class Engine:
         return True
 
     def shutdown(self, drain_timeout: float | None = 0.0) -> bool:
-        """Drain for up to `drain_timeout` seconds, then stop the worker; requests still queued get `EngineStopped`.
+        """Drain for up to `drain_timeout` seconds, then stop the workers; requests still queued get `EngineStopped`.
         Returns whether everything was drained."""
         self.begin_drain()
         drained = self.wait_drained(drain_timeout) if self.running else self.scheduler.is_idle
         with self._wakeup:
             self._stop = True
             self._wakeup.notify_all()
-        if self._thread is not None:
-            self._thread.join()
+        for thread in self._threads:
+            thread.join()
         with self._futures_lock:
             unanswered = list(self._futures)
         for request_id in unanswered:  # still queued: the worker is gone, so answer them here

@@ -25,6 +25,18 @@ T = TypeVar("T")
 logger = logging.getLogger("aptp.server")
 
 
+def available_cpus() -> int:
+    """The CPUs this process's compute may use: `OMP_NUM_THREADS` when set (as Ray sets it for an actor), else the
+    CPUs the process may run on."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        pass
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def lower_thread_priority(niceness: int) -> None:
     """Raise the calling thread's nice value by `niceness` (0: leave it). Threads it starts afterwards (torch's
     OpenMP workers) inherit it. Where the platform has no per-thread priority, nothing changes."""

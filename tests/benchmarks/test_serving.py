@@ -5,8 +5,10 @@ real bundle; here, that they run and relate the figures as they say)."""
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
+import torch
 
 from benchmarks.serving import (
     BATCH_COLOURS,
@@ -18,6 +20,7 @@ from benchmarks.serving import (
     offline_gated_teacher,
     plot,
     request_texts,
+    side_by_side,
     table,
     targets,
     unet_latency,
@@ -67,12 +70,13 @@ def test_offline_runs_serve_every_request_and_the_gated_teacher_runs_mixed_batch
     bundle, teacher = models
     texts = request_texts(["a red circle", "a blue square in the top left corner", "the letter A"], 5)
     assert texts[3] == "a red circle" and len(texts) == 5
-    engine = offline_engine(bundle, texts, steps=2, batch=2)
-    gated = offline_gated_teacher(bundle, teacher, texts, steps=2, batch=4)
-    for run in (engine, gated):
+    engine = offline_engine(bundle, texts, steps=2, batch=2, workers=2, threads=1)
+    alone = offline_engine(bundle, texts, steps=2, batch=2, workers=1, threads=1)
+    gated = offline_gated_teacher(bundle, teacher, texts, steps=2, batch=4, workers=2, threads=1)
+    for run in (engine, alone, gated):
         assert run["images"] == 5 and run["images_per_s"] == pytest.approx(5 / run["wall_s"])
         assert 0 < run["cores"] <= os.cpu_count() + 0.1  # the cores the run kept busy, beside its throughput
-    # the gates come off with the run: the teacher is the full model again
+    # the gates come off with the run (the workers' copies too): the teacher is the full model again
     modules = list(teacher.experts[0].modules())
     assert not any(module._forward_pre_hooks or module._forward_hooks for module in modules)
 
@@ -82,6 +86,7 @@ def _figures(models) -> dict:
     texts = request_texts(["a red circle"], 2)
     return {
         "threads": 1,
+        "workers": 2,
         "clients": 1,
         "requests": 2,
         "steps": 1,
@@ -91,8 +96,9 @@ def _figures(models) -> dict:
         "layout": layout_speedup(bundle, teacher, repeats=1, batches=(1,)),
         "offline_rounds": [
             {
-                "engine": offline_engine(bundle, texts, steps=1, batch=2),
-                "gated_teacher": offline_gated_teacher(bundle, teacher, texts, steps=1, batch=2),
+                "engine": offline_engine(bundle, texts, steps=1, batch=2, workers=2, threads=1),
+                "engine_one_worker": offline_engine(bundle, texts, steps=1, batch=2, workers=1, threads=1),
+                "gated_teacher": offline_gated_teacher(bundle, teacher, texts, steps=1, batch=2, workers=2, threads=1),
             }
         ],
         "server": [],
@@ -168,6 +174,7 @@ def test_the_table_and_plot_render_every_part(models):
     server_rows = [line for line in server_part.splitlines() if line.startswith(("| bundle", "| teacher |"))]
     assert server_rows[0].endswith("| 0.99 | 1.87 |") and server_rows[1].endswith("| 0.99 | - |")
     assert "cores)" in text  # the offline runs' cores beside their throughput
+    assert "2 worker(s) |" in text and "| the same, one worker on 1 threads |" in text
 
     # the plot: a point per model at each plotted batch size, and one per server configuration
     import xml.etree.ElementTree as ElementTree
@@ -175,3 +182,21 @@ def test_the_table_and_plot_render_every_part(models):
     svg = ElementTree.fromstring(plot(figures))
     circles = svg.findall("{http://www.w3.org/2000/svg}circle")
     assert len(circles) == 3 * len(BATCH_COLOURS) + len(figures["server"])
+
+
+def test_side_by_side_runs_every_task_on_its_workers_at_once_and_raises_a_tasks_error():
+    meeting = threading.Barrier(2, timeout=10)  # breaks unless two tasks run at the same time
+    counts: list[int] = []
+
+    def task() -> None:
+        meeting.wait()
+        counts.append(torch.get_num_threads())
+
+    side_by_side([task] * 4, workers=2, threads=1)
+    assert counts == [1, 1, 1, 1]
+
+    def broken() -> None:
+        raise RuntimeError("batch 3 failed")
+
+    with pytest.raises(RuntimeError, match="batch 3 failed"):
+        side_by_side([broken], workers=2, threads=1)

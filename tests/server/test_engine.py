@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -156,7 +157,8 @@ def test_compute_runs_below_the_event_loops_priority_and_denoising_below_routing
         assert client.post("/generate", json={"prompt": "a red circle", "steps": 1}).status_code == 200
         threads = {thread.name: thread.native_id for thread in threading.enumerate()}
         mine = _nice(threading.get_native_id())
-        assert _nice(threads["aptp-engine"]) == mine + 7
+        workers = [native for name, native in threads.items() if re.fullmatch(r"aptp-engine-\d+", name)]
+        assert workers and all(_nice(native) == mine + 7 for native in workers)
         assert _nice(threads["aptp-routing"]) == mine + 3
 
 
@@ -195,3 +197,60 @@ def test_a_warm_up_that_fails_raises_in_the_caller(pipeline, monkeypatch):
     monkeypatch.setattr(pipeline, "generate", broken)
     with pytest.raises(RuntimeError, match="expert 0 cannot run"):
         engine.warm_up()
+
+
+# ------------------------------------------------------------------------------------------------ several workers
+def test_two_workers_run_two_batches_at_once_and_each_request_gets_the_images_it_gets_alone(pipeline, monkeypatch):
+    """On a CPU two batches on one thread each outrun one batch on two (server.engine): the second worker must
+    really take a batch while the first still runs one, and sharing the experts between threads must not change
+    an image."""
+    both_running = threading.Barrier(2, timeout=30)
+    real_generate = pipeline.generate
+
+    def meeting_generate(*args, **kwargs):
+        both_running.wait()  # breaks (and fails the batch) unless a second batch starts while this one runs
+        return real_generate(*args, **kwargs)
+
+    jobs = [_job(pipeline, seed) for seed in range(4)]
+    codes = [seed % pipeline.num_codes for seed in range(4)]
+    alone = [_alone(pipeline, code, job) for code, job in zip(codes, jobs, strict=True)]
+    monkeypatch.setattr(pipeline, "generate", meeting_generate)
+    engine = Engine(pipeline, SchedulerConfig(num_codes=pipeline.num_codes, max_batch_size=1, max_wait_ms=0), workers=2)
+    engine.start()
+    futures = [engine.submit(f"r{i}", code, job) for i, (code, job) in enumerate(zip(codes, jobs, strict=True))]
+    results = [future.result(timeout=60) for future in futures]
+    assert engine.shutdown(drain_timeout=10)
+    assert [result.code for result in results] == codes
+    for result, image in zip(results, alone, strict=True):
+        difference = (result.images.int() - image.int()).abs().max().item()
+        assert difference <= 1, difference  # float rounding of another thread count: at most one intensity level
+
+
+def test_one_worker_runs_one_batch_at_a_time(pipeline, monkeypatch):
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real_generate = pipeline.generate
+
+    def counting_generate(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        try:
+            return real_generate(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(pipeline, "generate", counting_generate)
+    engine = Engine(pipeline, SchedulerConfig(num_codes=pipeline.num_codes, max_batch_size=1, max_wait_ms=0))
+    engine.start()
+    futures = [engine.submit(f"r{i}", i % pipeline.num_codes, _job(pipeline, i)) for i in range(4)]
+    assert all(future.result(timeout=60).images.shape == (1, 3, 32, 32) for future in futures)
+    assert engine.shutdown(drain_timeout=10)
+    assert most == [1]
+
+
+def test_step_level_batching_runs_one_worker(pipeline):
+    with pytest.raises(ValueError, match="workers"):
+        Engine(pipeline, SchedulerConfig(num_codes=pipeline.num_codes), step_level=True, workers=2)

@@ -3,7 +3,7 @@ import threading
 import pytest
 import torch
 
-from server.priority import on_passing_thread, use_intra_op_threads
+from server.priority import available_cpus, on_passing_thread, use_intra_op_threads
 
 
 def test_a_threads_intra_op_count_holds_when_another_thread_sets_one_afterwards():
@@ -46,3 +46,12 @@ def test_work_on_a_passing_thread_returns_its_result_or_raises_its_error_in_the_
 
     with pytest.raises(ValueError, match="expert 0 cannot load"):
         on_passing_thread(broken, "aptp-test")
+
+
+def test_available_cpus_follow_omp_num_threads_when_it_is_one_count(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    own = available_cpus()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert available_cpus() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # a list for nested parallelism: not one count
+    assert available_cpus() == own >= 1

@@ -1,0 +1,49 @@
+"""How the server's settings lay its compute out: engine workers and each one's intra-op threads."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+import server.settings as settings_module
+from server.settings import Settings
+
+
+def _settings(**values) -> Settings:
+    return Settings(**values, _env_file=None)
+
+
+@pytest.fixture
+def cpus(monkeypatch):
+    def set_cpus(count: int) -> None:
+        monkeypatch.setattr(settings_module, "available_cpus", lambda: count)
+
+    return set_cpus
+
+
+def test_on_a_cpu_two_workers_share_the_cpus_out(cpus):
+    cpus(4)
+    settings = _settings()
+    assert (settings.workers, settings.worker_threads) == (2, 2)
+    cpus(3)
+    assert (settings.workers, settings.worker_threads) == (2, 1)
+
+
+def test_one_cpu_one_gpu_or_step_level_batching_run_one_worker_on_torchs_threads(cpus):
+    cpus(1)
+    assert (_settings().workers, _settings().worker_threads) == (1, None)
+    cpus(8)
+    assert (_settings(device="cuda").workers, _settings(device="cuda").worker_threads) == (1, None)
+    assert _settings(batching="step").workers == 1
+
+
+def test_what_the_operator_sets_is_kept(cpus):
+    cpus(8)
+    settings = _settings(engine_workers=3, threads=2)
+    assert (settings.workers, settings.worker_threads) == (3, 2)
+    assert _settings(engine_workers=1).worker_threads is None
+
+
+def test_step_level_batching_with_several_workers_is_refused_naming_the_setting():
+    with pytest.raises(pydantic.ValidationError, match="engine_workers"):
+        _settings(batching="step", engine_workers=2)

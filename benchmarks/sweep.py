@@ -12,6 +12,10 @@ whose output exists is skipped, and the training commands resume from their chec
 few hours at a time. Reports go to `benchmarks/results/sweep/<job>.json` (with provenance); `table` writes
 `sweep.md` (the table, with each method's alignment against the baseline's at the same budget, prompt by prompt) and
 `sweep.svg` (alignment and domain FID against MACs, one line per method).
+
+The APTP jobs fit their code offsets on `<runs>/balance-prompts.txt` (written by `run`: training-split scenes captioned
+in both phrasings the sets use), so that the codes split the evaluated prompts, not only the training captions,
+about evenly (`SearchConfig.balance_prompts_file`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ METHODS = ("aptp", "aptp-k1", "baseline")
 # baseline's all in one (configs/shapes/finetune.yaml and baseline.yaml: 1800 + 4 x 150 = 2400).
 TOTAL_STEPS = 2400
 SETS = ("test", "heldout", "paraphrases")
+# The codes split prompts like those the sweep evaluates evenly: training-split scenes captioned both ways the
+# sets are phrased (the template test and held-out sets, and rich captions); offsets fitted on rich captions alone
+# sent 40% of the template prompts to the cheapest code and left their routed average 10% under the budget.
+BALANCE_PROMPTS_PER_PHRASING = 2500
+BALANCE_FILE = "balance-prompts.txt"
 
 
 def job_name(method: str, budget: float) -> str:
@@ -71,7 +80,7 @@ def commands(method: str, budget: float, teacher: str, runs: Path) -> list[tuple
         finetune += ["--export", str(bundle), *rich]
         if method == "aptp":
             targets = ",".join(str(t) for t in CODE_BUDGETS[budget])
-            search += ["--set", f"code_budgets=[{targets}]"]
+            search += ["--set", f"code_budgets=[{targets}]", "--set", f"balance_prompts_file={runs / BALANCE_FILE}"]
         else:
             search += ["--set", "num_codes=1"]
             finetune += ["--set", "shared_steps=0", "--set", f"expert.steps={TOTAL_STEPS}"]
@@ -91,8 +100,26 @@ def all_jobs(only: list[str] | None) -> list[tuple[str, float]]:
     return jobs
 
 
+def write_balance_prompts(path: Path) -> None:
+    """The prompts the APTP jobs' code offsets are fitted on (`BALANCE_PROMPTS_PER_PHRASING` training-split scenes,
+    captioned in each phrasing), written once."""
+    from training.data.shapes import PHRASINGS, ShapesDomain
+
+    lines = ["# training-split scenes, captioned in every phrasing: what the sweep's codes are balanced on"]
+    for phrasing in PHRASINGS:
+        domain = ShapesDomain(seed=1, split="train", phrasing=phrasing)
+        lines += [sample.caption for sample in domain.batch(0, BALANCE_PROMPTS_PER_PHRASING)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text("\n".join(lines) + "\n")
+    partial.replace(path)
+
+
 def run(args: argparse.Namespace) -> int:
     aptp = str(Path(sys.executable).with_name("aptp"))
+    balance = Path(args.runs) / BALANCE_FILE
+    if any(method == "aptp" for method, _ in all_jobs(args.only)) and not balance.exists():
+        write_balance_prompts(balance)
     for method, budget in all_jobs(args.only):
         for done, arguments in commands(method, budget, args.teacher, Path(args.runs)):
             if done.exists():

@@ -27,7 +27,7 @@ from router.gates import normalised_architecture
 from router.losses import code_resource_loss, contrastive_loss, prunable_budget, resource_loss, spread_losses
 from router.model import Router, RouterConfig
 
-from .data.captions import CaptionFolderConfig, TrainingData, training_data
+from .data.captions import CaptionFolderConfig, TrainingData, read_prompt_file, training_data
 from .distill import DistillLosses, block_features, student_losses
 from .distributed import Processes
 from .models import load_training_teacher
@@ -53,7 +53,11 @@ class SearchConfig(RunSettings):
     """Config of `aptp train search` (see configs/shapes/search.yaml)."""
 
     # Re-running a finished search with other balance settings only re-fits the code offsets.
-    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = RunSettings.RESUME_MAY_CHANGE | {"balance_prompts", "balance_epsilon"}
+    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = RunSettings.RESUME_MAY_CHANGE | {
+        "balance_prompts",
+        "balance_epsilon",
+        "balance_prompts_file",
+    }
 
     teacher: str = "bundles/shapes/teacher"
     out: str = "runs/search-shapes"
@@ -90,6 +94,12 @@ class SearchConfig(RunSettings):
     contrastive_tau: float = Field(0.03, gt=0)
     balance_prompts: int = Field(
         20_000, ge=0, description="training prompts the code offsets are fitted on after training; 0: plain argmax"
+    )
+    balance_prompts_file: Path | None = Field(
+        None,
+        description="a prompt file (one a line) like the traffic the bundle will serve: the code offsets are fitted "
+        "on its first `balance_prompts` prompts instead of the training prompts, so that codes split that traffic "
+        "evenly and its routed average lands on the budget",
     )
     balance_epsilon: float = Field(0.002, gt=0)
     min_snr_gamma: float = Field(5.0, gt=0)
@@ -153,12 +163,20 @@ def width_floor(unet: torch.nn.Module, space: ArchitectureSpace, min_width: floa
     return held
 
 
+def balance_prompts(config: SearchConfig, data: TrainingData) -> tuple[list[str], str]:
+    """The prompts the code offsets are fitted on, and where they come from: `config.balance_prompts` of
+    `balance_prompts_file`, else of the training data. Read before training, so a bad file fails the run at once."""
+    if config.balance_prompts_file is not None:
+        return read_prompt_file(config.balance_prompts_file)[: config.balance_prompts], str(config.balance_prompts_file)
+    return data.captions(range(min(config.balance_prompts, len(data)))), "training"
+
+
 def balance_codes(
-    router: Router, encoder: PromptEncoder, data: TrainingData, config: SearchConfig, run: TrainingRun
+    router: Router, encoder: PromptEncoder, prompts: tuple[list[str], str], config: SearchConfig, run: TrainingRun
 ) -> None:
-    """Fit the router's code offsets on `config.balance_prompts` training prompts and log the shares per code
-    before and after (see `Router.balance`). Runs again, cheaply, when a finished run is started once more."""
-    captions = data.captions(range(min(config.balance_prompts, len(data))))
+    """Fit the router's code offsets on `prompts` (`balance_prompts`) and log the shares per code before and after
+    (see `Router.balance`). Runs again, cheaply, when a finished run is started once more."""
+    captions, source = prompts
     chunks = [captions[i : i + 256] for i in range(0, len(captions), 256)]
     embedding = torch.cat([encoder.encode(chunk).pooled for chunk in tqdm(chunks, desc="balancing codes")])
     router.code_offsets.zero_()
@@ -168,12 +186,14 @@ def balance_codes(
         {
             "step": config.steps,
             "phase": "balance",
+            "balance_source": source,
+            "balance_count": len(captions),
             "code_share_argmax": [round(v, 4) for v in before.tolist()],
             "code_share_balanced": [round(v, 4) for v in after],
             "code_offsets": [round(v, 6) for v in router.code_offsets.tolist()],
         }
     )
-    print(f"code shares of {len(captions)} training prompts: argmax {before.tolist()} -> balanced {after}")
+    print(f"code shares of {len(captions)} {source} prompts: argmax {before.tolist()} -> balanced {after}")
 
 
 def run_search(config: SearchConfig) -> Path:
@@ -207,6 +227,7 @@ def run_search(config: SearchConfig) -> Path:
     if config.code_budgets is not None:
         code_targets = torch.tensor([prunable_budget(b, total, prunable) for b in config.code_budgets], device=device)
     data = training_data(config.data, teacher.pixel_resolution, config.seed, config.phrasing)
+    prompts_to_balance = balance_prompts(config, data) if config.balance_prompts and processes.is_main else None
     teacher.use_latent_cache(data, processes)
     gates = UNetGates(unet, space).attach()
     warmup_steps = int(config.warmup_fraction * config.steps)
@@ -316,7 +337,7 @@ def run_search(config: SearchConfig) -> Path:
         processes.wait()
         return run.folder / "router"
     if config.balance_prompts:
-        balance_codes(router, embed_encoder, data, config, run)
+        balance_codes(router, embed_encoder, prompts_to_balance, config, run)
     router.cpu().save(run.folder / "router")
     processes.wait()
     print(f"router written to {run.folder / 'router'} ({run.state['elapsed_seconds'] / 60:.1f} min)")

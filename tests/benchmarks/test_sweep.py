@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from benchmarks.sweep import BUDGETS, CODE_BUDGETS, TOTAL_STEPS, all_jobs, commands
+from benchmarks.sweep import (
+    BALANCE_FILE,
+    BALANCE_PROMPTS_PER_PHRASING,
+    BUDGETS,
+    CODE_BUDGETS,
+    TOTAL_STEPS,
+    all_jobs,
+    commands,
+    write_balance_prompts,
+)
 from training.baseline import BaselineConfig
 from training.config import load_config
 from training.finetune import FinetuneConfig
@@ -48,6 +57,19 @@ def test_every_training_command_is_a_valid_config_of_its_budget(method, budget, 
     assert search.num_codes == codes and finetune.total_steps(codes) == TOTAL_STEPS
     if method == "aptp":
         assert search.code_budgets == CODE_BUDGETS[budget]
+        assert search.balance_prompts_file == tmp_path / BALANCE_FILE  # balanced on every phrasing evaluated
+
+
+def test_the_balance_prompts_are_training_scenes_in_every_phrasing(tmp_path):
+    from training.data.captions import read_prompt_file
+    from training.data.shapes import PHRASINGS, ShapesDomain
+
+    path = tmp_path / BALANCE_FILE
+    write_balance_prompts(path)
+    prompts = read_prompt_file(path)
+    assert len(prompts) == len(PHRASINGS) * BALANCE_PROMPTS_PER_PHRASING
+    first_scene = [ShapesDomain(seed=1, split="train", phrasing=p).sample(0).caption for p in PHRASINGS]
+    assert all(caption in prompts for caption in first_scene) and first_scene[0] != first_scene[1]
 
 
 def test_the_codes_of_every_budget_span_a_factor_two_at_the_middle_one():

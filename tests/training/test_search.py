@@ -137,6 +137,36 @@ def test_a_finished_search_only_rebalances(teacher_folder, tmp_path):
     assert phases.count("balance") == 2 and phases.count("codes") == 2
 
 
+def test_codes_can_be_balanced_on_the_traffic_to_serve_instead_of_the_training_prompts(teacher_folder, tmp_path):
+    """Prompts phrased unlike the training captions can crowd into a few codes (and miss the budget): a finished
+    search re-fits its offsets on a file of the prompts to serve (`Router.balance` splits what it is given evenly:
+    tests/router), and nothing else of the router changes."""
+    from training.data.shapes import ShapesDomain
+
+    config = _config(teacher_folder, tmp_path / "run", balance_prompts=1000)
+    trained = Router.load(run_search(config))
+    traffic = [s.caption for s in ShapesDomain(seed=5, split="train", phrasing="templates").batch(0, 64)]
+    prompt_file = tmp_path / "traffic.txt"
+    prompt_file.write_text("# prompts like those the bundle will serve\n" + "\n".join(traffic) + "\n")
+    balanced = Router.load(run_search(config.model_copy(update={"balance_prompts_file": prompt_file})))
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(balanced.state_dict()[name], tensor), name
+    trained.balance(trained.encoder.encode(traffic).pooled, epsilon=config.balance_epsilon)
+    assert torch.equal(balanced.code_offsets, trained.code_offsets)
+    first, second = [r for r in _records(tmp_path / "run") if r["phase"] == "balance"]
+    assert (first["balance_source"], first["balance_count"]) == ("training", 1000)
+    assert (second["balance_source"], second["balance_count"]) == (str(prompt_file), 64)
+
+
+def test_a_missing_balance_file_stops_the_search_before_it_trains(teacher_folder, tmp_path):
+    from training.data.captions import DatasetError
+
+    config = _config(teacher_folder, tmp_path / "run", balance_prompts_file=str(tmp_path / "absent.txt"))
+    with pytest.raises(DatasetError, match="absent.txt"):
+        run_search(config)
+    assert not (tmp_path / "run" / "log.jsonl").exists() or not _records(tmp_path / "run")
+
+
 def test_balance_can_be_switched_off(teacher_folder, tmp_path):
     router = Router.load(run_search(_config(teacher_folder, tmp_path / "run", balance_prompts=0)))
     assert torch.equal(router.code_offsets, torch.zeros(2))

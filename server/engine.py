@@ -239,6 +239,8 @@ class Engine:
         ]
         for thread in self._threads:
             thread.start()
+        threads = "torch's default" if self.threads is None else self.threads
+        logger.info("engine: %d worker(s), %s intra-op thread(s) each", self.workers, threads)
 
     @property
     def running(self) -> bool:

@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import copy
 import functools
+import itertools
 import os
 import statistics
 import sys
@@ -451,7 +452,7 @@ def median_round(name: str, settings: dict[str, str], rounds: list[dict], key: s
 
 # --------------------------------------------------------------------------------------------------------- main
 BATCH_COLOURS = {1: "#1f77b4", 4: "#ff7f0e", 8: "#2ca02c", 16: "#d62728"}
-CONFIG_COLOURS = ("#d62728", "#9467bd", "#bcbd22", "#8c564b", "#000000", "#17becf")
+CONFIG_COLOURS = ("#d62728", "#ff7f0e", "#9467bd", "#bcbd22", "#8c564b", "#000000", "#17becf")
 
 
 def plot(figures: dict) -> str:
@@ -467,7 +468,8 @@ def plot(figures: dict) -> str:
             for b, colour in BATCH_COLOURS.items()
         ],
     )
-    configs = {r["config"]: colour for r, colour in zip(figures["server"], CONFIG_COLOURS, strict=False)}
+    # as many configurations as there are: colours repeat rather than run out
+    configs = {r["config"]: colour for r, colour in zip(figures["server"], itertools.cycle(CONFIG_COLOURS))}
     throughput = Panel(
         "server images/s at saturation",
         "mean images per batch",

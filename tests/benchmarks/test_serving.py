@@ -154,6 +154,7 @@ def test_the_table_and_plot_render_every_part(models):
     figures = _figures(models)
     figures["server"] = [
         {**_server_row(WHOLE_BATCHES, 2.0, 0.5), "rounds_images_per_s": [1.5, 2.0, 2.5], "server_cores": 1.87},
+        *(_server_row(f"other configuration {i}", 1.5, 0.5) for i in range(8)),  # more than there are colours
         _server_row(TEACHER, 1.0, 1.0),  # no CPU reading where /proc is missing
     ]
     overload = {"offered": 60, "offered_per_s": 2.0, "seconds": 30.0, "served": 40, "refused": 20, "failed": 0}

@@ -36,8 +36,8 @@ class Settings(BaseSettings):
         choice; with more, the CPUs this process may use shared out between them: `worker_threads`).
     engine_workers (`int`, *optional*): engine threads, each running one whole batch at a time beside the others
         (`server.engine`). Default (`workers`): 2 on a CPU device with at least 2 CPUs and whole batches, else 1.
-        On 2 CPUs, two batches on one thread each ran 1.33-1.47x the images of one batch on two threads
-        (README, serving). Step-level batching runs one worker.
+        On 2 CPUs two workers of one thread each served 1.08-1.33x the images of one worker on both (README,
+        serving). Step-level batching runs one worker.
     channels_last (`bool`): keep the experts' convolution weights channels-last (NHWC), the layout oneDNN and
         cuDNN run convolutions in (`RoutedPipeline.to_memory_format`).
     host, port: where uvicorn listens.

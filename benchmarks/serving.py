@@ -196,12 +196,13 @@ def request_texts(prompts: list[str], requests: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(requests)]
 
 
-def side_by_side(tasks: list[Callable[[], object]], workers: int, threads: int) -> None:
+def side_by_side(tasks: list[Callable[[int], object]], workers: int, threads: int) -> None:
     """Run `tasks` in order on `workers` threads of `threads` intra-op threads each: each thread takes the next task
-    when it is done with its last, as the engine's workers take batches (`server.engine`)."""
+    when it is done with its last, as the engine's workers take batches (`server.engine`), and calls it with its own
+    index (0 to `workers` - 1)."""
     pending, lock, errors = list(reversed(tasks)), threading.Lock(), []
 
-    def work() -> None:
+    def work(worker: int) -> None:
         use_intra_op_threads(threads)
         with torch.inference_mode():
             while True:
@@ -210,11 +211,11 @@ def side_by_side(tasks: list[Callable[[], object]], workers: int, threads: int) 
                         return
                     task = pending.pop()
                 try:
-                    task()
+                    task(worker)
                 except BaseException as error:  # noqa: BLE001 - raised again below
                     errors.append(error)
 
-    running = [threading.Thread(target=work, name=f"offline-worker-{i}") for i in range(workers)]
+    running = [threading.Thread(target=work, args=(i,), name=f"offline-worker-{i}") for i in range(workers)]
     for thread in running:
         thread.start()
     for thread in running:
@@ -238,7 +239,7 @@ def offline_engine(bundle: RoutedPipeline, texts: list[str], steps: int, batch: 
         rows = [i for i, c in enumerate(codes) if c == code]
         for start in range(0, len(rows), batch):
             jobs = [GenerationJob(encoded.select([i]), [i], steps, guidance) for i in rows[start : start + batch]]
-            batches.append(functools.partial(run_jobs, bundle, code, jobs))
+            batches.append(lambda _, code=code, jobs=jobs: run_jobs(bundle, code, jobs))
     side_by_side(batches, workers, threads)
     return _throughput(len(texts), began, cpu_began)
 
@@ -265,18 +266,11 @@ def offline_gated_teacher(
     # One gated copy of the teacher per worker: the gates are the module's state, set per batch.
     copies = [teacher.experts[0]] + [copy.deepcopy(teacher.experts[0]) for _ in range(workers - 1)]
     gates = [UNetGates(unet, bundle.router.space).attach() for unet in copies]
-    free, lock = list(range(workers)), threading.Lock()
 
-    def gated_batch(rows: list[int]) -> None:
-        with lock:
-            mine = free.pop()
-        try:
-            gates[mine].set(architectures[[codes[i] for i in rows]])  # both guidance halves take their row's gates
-            trajectory = teacher.trajectory(0, encoded.select(rows), rows, steps, [guidance] * len(rows))
-            teacher.decode(run_to_end(copies[mine], trajectory))
-        finally:
-            with lock:
-                free.append(mine)
+    def gated_batch(rows: list[int], worker: int) -> None:
+        gates[worker].set(architectures[[codes[i] for i in rows]])  # both guidance halves take their row's gates
+        trajectory = teacher.trajectory(0, encoded.select(rows), rows, steps, [guidance] * len(rows))
+        teacher.decode(run_to_end(copies[worker], trajectory))
 
     try:
         began, cpu_began = time.perf_counter(), proc_cpu_seconds(os.getpid())

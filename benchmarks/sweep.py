@@ -15,7 +15,8 @@ few hours at a time. Reports go to `benchmarks/results/sweep/<job>.json` (with p
 
 The APTP jobs fit their code offsets on `<runs>/balance-prompts.txt` (written by `run`: training-split scenes captioned
 in both phrasings the sets use), so that the codes split the evaluated prompts, not only the training captions,
-about evenly (`SearchConfig.balance_prompts_file`).
+about evenly (`SearchConfig.balance_prompts_file`), and learn each prompt's difficulty, so that harder prompts take
+the costlier codes (`SearchConfig.difficulty_weight`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ SETS = ("test", "heldout", "paraphrases")
 # sent 40% of the template prompts to the cheapest code and left their routed average 10% under the budget.
 BALANCE_PROMPTS_PER_PHRASING = 2500
 BALANCE_FILE = "balance-prompts.txt"
+# The capacity term's weight (`SearchConfig.difficulty_weight`): a trained router's scores for its codes differ by
+# about 0.004 for a median prompt, so the term (weight x difficulty of about +-0.3 x code cost offsets of about
+# +-0.25) orders the codes by difficulty rather than by architecture similarity. Without it, the codes of
+# `sweep/aptp-0.6` on the first retrained teacher gave tiers 3-4 1.12x the MACs of tier 1.
+DIFFICULTY_WEIGHT = 1.0
 
 
 def job_name(method: str, budget: float) -> str:
@@ -81,6 +87,7 @@ def commands(method: str, budget: float, teacher: str, runs: Path) -> list[tuple
         if method == "aptp":
             targets = ",".join(str(t) for t in CODE_BUDGETS[budget])
             search += ["--set", f"code_budgets=[{targets}]", "--set", f"balance_prompts_file={runs / BALANCE_FILE}"]
+            search += ["--set", f"difficulty_weight={DIFFICULTY_WEIGHT}"]
         else:
             search += ["--set", "num_codes=1"]
             finetune += ["--set", "shared_steps=0", "--set", f"expert.steps={TOTAL_STEPS}"]

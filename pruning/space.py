@@ -307,6 +307,12 @@ class ArchitectureSpace:
         """
         return self.mac_table(resolution).cost(self.check(gates))
 
+    def prunable_ratio(self, gates: torch.Tensor, resolution: int | tuple[int, int] | None = None) -> torch.Tensor:
+        """The share of the prunable MACs kept (differentiable), `(dim,)` -> `()` or `(B, dim)` -> `(B,)`: what the
+        search's budgets are held to, and the cost scale the router's capacity term weighs codes by."""
+        table = self.mac_table(resolution)
+        return (self.differentiable_macs(gates.double(), resolution) - table.fixed) / (table.total - table.fixed)
+
     # ------------------------------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -22,6 +22,7 @@ from aptp.formats.files import (
 from pruning.space import ArchitectureSpace
 
 from .assignment import balancing_offsets
+from .difficulty import DifficultyHead, capacity_scores
 from .gates import OFFSET, TEMPERATURE, depth_order, gumbel_sigmoid, nested_depth_logits, normalised_architecture
 
 ROUTER_CONFIG = "config.json"
@@ -40,6 +41,8 @@ class RouterConfig(BaseModel):
     held_open (`list[int]`): width gates held open for every prompt and code, in training and at inference: a
         floor under each layer's width (see `training.search.SearchConfig.min_width`). Empty in docs/method.md.
     encoder (`EncoderConfig`): the frozen prompt encoder.
+    difficulty_weight (`float`): weight of the capacity term in the routing scores (`router.difficulty`): with
+        `0` (docs/method.md) there is no difficulty head and routing reads architecture similarity alone.
     """
 
     num_codes: int = Field(4, ge=1, le=256)
@@ -49,6 +52,7 @@ class RouterConfig(BaseModel):
     prune_depth: bool = True
     held_open: list[int] = Field(default_factory=list)
     encoder: EncoderConfig = EncoderConfig()
+    difficulty_weight: float = Field(0.0, ge=0)
 
 
 class ArchitecturePredictor(nn.Module):
@@ -123,8 +127,8 @@ class Routing:
 
     Parameters:
         codes (`torch.Tensor`): `(B,)` chosen code per prompt.
-        scores (`torch.Tensor`): `(B,)` cosine similarity of the prompt to its code.
-        all_scores (`torch.Tensor`): `(B, K)` similarity to every code.
+        scores (`torch.Tensor`): `(B,)` the prompt's score for its code (`Router.scores`).
+        all_scores (`torch.Tensor`): `(B, K)` its score for every code.
         rankings (`torch.Tensor`): `(B, K)` every code, from the chosen one down the decision rule's order (what a
             request capped below its first choice falls back on).
 
@@ -174,6 +178,7 @@ class Router(nn.Module):
         self.resolution = resolution or space.default_resolution
         self.predictor = ArchitecturePredictor(space, config.embed_dim)
         self.codes = ArchitectureCodes(space, config.num_codes)
+        self.difficulty = DifficultyHead(config.embed_dim) if config.difficulty_weight > 0 else None
         # Not in state_dict: fitted after training (so training checkpoints never carry it), saved with the router.
         self.register_buffer("code_offsets", torch.zeros(config.num_codes), persistent=False)
         held = torch.zeros(space.dim, dtype=torch.bool)
@@ -221,7 +226,8 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def scores(self, embedding: torch.Tensor) -> torch.Tensor:
-        """`(B, embed_dim)` prompt embeddings -> `(B, K)` cosine similarities to the codes."""
+        """`(B, embed_dim)` prompt embeddings -> `(B, K)` scores: cosine similarities to the codes, plus the
+        capacity term when the router has a difficulty head (`router.difficulty.capacity_scores`)."""
         _, prompt_gates = self.gates(self.predictor(embedding).double(), noise=False)
         _, code_gates = self.gates(self.codes().double(), noise=False)
         prompts = normalised_architecture(prompt_gates, self.space)  # (B, dim)
@@ -229,6 +235,10 @@ class Router(nn.Module):
         # Row by row in float64, rounded: a GEMM's summation order can depend on the batch size, and identical
         # codes tie exactly; rounding makes ties (and so the argmax) the same whatever the batch.
         scores = (prompts[:, None, :] * codes[None, :, :]).sum(-1)  # (B, K)
+        if self.difficulty is not None:
+            ratios = self.space.prunable_ratio(code_gates, self.resolution)
+            difficulty = self.difficulty(embedding.double())
+            scores = scores + capacity_scores(difficulty, ratios, self.config.difficulty_weight)
         return (scores * 1e9).round() / 1e9
 
     @torch.no_grad()
@@ -319,4 +329,5 @@ def describe_router(folder: str | Path, num_codes: int | None = None) -> dict[st
         "held_open_gates": len(router.held_open),
         "temperature": router.temperature,
         "offset": router.offset,
+        "difficulty_weight": router.difficulty_weight,
     }

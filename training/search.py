@@ -4,6 +4,11 @@ Per step: the predictor reads each prompt, Sinkhorn assigns prompts to the K cod
 gradient), the teacher U-Net runs gated by each prompt's code (its own predictor draw during warm-up), and the
 losses are denoising + output/feature distillation against the ungated teacher + resource + contrastive + spread.
 Logged per step: every loss, the routed prunable-MAC ratio, each code's MAC ratio and usage. Resumable.
+
+With `difficulty_weight` (not in docs/method.md) the router also learns each prompt's difficulty: a fixed L1-pruned
+network runs beside the teacher on every sample, its error against the teacher is the target of the router's
+difficulty head (`router.difficulty`), and the assignment's scores get the capacity term, so harder prompts go to
+costlier codes. It costs one more no-grad U-Net forward per step.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm import tqdm
@@ -20,9 +26,10 @@ from tqdm import tqdm
 from aptp.conditioning.encoder import EncoderConfig, PromptEncoder
 from aptp.sampling import denoise
 from pruning.gates import UNetGates
-from pruning.importance import l1_importance
+from pruning.importance import l1_architecture_for_budget, l1_importance
 from pruning.space import ArchitectureSpace
 from router.assignment import assign
+from router.difficulty import DifficultyTargets, capacity_scores
 from router.gates import normalised_architecture
 from router.losses import code_resource_loss, contrastive_loss, prunable_budget, resource_loss, spread_losses
 from router.model import Router, RouterConfig
@@ -102,6 +109,21 @@ class SearchConfig(RunSettings):
         "evenly and its routed average lands on the budget",
     )
     balance_epsilon: float = Field(0.002, gt=0)
+    difficulty_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the capacity term in the routing scores: the router learns each prompt's difficulty "
+        "(how far a fixed pruned network falls from the teacher on it) and sends harder prompts to costlier codes, "
+        "most useful with `code_budgets`; 0: no difficulty head, routing by architecture similarity (docs/method.md)",
+    )
+    difficulty_reference: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="MACs (x teacher) of the L1-pruned network whose error rates the difficulty; default: the "
+        "cheapest code's target, else the budget",
+    )
+    difficulty_lr: float = Field(1e-3, gt=0, description="learning rate of the difficulty head")
     min_snr_gamma: float = Field(5.0, gt=0)
     weights: LossWeights = LossWeights()
     data: CaptionFolderConfig | None = Field(
@@ -141,12 +163,6 @@ class SearchConfig(RunSettings):
             return 1.0
         start, end = (round(f * self.steps) for f in self.noise_anneal)
         return min(1.0, max(0.0, (end - 1 - step) / max(1, end - 1 - start)))
-
-
-def prunable_ratio(space: ArchitectureSpace, gates: torch.Tensor, resolution: int) -> torch.Tensor:
-    """`(..., dim)` gates -> `(...,)` share of the prunable MACs kept (differentiable)."""
-    table = space.mac_table(resolution)
-    return (space.differentiable_macs(gates.double(), resolution) - table.fixed) / (table.total - table.fixed)
 
 
 def width_floor(unet: torch.nn.Module, space: ArchitectureSpace, min_width: float) -> list[int]:
@@ -216,11 +232,20 @@ def run_search(config: SearchConfig) -> Path:
         encoder=embed_encoder.config,
         prune_depth=config.prune_depth,
         held_open=width_floor(unet, space, config.min_width),
+        difficulty_weight=config.difficulty_weight,
     )
     router = Router(router_config, space, resolution, encoder=embed_encoder).to(device)
     lr = config.lr or 2e-4 * math.sqrt(config.batch_size)
-    optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=0.0)
+    groups = [{"params": [*router.predictor.parameters(), *router.codes.parameters()], "initial_lr": lr}]
     scheduler = DDPMScheduler.from_config(spec.scheduler_config)
+    modules: dict[str, torch.nn.Module] = {"router": router}
+    reference = None  # the fixed pruned network that rates each training prompt's difficulty
+    if router.difficulty is not None:
+        groups.append({"params": list(router.difficulty.parameters()), "initial_lr": config.difficulty_lr})
+        reference_budget = config.difficulty_reference or min(config.code_budgets or [config.budget])
+        reference = l1_architecture_for_budget(unet, space, reference_budget, resolution).to(device)
+        modules["difficulty_targets"] = DifficultyTargets(scheduler.config.num_train_timesteps).to(device)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     total, prunable = space.total_macs(resolution), space.prunable_macs(resolution)
     budget = prunable_budget(config.budget, total, prunable)
     code_targets = None
@@ -233,7 +258,7 @@ def run_search(config: SearchConfig) -> Path:
     warmup_steps = int(config.warmup_fraction * config.steps)
     w = config.weights
 
-    run = TrainingRun(config, {"router": router}, optimizer, main=processes.is_main, scaler=processes.scaler)
+    run = TrainingRun(config, modules, optimizer, main=processes.is_main, scaler=processes.scaler)
     start = run.resume()
     steps = range(start, config.steps)
     progress = tqdm(steps, desc="search", initial=start, total=config.steps, disable=not processes.is_main)
@@ -246,7 +271,7 @@ def run_search(config: SearchConfig) -> Path:
         embedding = teacher.router_embedding(captions if processes.world == 1 else data.captions(positions), encoded)
         batch = NoisyBatch.make(scheduler, x0, generator, config.min_snr_gamma, share, config.batch_size)
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, config.lr_warmup_steps))
+            group["lr"] = group["initial_lr"] * min(1.0, (step + 1) / max(1, config.lr_warmup_steps))
 
         noise_scale = config.noise_scale(step)
         prompt_soft, prompt_hard = router.gates(
@@ -255,8 +280,12 @@ def run_search(config: SearchConfig) -> Path:
         code_soft, code_hard = router.gates(
             router.codes(), noise=True, generator=generator, noise_scale=noise_scale
         )  # (K, dim)
+        code_ratios = space.prunable_ratio(code_hard, resolution).float()  # (K,) of this step's draws
+        difficulty = router.difficulty(embedding) if router.difficulty is not None else None  # (B,)
         with torch.no_grad():
             scores = normalised_architecture(prompt_hard, space) @ normalised_architecture(code_hard, space).T
+            if difficulty is not None:
+                scores = scores + capacity_scores(difficulty.detach(), code_ratios.detach(), config.difficulty_weight)
             if config.use_ot:
                 codes = assign(scores, config.sinkhorn_epsilon, config.sinkhorn_iterations)
             else:
@@ -270,11 +299,17 @@ def run_search(config: SearchConfig) -> Path:
         local_soft = soft[share]
         gate_leaf = local_soft.detach().requires_grad_(True)
         parts = Processes.parts(len(captions), config.gradient_accumulation_steps)
-        part_losses = []
+        part_losses, reference_errors = [], []
         for part in parts:  # the U-Net side, one pass per part; its gradients accumulate into the router's
             with torch.no_grad(), processes.autocast(), block_features(unet) as teacher_features:
                 gates.set(None)
                 teacher_out = denoise(unet, batch.select(part).noisy, batch.timesteps[part], encoded.select(part))
+            if reference is not None:
+                with torch.no_grad(), processes.autocast():
+                    gates.set(reference)
+                    out = denoise(unet, batch.select(part).noisy, batch.timesteps[part], encoded.select(part))
+                error = (out.sample.float() - teacher_out.sample.float()).pow(2).mean(dim=(1, 2, 3))
+                reference_errors.append(error)
             gates.set(gate_leaf[part])  # held through backward: gradient checkpointing recomputes the gated forward
             with processes.autocast():
                 losses = student_losses(
@@ -284,11 +319,11 @@ def run_search(config: SearchConfig) -> Path:
             gates.set(None)
             part_losses.append(losses)
         distill = DistillLosses.mean(part_losses)
-        ratios = prunable_ratio(space, hard, resolution).float()  # (B,) of the global batch
+        ratios = space.prunable_ratio(hard, resolution).float()  # (B,) of the global batch
         if code_targets is None or warming_up:
             resource = resource_loss(ratios, budget)
         else:  # every code to its own target; the even split of prompts keeps the average at the budget
-            resource = code_resource_loss(prunable_ratio(space, code_hard, resolution).float(), code_targets)
+            resource = code_resource_loss(code_ratios, code_targets)
         spread_std, spread_max = spread_losses(ratios)
         contrastive = contrastive_loss(
             normalised_architecture(prompt_hard, space), embedding, tau=config.contrastive_tau
@@ -296,6 +331,10 @@ def run_search(config: SearchConfig) -> Path:
         router_side = (
             w.resource * resource + w.contrastive * contrastive + w.spread_std * spread_std + w.spread_max * spread_max
         )
+        if difficulty is not None:  # the head learns from this process's rows, whose reference errors it has
+            targets = modules["difficulty_targets"](torch.cat(reference_errors), batch.timesteps)
+            difficulty_loss = F.mse_loss(difficulty[share], targets)
+            router_side = router_side + difficulty_loss
         (processes.scale(router_side) + (local_soft * gate_leaf.grad).sum()).backward()  # the leaf's grad is scaled
         loss = distill.weighted(w.denoise, w.output, w.features).detach() + router_side.detach()
         processes.step(optimizer, list(router.parameters()))
@@ -303,7 +342,7 @@ def run_search(config: SearchConfig) -> Path:
 
         if run.should_log(step, config.steps):
             with torch.no_grad():
-                code_ratios = prunable_ratio(space, router.code_architectures().to(device), resolution)
+                code_ratios = space.prunable_ratio(router.code_architectures().to(device), resolution)
                 usage = torch.bincount(codes, minlength=config.num_codes).float() / len(codes)
             record = {
                 "step": step,
@@ -328,6 +367,11 @@ def run_search(config: SearchConfig) -> Path:
                 "code_prunable_ratio": [round(r, 4) for r in code_ratios.tolist()],
                 "code_usage": [round(u, 4) for u in usage.tolist()],
             }
+            if difficulty is not None:
+                record["difficulty"] = round(difficulty_loss.item(), 5)
+                # Whether harder-rated prompts went to costlier codes this step (Pearson, over the global batch).
+                pair = torch.stack([difficulty.detach(), code_ratios.detach()[codes]])
+                record["difficulty_cost_correlation"] = round(torch.corrcoef(pair)[0, 1].nan_to_num().item(), 4)
             run.log(record)
             progress.set_postfix(loss=f"{loss.item():.3f}", ratio=f"{ratios.mean().item():.2f}", refresh=False)
         run.maybe_save(step + 1)

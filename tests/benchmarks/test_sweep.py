@@ -11,6 +11,7 @@ from benchmarks.sweep import (
     BALANCE_PROMPTS_PER_PHRASING,
     BUDGETS,
     CODE_BUDGETS,
+    DIFFICULTY_WEIGHT,
     TOTAL_STEPS,
     all_jobs,
     commands,
@@ -58,6 +59,9 @@ def test_every_training_command_is_a_valid_config_of_its_budget(method, budget, 
     if method == "aptp":
         assert search.code_budgets == CODE_BUDGETS[budget]
         assert search.balance_prompts_file == tmp_path / BALANCE_FILE  # balanced on every phrasing evaluated
+        assert search.difficulty_weight == DIFFICULTY_WEIGHT > 0  # harder prompts to costlier codes
+    else:
+        assert search.difficulty_weight == 0  # one code: nothing to choose between
 
 
 def test_the_balance_prompts_are_training_scenes_in_every_phrasing(tmp_path):

@@ -103,8 +103,12 @@ class Killed(Exception):
     """Stands in for SIGKILL: raised from inside the training loop."""
 
 
-def test_search_resumes_exactly_after_a_kill(teacher_folder, tmp_path, monkeypatch):
-    straight = Router.load(run_search(_config(teacher_folder, tmp_path / "straight")))
+DIFFICULTY = {"difficulty_weight": 1.0, "budget": 0.6, "code_budgets": [0.4, 0.8]}
+
+
+@pytest.mark.parametrize("settings", [{}, DIFFICULTY], ids=["plain", "difficulty"])
+def test_search_resumes_exactly_after_a_kill(teacher_folder, tmp_path, monkeypatch, settings):
+    straight = Router.load(run_search(_config(teacher_folder, tmp_path / "straight", **settings)))
 
     class DyingData(captions_module.ShapesData):
         def take(self, positions):
@@ -112,7 +116,7 @@ def test_search_resumes_exactly_after_a_kill(teacher_folder, tmp_path, monkeypat
                 raise Killed("killed at step 3")
             return super().take(positions)
 
-    config = _config(teacher_folder, tmp_path / "killed", checkpoint_minutes=1e-9)
+    config = _config(teacher_folder, tmp_path / "killed", checkpoint_minutes=1e-9, **settings)
     healthy = captions_module.ShapesData
     monkeypatch.setattr(captions_module, "ShapesData", DyingData)
     with pytest.raises(Killed):
@@ -246,3 +250,26 @@ def test_code_budgets_hold_each_code_to_its_own_cost(teacher_folder, tmp_path):
 def test_code_budgets_must_fit_the_codes_and_the_budget(teacher_folder, tmp_path, targets, message):
     with pytest.raises(ValueError, match=message):
         _config(teacher_folder, tmp_path / "run", budget=0.6, code_budgets=targets)
+
+
+def test_a_search_with_difficulty_trains_the_routers_head_on_the_reference_errors(teacher_folder, tmp_path):
+    """The head starts at zero (every prompt average) and the search moves it; each step logs its loss and whether the
+    harder-rated prompts went to the costlier code; the saved router scores with it."""
+    folder = run_search(_config(teacher_folder, tmp_path / "run", **DIFFICULTY))
+    steps = [r for r in _records(tmp_path / "run") if r["phase"] != "balance"]
+    for record in steps:
+        assert math.isfinite(record["difficulty"]) and record["difficulty"] >= 0
+        assert -1 <= record["difficulty_cost_correlation"] <= 1
+    assert any(r["difficulty"] > 0 for r in steps)  # a sample alone in its timestep bin so far has target 0
+    router = Router.load(folder)
+    assert router.config.difficulty_weight == 1.0
+    assert router.difficulty.out.weight.abs().sum() > 0
+    prompts = [ShapesDomain(seed=1, split="train").sample(i).caption for i in range(8)]
+    embedding = router.encoder.encode(prompts).pooled
+    assert router.difficulty(embedding).unique().numel() > 1  # prompts rated apart
+
+
+def test_without_a_difficulty_weight_the_search_has_no_head(teacher_folder, tmp_path):
+    router = Router.load(run_search(_config(teacher_folder, tmp_path / "run", steps=2, balance_prompts=0)))
+    assert router.difficulty is None
+    assert all("difficulty" not in r for r in _records(tmp_path / "run"))

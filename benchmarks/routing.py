@@ -5,7 +5,9 @@ call (x teacher) overall and per tier, against the budget and the no-collapse fl
     .venv/bin/python benchmarks/routing.py --bundle bundles/shapes/aptp --name aptp
 
 Run it right after phase 1 (seconds, not the hour of `aptp eval`) to see whether a router is worth fine-tuning.
-The prompts are the ones `aptp eval` scores (same seed and counts by default).
+The prompts are the ones `aptp eval` scores (same seed and counts by default): the template test and held-out splits
+and the paraphrase set. A router with a difficulty head (`SearchConfig.difficulty_weight`) also has its mean rating
+of each tier's prompts reported.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from aptp.formats.files import ModelFileError
 from aptp.formats.report import collect_provenance, write_report
 from aptp.pipeline import RoutedPipeline
 from router.model import Router
 from training.evaluation.evaluate import evaluation_samples
+from training.evaluation.metrics import mean_by_tier
+from training.evaluation.paraphrases import PARAPHRASE_COUNT
 from training.evaluation.reports import routing_summary, tier_cells
 
 
@@ -31,9 +36,14 @@ def route_splits(
     summaries = {}
     for split, count in counts.items():
         samples = evaluation_samples(split, count, seed)
-        codes = router.route([s.caption for s in samples]).codes.tolist()
+        embedding = router.encoder.encode([s.caption for s in samples]).pooled
+        codes = router.route_embeddings(embedding).codes.tolist()
         tiers = np.array([s.scene.tier for s in samples])
         summaries[split] = routing_summary(codes, code_macs, teacher_macs, tiers)
+        if router.difficulty is not None:
+            with torch.no_grad():
+                rating = router.difficulty(embedding.double()).numpy()
+            summaries[split]["difficulty"] = mean_by_tier(rating, tiers)
     return summaries
 
 
@@ -53,6 +63,18 @@ def markdown(name: str, budget: float, code_ratios: list[float], summaries: dict
             f"| {split} | {ratio['overall']:.3f} | {tiers} | {summary['macs_ratio_tiers_3_4']:.3f} "
             f"| {' / '.join(f'{v:.3f}' for v in load)} | {min(load):.3f} |"
         )
+    rated = {split: summary["difficulty"] for split, summary in summaries.items() if "difficulty" in summary}
+    if rated:
+        lines += [
+            "",
+            "The router's difficulty rating (its head's prediction; 0 is an average training prompt):",
+            "",
+            "| split | overall | tier 1 | tier 2 | tier 3 | tier 4 |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {split} | {by_tier['overall']:+.3f} | {tier_cells(by_tier)} |" for split, by_tier in rated.items()
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -65,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=0.6, help="target MACs as a fraction of the teacher's")
     parser.add_argument("--num-prompts", type=int, default=1000, help="test-split prompts (as aptp eval)")
     parser.add_argument("--num-heldout", type=int, default=400, help="held-out-split prompts (as aptp eval)")
+    parser.add_argument("--num-paraphrases", type=int, default=PARAPHRASE_COUNT, help="paraphrase-set prompts")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", default="benchmarks/results/routing")
     args = parser.parse_args(argv)
@@ -80,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"routing.py: error: {e}", file=sys.stderr)
         return 2
     code_macs, teacher_macs = router.code_macs(), router.space.total_macs(router.resolution)
-    counts = {"test": args.num_prompts, "heldout": args.num_heldout}
+    counts = {"test": args.num_prompts, "heldout": args.num_heldout, "paraphrases": args.num_paraphrases}
     summaries = route_splits(router, counts, args.seed, code_macs, teacher_macs)
     code_ratios = [m / teacher_macs for m in code_macs]
     report = {
@@ -96,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget": args.budget,
         "num_prompts": args.num_prompts,
         "num_heldout": args.num_heldout,
+        "num_paraphrases": args.num_paraphrases,
         "seed": args.seed,
     }
     provenance = collect_provenance([args.router or args.bundle], config=config)

@@ -6,9 +6,11 @@ import json
 import math
 
 import pytest
+import torch
 
 from benchmarks.routing import main
 from tests.helpers import save_tiny_teacher
+from training.evaluation.evaluate import evaluation_samples
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +22,11 @@ def bundle(tmp_path_factory):
     return random_bundle(teacher, root / "bundle", num_codes=3, keeps=[1.0, 0.5, 0.3], seed=0)
 
 
+COUNTS = ["--num-prompts", "40", "--num-heldout", "12", "--num-paraphrases", "24"]
+
+
 def test_bundle_and_its_router_folder_give_the_same_report(tmp_path, bundle, capsys):
-    counts = ["--num-prompts", "40", "--num-heldout", "12"]
+    counts = COUNTS
     assert main(["--bundle", str(bundle), "--name", "b", "--out", str(tmp_path), *counts]) == 0
     assert main(["--router", str(bundle / "router"), "--name", "r", "--out", str(tmp_path), *counts]) == 0
     from_bundle = json.loads((tmp_path / "b.json").read_text())
@@ -29,7 +34,8 @@ def test_bundle_and_its_router_folder_give_the_same_report(tmp_path, bundle, cap
     assert from_bundle["splits"] == from_router["splits"]
     ratios = from_bundle["code_macs_ratio"]
     assert len(ratios) == 3 and ratios[0] == 1.0 and ratios[2] < ratios[1] < 1.0
-    for split, count in (("test", 40), ("heldout", 12)):
+    assert "difficulty" not in from_bundle["splits"]["test"]  # its router has no difficulty head
+    for split, count in (("test", 40), ("heldout", 12), ("paraphrases", 24)):
         summary = from_bundle["splits"][split]
         load = summary["load"]
         assert math.isclose(sum(load.values()), 1.0) and all(
@@ -44,3 +50,24 @@ def test_a_teacher_folder_is_refused_by_name(tmp_path, bundle, capsys):
     teacher = bundle.parent / "teacher"
     assert main(["--bundle", str(teacher), "--name", "t", "--out", str(tmp_path)]) == 2
     assert str(teacher) in capsys.readouterr().err
+
+
+def test_a_router_with_a_difficulty_head_has_its_rating_of_each_tier_reported(tmp_path, bundle):
+    from router.model import Router
+
+    plain = Router.load(bundle / "router")
+    config = plain.config.model_copy(update={"difficulty_weight": 1.0})
+    rated = Router(config, plain.space, plain.resolution)
+    rated.load_state_dict(plain.state_dict(), strict=False)
+    torch.nn.init.normal_(rated.difficulty.out.weight, generator=torch.Generator().manual_seed(0))
+    rated.save(tmp_path / "router")
+    assert main(["--router", str(tmp_path / "router"), "--name", "d", "--out", str(tmp_path), *COUNTS]) == 0
+    report = json.loads((tmp_path / "d.json").read_text())
+    samples = evaluation_samples("paraphrases", 24, seed=7)
+    embedding = rated.encoder.encode([s.caption for s in samples]).pooled
+    expected = rated.difficulty(embedding.double())
+    tier1 = [i for i, s in enumerate(samples) if s.scene.tier == 1]
+    rating = report["splits"]["paraphrases"]["difficulty"]
+    assert math.isclose(rating["tier1"], expected[tier1].mean().item(), rel_tol=1e-6)
+    assert math.isclose(rating["overall"], expected.mean().item(), rel_tol=1e-6)
+    assert "difficulty rating" in (tmp_path / "d.md").read_text()

@@ -30,9 +30,12 @@ from .reports import EvalReport, SplitResult, markdown_table, routing_summary
 
 
 def evaluation_samples(split: str, num_prompts: int, seed: int) -> list[Sample]:
-    """The prompts (with their scenes) that `aptp eval` scores on `split`: in the caption generator's first
-    templates (`training.data.template_captions`), the fixed test every report since the first was made on;
-    phrasing beyond them is what the paraphrase set measures."""
+    """The prompts (with their scenes) that `aptp eval` scores on `split`. The domain's splits (`test`,
+    `heldout`) are captioned in the caption generator's first templates (`training.data.template_captions`), the
+    fixed test every report since the first was made on; phrasing beyond them is what the paraphrase set
+    (`paraphrases`, its first `num_prompts`) measures."""
+    if split == "paraphrases":
+        return load_paraphrases(image_seed=seed)[:num_prompts]
     return _domain(split, seed).batch(0, num_prompts)
 
 
@@ -51,11 +54,10 @@ def evaluate_split(
 ) -> dict[str, Any]:
     """`evaluate_samples` on `num_prompts` prompts of a domain split (`test`, `heldout`), or of the paraphrase
     set (`paraphrases`: its first `num_prompts`)."""
+    samples = evaluation_samples(split, num_prompts, seed)
     if split == "paraphrases":
-        samples = load_paraphrases(image_seed=seed)[:num_prompts]
         floor_samples = load_paraphrases(image_seed=seed + 1)[:num_prompts]  # the same scenes, drawn again
     else:
-        samples = evaluation_samples(split, num_prompts, seed)
         floor_samples = _domain(split, seed).batch(num_prompts, num_prompts)  # disjoint real set
     return evaluate_samples(pipeline, evaluator, split, samples, floor_samples, seed, steps, guidance_scale)
 

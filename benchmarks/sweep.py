@@ -2,10 +2,10 @@
 average budgets 0.4, 0.6 and 0.8 of the teacher's MACs, with the same total fine-tuning steps for every method at
 every budget, each evaluated on the template test set, the held-out combinations and the paraphrase set.
 
-    .venv/bin/python benchmarks/sweep.py run --teacher runs/teacher-rich/teacher            # every job, in order
-    .venv/bin/python benchmarks/sweep.py run --teacher runs/teacher-rich/teacher --only aptp-0.6
-    .venv/bin/python benchmarks/sweep.py list                                               # the commands
-    .venv/bin/python benchmarks/sweep.py table                                              # table and plot
+    .venv/bin/python benchmarks/sweep.py run                       # every job, in order
+    .venv/bin/python benchmarks/sweep.py run --only aptp-0.6
+    .venv/bin/python benchmarks/sweep.py list                      # the commands
+    .venv/bin/python benchmarks/sweep.py table                     # table and plot
 
 A job is a few `aptp` commands (search, fine-tuning or the baseline, then `aptp eval`). Every one resumes: a step
 whose output exists is skipped, and the training commands resume from their checkpoints, so the sweep can be run a
@@ -33,6 +33,8 @@ from svg import Panel, Series, panels_svg  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks/results/sweep"
 RESULTS_ARGUMENT = str(RESULTS.relative_to(REPO))  # the commands run in the repository
+# The retrained teacher (configs/shapes/teacher.yaml), committed so that every session can run the sweep's jobs on it.
+TEACHER = "benchmarks/models/teacher-rich"
 BUDGETS = (0.4, 0.6, 0.8)
 # K = 4 codes whose targets spread around the average budget (a factor of about 2.3 at 0.6), capped at the teacher.
 CODE_BUDGETS = {0.4: [0.25, 0.34, 0.46, 0.55], 0.6: [0.36, 0.51, 0.69, 0.84], 0.8: [0.6, 0.74, 0.88, 0.98]}
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "list"):
         command = sub.add_parser(name)
-        command.add_argument("--teacher", default="runs/teacher-rich/teacher", help="the teacher every job prunes")
+        command.add_argument("--teacher", default=TEACHER, help="the teacher every job prunes")
         command.add_argument("--runs", default="runs/sweep", help="where the jobs' run folders go")
         command.add_argument("--only", nargs="+", metavar="JOB", help="e.g. aptp-0.6 baseline-0.4")
     sub.add_parser("table")

@@ -10,8 +10,9 @@ every budget, each evaluated on the template test set, the held-out combinations
 A job is a few `aptp` commands (search, fine-tuning or the baseline, then `aptp eval`). Every one resumes: a step
 whose output exists is skipped, and the training commands resume from their checkpoints, so the sweep can be run a
 few hours at a time. Reports go to `benchmarks/results/sweep/<job>.json` (with provenance); `table` writes
-`sweep.md` (the table, with each method's alignment against the baseline's at the same budget, prompt by prompt) and
-`sweep.svg` (alignment and domain FID against MACs, one line per method).
+`sweep.md` (the table, with each method's alignment against the baseline's at the same budget, prompt by prompt, and
+where each model's capacity went: its codes' MACs, routed MACs, smallest code share and tiers 3-4's MACs over tier 1's
+per set, and its share of the teacher's alignment) and `sweep.svg` (alignment and domain FID against MACs, one line per method).
 
 The APTP jobs fit their code offsets on `<runs>/balance-prompts.txt` (written by `run`: training-split scenes captioned
 in both phrasings the sets use), so that the codes split the evaluated prompts, not only the training captions,
@@ -193,11 +194,66 @@ def table(args: argparse.Namespace) -> int:
             f"{'-' if tier3 is None else f'{tier3:.3f}'} | {row['domain_fid']:.1f} | {' / '.join(paired)} |"
         )
         figures.append(row)
+    capacity, capacity_figures = capacity_table(reports)
+    for row in figures:
+        row |= capacity_figures.get((row["method"], row["budget"]), {})
     (RESULTS / "sweep.svg").write_text(plot(figures))
-    text = "\n".join(lines) + "\n\n![alignment and domain FID against MACs](sweep.svg)\n"
+    text = "\n".join(lines) + "\n\n" + "\n".join(capacity) + "\n\n![alignment and domain FID against MACs](sweep.svg)\n"
     provenance = collect_provenance(config={"reports": sorted(job for job in map(str, reports))})
     write_report(RESULTS, "sweep", figures, text, echo=True, provenance=provenance)
     return 0
+
+
+def capacity_table(reports: dict) -> tuple[list[str], dict[tuple[str, float], dict]]:
+    """Where each pruned model's capacity went, per set: its routed MACs against the budget, the smallest share of
+    prompts a code took, tiers 3-4's MACs over tier 1's, and its alignment as a share of the teacher's (the capacity
+    issue's bars: codes spanning 0.40 to 0.80 at the 0.6 budget, routed MACs within 5% of the budget, every code at
+    least 5% of the prompts, tiers 3-4 at least 1.3x tier 1, and at least 0.98 of the teacher's alignment at 0.6).
+    Returns the markdown lines and the figures by (method, budget)."""
+    teacher = reports.get(("teacher", 1.0))
+    lines = [
+        "Capacity, per set (test / held-out / paraphrases):",
+        "",
+        "| method | budget | codes (x teacher MACs) | routed MACs | smallest code share | tiers 3-4 / tier 1 MACs "
+        "| of the teacher's alignment |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    figures = {}
+    for (method, budget), report in sorted(reports.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if method == "teacher":
+            continue
+        splits = [report.split(s) for s in SETS]
+        routings = [split.routing if split is not None else None for split in splits]
+        codes = next((r.code_macs_ratio for r in routings if r is not None and r.code_macs_ratio), None)
+        row: dict = {"code_macs_ratio": codes}
+        row["routed_macs"] = [r.macs_ratio["overall"] if r is not None else None for r in routings]
+        row["smallest_share"] = [min(r.load.values()) if r is not None else None for r in routings]
+        row["tiers_3_4_over_tier_1"] = [
+            r.macs_ratio_tiers_3_4 / r.macs_ratio["tier1"]
+            if r is not None and r.macs_ratio_tiers_3_4 is not None and "tier1" in r.macs_ratio
+            else None
+            for r in routings
+        ]
+        row["of_teacher_alignment"] = [
+            split.alignment["overall"] / teacher.split(name).alignment["overall"]
+            if split is not None and teacher is not None and teacher.split(name) is not None
+            else None
+            for split, name in zip(splits, SETS, strict=True)
+        ]
+        figures[(method, budget)] = row
+
+        def cells(values: list[float | None], form: str) -> str:
+            return " / ".join("-" if v is None else format(v, form) for v in values)
+
+        spread = "-" if not codes else f"{min(codes):.3f}-{max(codes):.3f} ({max(codes) / min(codes):.2f}x)"
+        single = len(report.split("test").routing.load) == 1
+        lines.append(
+            f"| {method} | {budget} | {spread} | {cells(row['routed_macs'], '.3f')} "
+            f"| {'-' if single else cells(row['smallest_share'], '.3f')} "
+            f"| {'-' if single else cells(row['tiers_3_4_over_tier_1'], '.2f')} "
+            f"| {cells(row['of_teacher_alignment'], '.3f')} |"
+        )
+    return lines, figures
 
 
 def _points(rows: list[dict], method: str, key: str) -> list[tuple[float, float]]:

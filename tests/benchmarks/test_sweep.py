@@ -3,6 +3,8 @@ for the same number of steps at every budget."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -12,6 +14,7 @@ from benchmarks.sweep import (
     BUDGETS,
     CODE_BUDGETS,
     DIFFICULTY_WEIGHT,
+    SETS,
     TOTAL_STEPS,
     all_jobs,
     commands,
@@ -85,3 +88,48 @@ def test_the_codes_of_every_budget_span_a_factor_two_at_the_middle_one():
 def test_an_unknown_job_is_named():
     with pytest.raises(SystemExit, match="aptp-0.5"):
         all_jobs(["aptp-0.5"])
+
+
+def _split(name: str, alignment: float, load: dict[str, float], by_tier: dict[str, float], codes: list[float]):
+    tiers = [1, 2, 3, 4] * 2
+    return {
+        "split": name,
+        "prompts": len(tiers),
+        "alignment": {"overall": alignment, "tier3": alignment - 0.1},
+        "alignment_per_prompt": [alignment + 0.01 * (i % 3 - 1) for i in range(len(tiers))],
+        "domain_fid": 60.0,
+        "cmmd": 0.1,
+        "routing": {
+            "num_codes": len(load),
+            "load": load,
+            "macs_ratio": by_tier,
+            "macs_ratio_tiers_3_4": (by_tier["tier3"] + by_tier["tier4"]) / 2,
+            "code_macs_ratio": codes,
+        },
+    }
+
+
+def _report(path, name: str, alignment: float, load, by_tier, codes) -> None:
+    results = [_split(s, alignment - 0.1 * i, load, by_tier, codes) for i, s in enumerate(SETS)]
+    path.write_text(json.dumps({"name": name, "results": results}))
+
+
+def test_the_table_shows_where_each_models_capacity_went(tmp_path, monkeypatch):
+    import benchmarks.sweep as sweep
+
+    monkeypatch.setattr(sweep, "RESULTS", tmp_path)
+    whole = {"overall": 1.0, "tier1": 1.0, "tier2": 1.0, "tier3": 1.0, "tier4": 1.0}
+    _report(tmp_path / "teacher.json", "teacher", 0.9, {"0": 1.0}, whole, [1.0])
+    routed = {"overall": 0.6, "tier1": 0.4, "tier2": 0.5, "tier3": 0.7, "tier4": 0.8}
+    shares = {"0": 0.1, "1": 0.2, "2": 0.3, "3": 0.4}
+    _report(tmp_path / "aptp-0.6.json", "aptp-0.6", 0.88, shares, routed, [0.36, 0.5, 0.7, 0.84])
+    static = {"overall": 0.6, "tier1": 0.6, "tier2": 0.6, "tier3": 0.6, "tier4": 0.6}
+    _report(tmp_path / "baseline-0.6.json", "baseline-0.6", 0.87, {"0": 1.0}, static, [0.6])
+    assert sweep.main(["table"]) == 0
+    text = (tmp_path / "sweep.md").read_text()
+    # codes 0.36 to 0.84, tiers 3-4 at (0.7 + 0.8) / 2 over tier 1's 0.4, alignment 0.88 / 0.9 on the test set
+    assert "| aptp | 0.6 | 0.360-0.840 (2.33x) | 0.600 / 0.600 / 0.600 | 0.100 / 0.100 / 0.100 " in text
+    assert "| 1.88 / 1.88 / 1.88 | 0.978 / 0.975 / 0.971 |" in text
+    assert "| baseline | 0.6 | 0.600-0.600 (1.00x) | 0.600 / 0.600 / 0.600 | - | - | 0.967 / 0.963 / 0.957 |" in text
+    figures = {(r["method"], r["budget"]): r for r in json.loads((tmp_path / "sweep.json").read_text())}
+    assert figures[("aptp", 0.6)]["tiers_3_4_over_tier_1"] == pytest.approx([1.875] * 3)

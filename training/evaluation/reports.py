@@ -28,6 +28,7 @@ class RoutingSummary(BaseModel):
     macs_ratio: dict[str, float]
     macs_ratio_tiers_3_4: float | None = None
     teacher_macs_per_call: int | None = None
+    code_macs_ratio: list[float] | None = None  # each code's MACs per call (x the teacher's); not in older reports
 
 
 class SplitResult(BaseModel):
@@ -111,6 +112,7 @@ def routing_summary(
         "macs_ratio": mean_by_tier(ratios, tiers),
         "macs_ratio_tiers_3_4": float(ratios[hard].mean()) if hard.any() else None,
         "teacher_macs_per_call": teacher_macs,
+        "code_macs_ratio": [m / teacher_macs for m in code_macs],
     }
 
 

@@ -214,6 +214,7 @@ def test_routing_summary_shares_and_macs_per_tier():
     assert ratio["tier1"] == pytest.approx(0.375) and ratio["tier3"] == pytest.approx(0.5)
     assert ratio["tier4"] == pytest.approx(0.25) and ratio["tier2"] == pytest.approx(0.4)
     assert summary["macs_ratio_tiers_3_4"] == pytest.approx((100 + 50 + 100) / 3 / 200)
+    assert summary["code_macs_ratio"] == pytest.approx([0.25, 0.5, 0.4])
     assert routing_summary([0], [50], 200, np.array([1]))["macs_ratio_tiers_3_4"] is None
 
 

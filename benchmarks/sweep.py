@@ -12,7 +12,8 @@ whose output exists is skipped, and the training commands resume from their chec
 few hours at a time. Reports go to `benchmarks/results/sweep/<job>.json` (with provenance); `table` writes
 `sweep.md` (the table, with each method's alignment against the baseline's at the same budget, prompt by prompt, and
 where each model's capacity went: its codes' MACs, routed MACs, smallest code share and tiers 3-4's MACs over tier 1's
-per set, and its share of the teacher's alignment) and `sweep.svg` (alignment and domain FID against MACs, one line per method).
+per set, and its share of the teacher's alignment) and `sweep.svg` (alignment and domain FID against MACs, one line
+per method).
 
 The APTP jobs fit their code offsets on `<runs>/balance-prompts.txt` (written by `run`: training-split scenes captioned
 in both phrasings the sets use), so that the codes split the evaluated prompts, not only the training captions,

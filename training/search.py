@@ -280,12 +280,12 @@ def run_search(config: SearchConfig) -> Path:
         code_soft, code_hard = router.gates(
             router.codes(), noise=True, generator=generator, noise_scale=noise_scale
         )  # (K, dim)
-        code_ratios = space.prunable_ratio(code_hard, resolution).float()  # (K,) of this step's draws
+        drawn_ratios = space.prunable_ratio(code_hard, resolution).float()  # (K,) of this step's code draws
         difficulty = router.difficulty(embedding) if router.difficulty is not None else None  # (B,)
         with torch.no_grad():
             scores = normalised_architecture(prompt_hard, space) @ normalised_architecture(code_hard, space).T
             if difficulty is not None:
-                scores = scores + capacity_scores(difficulty.detach(), code_ratios.detach(), config.difficulty_weight)
+                scores = scores + capacity_scores(difficulty.detach(), drawn_ratios.detach(), config.difficulty_weight)
             if config.use_ot:
                 codes = assign(scores, config.sinkhorn_epsilon, config.sinkhorn_iterations)
             else:
@@ -323,7 +323,7 @@ def run_search(config: SearchConfig) -> Path:
         if code_targets is None or warming_up:
             resource = resource_loss(ratios, budget)
         else:  # every code to its own target; the even split of prompts keeps the average at the budget
-            resource = code_resource_loss(code_ratios, code_targets)
+            resource = code_resource_loss(drawn_ratios, code_targets)
         spread_std, spread_max = spread_losses(ratios)
         contrastive = contrastive_loss(
             normalised_architecture(prompt_hard, space), embedding, tau=config.contrastive_tau
@@ -370,7 +370,7 @@ def run_search(config: SearchConfig) -> Path:
             if difficulty is not None:
                 record["difficulty"] = round(difficulty_loss.item(), 5)
                 # Whether harder-rated prompts went to costlier codes this step (Pearson, over the global batch).
-                pair = torch.stack([difficulty.detach(), code_ratios.detach()[codes]])
+                pair = torch.stack([difficulty.detach(), drawn_ratios.detach()[codes]])
                 record["difficulty_cost_correlation"] = round(torch.corrcoef(pair)[0, 1].nan_to_num().item(), 4)
             run.log(record)
             progress.set_postfix(loss=f"{loss.item():.3f}", ratio=f"{ratios.mean().item():.2f}", refresh=False)

@@ -50,10 +50,11 @@ SETS = ("test", "heldout", "paraphrases")
 # sent 40% of the template prompts to the cheapest code and left their routed average 10% under the budget.
 BALANCE_PROMPTS_PER_PHRASING = 2500
 BALANCE_FILE = "balance-prompts.txt"
-# The capacity term's weight (`SearchConfig.difficulty_weight`): a trained router's scores for its codes differ by
-# about 0.004 for a median prompt, so the term (weight x difficulty of about +-0.3 x code cost offsets of about
-# +-0.25) orders the codes by difficulty rather than by architecture similarity. Without it, the codes of
-# `sweep/aptp-0.6` on the first retrained teacher gave tiers 3-4 1.12x the MACs of tier 1.
+# The capacity term's weight (`SearchConfig.difficulty_weight`): the shipped router's best and second-best scores
+# differ by 0.0035 for the median prompt, and a short search's head rated tiers 1 to 4 -0.13 to +0.07 on average, so
+# at weight 1 the term (weight x difficulty x code cost offsets of about +-0.25) outweighs architecture similarity
+# (docs/experiments.md, routing by difficulty). Without it, the codes of `sweep/aptp-0.6` on the first retrained
+# teacher gave tiers 3-4 1.12x the MACs of tier 1.
 DIFFICULTY_WEIGHT = 1.0
 
 
@@ -169,7 +170,7 @@ def table(args: argparse.Namespace) -> int:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     figures = []
-    for (method, budget), report in sorted(reports.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (method, budget), report in _by_budget(reports):
         splits = {s: report.split(s) for s in SETS}
         row = {
             "method": method,
@@ -220,7 +221,7 @@ def capacity_table(reports: dict) -> tuple[list[str], dict[tuple[str, float], di
         "|---|---|---|---|---|---|---|",
     ]
     figures = {}
-    for (method, budget), report in sorted(reports.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (method, budget), report in _by_budget(reports):
         if method == "teacher":
             continue
         splits = [report.split(s) for s in SETS]
@@ -242,19 +243,24 @@ def capacity_table(reports: dict) -> tuple[list[str], dict[tuple[str, float], di
             for split, name in zip(splits, SETS, strict=True)
         ]
         figures[(method, budget)] = row
-
-        def cells(values: list[float | None], form: str) -> str:
-            return " / ".join("-" if v is None else format(v, form) for v in values)
-
         spread = "-" if not codes else f"{min(codes):.3f}-{max(codes):.3f} ({max(codes) / min(codes):.2f}x)"
-        single = len(report.split("test").routing.load) == 1
+        single = report.split("test").routing.num_codes == 1
         lines.append(
-            f"| {method} | {budget} | {spread} | {cells(row['routed_macs'], '.3f')} "
-            f"| {'-' if single else cells(row['smallest_share'], '.3f')} "
-            f"| {'-' if single else cells(row['tiers_3_4_over_tier_1'], '.2f')} "
-            f"| {cells(row['of_teacher_alignment'], '.3f')} |"
+            f"| {method} | {budget} | {spread} | {_cells(row['routed_macs'], '.3f')} "
+            f"| {'-' if single else _cells(row['smallest_share'], '.3f')} "
+            f"| {'-' if single else _cells(row['tiers_3_4_over_tier_1'], '.2f')} "
+            f"| {_cells(row['of_teacher_alignment'], '.3f')} |"
         )
     return lines, figures
+
+
+def _by_budget(reports: dict) -> list:
+    """The reports' (job, report) pairs by budget, then method: the tables' row order."""
+    return sorted(reports.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+
+
+def _cells(values: list[float | None], form: str) -> str:
+    return " / ".join("-" if v is None else format(v, form) for v in values)
 
 
 def _points(rows: list[dict], method: str, key: str) -> list[tuple[float, float]]:

@@ -85,7 +85,7 @@ TEACHER = "teacher"
 
 
 # ------------------------------------------------------------------------------------------------ U-Net latency
-def _guided_inputs(pipeline: RoutedPipeline, batch: int) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+def guided_inputs(pipeline: RoutedPipeline, batch: int) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
     """What one guided step feeds a U-Net for `batch` images: 2 x batch rows of noise, timesteps and prompts."""
     prompts = pipeline.encode(["a red circle in the top left corner"] * batch)
     context = Conditioning.cat([pipeline.empty_prompt.repeat(batch), prompts]).for_unet()
@@ -96,7 +96,7 @@ def _guided_inputs(pipeline: RoutedPipeline, batch: int) -> tuple[torch.Tensor, 
 
 
 @torch.inference_mode()
-def _seconds(unet, x, t, context, repeats: int) -> list[float]:
+def call_seconds(unet, x, t, context, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
@@ -105,22 +105,33 @@ def _seconds(unet, x, t, context, repeats: int) -> list[float]:
     return times
 
 
-def unet_latency(bundle: RoutedPipeline, teacher: RoutedPipeline, repeats: int) -> list[dict]:
+def alternating_medians(models: dict[str, torch.nn.Module], inputs, repeats: int) -> dict[str, float]:
+    """Median seconds of one call of each model on `inputs` (`guided_inputs`), the models alternating within every
+    repetition (on a shared host the machine's speed drifts over minutes), each called once at this shape first."""
+    for unet in models.values():
+        call_seconds(unet, *inputs, 1)
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, unet in models.items():
+            samples[name] += call_seconds(unet, *inputs, 1)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def served_models(bundle: RoutedPipeline, teacher: RoutedPipeline) -> list[tuple[str, torch.nn.Module, int]]:
+    """(name, U-Net, MACs per call) of the teacher and of every code."""
+    models = [(TEACHER, teacher.experts[0], teacher.teacher_macs)]
+    return models + [(f"code {c.code}", bundle.experts[c.code], c.macs) for c in bundle.codes]
+
+
+def unet_latency(bundle: RoutedPipeline, teacher: RoutedPipeline, repeats: int, batches=BATCHES) -> list[dict]:
     """Median guided-call seconds per model and batch, models alternating within every repetition."""
-    models = [("teacher", teacher.experts[0], teacher.teacher_macs)]
-    models += [(f"code {c.code}", bundle.experts[c.code], c.macs) for c in bundle.codes]
+    models = served_models(bundle, teacher)
     rows = []
-    for batch in BATCHES:
-        x, t, context = _guided_inputs(bundle, batch)
-        for _, unet, _ in models:  # warm every model at this shape first
-            _seconds(unet, x, t, context, 1)
-        samples: dict[str, list[float]] = {name: [] for name, _, _ in models}
-        for _ in range(repeats):
-            for name, unet, _ in models:
-                samples[name] += _seconds(unet, x, t, context, 1)
-        teacher_s = statistics.median(samples["teacher"])
+    for batch in batches:
+        medians = alternating_medians({name: unet for name, unet, _ in models}, guided_inputs(bundle, batch), repeats)
+        teacher_s = medians[TEACHER]
         for name, _, macs in models:
-            seconds = statistics.median(samples[name])
+            seconds = medians[name]
             mac_ratio = macs / teacher.teacher_macs
             rows.append(
                 {
@@ -140,22 +151,16 @@ def unet_latency(bundle: RoutedPipeline, teacher: RoutedPipeline, repeats: int) 
 def layout_speedup(bundle: RoutedPipeline, teacher: RoutedPipeline, repeats: int, batches=(1, 8)) -> list[dict]:
     """Per model and batch size, the median guided call with the weights in the default layout (NCHW) and
     channels-last (NHWC), the two alternating: what `APTP_CHANNELS_LAST` buys."""
-    models = [("teacher", teacher.experts[0])] + [(f"code {c}", unet) for c, unet in enumerate(bundle.experts)]
     rows = []
     for batch in batches:
-        x, t, context = _guided_inputs(bundle, batch)
-        for name, unet in models:
+        inputs = guided_inputs(bundle, batch)
+        for name, unet, _ in served_models(bundle, teacher):
             layouts = {
                 layout: copy.deepcopy(unet).to(memory_format=memory_format)
                 for layout, memory_format in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last))
             }
-            samples: dict[str, list[float]] = {layout: [] for layout in layouts}
-            for model in layouts.values():
-                _seconds(model, x, t, context, 1)
-            for _ in range(repeats):
-                for layout, model in layouts.items():
-                    samples[layout] += _seconds(model, x, t, context, 1)
-            nchw, nhwc = statistics.median(samples["nchw"]), statistics.median(samples["channels_last"])
+            medians = alternating_medians(layouts, inputs, repeats)
+            nchw, nhwc = medians["nchw"], medians["channels_last"]
             rows.append(
                 {"model": name, "batch": batch, "nchw_s": nchw, "channels_last_s": nhwc, "speedup": nchw / nhwc}
             )
@@ -487,9 +492,9 @@ def targets(figures: dict) -> list[dict]:
         rows.append({"target": name, "value": value, "relation": relation, "limit": limit, "met": met})
 
     for batch in (1, 8):
-        worst = max(r["latency_per_mac"] for r in unet if r["batch"] == batch and r["model"] != "teacher")
+        worst = max(r["latency_per_mac"] for r in unet if r["batch"] == batch and r["model"] != TEACHER)
         bar(f"latency per MAC x teacher, worst code, batch {batch}", worst, "<=", 1.1)
-    teacher_8 = next(r for r in unet if r["model"] == "teacher" and r["batch"] == 8)
+    teacher_8 = next(r for r in unet if r["model"] == TEACHER and r["batch"] == 8)
     bar("teacher U-Net GMAC/s at batch 8 / GEMM's", teacher_8["gmacs_per_s"] / figures["gemm_gmacs_per_s"], ">=", 0.6)
     bundle = server.get(WHOLE_BATCHES)
     ratios = round_ratios(figures)

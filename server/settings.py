@@ -40,6 +40,9 @@ class Settings(BaseSettings):
         serving). Step-level batching runs one worker.
     channels_last (`bool`): keep the experts' convolution weights channels-last (NHWC), the layout oneDNN and
         cuDNN run convolutions in (`RoutedPipeline.to_memory_format`).
+    compile_mode (`str`): `"off"`, or the `torch.compile` mode every expert is compiled in (`"default"`,
+        `"reduce-overhead"`: CUDA graphs on CUDA, `"max-autotune"`; `RoutedPipeline.compile_experts`). Off by default:
+        compiling takes minutes per expert on a CPU, paid during warm-up (or by the first requests without it).
     host, port: where uvicorn listens.
     max_batch_size (`int` or `dict[int, int]`): images per batch, for every code or per code.
     max_wait_ms (`float`): how long a code's oldest request waits for its batch to fill.
@@ -100,6 +103,7 @@ class Settings(BaseSettings):
     routing_niceness: int = Field(5, ge=0, le=19)
     routing_threads: int = Field(1, ge=1)
     channels_last: bool = True
+    compile_mode: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     batching: Literal["request", "step"] = "request"
 
     @field_validator("api_keys", mode="before")
@@ -151,16 +155,20 @@ class Settings(BaseSettings):
         return DTYPES[self.dtype]
 
     def load_pipeline(self, load_experts: bool = True) -> RoutedPipeline:
-        """The bundle as these settings serve it: on their device, in their dtype and memory layout. Loaded on a
-        thread that ends with it, so the caller's thread (a Ray replica's long-lived actor thread, say) keeps no
-        OpenMP workers from it (`server.priority.on_passing_thread`)."""
+        """The bundle as these settings serve it: on their device, in their dtype and memory layout, compiled when
+        `compile_mode` says so. Loaded on a thread that ends with it, so the caller's thread (a Ray replica's
+        long-lived actor thread, say) keeps no OpenMP workers from it (`server.priority.on_passing_thread`)."""
         from aptp.pipeline import RoutedPipeline
 
         def load() -> RoutedPipeline:
             pipeline = RoutedPipeline.load(
                 self.bundle, device=self.device, dtype=self.torch_dtype, load_experts=load_experts
             )
-            return pipeline.to_memory_format(torch.channels_last) if self.channels_last else pipeline
+            if self.channels_last:
+                pipeline.to_memory_format(torch.channels_last)
+            if self.compile_mode != "off" and load_experts:
+                pipeline.compile_experts(self.compile_mode)
+            return pipeline
 
         return on_passing_thread(load, "aptp-load")
 

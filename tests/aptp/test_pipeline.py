@@ -232,6 +232,33 @@ def test_cheaper_codes_come_in_the_routers_order(three_codes):
     assert three_codes.cheaper(ranking, macs.index(min(macs))) == []
 
 
+@pytest.mark.slow
+def test_compiled_experts_make_the_eager_images_without_compiling_again_for_new_batch_sizes(tmp_path, teacher_folder):
+    """`Settings.compile_mode`: once the engine's warm-up has run every expert (one guided image, one unguided), the
+    batch sizes a server forms run the compiled graphs without compiling again, and every image agrees with eager
+    execution (so a seed's image still does not depend on its batch)."""
+    import torch._dynamo
+
+    from server.engine import Engine
+    from server.scheduler import SchedulerConfig
+    from training.export import random_bundle
+
+    bundle = random_bundle(teacher_folder, tmp_path / "bundle", num_codes=2, keeps=[1.0, 0.5])
+    eager = RoutedPipeline.load(bundle).to_memory_format(torch.channels_last)
+    compiled = RoutedPipeline.load(bundle).to_memory_format(torch.channels_last).compile_experts()
+    torch._dynamo.reset()
+    Engine(compiled, SchedulerConfig(num_codes=2)).warm_up()
+    prompts = eager.encode(["a red circle", "a blue square in the top left corner", "the letter K"])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for code in range(2):
+            args = {"seeds": [1, 2, 3], "steps": 2, "guidance_scales": [4.0] * 3, "output": "model"}
+            batched = compiled.generate(code, prompts, **args)
+            torch.testing.assert_close(batched, eager.generate(code, prompts, **args), atol=1e-4, rtol=1e-4)
+            pair_args = args | {"seeds": [1, 2], "guidance_scales": [4.0] * 2}
+            pair = compiled.generate(code, prompts.select([0, 1]), **pair_args)
+            torch.testing.assert_close(pair, batched[:2], atol=1e-5, rtol=1e-5)
+
+
 def test_channels_last_experts_make_the_same_images_alone_or_batched(tmp_path, teacher_folder):
     """The serving layout (`Settings.channels_last`) changes how convolutions run, not what they compute: every
     code's images agree with the default layout's to float rounding, and a seed's image does not depend on its

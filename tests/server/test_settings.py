@@ -47,3 +47,22 @@ def test_what_the_operator_sets_is_kept(cpus):
 def test_step_level_batching_with_several_workers_is_refused_naming_the_setting():
     with pytest.raises(pydantic.ValidationError, match="engine_workers"):
         _settings(batching="step", engine_workers=2)
+
+
+def test_a_compile_mode_compiles_every_expert_it_loads_and_an_unknown_one_is_refused(monkeypatch, tmp_path):
+    """Compiling is lazy (the experts compile on their first call, in warm-up), so loading stays fast either way."""
+    import torch._dynamo.eval_frame
+
+    from tests.helpers import save_tiny_teacher
+    from training.export import random_bundle
+
+    bundle = random_bundle(save_tiny_teacher(tmp_path / "teacher"), tmp_path / "bundle", num_codes=2, keeps=[1.0, 0.5])
+    compiled = _settings(bundle=bundle, compile_mode="default").load_pipeline()
+    assert all(isinstance(e, torch._dynamo.eval_frame.OptimizedModule) for e in compiled.experts)
+    assert not any(
+        isinstance(e, torch._dynamo.eval_frame.OptimizedModule)
+        for e in _settings(bundle=bundle).load_pipeline().experts
+    )
+    monkeypatch.setenv("APTP_COMPILE_MODE", "fastest")
+    with pytest.raises(pydantic.ValidationError, match="compile_mode"):
+        Settings(_env_file=None)

@@ -18,6 +18,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -28,7 +29,7 @@ from serving import TEACHER, alternating_medians, call_seconds, guided_inputs, s
 from aptp.formats.kinds import DEFAULT_BUNDLE  # noqa: E402
 from aptp.formats.report import collect_provenance, write_report  # noqa: E402
 from aptp.pipeline import RoutedPipeline  # noqa: E402
-from server.settings import Settings  # noqa: E402
+from server.settings import CompileMode, Settings  # noqa: E402
 
 KINDS = ("eager", "compiled")
 P1 = 1.1  # the serving issue's bar on a code's latency per MAC x the teacher's
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, default=REPO / DEFAULT_BUNDLE)
     parser.add_argument("--teacher", type=Path, default=REPO / "bundles/shapes/teacher")
-    parser.add_argument("--mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
+    modes = [mode for mode in get_args(CompileMode) if mode != "off"]
+    parser.add_argument("--mode", default="default", choices=modes)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=7, help="calls per model, kind and batch size")
     parser.add_argument("--threads", type=int, default=2)

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# "off", or a `torch.compile` mode (`Settings.compile_mode`).
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
+
+
 class Settings(BaseSettings):
     """Parameters:
     bundle (`Path`): a bundle folder (manifest.json), a teacher folder (teacher.json) or a diffusers Stable Diffusion
@@ -103,7 +107,7 @@ class Settings(BaseSettings):
     routing_niceness: int = Field(5, ge=0, le=19)
     routing_threads: int = Field(1, ge=1)
     channels_last: bool = True
-    compile_mode: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    compile_mode: CompileMode = "off"
     batching: Literal["request", "step"] = "request"
 
     @field_validator("api_keys", mode="before")

@@ -123,11 +123,11 @@ def served_models(bundle: RoutedPipeline, teacher: RoutedPipeline) -> list[tuple
     return models + [(f"code {c.code}", bundle.experts[c.code], c.macs) for c in bundle.codes]
 
 
-def unet_latency(bundle: RoutedPipeline, teacher: RoutedPipeline, repeats: int, batches=BATCHES) -> list[dict]:
+def unet_latency(bundle: RoutedPipeline, teacher: RoutedPipeline, repeats: int) -> list[dict]:
     """Median guided-call seconds per model and batch, models alternating within every repetition."""
     models = served_models(bundle, teacher)
     rows = []
-    for batch in batches:
+    for batch in BATCHES:
         medians = alternating_medians({name: unet for name, unet, _ in models}, guided_inputs(bundle, batch), repeats)
         teacher_s = medians[TEACHER]
         for name, _, macs in models:

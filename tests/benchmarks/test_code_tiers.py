@@ -1,0 +1,59 @@
+"""benchmarks/code_tiers.py: every evaluation prompt made by every chosen code of a bundle, scored per tier."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.code_tiers import code_images, main
+from tests.helpers import save_tiny_teacher
+from training.evaluation.evaluate import evaluate_split, evaluation_samples
+from training.evaluation.evaluator import DomainEvaluator, EvaluatorConfig
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from training.export import random_bundle
+
+    root = tmp_path_factory.mktemp("code-tiers")
+    teacher = save_tiny_teacher(root / "teacher")
+    return random_bundle(teacher, root / "bundle", num_codes=2, keeps=[1.0, 0.4], seed=0)
+
+
+@pytest.fixture(scope="module")
+def evaluator(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("evaluator") / "evaluator"
+    DomainEvaluator(EvaluatorConfig(width=8, feature_dim=32)).save(folder)
+    return folder
+
+
+def test_each_code_scores_the_prompts_aptp_eval_routes_to_it_as_aptp_eval_does(tmp_path, bundle, evaluator):
+    from aptp.pipeline import RoutedPipeline
+
+    count = 12
+    args = ["--bundle", str(bundle), "--evaluator", str(evaluator), "--splits", "test", "--num-prompts", str(count)]
+    assert main([*args, "--name", "tiers", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "tiers.json").read_text())
+    assert set(report["splits"]["test"]) == {"0", "1"}
+    assert report["code_macs_ratio"][1] < report["code_macs_ratio"][0]
+    assert "| test | 1 |" in (tmp_path / "tiers.md").read_text()
+
+    # aptp eval's own images, with its router steered to one code: code_images must make them again
+    pipeline = RoutedPipeline.from_pretrained(bundle)
+    samples = evaluation_samples("test", count, 7)
+    for code in (0, 1):
+        pipeline.router.code_offsets.zero_()[code] = 1e3
+        routed = evaluate_split(pipeline, DomainEvaluator.load(evaluator), "test", count, seed=7)
+        assert set(routed["_codes"]) == {code}
+        forced = code_images(pipeline, code, samples, seed=7, batch_size=5)
+        assert (forced.int() - routed["_generated"].int()).abs().max() <= 1  # batches of 5, not 12: a level at most
+
+
+def test_a_code_the_bundle_lacks_is_refused_by_number(tmp_path, bundle, evaluator, capsys):
+    args = ["--bundle", str(bundle), "--evaluator", str(evaluator), "--codes", "0", "5", "--name", "x"]
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--codes [5]" in err and "0 to 1" in err

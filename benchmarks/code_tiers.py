@@ -91,18 +91,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    torch.set_grad_enabled(False)
     code_ratios = [c.macs / pipeline.teacher_macs for c in pipeline.codes]
     report: dict = {"name": args.name, "bundle": args.bundle, "code_macs_ratio": code_ratios, "splits": {}}
     for split in args.splits:
         samples = evaluation_samples(split, args.num_prompts, args.seed)
         tiers = np.array([s.scene.tier for s in samples])
-        report["splits"][split] = {
-            str(code): mean_by_tier(
-                code_alignment(pipeline, evaluator, code, samples, args.seed, args.batch_size), tiers
-            )
-            for code in codes
-        }
+        with torch.inference_mode():
+            report["splits"][split] = {
+                str(code): mean_by_tier(
+                    code_alignment(pipeline, evaluator, code, samples, args.seed, args.batch_size), tiers
+                )
+                for code in codes
+            }
     config = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
     provenance = collect_provenance([args.bundle, args.evaluator], config=config)
     write_report(

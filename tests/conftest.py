@@ -29,6 +29,16 @@ torch.set_num_threads(1)
 
 
 # ------------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def _autograd_left_as_found():
+    """Fails the test that leaves autograd switched off (as a `main()` calling `torch.set_grad_enabled(False)`
+    would), instead of every later test that trains."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("the test left autograd disabled (torch.set_grad_enabled(False) outside a context manager)")
+
+
 @pytest.fixture(scope="session")
 def small_unet() -> UNet2DConditionModel:
     return build_unet(small_unet_config())

@@ -10,6 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def reference_error(reference: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """What rates a training sample's difficulty: the mean squared error `(B,)` of the reference (pruned) network's
+    predictions `(B, C, H, W)` against the teacher's on the same noisy input, in float32."""
+    return (reference.float() - teacher.float()).pow(2).mean(dim=(1, 2, 3))
+
+
 class DifficultyHead(nn.Module):
     """Prompt embedding `(B, embed_dim)` -> predicted difficulty `(B,)`: the log of how far a pruned U-Net's output
     falls from the teacher's on the prompt, against the average prompt at the same noise level (0 is average, +0.69

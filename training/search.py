@@ -29,7 +29,7 @@ from pruning.gates import UNetGates
 from pruning.importance import l1_architecture_for_budget, l1_importance
 from pruning.space import ArchitectureSpace
 from router.assignment import assign
-from router.difficulty import DifficultyTargets, capacity_scores
+from router.difficulty import DifficultyTargets, capacity_scores, reference_error
 from router.gates import normalised_architecture
 from router.losses import code_resource_loss, contrastive_loss, prunable_budget, resource_loss, spread_losses
 from router.model import Router, RouterConfig
@@ -308,8 +308,7 @@ def run_search(config: SearchConfig) -> Path:
                 with torch.no_grad(), processes.autocast():
                     gates.set(reference)
                     out = denoise(unet, batch.select(part).noisy, batch.timesteps[part], encoded.select(part))
-                error = (out.sample.float() - teacher_out.sample.float()).pow(2).mean(dim=(1, 2, 3))
-                reference_errors.append(error)
+                reference_errors.append(reference_error(out.sample, teacher_out.sample))
             gates.set(gate_leaf[part])  # held through backward: gradient checkpointing recomputes the gated forward
             with processes.autocast():
                 losses = student_losses(

@@ -89,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-heldout", type=int, default=400, help="held-out-split prompts (as aptp eval)")
     parser.add_argument("--num-paraphrases", type=int, default=PARAPHRASE_COUNT, help="paraphrase-set prompts")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--argmax",
+        action="store_true",
+        help="route each prompt to its most similar code, without the router's balancing offsets (as a search "
+        "without optimal transport routes; to compare a router that has offsets with one that has none)",
+    )
     parser.add_argument("--out", default="benchmarks/results/routing")
     args = parser.parse_args(argv)
     try:
@@ -102,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelFileError, ValueError) as e:
         print(f"routing.py: error: {e}", file=sys.stderr)
         return 2
+    if args.argmax:
+        router.code_offsets.zero_()
     code_macs, teacher_macs = router.code_macs(), router.space.total_macs(router.resolution)
     counts = {"test": args.num_prompts, "heldout": args.num_heldout, "paraphrases": args.num_paraphrases}
     summaries = route_splits(router, counts, args.seed, code_macs, teacher_macs)
@@ -111,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "source": args.router or args.bundle,
         "seed": args.seed,
         "budget": args.budget,
+        "argmax": args.argmax,
         "code_macs_ratio": code_ratios,
         "splits": summaries,
     }
@@ -121,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_heldout": args.num_heldout,
         "num_paraphrases": args.num_paraphrases,
         "seed": args.seed,
+        "argmax": args.argmax,
     }
     provenance = collect_provenance([args.router or args.bundle], config=config)
     write_report(args.out, args.name, report, table, echo=True, provenance=provenance)

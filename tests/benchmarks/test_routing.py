@@ -71,3 +71,22 @@ def test_a_router_with_a_difficulty_head_has_its_rating_of_each_tier_reported(tm
     assert math.isclose(rating["tier1"], expected[tier1].mean().item(), rel_tol=1e-6)
     assert math.isclose(rating["overall"], expected.mean().item(), rel_tol=1e-6)
     assert "difficulty rating" in (tmp_path / "d.md").read_text()
+
+
+def test_argmax_routes_without_the_routers_balancing_offsets(tmp_path, bundle):
+    from router.model import Router
+
+    router = Router.load(bundle / "router")
+    router.code_offsets.zero_()[1] = 1e3  # offsets that send every prompt to code 1
+    router.save(tmp_path / "router")
+    base = ["--router", str(tmp_path / "router"), "--out", str(tmp_path), *COUNTS]
+    assert main([*base, "--name", "offsets"]) == 0 and main([*base, "--name", "argmax", "--argmax"]) == 0
+    with_offsets = json.loads((tmp_path / "offsets.json").read_text())
+    plain = json.loads((tmp_path / "argmax.json").read_text())
+    assert with_offsets["splits"]["test"]["load"]["1"] == 1.0 and not with_offsets["argmax"]
+    routed = evaluation_samples("test", 40, seed=7)
+    embedding = router.encoder.encode([s.caption for s in routed]).pooled
+    router.code_offsets.zero_()
+    expected = torch.bincount(router.route_embeddings(embedding).codes, minlength=3) / 40
+    assert [plain["splits"]["test"]["load"][str(k)] for k in range(3)] == pytest.approx(expected.tolist())
+    assert plain["argmax"]

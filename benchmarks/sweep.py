@@ -12,8 +12,9 @@ whose output exists is skipped, and the training commands resume from their chec
 few hours at a time. Reports go to `benchmarks/results/sweep/<job>.json` (with provenance); `table` writes
 `sweep.md` (the table, with each method's alignment against the baseline's at the same budget, prompt by prompt, and
 where each model's capacity went: its codes' MACs, routed MACs, smallest code share and tiers 3-4's MACs over tier 1's
-per set, and its share of the teacher's alignment) and `sweep.svg` (alignment and domain FID against MACs, one line
-per method).
+per set, and its share of the teacher's alignment; and what pruning costs each tier, every model's alignment against
+the teacher's per tier, prompt by prompt) and `sweep.svg` (alignment and domain FID against MACs, one line per
+method).
 
 The APTP jobs fit their code offsets on `<runs>/balance-prompts.txt` (written by `run`: training-split scenes captioned
 in both phrasings the sets use), so that the codes split the evaluated prompts, not only the training captions,
@@ -27,6 +28,8 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -45,6 +48,7 @@ METHODS = ("aptp", "aptp-k1", "baseline")
 # baseline's all in one (configs/shapes/finetune.yaml and baseline.yaml: 1800 + 4 x 150 = 2400).
 TOTAL_STEPS = 2400
 SETS = ("test", "heldout", "paraphrases")
+TIERS = (1, 2, 3, 4)
 # The codes split prompts like those the sweep evaluates evenly: training-split scenes captioned both ways the
 # sets are phrased (the template test and held-out sets, and rich captions); offsets fitted on rich captions alone
 # sent 40% of the template prompts to the cheapest code and left their routed average 10% under the budget.
@@ -197,10 +201,13 @@ def table(args: argparse.Namespace) -> int:
         )
         figures.append(row)
     capacity, capacity_figures = capacity_table(reports)
+    tier_cost, tier_cost_figures = tier_cost_table(reports)
     for row in figures:
         row |= capacity_figures.get((row["method"], row["budget"]), {})
+        row |= tier_cost_figures.get((row["method"], row["budget"]), {})
     (RESULTS / "sweep.svg").write_text(plot(figures))
-    text = "\n".join(lines) + "\n\n" + "\n".join(capacity) + "\n\n![alignment and domain FID against MACs](sweep.svg)\n"
+    tables = [lines, capacity, tier_cost] if tier_cost else [lines, capacity]
+    text = "\n\n".join("\n".join(t) for t in tables) + "\n\n![alignment and domain FID against MACs](sweep.svg)\n"
     provenance = collect_provenance(config={"reports": sorted(job for job in map(str, reports))})
     write_report(RESULTS, "sweep", figures, text, echo=True, provenance=provenance)
     return 0
@@ -252,6 +259,55 @@ def capacity_table(reports: dict) -> tuple[list[str], dict[tuple[str, float], di
             f"| {_cells(row['of_teacher_alignment'], '.3f')} |"
         )
     return lines, figures
+
+
+def tier_cost_table(reports: dict) -> tuple[list[str], dict[tuple[str, float], dict]]:
+    """What pruning costs each tier: every pruned model's alignment minus the teacher's on the same prompts and
+    seeds, per tier and set, with its 95% bootstrap interval over prompts. It says where capacity matters: a tier
+    that loses alignment as the budget falls needs costly codes, one that keeps it can be served cheaply. Empty when
+    the teacher's report is missing or was scored on other prompts. Returns the markdown lines and the figures (per
+    set, per tier: mean, low, high) by (method, budget)."""
+    from training.evaluation.evaluate import evaluation_samples
+    from training.evaluation.metrics import paired_difference
+
+    teacher = reports.get(("teacher", 1.0))
+    if teacher is None or teacher.seed is None:
+        return [], {}
+    tiers = {}
+    for name in SETS:
+        split = teacher.split(name)
+        if split is not None and split.alignment_per_prompt is not None:
+            tiers[name] = np.array([s.scene.tier for s in evaluation_samples(name, split.prompts, teacher.seed)])
+    lines = [
+        "Alignment minus the teacher's per tier, prompt by prompt (mean [95% interval]):",
+        "",
+        "| method | budget | set | tier 1 | tier 2 | tier 3 | tier 4 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    figures = {}
+    for (method, budget), report in _by_budget(reports):
+        if method == "teacher" or report.seed != teacher.seed:
+            continue
+        row = {}
+        for name, by_prompt in tiers.items():
+            ours, theirs = report.split(name), teacher.split(name)
+            if ours is None or ours.alignment_per_prompt is None or len(ours.alignment_per_prompt) != len(by_prompt):
+                continue
+            values, reference = np.asarray(ours.alignment_per_prompt), np.asarray(theirs.alignment_per_prompt)
+            cells = {
+                f"tier{t}": paired_difference(values[by_prompt == t], reference[by_prompt == t])
+                for t in TIERS
+                if (by_prompt == t).any()
+            }
+            row[name] = cells
+            text = " | ".join(
+                f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" if (c := cells.get(f"tier{t}")) else "-"
+                for t in TIERS
+            )
+            lines.append(f"| {method} | {budget} | {name} | {text} |")
+        if row:
+            figures[(method, budget)] = {"minus_teacher_by_tier": row}
+    return (lines if figures else []), figures
 
 
 def _by_budget(reports: dict) -> list:

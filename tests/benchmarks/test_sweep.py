@@ -133,3 +133,28 @@ def test_the_table_shows_where_each_models_capacity_went(tmp_path, monkeypatch):
     assert "| baseline | 0.6 | 0.600-0.600 (1.00x) | 0.600 / 0.600 / 0.600 | - | - | 0.967 / 0.963 / 0.957 |" in text
     figures = {(r["method"], r["budget"]): r for r in json.loads((tmp_path / "sweep.json").read_text())}
     assert figures[("aptp", 0.6)]["tiers_3_4_over_tier_1"] == pytest.approx([1.875] * 3)
+
+
+def test_the_table_says_what_pruning_costs_each_tier_against_the_teacher(tmp_path, monkeypatch):
+    """A pruned model that loses half its alignment on tier-3 prompts alone: the table puts the loss on tier 3."""
+    import benchmarks.sweep as sweep
+    from training.evaluation.evaluate import evaluation_samples
+
+    monkeypatch.setattr(sweep, "RESULTS", tmp_path)
+    count = 40
+    whole = {"overall": 1.0, "tier1": 1.0, "tier2": 1.0, "tier3": 1.0, "tier4": 1.0}
+    for name, tier3_alignment in (("teacher", 1.0), ("baseline-0.6", 0.5)):
+        results = []
+        for split in SETS:
+            tiers = [s.scene.tier for s in evaluation_samples(split, count, seed=7)]
+            per_prompt = [tier3_alignment if t == 3 else 1.0 for t in tiers]
+            result = _split(split, sum(per_prompt) / count, {"0": 1.0}, whole, [1.0])
+            results.append(result | {"prompts": count, "alignment_per_prompt": per_prompt})
+        (tmp_path / f"{name}.json").write_text(json.dumps({"name": name, "seed": 7, "results": results}))
+    assert sweep.main(["table"]) == 0
+    text = (tmp_path / "sweep.md").read_text()
+    flat = "+0.000 [+0.000, +0.000]"
+    assert f"| baseline | 0.6 | paraphrases | {flat} | {flat} | -0.500 [-0.500, -0.500] | {flat} |" in text
+    figures = {(r["method"], r["budget"]): r for r in json.loads((tmp_path / "sweep.json").read_text())}
+    by_tier = figures[("baseline", 0.6)]["minus_teacher_by_tier"]
+    assert set(by_tier) == set(SETS) and by_tier["test"]["tier3"]["mean"] == pytest.approx(-0.5)

@@ -91,7 +91,6 @@ def measure(teacher_folder: str, budget: float, per_tier: int, batch: int, seed:
         noisy = NoisyBatch.make(scheduler, x0, generator, gamma=5.0)
         encoded = teacher.conditioner.encode([s.caption for s in samples])
         with torch.no_grad():
-            gates.set(None)
             predictions = []
             for architecture in (None, reference):  # the teacher, then the pruned network
                 gates.set(architecture)

@@ -162,7 +162,7 @@ def _reports():
 
 def table(args: argparse.Namespace) -> int:
     from aptp.formats.report import collect_provenance, write_report
-    from training.evaluation.metrics import paired_difference
+    from training.evaluation.metrics import format_paired, paired_difference
 
     reports = _reports()
     if not reports:
@@ -192,7 +192,7 @@ def table(args: argparse.Namespace) -> int:
                 continue
             d = paired_difference(ours.alignment_per_prompt, theirs.alignment_per_prompt)
             row[f"minus_baseline_{s}"] = d
-            paired.append(f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+            paired.append(format_paired(d))
         tier3 = splits["paraphrases"].alignment.get("tier3") if splits["paraphrases"] is not None else None
         cells = [f"{row[s]:.3f}" if row[s] is not None else "-" for s in SETS]
         lines.append(
@@ -268,7 +268,7 @@ def tier_cost_table(reports: dict) -> tuple[list[str], dict[tuple[str, float], d
     the teacher's report is missing or was scored on other prompts. Returns the markdown lines and the figures (per
     set, per tier: mean, low, high) by (method, budget)."""
     from training.evaluation.evaluate import evaluation_samples
-    from training.evaluation.metrics import paired_difference
+    from training.evaluation.metrics import format_paired, paired_difference
 
     teacher = reports.get(("teacher", 1.0))
     if teacher is None or teacher.seed is None:
@@ -300,10 +300,7 @@ def tier_cost_table(reports: dict) -> tuple[list[str], dict[tuple[str, float], d
                 if (by_prompt == t).any()
             }
             row[name] = cells
-            text = " | ".join(
-                f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" if (c := cells.get(f"tier{t}")) else "-"
-                for t in TIERS
-            )
+            text = " | ".join(format_paired(cells[f"tier{t}"]) if f"tier{t}" in cells else "-" for t in TIERS)
             lines.append(f"| {method} | {budget} | {name} | {text} |")
         if row:
             figures[(method, budget)] = {"minus_teacher_by_tier": row}

@@ -78,3 +78,8 @@ def paired_difference(
     picks = np.random.default_rng(seed).integers(0, len(diff), size=(resamples, len(diff)))
     low, high = np.quantile(diff[picks].mean(axis=1), [0.025, 0.975])
     return {"mean": float(diff.mean()), "low": float(low), "high": float(high)}
+
+
+def format_paired(difference: dict[str, float]) -> str:
+    """A `paired_difference` as one table cell: `+0.004 [-0.002, +0.010]`."""
+    return f"{difference['mean']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]"

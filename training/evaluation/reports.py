@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from aptp.formats.files import validation_problems
 from aptp.formats.report import Provenance, write_report
 
-from .metrics import mean_by_tier, paired_difference
+from .metrics import format_paired, mean_by_tier, paired_difference
 
 
 class RoutingSummary(BaseModel):
@@ -162,8 +162,7 @@ def _paired_cell(result: SplitResult | None, reference: SplitResult | None, same
     values, base = result.alignment_per_prompt, reference.alignment_per_prompt
     if not same_seed or values is None or base is None or len(values) != len(base):
         return "-"
-    d = paired_difference(values, base)
-    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+    return format_paired(paired_difference(values, base))
 
 
 def difference_table(reports: Sequence[EvalReport], reference: str) -> str:

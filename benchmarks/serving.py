@@ -21,8 +21,8 @@ Parts, each printed and written to OUT.json / OUT.md with provenance:
 - **server**: `aptp serve` at saturation (closed loop: `--clients` clients, each sending its next request when the
   last is answered) on a mixed prompt stream, for the bundle with whole-batch batching (`--workers` engine workers
   on `--threads` / `--workers` threads each; also with one worker on every thread, under PASSIVE OpenMP waits, and
-  with 2 routing threads instead of 1) and with step-level batching (one worker), the bundle with batches of one, and
-  the teacher. Every server runs at once;
+  with 2 routing threads instead of 1) and with step-level batching (the same workers, each stepping one code at a
+  time), the bundle with batches of one, and the teacher. Every server runs at once;
   `--rounds` rounds each run the offline part and then every server in turn, and ratios are taken within a round
   (on a shared host the machine's speed drifts by tens of percent over minutes). Throughput (images/s), latency
   p50/p95, the routed MACs, where a request's time went (the server's report: routing, queueing, computing; the rest
@@ -679,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             # GOMP_SPINCOUNT would override PASSIVE's spin count of 0, and this process's environment has one.
             (PASSIVE_WAITS, args.bundle, {**batch, "APTP_BATCHING": "request", **PASSIVE_POLICY}),
             (TWO_ROUTING_THREADS, args.bundle, {**batch, "APTP_BATCHING": "request", "APTP_ROUTING_THREADS": "2"}),
-            (STEP_LEVEL, args.bundle, {**batch, "APTP_BATCHING": "step", **one_worker}),  # one worker steps
+            (STEP_LEVEL, args.bundle, {**batch, "APTP_BATCHING": "step"}),
             (BATCH_ONE, args.bundle, {"APTP_MAX_BATCH_SIZE": "1", "APTP_BATCHING": "request"}),
             (TEACHER, args.teacher, {**batch, "APTP_BATCHING": "request"}),
         ]

@@ -159,8 +159,9 @@ class Engine:
             steps) instead of whole batches run from first step to last.
         niceness (`int`): how much lower the workers' CPU priority is than the event loop's (`server.priority`).
         threads (`int`, *optional*): torch intra-op threads of each worker (and of warm-up); None: torch's default.
-        workers (`int`): worker threads, each running one whole batch at a time beside the others' (any codes; the
-            scheduler hands out at most this many batches at once). Step-level batching runs one worker.
+        workers (`int`): worker threads side by side, each running one whole batch at a time (any codes; the
+            scheduler hands out at most this many batches at once) or, with step-level batching, one step of one
+            code's running rows at a time (no two workers step the same code).
     """
 
     def __init__(
@@ -176,8 +177,8 @@ class Engine:
     ):
         if scheduler_config.num_codes != pipeline.num_codes:
             raise ValueError(f"scheduler has {scheduler_config.num_codes} codes, the bundle {pipeline.num_codes}")
-        if workers < 1 or (step_level and workers > 1):
-            raise ValueError(f"workers must be 1 with step-level batching and at least 1 otherwise (got {workers})")
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1 (got {workers})")
         self.pipeline = pipeline
         if step_level:  # every running request is a batch of its own; a code's rows hold at most its batch size
             codes = range(scheduler_config.num_codes)
@@ -190,7 +191,9 @@ class Engine:
         self.clock = clock
         self.step_level = step_level
         self.niceness, self.threads, self.workers = niceness, threads, workers
-        self._rows: dict[int, list[_RunningRequest]] = {}  # step-level batching: each code's running requests
+        # Step-level batching: each code's running requests, and the codes a worker is stepping now.
+        self._rows: dict[int, list[_RunningRequest]] = {code: [] for code in range(pipeline.num_codes)}
+        self._claimed: set[int] = set()
         self._futures: dict[str, Future] = {}
         self._futures_lock = threading.Lock()
         # Guards "schedule, else sleep" against "add, then notify": no wake-up is lost between the two.
@@ -367,39 +370,59 @@ class Engine:
         return now
 
     def _step_loop(self) -> None:
-        """Step-level batching: before every denoising step, queued requests join their code's running rows (up to
-        its batch size); one code takes one step, all its rows in one U-Net call; rows whose steps are done leave
-        and are answered at once. The code stepped is the one holding the oldest running request (first come,
-        first served, step by step: no code starves, since its rows finish in a bounded number of steps)."""
+        """Step-level batching. A worker claims one code at a time, the unclaimed code holding the oldest request
+        (running or queued: first come, first served, step by step, so no code starves); that code's queued requests
+        join its running rows (up to its batch size), it takes one denoising step, all its rows in one U-Net call,
+        and rows whose steps are done leave and are answered at once; then the claim is let go. Several workers step
+        different codes side by side, and a code's rows are only ever touched by the worker holding its claim."""
         while True:
             now = self._expire()
             with self._wakeup:
                 if self._stop:
                     return
-                joined = [batch for code in range(self.pipeline.num_codes) for batch in self._join(code, now)]
-                if not joined and not any(self._rows.values()):
-                    self._wakeup.wait(timeout=self.scheduler.next_deadline(now))
+                code = self._oldest_unclaimed_code()
+                if code is None:  # work of claimed codes only, or none: a claim let go or an `add` wakes us
+                    self._wakeup.wait(timeout=self.scheduler.next_expiry(now))
                     continue
-            for batch in joined:  # outside the lock: `submit` never waits for noise to be drawn
-                try:
-                    self._start(batch, now)
-                except Exception as error:  # noqa: BLE001 - a request that cannot start fails alone
-                    logger.exception("starting request %s failed", batch.requests[0].request_id)
-                    finished = self.scheduler.finish(batch.batch_id, self.clock(), error=error)
-                    for request in finished.failed:
-                        self._fail(
-                            request.request_id, BatchFailed(f"generation failed: {type(error).__name__}: {error}")
-                        )
-                    self._drop(finished)
-            if not any(self._rows.values()):
+                self._claimed.add(code)
+                joined = self._join(code, now)
+            try:
+                for batch in joined:  # outside the lock: `submit` never waits for noise to be drawn
+                    self._start_or_fail(batch, now)
+                if self._rows[code]:
+                    self._step(code)
+            finally:
+                with self._wakeup:
+                    self._claimed.discard(code)
+                    self._wakeup.notify_all()
+
+    def _oldest_unclaimed_code(self) -> int | None:
+        """The code no worker holds whose oldest request, running or queued, arrived first (None: no such work)."""
+        oldest: dict[int, float] = {}
+        for code, rows in self._rows.items():
+            if code in self._claimed:
                 continue
-            running = [code for code, rows in self._rows.items() if rows]
-            self._step(min(running, key=lambda code: min(row.request.arrival for row in self._rows[code])))
+            arrivals = [row.request.arrival for row in rows]
+            queued = self.scheduler.queued_since(code)
+            if queued is not None:
+                arrivals.append(queued)
+            if arrivals:
+                oldest[code] = min(arrivals)
+        return min(oldest, key=oldest.__getitem__, default=None)
+
+    def _start_or_fail(self, batch: ScheduledBatch, now: float) -> None:
+        try:
+            self._start(batch, now)
+        except Exception as error:  # noqa: BLE001 - a request that cannot start fails alone
+            logger.exception("starting request %s failed", batch.requests[0].request_id)
+            finished = self.scheduler.finish(batch.batch_id, self.clock(), error=error)
+            for request in finished.failed:
+                self._fail(request.request_id, BatchFailed(f"generation failed: {type(error).__name__}: {error}"))
+            self._drop(finished)
 
     def _join(self, code: int, now: float) -> list[ScheduledBatch]:
         """The queued requests of `code` that join its running rows now (`Scheduler.join`)."""
-        rows = self._rows.setdefault(code, [])
-        room = self.scheduler.config.batch_size(code) - sum(row.request.num_images for row in rows)
+        room = self.scheduler.config.batch_size(code) - sum(row.request.num_images for row in self._rows[code])
         return self.scheduler.join(code, room, now)
 
     def _start(self, batch: ScheduledBatch, now: float) -> None:

@@ -469,6 +469,18 @@ class Scheduler:
             wait = soonest - now
             return 0.0 if wait <= _EPSILON else wait
 
+    def next_expiry(self, now: float) -> float | None:
+        """Seconds from `now` until a queued request's deadline passes (0.0 if one has; None when none has a
+        deadline): how long a worker with nothing it may run can sleep before `expire` has work."""
+        with self._lock:
+            soonest = min(self._queued_deadlines(), default=None)
+        return None if soonest is None else max(0.0, soonest - now)
+
+    def queued_since(self, code: int) -> float | None:
+        """The arrival of the oldest request queued for `code` (None: its queue is empty)."""
+        with self._lock:
+            return self._head(code).arrival if self._queues[code] else None
+
     def _queued_deadlines(self) -> Iterator[float]:
         for queue in self._queues:
             for request in queue.values():

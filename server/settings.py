@@ -38,10 +38,10 @@ class Settings(BaseSettings):
     dtype (`str`): float32, float16 or bfloat16 for the experts (and a pipeline's VAE and text encoder).
     threads (`int`, *optional*): torch intra-op threads of each engine worker (default: with one worker, torch's
         choice; with more, the CPUs this process may use shared out between them: `worker_threads`).
-    engine_workers (`int`, *optional*): engine threads, each running one whole batch at a time beside the others
-        (`server.engine`). Default (`workers`): 2 on a CPU device with at least 2 CPUs and whole batches, else 1.
-        On 2 CPUs two workers of one thread each served 1.08-1.33x the images of one worker on both (README,
-        serving). Step-level batching runs one worker.
+    engine_workers (`int`, *optional*): engine threads side by side, each running one whole batch at a time or,
+        with step-level batching, one denoising step of one code (`server.engine`). Default (`workers`): 2 on a CPU
+        device with at least 2 CPUs, else 1. On 2 CPUs two workers of one thread each served 1.08-1.33x the images
+        of one worker on both (README, serving).
     channels_last (`bool`): keep the experts' convolution weights channels-last (NHWC), the layout oneDNN and
         cuDNN run convolutions in (`RoutedPipeline.to_memory_format`).
     compile_mode (`str`): `"off"`, or the `torch.compile` mode every expert is compiled in (`"default"`,
@@ -132,19 +132,13 @@ class Settings(BaseSettings):
             raise ValueError(f"default_steps ({self.default_steps}) exceeds max_steps ({self.max_steps})")
         return self
 
-    @model_validator(mode="after")
-    def _one_worker_for_step_batching(self) -> Settings:
-        if self.batching == "step" and (self.engine_workers or 1) > 1:
-            raise ValueError(f"engine_workers ({self.engine_workers}) must be 1 with batching 'step'")
-        return self
-
     @property
     def workers(self) -> int:
         """Engine workers: `engine_workers`, or the default it describes."""
         if self.engine_workers is not None:
             return self.engine_workers
         on_cpu = torch.device(self.device).type == "cpu"
-        return 2 if on_cpu and self.batching == "request" and available_cpus() >= 2 else 1
+        return 2 if on_cpu and available_cpus() >= 2 else 1
 
     @property
     def worker_threads(self) -> int | None:

@@ -251,6 +251,48 @@ def test_one_worker_runs_one_batch_at_a_time(pipeline, monkeypatch):
     assert most == [1]
 
 
-def test_step_level_batching_runs_one_worker(pipeline):
-    with pytest.raises(ValueError, match="workers"):
-        Engine(pipeline, SchedulerConfig(num_codes=pipeline.num_codes), step_level=True, workers=2)
+def test_two_step_level_workers_step_two_codes_at_once_and_never_one_code_twice(pipeline, monkeypatch):
+    """Step-level batching on two workers: while one worker steps a code, the other steps another code (never the
+    same one: a code's rows are one U-Net call), and every request still gets the images it gets alone."""
+    import server.engine as engine_module
+
+    real_advance, lock = engine_module.advance, threading.Lock()
+    stepping: list[int] = []  # the experts being stepped now, by id
+    overlaps: list[list[int]] = []
+    second_beside_first = threading.Event()
+
+    def overlapping_advance(unet, trajectories):
+        with lock:
+            stepping.append(id(unet))
+            overlaps.append(sorted(stepping))
+            if len(stepping) == 2:
+                second_beside_first.set()
+        try:
+            if len(overlaps) == 1:
+                second_beside_first.wait(timeout=30)  # the first step waits for a second worker to step beside it
+            real_advance(unet, trajectories)
+        finally:
+            with lock:
+                stepping.remove(id(unet))
+
+    jobs = [
+        GenerationJob(prompt=pipeline.encode([f"prompt {i}"]), seeds=[i], steps=3, guidance_scale=2.0) for i in range(6)
+    ]
+    codes = [i % 2 for i in range(6)]
+    alone = [_alone(pipeline, code, job) for code, job in zip(codes, jobs, strict=True)]
+    monkeypatch.setattr(engine_module, "advance", overlapping_advance)
+    config = SchedulerConfig(num_codes=pipeline.num_codes, max_batch_size=2, max_wait_ms=0)
+    engine = Engine(pipeline, config, step_level=True, workers=2)
+    engine.start()
+    try:
+        futures = [engine.submit(f"r{i}", code, job) for i, (code, job) in enumerate(zip(codes, jobs, strict=True))]
+        results = [future.result(timeout=60) for future in futures]
+    finally:
+        assert engine.shutdown(drain_timeout=10)
+    assert any(len(now) == 2 for now in overlaps)  # two codes stepped at once
+    assert all(len(set(now)) == len(now) for now in overlaps)  # never one code by two workers
+    assert [result.code for result in results] == codes
+    for result, image in zip(results, alone, strict=True):
+        assert result.batch_images <= 2
+        difference = (result.images.int() - image.int()).abs().max().item()
+        assert difference <= 1, difference  # float rounding of other batch shapes and threads: one intensity level

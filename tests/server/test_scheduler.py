@@ -323,6 +323,25 @@ def test_running_requests_do_not_expire_and_deadlines_wake_the_worker():
     assert scheduler.finish(batch.batch_id, 4.0).completed == batch.requests
 
 
+def test_next_expiry_counts_only_queued_deadlines_not_readiness():
+    """A step-level worker whose codes are all claimed sleeps until a deadline, not until a batch would be ready."""
+    scheduler = make(max_wait_ms=0.0)
+    assert scheduler.next_expiry(0.0) is None
+    scheduler.add(req("ready"), 0.0)
+    assert scheduler.next_deadline(0.0) == 0.0 and scheduler.next_expiry(0.0) is None
+    scheduler.add(req("timed", deadline=2.5), 0.0)
+    assert scheduler.next_expiry(1.0) == pytest.approx(1.5)
+    assert scheduler.next_expiry(3.0) == 0.0
+
+
+def test_queued_since_is_the_arrival_of_a_codes_oldest_queued_request():
+    scheduler = make(num_codes=2)
+    add_all(scheduler, [req("a", code=1, at=0.5), req("b", code=1, at=0.7)], now=0.7)
+    assert (scheduler.queued_since(0), scheduler.queued_since(1)) == (None, 0.5)
+    scheduler.abort("a")
+    assert scheduler.queued_since(1) == 0.7
+
+
 # ---------------------------------------------------------------------------------------- running-batch limit
 def test_max_running_batches_is_respected_until_a_batch_finishes():
     scheduler = make(max_batch_size=1, max_wait_ms=0.0, max_running_batches=2)

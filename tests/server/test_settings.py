@@ -27,14 +27,14 @@ def test_on_a_cpu_two_workers_share_the_cpus_out(cpus):
     assert (settings.workers, settings.worker_threads) == (2, 2)
     cpus(3)
     assert (settings.workers, settings.worker_threads) == (2, 1)
+    assert (_settings(batching="step").workers, _settings(batching="step").worker_threads) == (2, 1)
 
 
-def test_one_cpu_one_gpu_or_step_level_batching_run_one_worker_on_torchs_threads(cpus):
+def test_one_cpu_or_one_gpu_run_one_worker_on_torchs_threads(cpus):
     cpus(1)
     assert (_settings().workers, _settings().worker_threads) == (1, None)
     cpus(8)
     assert (_settings(device="cuda").workers, _settings(device="cuda").worker_threads) == (1, None)
-    assert _settings(batching="step").workers == 1
 
 
 def test_what_the_operator_sets_is_kept(cpus):
@@ -42,11 +42,6 @@ def test_what_the_operator_sets_is_kept(cpus):
     settings = _settings(engine_workers=3, threads=2)
     assert (settings.workers, settings.worker_threads) == (3, 2)
     assert _settings(engine_workers=1).worker_threads is None
-
-
-def test_step_level_batching_with_several_workers_is_refused_naming_the_setting():
-    with pytest.raises(pydantic.ValidationError, match="engine_workers"):
-        _settings(batching="step", engine_workers=2)
 
 
 def test_a_compile_mode_compiles_every_expert_it_loads_and_an_unknown_one_is_refused(monkeypatch, tmp_path):

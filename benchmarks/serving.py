@@ -82,6 +82,16 @@ ONE_WORKER = "bundle, whole batches, one engine worker"
 PASSIVE_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
 REFUSE, DEGRADE = "refuse when full (default)", "degrade when full"
 TEACHER = "teacher"
+# `--servers`: a short name for each server configuration.
+SERVER_CHOICES = {
+    WHOLE_BATCHES: "whole",
+    ONE_WORKER: "one-worker",
+    PASSIVE_WAITS: "passive",
+    TWO_ROUTING_THREADS: "routing-2",
+    STEP_LEVEL: "step",
+    BATCH_ONE: "batch-1",
+    TEACHER: "teacher",
+}
 
 
 # ------------------------------------------------------------------------------------------------ U-Net latency
@@ -636,6 +646,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overload-seconds", type=float, default=30.0)
     parser.add_argument("--overload-queue", type=int, default=8, help="APTP_MAX_QUEUE_SIZE under overload")
     parser.add_argument("--skip-server", action="store_true", help="the offline parts only")
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        choices=list(SERVER_CHOICES.values()),
+        help="only these server configurations (default: every one); the targets and the overload need `whole`",
+    )
+    parser.add_argument("--skip-overload", action="store_true", help="no overload part")
     parser.add_argument("--out", default="benchmarks/results/serving/serving")
     args = parser.parse_args(argv)
     args.prompts = shapes_captions(64)
@@ -683,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
             (BATCH_ONE, args.bundle, {"APTP_MAX_BATCH_SIZE": "1", "APTP_BATCHING": "request"}),
             (TEACHER, args.teacher, {**batch, "APTP_BATCHING": "request"}),
         ]
+        if args.servers:
+            configs = [config for config in configs if SERVER_CHOICES[config[0]] in args.servers]
         print(f"server and offline, {args.rounds} alternating rounds ...", flush=True)
 
         async def saturate(url: str) -> dict:
@@ -692,9 +711,11 @@ def main(argv: list[str] | None = None) -> int:
         figures["server"] = [median_round(name, settings, rounds[name]) for name, _, settings in configs]
         figures["rounds"] = [{name: rounds[name][i] for name, _, _ in configs} for i in range(args.rounds)]
         del bundle, teacher  # the overload's servers are processes of their own
-        rate = args.overload * figures["server"][0]["images_per_s"]
+    whole = next((r for r in figures["server"] if r["config"] == WHOLE_BATCHES), None)
+    if whole is not None and not args.skip_overload:
+        rate = args.overload * whole["images_per_s"]
         print(f"overload at {rate:.1f} requests/s ...", flush=True)
-        places = {**batch, "APTP_MAX_QUEUE_SIZE": str(args.overload_queue)}
+        places = {"APTP_MAX_BATCH_SIZE": str(args.batch), "APTP_MAX_QUEUE_SIZE": str(args.overload_queue)}
         policies = [
             (REFUSE, args.bundle, {**places, "APTP_DEGRADE_WHEN_FULL": "false"}),
             (DEGRADE, args.bundle, {**places, "APTP_DEGRADE_WHEN_FULL": "true"}),

@@ -32,6 +32,9 @@ Parts, each printed and written to OUT.json / OUT.md with provenance:
 - **overload**: the bundle offered `--overload` times its saturation rate (open loop, `--overload-seconds`), one
   server refusing with 429 when full (the default) and one degrading to cheaper codes (`APTP_DEGRADE_WHEN_FULL`),
   alternating in rounds as above: what is served and how fast, what is refused and how fast.
+- **light load**: whole batches and step-level batching (both on the same workers) offered `--light` times the
+  whole-batch server's saturation rate (open loop, `--light-seconds`), alternating in rounds: the latency a request
+  sees when the server is not full, where step-level batching lets it start at once instead of waiting for a batch.
 - **targets**: the serving issue's bars beside what the run measured.
 """
 
@@ -81,6 +84,7 @@ TWO_ROUTING_THREADS = "bundle, whole batches, 2 routing threads"
 ONE_WORKER = "bundle, whole batches, one engine worker"
 PASSIVE_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
 REFUSE, DEGRADE = "refuse when full (default)", "degrade when full"
+LIGHT_POLICIES = {"whole batches (default)": "request", "step-level": "step"}
 TEACHER = "teacher"
 # `--servers`: a short name for each server configuration.
 SERVER_CHOICES = {
@@ -398,6 +402,7 @@ async def open_loop(url: str, prompts: list[str], rate: float, seconds: float, s
         "refusal_p95_s": percentile(refused, 95),
         "degraded_share": statistics.mean(r["degraded"] for r in reports) if reports else None,
         "mean_macs_ratio": _mean_macs_ratio(reports) if reports else None,
+        "mean_batch_images": statistics.mean(r["batch_images"] for r in reports) if reports else None,
     }
 
 
@@ -621,6 +626,22 @@ def table(figures: dict) -> str:
                 + f" | {_cell(r['latency_p50_s'])} | {_cell(r['latency_p95_s'])} | {_cell(r['refusal_p95_s'], 3)} "
                 f"| {_cell(r['degraded_share'])} | {_cell(r['mean_macs_ratio'], 3)} |"
             )
+    if figures.get("light"):
+        first = figures["light"][0]
+        lines += [
+            "",
+            f"### Light load: {first['offered_per_s']:.1f} requests/s for {first['seconds']:.0f} s (open loop, "
+            f"{first['offered']} requests), {figures['batch']}-image batches; each policy's round of median p50",
+            "",
+            "| batching | served | served images/s | p50 s | every round's p50 s | p95 s | images per U-Net call |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in figures["light"]:
+            lines.append(
+                f"| {r['config']} | {r['served']} | {r['served_images_per_s']:.2f} | {_cell(r['latency_p50_s'])} | "
+                + ", ".join(f"{v:.2f}" for v in r["rounds_latency_p50_s"])
+                + f" | {_cell(r['latency_p95_s'])} | {_cell(r['mean_batch_images'], 1)} |"
+            )
     lines += ["", "### Targets", "", "| target | measured | bar | met |", "|---|---|---|---|"]
     for row in figures["targets"]:
         met = {True: "yes", False: "no", None: "-"}[row["met"]]
@@ -653,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
         help="only these server configurations (default: every one); the targets and the overload need `whole`",
     )
     parser.add_argument("--skip-overload", action="store_true", help="no overload part")
+    parser.add_argument("--light", type=float, default=0.5, help="light load's rate over the saturation rate (0: none)")
+    parser.add_argument("--light-seconds", type=float, default=30.0)
     parser.add_argument("--out", default="benchmarks/results/serving/serving")
     args = parser.parse_args(argv)
     args.prompts = shapes_captions(64)
@@ -684,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
             "gated_teacher": offline_gated_teacher(bundle, teacher, texts, args.steps, args.batch, *layout),
         }
 
-    figures["server"], figures["overload"], figures["rounds"] = [], [], []
+    figures["server"], figures["overload"], figures["light"], figures["rounds"] = [], [], [], []
     if args.skip_server:
         figures["offline_rounds"] = [offline_run()]
     else:
@@ -727,6 +750,21 @@ def main(argv: list[str] | None = None) -> int:
         rounds, _ = alternating(policies, args, overload)
         figures["overload"] = [
             median_round(name, settings, rounds[name], "served_images_per_s") for name, _, settings in policies
+        ]
+    if whole is not None and args.light > 0:
+        rate = args.light * whole["images_per_s"]
+        print(f"light load at {rate:.1f} requests/s ...", flush=True)
+        policies = [
+            (name, args.bundle, {"APTP_MAX_BATCH_SIZE": str(args.batch), "APTP_BATCHING": batching})
+            for name, batching in LIGHT_POLICIES.items()
+        ]
+
+        async def light(url: str) -> dict:
+            return await open_loop(url, args.prompts, rate, args.light_seconds, args.steps)
+
+        rounds, _ = alternating(policies, args, light)
+        figures["light"] = [
+            median_round(name, settings, rounds[name], "latency_p50_s") for name, _, settings in policies
         ]
     figures["targets"] = targets(figures)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "prompts"}

@@ -179,6 +179,26 @@ def width_floor(unet: torch.nn.Module, space: ArchitectureSpace, min_width: floa
     return held
 
 
+def check_targets_above_floor(config: SearchConfig, space: ArchitectureSpace, held_open: list[int], resolution: int):
+    """Refuse a target no code can reach: with widths searched only, the gates `min_width` holds open (`held_open`)
+    cost a share of the teacher's MACs that every code pays, and a code held to less sits at the floor, pulling the
+    average over the budget (`router.losses.prunable_budget` checks the unprunable part alone)."""
+    if not held_open or config.prune_depth:  # no floor, or blocks that may drop with the gates held in them
+        return
+    floor = torch.zeros(space.dim)
+    floor[held_open] = 1
+    floor[space.width_dim :] = 1
+    cheapest = space.macs(floor, resolution) / space.total_macs(resolution)
+    option, targets = ("code_budgets", config.code_budgets) if config.code_budgets else ("budget", [config.budget])
+    below = [target for target in targets if target < cheapest]
+    if below:
+        raise ValueError(
+            f"{option}: {below} below {cheapest:.3f} of the teacher's MACs, the cheapest network that "
+            f"min_width={config.min_width} leaves (each layer keeps its strongest gates): lower min_width or raise "
+            "the targets"
+        )
+
+
 def balance_prompts(config: SearchConfig, data: TrainingData) -> tuple[list[str], str]:
     """The prompts the code offsets are fitted on, and where they come from: `config.balance_prompts` of
     `balance_prompts_file`, else of the training data. Read before training, so a bad file fails the run at once."""
@@ -225,13 +245,15 @@ def run_search(config: SearchConfig) -> Path:
     space = ArchitectureSpace.from_unet(unet, text_len=teacher.text_len)
     resolution = spec.resolution
     text_encoder, embed_encoder = teacher.conditioner, teacher.router_encoder
+    held_open = width_floor(unet, space, config.min_width)
+    check_targets_above_floor(config, space, held_open, resolution)
     torch.manual_seed(config.seed)
     router_config = RouterConfig(
         num_codes=config.num_codes,
         embed_dim=embed_encoder.embed_dim,
         encoder=embed_encoder.config,
         prune_depth=config.prune_depth,
-        held_open=width_floor(unet, space, config.min_width),
+        held_open=held_open,
         difficulty_weight=config.difficulty_weight,
     )
     router = Router(router_config, space, resolution, encoder=embed_encoder).to(device)

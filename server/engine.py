@@ -146,6 +146,10 @@ class _RunningRequest:
     largest_call: int = 0
 
 
+def _images(rows: list[_RunningRequest]) -> int:
+    return sum(row.request.num_images for row in rows)
+
+
 # --------------------------------------------------------------------------------------------------------- engine
 class Engine:
     """Resident experts + scheduler + worker threads.
@@ -161,7 +165,7 @@ class Engine:
         threads (`int`, *optional*): torch intra-op threads of each worker (and of warm-up); None: torch's default.
         workers (`int`): worker threads side by side, each running one whole batch at a time (any codes; the
             scheduler hands out at most this many batches at once) or, with step-level batching, one step of one
-            code's running rows at a time (no two workers step the same code).
+            lane at a time (a code's running rows sit in up to `workers` lanes; no two workers step the same lane).
     """
 
     def __init__(
@@ -180,9 +184,9 @@ class Engine:
         if workers < 1:
             raise ValueError(f"workers must be at least 1 (got {workers})")
         self.pipeline = pipeline
-        if step_level:  # every running request is a batch of its own; a code's rows hold at most its batch size
+        if step_level:  # every running request is a batch of its own; a lane holds at most its code's batch size
             codes = range(scheduler_config.num_codes)
-            limit = sum(scheduler_config.batch_size(code) for code in codes)
+            limit = workers * sum(scheduler_config.batch_size(code) for code in codes)
             scheduler_config = scheduler_config.model_copy(update={"max_running_batches": limit})
         else:  # each worker holds one batch
             scheduler_config = scheduler_config.model_copy(update={"max_running_batches": workers})
@@ -191,9 +195,11 @@ class Engine:
         self.clock = clock
         self.step_level = step_level
         self.niceness, self.threads, self.workers = niceness, threads, workers
-        # Step-level batching: each code's running requests, and the codes a worker is stepping now.
-        self._rows: dict[int, list[_RunningRequest]] = {code: [] for code in range(pipeline.num_codes)}
-        self._claimed: set[int] = set()
+        # Step-level batching: each code's lanes of running requests, and the lanes (code, index) being stepped now.
+        self._lanes: dict[int, list[list[_RunningRequest]]] = {
+            code: [[] for _ in range(workers)] for code in range(pipeline.num_codes)
+        }
+        self._claimed: set[tuple[int, int]] = set()
         self._futures: dict[str, Future] = {}
         self._futures_lock = threading.Lock()
         # Guards "schedule, else sleep" against "add, then notify": no wake-up is lost between the two.
@@ -370,49 +376,68 @@ class Engine:
         return now
 
     def _step_loop(self) -> None:
-        """Step-level batching. A worker claims one code at a time, the unclaimed code holding the oldest request
-        (running or queued: first come, first served, step by step, so no code starves); that code's queued requests
-        join its running rows (up to its batch size), it takes one denoising step, all its rows in one U-Net call,
-        and rows whose steps are done leave and are answered at once; then the claim is let go. Several workers step
-        different codes side by side, and a code's rows are only ever touched by the worker holding its claim."""
+        """Step-level batching. A code's running requests sit in lanes (up to one per worker), each stepped as one
+        U-Net call. A worker claims one lane at a time, the unclaimed lane holding the oldest request (running, or
+        queued for its code: first come, first served, step by step, so no code starves); its code's queued requests
+        join it (up to the code's batch size), it takes one denoising step, and rows whose steps are done leave and
+        are answered at once; then the claim is let go. Queued requests join a lane that already runs rows of their
+        code when one is free and has room, so a code's rows stay in as few U-Net calls as the workers allow; a
+        second lane opens only while every running lane of the code is claimed or full, which is how a second worker
+        shares the work of a code that has all of it instead of idling. A lane's rows are only ever touched by the
+        worker holding its claim."""
         while True:
             now = self._expire()
             with self._wakeup:
                 if self._stop:
                     return
-                code = self._oldest_unclaimed_code()
-                if code is None:  # work of claimed codes only, or none: a claim let go or an `add` wakes us
+                lane = self._oldest_unclaimed_lane()
+                if lane is None:  # work of claimed lanes only, or none: a claim let go or an `add` wakes us
                     self._wakeup.wait(timeout=self.scheduler.next_expiry(now))
                     continue
-                self._claimed.add(code)
-                joined = self._join(code, now)
+                self._claimed.add(lane)
+                joined = self._join(lane, now)
             try:
                 for batch in joined:  # outside the lock: `submit` never waits for noise to be drawn
-                    self._start_or_fail(batch, now)
-                if self._rows[code]:
-                    self._step(code)
+                    self._start_or_fail(batch, lane, now)
+                if self._rows(lane):
+                    self._step(lane)
             finally:
                 with self._wakeup:
-                    self._claimed.discard(code)
+                    self._claimed.discard(lane)
                     self._wakeup.notify_all()
 
-    def _oldest_unclaimed_code(self) -> int | None:
-        """The code no worker holds whose oldest request, running or queued, arrived first (None: no such work)."""
-        oldest: dict[int, float] = {}
-        for code, rows in self._rows.items():
-            if code in self._claimed:
-                continue
-            arrivals = [row.request.arrival for row in rows]
+    def _rows(self, lane: tuple[int, int]) -> list[_RunningRequest]:
+        code, index = lane
+        return self._lanes[code][index]
+
+    def _oldest_unclaimed_lane(self) -> tuple[int, int] | None:
+        """The lane no worker holds whose oldest request, running or queued for it, arrived first (None: no such
+        work). A code's queued requests count for the lane they would join (`_lane_to_join`)."""
+        oldest: dict[tuple[int, int], float] = {}
+        for code, lanes in self._lanes.items():
+            for index, rows in enumerate(lanes):
+                if rows and (code, index) not in self._claimed:
+                    oldest[(code, index)] = min(row.request.arrival for row in rows)
             queued = self.scheduler.queued_since(code)
-            if queued is not None:
-                arrivals.append(queued)
-            if arrivals:
-                oldest[code] = min(arrivals)
+            lane = None if queued is None else self._lane_to_join(code)
+            if lane is not None:
+                oldest[lane] = min(oldest.get(lane, queued), queued)
         return min(oldest, key=oldest.__getitem__, default=None)
 
-    def _start_or_fail(self, batch: ScheduledBatch, now: float) -> None:
+    def _lane_to_join(self, code: int) -> tuple[int, int] | None:
+        """Where `code`'s queued requests go: its unclaimed lane with running rows and the most of them while room
+        is left, else an unclaimed empty lane (a new U-Net call beside the running ones), else none for now."""
+        batch_size = self.scheduler.config.batch_size(code)
+        free = [index for index in range(self.workers) if (code, index) not in self._claimed]
+        running = [index for index in free if 0 < _images(self._lanes[code][index]) < batch_size]
+        if running:
+            return code, max(running, key=lambda index: _images(self._lanes[code][index]))
+        empty = [index for index in free if not self._lanes[code][index]]
+        return (code, empty[0]) if empty else None
+
+    def _start_or_fail(self, batch: ScheduledBatch, lane: tuple[int, int], now: float) -> None:
         try:
-            self._start(batch, now)
+            self._start(batch, lane, now)
         except Exception as error:  # noqa: BLE001 - a request that cannot start fails alone
             logger.exception("starting request %s failed", batch.requests[0].request_id)
             finished = self.scheduler.finish(batch.batch_id, self.clock(), error=error)
@@ -420,12 +445,13 @@ class Engine:
                 self._fail(request.request_id, BatchFailed(f"generation failed: {type(error).__name__}: {error}"))
             self._drop(finished)
 
-    def _join(self, code: int, now: float) -> list[ScheduledBatch]:
-        """The queued requests of `code` that join its running rows now (`Scheduler.join`)."""
-        room = self.scheduler.config.batch_size(code) - sum(row.request.num_images for row in self._rows[code])
+    def _join(self, lane: tuple[int, int], now: float) -> list[ScheduledBatch]:
+        """The queued requests of the lane's code that join its running rows now (`Scheduler.join`)."""
+        code = lane[0]
+        room = self.scheduler.config.batch_size(code) - _images(self._rows(lane))
         return self.scheduler.join(code, room, now)
 
-    def _start(self, batch: ScheduledBatch, now: float) -> None:
+    def _start(self, batch: ScheduledBatch, lane: tuple[int, int], now: float) -> None:
         (request,) = batch.requests
         job: GenerationJob = request.payload
         count = len(job.seeds)
@@ -433,10 +459,10 @@ class Engine:
         trajectory = self.pipeline.trajectory(
             batch.code, job.prompt.repeat(count), job.seeds, job.steps, [job.guidance_scale] * count, negative
         )
-        self._rows[batch.code].append(_RunningRequest(batch, request, trajectory, now))
+        self._rows(lane).append(_RunningRequest(batch, request, trajectory, now))
 
-    def _step(self, code: int) -> None:
-        rows = self._rows[code]
+    def _step(self, lane: tuple[int, int]) -> None:
+        code, rows = lane[0], self._rows(lane)
         for row in [r for r in rows if self.scheduler.is_aborted(r.request.request_id)]:
             rows.remove(row)  # its client left: no more steps for it
             self._drop(self.scheduler.finish(row.batch.batch_id, self.clock()))
@@ -446,7 +472,7 @@ class Engine:
         guided = any(row.trajectory.guided for row in rows)
         try:
             advance(self.pipeline.experts[code], [row.trajectory for row in rows])
-        except Exception as error:  # noqa: BLE001 - a failing step fails this code's running requests only
+        except Exception as error:  # noqa: BLE001 - a failing step fails this lane's running requests only
             logger.exception("a denoising step of code %d failed", code)
             message = f"generation failed: {type(error).__name__}: {error}"
             for row in rows:

@@ -251,37 +251,50 @@ def test_one_worker_runs_one_batch_at_a_time(pipeline, monkeypatch):
     assert most == [1]
 
 
-def test_two_step_level_workers_step_two_codes_at_once_and_never_one_code_twice(pipeline, monkeypatch):
-    """Step-level batching on two workers: while one worker steps a code, the other steps another code (never the
-    same one: a code's rows are one U-Net call), and every request still gets the images it gets alone."""
+class _OverlappingAdvance:
+    """`advance` that records which trajectories are being stepped at once, and holds the first call until a second
+    one runs beside it (so the test fails, after the wait, unless two workers step at the same time)."""
+
+    def __init__(self, advance):
+        self.real_advance, self.lock = advance, threading.Lock()
+        self.stepping: list[tuple[int, list[int]]] = []  # (expert id, trajectory ids) of the calls running now
+        self.overlaps: list[list[tuple[int, list[int]]]] = []
+        self.second_beside_first = threading.Event()
+
+    def __call__(self, unet, trajectories):
+        call = (id(unet), [id(t) for t in trajectories])
+        with self.lock:
+            self.stepping.append(call)
+            self.overlaps.append(list(self.stepping))
+            if len(self.stepping) == 2:
+                self.second_beside_first.set()
+        try:
+            if len(self.overlaps) == 1:
+                self.second_beside_first.wait(timeout=30)
+            self.real_advance(unet, trajectories)
+        finally:
+            with self.lock:
+                self.stepping.remove(call)
+
+    def no_row_stepped_twice_at_once(self) -> bool:
+        for now in self.overlaps:
+            rows = [row for _, trajectories in now for row in trajectories]
+            if len(set(rows)) != len(rows):
+                return False
+        return True
+
+
+def _run_step_workers(pipeline, monkeypatch, codes: list[int], max_batch_size: int):
     import server.engine as engine_module
 
-    real_advance, lock = engine_module.advance, threading.Lock()
-    stepping: list[int] = []  # the experts being stepped now, by id
-    overlaps: list[list[int]] = []
-    second_beside_first = threading.Event()
-
-    def overlapping_advance(unet, trajectories):
-        with lock:
-            stepping.append(id(unet))
-            overlaps.append(sorted(stepping))
-            if len(stepping) == 2:
-                second_beside_first.set()
-        try:
-            if len(overlaps) == 1:
-                second_beside_first.wait(timeout=30)  # the first step waits for a second worker to step beside it
-            real_advance(unet, trajectories)
-        finally:
-            with lock:
-                stepping.remove(id(unet))
-
     jobs = [
-        GenerationJob(prompt=pipeline.encode([f"prompt {i}"]), seeds=[i], steps=3, guidance_scale=2.0) for i in range(6)
+        GenerationJob(prompt=pipeline.encode([f"prompt {i}"]), seeds=[i], steps=3, guidance_scale=2.0)
+        for i in range(len(codes))
     ]
-    codes = [i % 2 for i in range(6)]
     alone = [_alone(pipeline, code, job) for code, job in zip(codes, jobs, strict=True)]
-    monkeypatch.setattr(engine_module, "advance", overlapping_advance)
-    config = SchedulerConfig(num_codes=pipeline.num_codes, max_batch_size=2, max_wait_ms=0)
+    advance = _OverlappingAdvance(engine_module.advance)
+    monkeypatch.setattr(engine_module, "advance", advance)
+    config = SchedulerConfig(num_codes=pipeline.num_codes, max_batch_size=max_batch_size, max_wait_ms=0)
     engine = Engine(pipeline, config, step_level=True, workers=2)
     engine.start()
     try:
@@ -289,10 +302,39 @@ def test_two_step_level_workers_step_two_codes_at_once_and_never_one_code_twice(
         results = [future.result(timeout=60) for future in futures]
     finally:
         assert engine.shutdown(drain_timeout=10)
-    assert any(len(now) == 2 for now in overlaps)  # two codes stepped at once
-    assert all(len(set(now)) == len(now) for now in overlaps)  # never one code by two workers
     assert [result.code for result in results] == codes
     for result, image in zip(results, alone, strict=True):
-        assert result.batch_images <= 2
+        assert result.batch_images <= max_batch_size
         difference = (result.images.int() - image.int()).abs().max().item()
         assert difference <= 1, difference  # float rounding of other batch shapes and threads: one intensity level
+    return advance
+
+
+def test_two_step_level_workers_step_two_codes_at_once_and_never_one_row_twice(pipeline, monkeypatch):
+    """Step-level batching on two workers: while one worker steps a code, the other steps another code, no row is
+    ever in two U-Net calls at once, and every request still gets the images it gets alone."""
+    advance = _run_step_workers(pipeline, monkeypatch, codes=[i % 2 for i in range(6)], max_batch_size=2)
+    assert any(len({expert for expert, _ in now}) == 2 for now in advance.overlaps)  # two codes stepped at once
+    assert advance.no_row_stepped_twice_at_once()
+
+
+def test_two_step_level_workers_share_a_code_that_has_all_the_work(pipeline, monkeypatch):
+    """When every request is for one code, the second worker steps a second lane of it instead of idling (whole
+    batches would run a second batch of that code), and lanes never share a row."""
+    advance = _run_step_workers(pipeline, monkeypatch, codes=[0] * 6, max_batch_size=2)
+    assert any(len(now) == 2 for now in advance.overlaps)  # two lanes of code 0 stepped at once
+    assert advance.no_row_stepped_twice_at_once()
+
+
+def test_step_level_requests_queued_together_share_one_lane(pipeline):
+    """Requests of one code waiting together join one lane (one U-Net call), not one lane per worker: a second
+    lane is for work the first cannot take now, not a way to split a batch."""
+    config = SchedulerConfig(num_codes=pipeline.num_codes, max_batch_size=4, max_wait_ms=0)
+    engine = Engine(pipeline, config, step_level=True, workers=2)
+    futures = [engine.submit(f"r{i}", 0, _job(pipeline, i)) for i in range(3)]  # queued before any worker runs
+    engine.start()
+    try:
+        results = [future.result(timeout=60) for future in futures]
+    finally:
+        assert engine.shutdown(drain_timeout=10)
+    assert [result.batch_images for result in results] == [3, 3, 3]

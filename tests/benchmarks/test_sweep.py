@@ -14,7 +14,9 @@ from benchmarks.sweep import (
     BUDGETS,
     CODE_BUDGETS,
     DIFFICULTY_WEIGHT,
+    MIN_WIDTH,
     SETS,
+    TEACHER,
     TOTAL_STEPS,
     all_jobs,
     commands,
@@ -65,6 +67,31 @@ def test_every_training_command_is_a_valid_config_of_its_budget(method, budget, 
         assert search.difficulty_weight == DIFFICULTY_WEIGHT > 0  # harder prompts to costlier codes
     else:
         assert search.difficulty_weight == 0  # one code: nothing to choose between
+    assert search.min_width == MIN_WIDTH.get(budget, load_config("configs/shapes/search.yaml", SearchConfig).min_width)
+
+
+def test_every_search_reaches_its_targets_above_the_width_floor_of_the_sweeps_teacher(tmp_path):
+    """The search's own check, run on the teacher the sweep trains from: a job whose targets lie under the width
+    floor would be refused at its start (or, before the check, route over its budget)."""
+    import torch
+
+    from pruning.space import ArchitectureSpace
+    from training.models import load_training_teacher
+    from training.search import check_targets_above_floor, width_floor
+
+    teacher = load_training_teacher(TEACHER, torch.device("cpu"), None, None)
+    space = ArchitectureSpace.from_unet(teacher.unet, text_len=teacher.text_len)
+    searches = [
+        _config(arguments)
+        for method, budget in all_jobs(None)
+        if method.startswith("aptp")
+        for _, arguments in commands(method, budget, TEACHER, tmp_path)
+        if arguments[:2] == ["train", "search"]
+    ]
+    assert len(searches) == 2 * len(BUDGETS)
+    for search in searches:
+        held_open = width_floor(teacher.unet, space, search.min_width)
+        check_targets_above_floor(search, space, held_open, teacher.spec.resolution)
 
 
 def test_the_balance_prompts_are_training_scenes_in_every_phrasing(tmp_path):

@@ -254,7 +254,7 @@ def test_code_budgets_must_fit_the_codes_and_the_budget(teacher_folder, tmp_path
 
 def test_a_target_below_what_the_width_floor_leaves_is_refused_before_training(teacher_folder, tmp_path):
     """A code held to less than the floor's cost sits at the floor and pulls the average over the budget (the sweep's
-    aptp-0.4: targets 0.25 and 0.34 under a floor of 0.384 gave a routed average of 0.449)."""
+    aptp-0.4: targets 0.25 and 0.34 under a floor of 0.392 gave a routed average of 0.449)."""
     floor = {"min_width": 0.5, "prune_depth": False}
     config = _config(teacher_folder, tmp_path / "run", **floor, budget=0.5, code_budgets=[0.05, 0.95])
     with pytest.raises(ValueError, match=r"code_budgets: \[0.05\] below 0\.\d+ of the teacher's MACs.*min_width=0.5"):

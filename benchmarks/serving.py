@@ -84,7 +84,7 @@ TWO_ROUTING_THREADS = "bundle, whole batches, 2 routing threads"
 ONE_WORKER = "bundle, whole batches, one engine worker"
 PASSIVE_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
 REFUSE, DEGRADE = "refuse when full (default)", "degrade when full"
-LIGHT_POLICIES = {"whole batches (default)": "request", "step-level": "step"}
+LIGHT_POLICIES = {"whole batches": "request", "step-level (default)": "step"}
 TEACHER = "teacher"
 # `--servers`: a short name for each server configuration.
 SERVER_CHOICES = {

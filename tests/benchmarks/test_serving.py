@@ -166,16 +166,16 @@ def test_the_table_and_plot_render_every_part(models):
     ]
     light = {"offered": 30, "offered_per_s": 1.0, "seconds": 30.0, "served": 30, "served_images_per_s": 0.98}
     figures["light"] = [
-        {"config": "whole batches (default)", **light, "latency_p50_s": 2.5, "latency_p95_s": 3.5}
+        {"config": "whole batches", **light, "latency_p50_s": 2.5, "latency_p95_s": 3.5}
         | {"rounds_latency_p50_s": [2.4, 2.5, 2.9], "mean_batch_images": 2.25},
-        {"config": "step-level", **light, "latency_p50_s": 1.5, "latency_p95_s": 2.0}
+        {"config": "step-level (default)", **light, "latency_p50_s": 1.5, "latency_p95_s": 2.0}
         | {"rounds_latency_p50_s": [1.5], "mean_batch_images": None},
     ]
     figures["targets"] = targets(figures)
     text = table(figures)
     assert "### Light load: 1.0 requests/s for 30 s" in text
-    assert "| whole batches (default) | 30 | 0.98 | 2.50 | 2.40, 2.50, 2.90 | 3.50 | 2.2 |" in text
-    assert "| step-level | 30 | 0.98 | 1.50 | 1.50 | 2.00 | - |" in text
+    assert "| whole batches | 30 | 0.98 | 2.50 | 2.40, 2.50, 2.90 | 3.50 | 2.2 |" in text
+    assert "| step-level (default) | 30 | 0.98 | 1.50 | 1.50 | 2.00 | - |" in text
     assert "| code 1 |" in text and "GEMM" in text and "### Offline" in text
     assert "| code 1 | 1 |" in text  # the layout comparison, per model and batch size
     assert "| degrade when full | 40 | 20 | 0 | 1.90 | 1.90 |" in text and "### Targets" in text

@@ -75,7 +75,10 @@ def test_a_request_let_in_is_queued_past_its_codes_share_never_refused_after_rou
     """Admission holds a place of the total for a request while it is routed, so it is served even when its code's
     queue is past its share (here: one place per code, two requests of one code)."""
     # A long max_wait keeps the first request waiting for a batch that never fills.
-    with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=1500) as client, ThreadPoolExecutor(1) as pool:
+    with (
+        make_client(batching="request", max_queue_size=1, max_batch_size=8, max_wait_ms=1500) as client,
+        ThreadPoolExecutor(1) as pool,
+    ):
         first = pool.submit(client.post, "/generate", json={"prompt": "a red circle", "seed": 1})
         wait_for(lambda: client.app.state.aptp.engine.scheduler.stats().queued_requests[_code(client)] == 1)
         second = client.post("/generate", json={"prompt": "a red circle", "seed": 2})
@@ -95,7 +98,7 @@ def _fill_every_queue(client, encoded) -> None:
 
 def test_when_every_queue_is_full_the_prompt_is_not_even_encoded(make_client, pipeline, monkeypatch):
     encoded = pipeline.encode(["a red circle"])
-    with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=3000) as client:
+    with make_client(batching="request", max_queue_size=1, max_batch_size=8, max_wait_ms=3000) as client:
         _fill_every_queue(client, encoded)
         encodes = []
         original = pipeline.encode
@@ -111,7 +114,7 @@ def test_when_every_queue_is_full_the_prompt_is_not_even_encoded(make_client, pi
 
 
 def test_a_request_that_outlives_its_queue_timeout_answers_504(make_client):
-    with make_client(request_timeout_s=0.2, max_batch_size=8, max_wait_ms=3000) as client:
+    with make_client(batching="request", request_timeout_s=0.2, max_batch_size=8, max_wait_ms=3000) as client:
         response = client.post("/generate", json={"prompt": "a red circle"})
         assert response.status_code == 504
         assert "waited too long" in response.json()["detail"]
@@ -132,7 +135,7 @@ def test_a_failing_batch_answers_500_and_the_server_keeps_serving(make_client, p
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "generate", flaky)
-    with make_client() as client:
+    with make_client(batching="request") as client:  # whole batches call `generate` (a step: test_engine)
         failed = client.post("/generate", json={"prompt": "a red circle"})
         assert failed.status_code == 500
         assert "expert exploded" in failed.json()["detail"]
@@ -158,7 +161,7 @@ def test_app_shutdown_runs_queued_work_at_once_instead_of_dropping_it(make_clien
     # stops answering in-flight HTTP calls when its context closes; the HTTP path under SIGTERM is covered by
     # tests/server/test_serve_process.py.
     encoded = pipeline.encode(["a red circle"])
-    with make_client(max_batch_size=8, max_wait_ms=30_000) as client:
+    with make_client(batching="request", max_batch_size=8, max_wait_ms=30_000) as client:
         engine = client.app.state.aptp.engine
         futures = [
             engine.submit(
@@ -177,7 +180,9 @@ def test_app_shutdown_runs_queued_work_at_once_instead_of_dropping_it(make_clien
 
 
 def test_a_client_that_disconnects_has_its_queued_work_dropped(tiny_bundle, pipeline):
-    app = create_app(server_settings(tiny_bundle, max_batch_size=8, max_wait_ms=4000, port=0), pipeline)
+    app = create_app(
+        server_settings(tiny_bundle, batching="request", max_batch_size=8, max_wait_ms=4000, port=0), pipeline
+    )
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -330,7 +335,7 @@ def test_a_full_server_refuses_at_the_door_before_reading_the_body(make_client, 
     """When no request could be admitted, a generation request is refused on its headers: even a body that is not
     JSON gets the 429 (with Retry-After), in each API family's shape."""
     encoded = pipeline.encode(["a red circle"])
-    with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=5000) as client:
+    with make_client(batching="request", max_queue_size=1, max_batch_size=8, max_wait_ms=5000) as client:
         _fill_every_queue(client, encoded)
         headers = {"Content-Type": "application/json"}
         native = client.post("/generate", content=b"{not json", headers=headers)
@@ -343,7 +348,9 @@ def test_a_full_server_refuses_at_the_door_before_reading_the_body(make_client, 
 
 def test_the_door_leaves_requests_without_a_valid_key_to_the_key_check(make_client, pipeline):
     encoded = pipeline.encode(["a red circle"])
-    with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=5000, api_keys=["k1"]) as client:
+    with make_client(
+        batching="request", max_queue_size=1, max_batch_size=8, max_wait_ms=5000, api_keys=["k1"]
+    ) as client:
         _fill_every_queue(client, encoded)
         assert client.post("/generate", json={"prompt": "a red circle"}).status_code == 401
         keyed = client.post("/generate", json={"prompt": "a red circle"}, headers={"Authorization": "Bearer k1"})

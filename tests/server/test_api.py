@@ -91,7 +91,7 @@ def test_health_and_readiness(client):
 def test_same_seed_same_image_alone_or_batched(make_client):
     prompt = "a green square in the middle"
     # A long max_wait holds the first requests until the batch is full, so all four run as one batch.
-    with make_client(max_batch_size=4, max_wait_ms=5000) as client:
+    with make_client(batching="request", max_batch_size=4, max_wait_ms=5000) as client:
         payloads = [{"prompt": prompt, "seed": seed, "steps": 3} for seed in (5, 6, 7, 8)]
         with ThreadPoolExecutor(4) as pool:
             batched = list(pool.map(lambda p: client.post("/generate", json=p).json(), payloads))
@@ -109,7 +109,7 @@ def test_same_seed_same_image_alone_or_batched(make_client):
 
 
 def test_requests_of_one_code_arriving_together_share_a_batch(make_client):
-    with make_client(max_batch_size=3, max_wait_ms=5000) as client:
+    with make_client(batching="request", max_batch_size=3, max_wait_ms=5000) as client:
         with ThreadPoolExecutor(3) as pool:
             bodies = list(
                 pool.map(lambda s: client.post("/generate", json={"prompt": "a red circle", "seed": s}), [1, 2, 3])

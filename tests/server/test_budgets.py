@@ -77,7 +77,9 @@ def _fill(client, pipeline, code: int) -> None:
 
 def test_a_full_queue_degrades_to_a_cheaper_code_when_the_server_is_set_to(make_client, pipeline):
     assert NUM_CODES == 2
-    with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=1500, degrade_when_full=True) as client:
+    with make_client(
+        batching="request", max_queue_size=1, max_batch_size=8, max_wait_ms=1500, degrade_when_full=True
+    ) as client:
         costs = _costs(client)
         costliest, cheapest = costs.index(max(costs)), costs.index(min(costs))
         _fill(client, pipeline, costliest)
@@ -91,7 +93,7 @@ def test_a_full_queue_degrades_to_a_cheaper_code_when_the_server_is_set_to(make_
 
 
 def test_without_degradation_a_request_waits_in_its_own_codes_queue(make_client, pipeline):
-    with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=1500) as client:
+    with make_client(batching="request", max_queue_size=1, max_batch_size=8, max_wait_ms=1500) as client:
         costs = _costs(client)
         costliest = costs.index(max(costs))
         _fill(client, pipeline, costliest)
@@ -103,7 +105,9 @@ def test_without_degradation_a_request_waits_in_its_own_codes_queue(make_client,
 
 def test_degradation_never_serves_a_costlier_code(make_client, pipeline):
     """The cheapest code has nothing cheaper to fall back on: its request waits in its own queue."""
-    with make_client(max_queue_size=1, max_batch_size=8, max_wait_ms=1500, degrade_when_full=True) as client:
+    with make_client(
+        batching="request", max_queue_size=1, max_batch_size=8, max_wait_ms=1500, degrade_when_full=True
+    ) as client:
         costs = _costs(client)
         cheapest = costs.index(min(costs))
         _fill(client, pipeline, cheapest)

@@ -28,6 +28,7 @@ def test_sigterm_drains_queued_requests_then_exits(tiny_bundle):
         "APTP_PORT": str(port),
         "APTP_DEFAULT_STEPS": "2",
         "APTP_MAX_BATCH_SIZE": "8",
+        "APTP_BATCHING": "request",
         "APTP_MAX_WAIT_MS": "60000",  # queued requests would wait a minute for a full batch unless drained
         "APTP_THREADS": "1",
     }
@@ -41,7 +42,9 @@ def test_sigterm_drains_queued_requests_then_exits(tiny_bundle):
                 pool.submit(httpx.post, f"{url}/generate", json={"prompt": "a red circle", "seed": s}, timeout=120)
                 for s in range(3)
             ]
+            deadline = time.monotonic() + 60
             while _queued(url) < 3:
+                assert time.monotonic() < deadline, "the three requests never sat queued together"
                 time.sleep(0.05)
             process.send_signal(signal.SIGTERM)
             responses = [future.result() for future in futures]

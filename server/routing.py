@@ -33,13 +33,15 @@ class RoutingFull(Exception):
 class Routed:
     """One request, encoded and routed: its conditioning (the prompt, then the negative prompt if any), the codes in
     the router's order of preference for its prompt (`ranking[0]` is the router's choice) with its score for each,
-    and the seconds its batch took."""
+    the seconds its batch took, and of those the seconds spent encoding the prompts (which the U-Net's conditioning
+    needs whether or not a router reads them; the rest chose the codes)."""
 
     encoded: Conditioning
     ranking: list[int]
     scores: list[float]
     seconds: float
     batch_prompts: int
+    encode_seconds: float
 
     @property
     def code(self) -> int:
@@ -140,6 +142,7 @@ class RoutingStage:
         try:
             texts = [text for request, _ in jobs for text in request]
             encoded = self.pipeline.encode(texts)
+            encode_seconds = time.monotonic() - began
             routed = self.pipeline.route(encoded)
         except Exception as error:  # noqa: BLE001 - the batch's requests get the error; the stage keeps going
             logger.exception("routing a batch of %d request(s) failed", len(jobs))
@@ -150,7 +153,6 @@ class RoutingStage:
         row = 0
         for request, future in jobs:
             rows = list(range(row, row + len(request)))
-            future.set_result(
-                Routed(encoded.select(rows), routed.rankings[row], routed.all_scores[row], seconds, len(texts))
-            )
+            ranking, scores = routed.rankings[row], routed.all_scores[row]
+            future.set_result(Routed(encoded.select(rows), ranking, scores, seconds, len(texts), encode_seconds))
             row += len(request)

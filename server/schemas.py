@@ -91,7 +91,11 @@ class GenerationReport(BaseModel):
     guidance_scale: float
     seeds: list[int]
     batch_images: int = Field(description="Images in the batch this request was computed in.")
-    router_seconds: float
+    router_seconds: float = Field(description="Encoding and routing this request's prompts (its routing batch).")
+    encode_seconds: float = Field(
+        description="Of router_seconds, encoding the prompts, which the U-Net's conditioning needs routed or not; "
+        "the rest chose the code."
+    )
     queue_seconds: float
     compute_seconds: float = Field(description="Duration of the whole batch.")
     total_seconds: float = Field(description="From arrival to answer.")

@@ -147,6 +147,7 @@ async def generate(state: ServerState, request: Request, params: GenerationParam
         seeds=seeds,
         batch_images=result.batch_images,
         router_seconds=router_seconds,
+        encode_seconds=routed.encode_seconds,
         queue_seconds=result.queue_seconds,
         compute_seconds=result.compute_seconds,
         total_seconds=total,

@@ -35,6 +35,7 @@ def test_generate_returns_images_and_a_consistent_report(client, pipeline):
     assert report["steps"] == 3 and report["guidance_scale"] == pipeline.default_guidance_scale
     assert report["total_seconds"] >= report["queue_seconds"] >= 0
     assert report["compute_seconds"] > 0 and report["batch_images"] >= 2
+    assert report["router_seconds"] > report["encode_seconds"] > 0  # encoding, then choosing the code
 
 
 def test_guidance_one_runs_a_single_branch(client):

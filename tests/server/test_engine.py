@@ -136,6 +136,72 @@ def test_a_failing_step_fails_its_codes_running_requests_and_the_engine_keeps_se
         engine.shutdown(drain_timeout=5)
 
 
+def _held_advance(monkeypatch, hold_at: int):
+    """`advance` recording each call's trajectories, holding call `hold_at` (1-based) until the returned event is
+    set."""
+    import server.engine as engine_module
+
+    calls, release = [], threading.Event()
+    real_advance = engine_module.advance
+
+    def held(unet, trajectories):
+        calls.append(list(trajectories))
+        if len(calls) == hold_at:
+            release.wait(timeout=30)
+        real_advance(unet, trajectories)
+
+    monkeypatch.setattr(engine_module, "advance", held)
+    return calls, release
+
+
+def test_a_running_request_whose_client_left_takes_no_more_steps_and_frees_its_place(pipeline, monkeypatch):
+    """Step-level batching stops denoising for a client that went away at the next step (whole batches can only
+    discard the result), so the request queued behind it starts at once instead of after the remaining steps."""
+    from server.scheduler import AbortOutcome
+
+    calls, release = _held_advance(monkeypatch, hold_at=2)
+    engine = _step_engine(pipeline, max_batch_size=1)
+    try:
+        leaving = GenerationJob(prompt=pipeline.encode(["a red circle"]), seeds=[1], steps=10, guidance_scale=3.0)
+        left = engine.submit("leaving", 0, leaving)
+        while len(calls) < 2:
+            time.sleep(0.01)
+        staying = engine.submit("staying", 0, _job(pipeline, 2))  # no room: the code's one row is taken
+        assert engine.abort("leaving") is AbortOutcome.RUNNING
+        release.set()
+        result = staying.result(timeout=60)
+    finally:
+        engine.shutdown(drain_timeout=5)
+    leaving_trajectory = calls[0][0]
+    assert sum(leaving_trajectory in call for call in calls) == 2  # the step under way when it left, none after
+    assert [len(call) for call in calls[2:]] == [1, 1] and result.unet_calls == 4
+    assert left.cancelled()
+    stats = engine.scheduler.stats()
+    assert (stats.aborted, stats.completed, stats.running_requests) == (1, 1, 0)
+
+
+def test_a_step_level_request_that_waited_past_its_timeout_never_starts(pipeline, monkeypatch):
+    """A queued request's timeout holds under step-level batching too: when a place opens after its deadline it is
+    answered `QueueTimeout` (HTTP 504) rather than started, and the running request is not disturbed."""
+    from server.engine import QueueTimeout
+
+    calls, release = _held_advance(monkeypatch, hold_at=1)
+    engine = _step_engine(pipeline, max_batch_size=1)
+    try:
+        running = engine.submit("running", 0, _job(pipeline, 1))
+        while not calls:
+            time.sleep(0.01)
+        late = engine.submit("late", 0, _job(pipeline, 2), timeout_s=0.1)
+        time.sleep(0.3)
+        release.set()
+        with pytest.raises(QueueTimeout):
+            late.result(timeout=60)
+        assert running.result(timeout=60).images.shape == (1, 3, 32, 32)
+    finally:
+        engine.shutdown(drain_timeout=5)
+    assert all(len(call) == 1 for call in calls) and len(calls) == 2  # the late request never took a step
+
+
 def test_step_level_drain_answers_everything_queued(pipeline):
     engine = _step_engine(pipeline, max_batch_size=1)
     futures = [engine.submit(f"r{i}", i % pipeline.num_codes, _job(pipeline, i)) for i in range(4)]

@@ -85,7 +85,8 @@ def markdown(result: dict) -> str:
         f"# Widths rounded up to a multiple of {result['multiple']} channels",
         "",
         "Median guided call (2 rows per image), every model alternating within each repetition; ratios to the "
-        "teacher's call in the same run.",
+        "teacher's call in the same run. A code whose rounded MACs equal its own kept only multiples already: its "
+        "last column is the noise (and order bias) of this comparison.",
         "",
         "| batch | code | MACs | MACs rounded | latency | latency rounded | rounded / as is (seconds) |",
         "|---|---|---|---|---|---|---|",

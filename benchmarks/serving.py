@@ -24,7 +24,8 @@ Parts, each printed and written to OUT.json / OUT.md with provenance:
   with 2 routing threads instead of 1) and with step-level batching (the same workers, each stepping one code at a
   time), the bundle with batches of one, and the teacher. Every server runs at once;
   `--rounds` rounds each run the offline part and then every server in turn, and ratios are taken within a round
-  (on a shared host the machine's speed drifts by tens of percent over minutes). Throughput (images/s), latency
+  (on a shared host the machine's speed drifts by tens of percent over minutes). Throughput (images/s: the steady
+  rate, while every client has a request in the server, `steady_rate`; the whole run's beside it), latency
   p50/p95, the routed MACs, where a request's time went (the server's report: routing, queueing, computing; the rest
   of the client's latency is HTTP, JSON and PNG), the engine's busy share of the run (`aptp_compute_seconds` over
   the wall time), and the cores the server process kept busy (its CPU time over the wall time; the offline runs
@@ -322,20 +323,40 @@ def _mean_macs_ratio(reports: list[dict]) -> float:
     return statistics.mean(ratios)
 
 
+def steady_rate(answers: list[tuple[float, int]], last_sent: float, clients: int) -> float | None:
+    """Images per second while every one of `clients` closed-loop clients had a request in the server: the images
+    answered after the answer that ends the first wave (the `clients`-th) up to the sending of the last request
+    (from then on clients fall idle one by one), over that time. `answers`: (time, images) of every answer. None when
+    the run has no such window (`requests` <= 2 x `clients`).
+
+    A run's whole-run rate also counts its first wave, routed as one burst, and its drain, when ever fewer requests
+    are left to batch; the offline engine it is held against has all its requests from the start to the end."""
+    ordered = sorted(answers)
+    if len(ordered) <= clients or last_sent <= ordered[clients - 1][0]:
+        return None
+    start = ordered[clients - 1][0]
+    inside = [images for at, images in ordered[clients:] if at <= last_sent]
+    return sum(inside) / (last_sent - start) if inside else None
+
+
 async def closed_loop(url: str, prompts: list[str], clients: int, requests: int, steps: int) -> dict:
-    """`clients` clients sending `requests` in all, each its next as soon as its last is answered."""
+    """`clients` clients sending `requests` in all, each its next as soon as its last is answered. `images_per_s` is
+    the steady rate (`steady_rate`), `run_images_per_s` the whole run's."""
     todo = list(range(requests))
-    latencies, reports = [], []
+    latencies, reports, answers, sent = [], [], [], []
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         while todo:
             i = todo.pop()
             body = {"prompt": prompts[i % len(prompts)], "seed": i, "steps": steps}
             began = time.perf_counter()
+            sent.append(began)
             response = await client.post(f"{url}/generate", json=body)
             response.raise_for_status()
-            latencies.append(time.perf_counter() - began)
+            answered = time.perf_counter()
+            latencies.append(answered - began)
             reports.append(response.json()["report"])
+            answers.append((answered, len(reports[-1]["seeds"])))
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -351,7 +372,8 @@ async def closed_loop(url: str, prompts: list[str], clients: int, requests: int,
     return {
         "requests": len(reports),
         "wall_s": wall,
-        "images_per_s": images / wall,
+        "images_per_s": steady_rate(answers, max(sent), clients),
+        "run_images_per_s": images / wall,
         "latency_p50_s": percentile(latencies, 50),
         "latency_p95_s": percentile(latencies, 95),
         "mean_batch_images": statistics.mean(r["batch_images"] for r in reports),
@@ -597,11 +619,12 @@ def table(figures: dict) -> str:
             "",
             f"### Server at saturation ({figures['clients']} closed-loop clients, {figures['requests']} requests, "
             f"{figures['steps']} steps): each configuration's median round; rounds alternate the servers and the "
-            "offline runs",
+            "offline runs. Images/s while every client has a request in the server (from the answer that ends the "
+            "first wave to the sending of the last request); whole run: the same with the first wave and the drain",
             "",
-            "| config | images/s | every round | x teacher | p50 s | p95 s | mean batch | routed MACs | router share "
-            "| of it encoding | outside-server share | engine busy | cores used |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| config | images/s | every round | whole run | x teacher | p50 s | p95 s | mean batch | routed MACs "
+            "| router share | of it encoding | outside-server share | engine busy | cores used |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         teacher = next((r for r in figures["server"] if r["config"] == TEACHER), None)
         for r in figures["server"]:
@@ -609,7 +632,7 @@ def table(figures: dict) -> str:
             lines.append(
                 f"| {r['config']} | {r['images_per_s']:.2f} | "
                 + ", ".join(f"{v:.2f}" for v in r.get("rounds_images_per_s", [r["images_per_s"]]))
-                + f" | {relative} | {r['latency_p50_s']:.2f} | "
+                + f" | {r['run_images_per_s']:.2f} | {relative} | {r['latency_p50_s']:.2f} | "
                 f"{r['latency_p95_s']:.2f} | {r['mean_batch_images']:.1f} | {r['mean_macs_ratio']:.3f} | "
                 f"{r['router_share']:.3f} | {r['encode_share']:.3f} | {r['outside_server_share']:.3f} | "
                 f"{r['engine_busy_share']:.2f} | "
@@ -666,7 +689,13 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=2, help="engine workers (APTP_ENGINE_WORKERS), each on threads / workers"
     )
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=96, help="requests per server configuration, and offline")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=160,
+        help="requests per server configuration, and offline; more than 2 x --clients, so that the steady rate has a "
+        "window (with 160 and 32 clients: 96 answers)",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8, help="APTP_MAX_BATCH_SIZE of the batched configurations")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the servers and offline runs")
@@ -686,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/serving/serving")
     args = parser.parse_args(argv)
     args.prompts = shapes_captions(64)
+    if args.requests <= 2 * args.clients:
+        parser.error(f"--requests ({args.requests}) must be more than twice --clients ({args.clients})")
     if args.workers < 1 or args.threads % args.workers:
         parser.error(f"--threads ({args.threads}) must split evenly over --workers ({args.workers})")
     args.worker_threads = args.threads // args.workers

@@ -21,6 +21,7 @@ from benchmarks.serving import (
     plot,
     request_texts,
     side_by_side,
+    steady_rate,
     table,
     targets,
     unet_latency,
@@ -111,6 +112,7 @@ def _server_row(config: str, images_per_s: float, macs_ratio: float) -> dict:
     return {
         "config": config,
         "images_per_s": images_per_s,
+        "run_images_per_s": 0.9 * images_per_s,
         "latency_p50_s": 1.0,
         "latency_p95_s": 2.0,
         "mean_batch_images": 3.5,
@@ -120,6 +122,18 @@ def _server_row(config: str, images_per_s: float, macs_ratio: float) -> dict:
         "outside_server_share": 0.03,
         "engine_busy_share": 0.99,
     }
+
+
+def test_the_steady_rate_leaves_out_the_first_wave_and_the_drain():
+    # Two clients, one image per answer. The first wave is answered at 3 and 3.5 s (its requests were routed as a
+    # burst), then an answer every second; the last request goes out with the answer at 7.5 s, and the drain's two
+    # answers take 3 s more. The whole run: 8 images in 10.5 s, 0.76 a second.
+    answers = [(3.0, 1), (3.5, 1), (4.5, 1), (5.5, 1), (6.5, 1), (7.5, 1), (9.5, 1), (10.5, 1)]
+    assert steady_rate(answers, last_sent=7.5, clients=2) == pytest.approx(4 / 4.0)
+    assert steady_rate(list(reversed(answers)), last_sent=7.5, clients=2) == pytest.approx(1.0)  # answer order
+    # no window: every request was sent with the first wave's answers
+    assert steady_rate(answers[:4], last_sent=3.5, clients=2) is None
+    assert steady_rate([(1.0, 2), (2.0, 2), (3.0, 4)], last_sent=3.0, clients=1) == pytest.approx(6 / 2.0)
 
 
 def test_targets_hold_the_server_against_the_ideal_the_offline_engine_and_the_gated_teacher_round_by_round(models):
@@ -184,7 +198,8 @@ def test_the_table_and_plot_render_every_part(models):
     assert "| code 1 | 1 |" in text  # the layout comparison, per model and batch size
     assert "| degrade when full | 40 | 20 | 0 | 1.90 | 1.90 |" in text and "### Targets" in text
     assert "| refuse when full (default) | 40 | 20 | 0 | 1.90 | 1.80, 1.90, 2.10 |" in text
-    assert f"| {WHOLE_BATCHES} | 2.00 | 1.50, 2.00, 2.50 |" in text
+    # steady rate, every round, the whole run's, x teacher
+    assert f"| {WHOLE_BATCHES} | 2.00 | 1.50, 2.00, 2.50 | 1.80 | 2.00 |" in text
     server_part = text.split("### Server at saturation")[1].split("###")[0]
     server_rows = [line for line in server_part.splitlines() if line.startswith(("| bundle", "| teacher |"))]
     assert server_rows[0].endswith("| 0.99 | 1.87 |") and server_rows[1].endswith("| 0.99 | - |")

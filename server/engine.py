@@ -29,7 +29,7 @@ from aptp.pipeline import RoutedPipeline
 from aptp.sampling import Trajectory, advance, unet_calls
 
 from .metrics import ServerMetrics
-from .priority import lower_thread_priority, on_passing_thread, use_intra_op_threads
+from .priority import on_passing_thread, settle_compute_thread, use_intra_op_threads
 from .scheduler import (
     AbortOutcome,
     FinishedBatch,
@@ -350,8 +350,7 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------------- worker loop
     def _loop(self) -> None:
-        lower_thread_priority(self.niceness)
-        use_intra_op_threads(self.threads)
+        settle_compute_thread(self.niceness, self.threads)
         if self.step_level:
             self._step_loop()
             return

@@ -1,4 +1,4 @@
-"""How the server's compute threads share the CPU: their priority and their torch intra-op threads.
+"""How the server's compute threads share the CPU: their names, their priority and their torch intra-op threads.
 
 The event loop answers admission refusals and health checks; the engine and routing threads run the U-Nets and
 the text encoder. On a busy CPU all of them compete for the same cores, and a burst of refusals would wait behind
@@ -8,12 +8,18 @@ preempt them: compute still gets every cycle the loop does not use.
 Each compute thread also sets its own torch intra-op thread count (`Settings.threads`, or `routing_threads` for
 the routing thread): with OpenMP the count belongs to the calling thread, and a thread started later begins with
 whatever count was set last anywhere in the process.
+
+And each gives its OS thread its Python name (`aptp-engine-0`, `aptp-routing`), which the OpenMP workers it starts
+inherit: `top -H`, `ps -L` and /proc then say which part of the server uses the CPU (`benchmarks/serving.py` splits
+the server's cores that way).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -35,6 +41,32 @@ def available_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+PR_SET_NAME = 15  # prctl(2)
+NATIVE_NAME_BYTES = 15  # Linux keeps 15 bytes of a thread's name
+
+
+def settle_compute_thread(niceness: int, threads: int | None) -> None:
+    """What a compute thread does first: its OS thread takes its Python name (`name_native_thread`), its priority is
+    lowered by `niceness` (`lower_thread_priority`) and it keeps `threads` intra-op threads (`use_intra_op_threads`).
+    In that order: the OpenMP workers it starts take its name and priority."""
+    name_native_thread(threading.current_thread().name)
+    lower_thread_priority(niceness)
+    use_intra_op_threads(threads)
+
+
+def name_native_thread(name: str) -> None:
+    """Give the calling OS thread `name` (its first 15 bytes); threads it starts afterwards inherit it. On Linux
+    only: elsewhere, or if the call fails, nothing changes."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:NATIVE_NAME_BYTES]), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NAME) failed")
+    except (OSError, AttributeError) as error:
+        logger.warning("could not name thread %s: %s", name, error)
 
 
 def lower_thread_priority(niceness: int) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from aptp.conditioning.prompts import Conditioning
 from aptp.pipeline import RoutedPipeline
 
-from .priority import lower_thread_priority, use_intra_op_threads
+from .priority import settle_compute_thread
 
 logger = logging.getLogger("aptp.routing")
 
@@ -116,8 +116,7 @@ class RoutingStage:
         self._thread.join(timeout=30)
 
     def _loop(self) -> None:
-        lower_thread_priority(self.niceness)
-        use_intra_op_threads(self.threads)
+        settle_compute_thread(self.niceness, self.threads)
         while True:
             first = self._queue.get()
             if first is None:

@@ -216,16 +216,23 @@ def _nice(thread_id: int) -> int:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread priorities from Linux's /proc")
+def _native_name(native_id: int) -> str:
+    with open(f"/proc/self/task/{native_id}/comm") as comm:
+        return comm.read().strip()
+
+
 def test_compute_runs_below_the_event_loops_priority_and_denoising_below_routing(make_client):
     """On a busy CPU the thread serving HTTP preempts routing, and routing (short, and every request waits for it)
-    preempts the engine's denoising: the server's settings reach both threads."""
+    preempts the engine's denoising: the server's settings reach both threads. Both carry their names to the OS."""
     with make_client(compute_niceness=7, routing_niceness=3) as client:
         assert client.post("/generate", json={"prompt": "a red circle", "steps": 1}).status_code == 200
         threads = {thread.name: thread.native_id for thread in threading.enumerate()}
         mine = _nice(threading.get_native_id())
-        workers = [native for name, native in threads.items() if re.fullmatch(r"aptp-engine-\d+", name)]
-        assert workers and all(_nice(native) == mine + 7 for native in workers)
+        workers = {name: native for name, native in threads.items() if re.fullmatch(r"aptp-engine-\d+", name)}
+        assert workers and all(_nice(native) == mine + 7 for native in workers.values())
         assert _nice(threads["aptp-routing"]) == mine + 3
+        assert all(_native_name(native) == name for name, native in workers.items())
+        assert _native_name(threads["aptp-routing"]) == "aptp-routing"
 
 
 def _threads_now() -> int:

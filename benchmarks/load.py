@@ -181,6 +181,25 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float] | None:
+    """CPU time each OS thread name of a process has used so far (threads of one name together: an engine thread
+    and the OpenMP workers that took its name), counting the threads alive now; None once the process is gone (or
+    without /proc)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    seconds: dict[str, float] = {}
+    for task in tasks:
+        try:
+            name = Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()
+            fields = Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
 def shapes_captions(count: int) -> list[str]:
     from training.data.shapes import ShapesDomain
 

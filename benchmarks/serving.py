@@ -29,7 +29,7 @@ Parts, each printed and written to OUT.json / OUT.md with provenance:
   p50/p95, the routed MACs, where a request's time went (the server's report: routing, queueing, computing; the rest
   of the client's latency is HTTP, JSON and PNG), the engine's busy share of the run (`aptp_compute_seconds` over
   the wall time), and the cores the server process kept busy (its CPU time over the wall time; the offline runs
-  report theirs too).
+  report theirs too), split by thread into the engine's, the routing thread's and the rest (event loop, HTTP, PNG).
 - **overload**: the bundle offered `--overload` times its saturation rate (open loop, `--overload-seconds`), one
   server refusing with 429 when full (the default) and one degrading to cheaper codes (`APTP_DEGRADE_WHEN_FULL`),
   alternating in rounds as above: what is served and how fast, what is refused and how fast.
@@ -64,7 +64,15 @@ if __name__ == "__main__":  # the offline parts wait for work as `aptp serve` do
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
-from load import ServerProcess, free_port, percentile, proc_cpu_seconds, shapes_captions, wait_ready  # noqa: E402
+from load import (  # noqa: E402
+    ServerProcess,
+    free_port,
+    percentile,
+    proc_cpu_seconds,
+    shapes_captions,
+    thread_cpu_seconds,
+    wait_ready,
+)
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from svg import Panel, Series, panels_svg  # noqa: E402
 
@@ -199,6 +207,22 @@ def _cores(pid: int, cpu_began: float | None, wall: float) -> float | None:
     """The cores process `pid` kept busy since it had used `cpu_began` CPU-seconds, `wall` seconds ago."""
     cpu_ended = proc_cpu_seconds(pid)
     return None if cpu_began is None or cpu_ended is None else (cpu_ended - cpu_began) / wall
+
+
+# A server's threads by OS name (`server.priority.name_native_thread`); the rest: the event loop, HTTP, PNG, ...
+THREAD_PARTS = {"engine": "aptp-engine", "routing": "aptp-routing"}
+
+
+def cores_by_part(before: dict[str, float] | None, after: dict[str, float] | None, wall: float) -> dict | None:
+    """The cores each part of a server kept busy between two `thread_cpu_seconds` readings `wall` seconds apart:
+    its engine threads (with the OpenMP workers that took their names), its routing thread, and the rest."""
+    if before is None or after is None:
+        return None
+    parts = dict.fromkeys([*THREAD_PARTS, "rest"], 0.0)
+    for name, seconds in after.items():
+        part = next((part for part, prefix in THREAD_PARTS.items() if name.startswith(prefix)), "rest")
+        parts[part] += (seconds - before.get(name, 0.0)) / wall
+    return parts
 
 
 def _throughput(images: int, began: float, cpu_began: float | None) -> dict:
@@ -464,9 +488,11 @@ def alternating(configs: list[tuple[str, Path, dict[str, str]]], args, measure, 
                 if offline_run is not None:
                     offline.append(offline_run())
                 for name, (server, url, _) in servers.items():
-                    cpu_began = proc_cpu_seconds(server.pid)
+                    cpu_began, threads_began = proc_cpu_seconds(server.pid), thread_cpu_seconds(server.pid)
                     result = await measure(url)
                     result["server_cores"] = _cores(server.pid, cpu_began, result["wall_s"])
+                    parts = cores_by_part(threads_began, thread_cpu_seconds(server.pid), result["wall_s"])
+                    result["server_cores_by_part"] = parts
                     rounds[name].append(result)
                     print(f"  round {number + 1}, {name}: {summary(rounds[name][-1])}", flush=True)
             return rounds, offline
@@ -571,6 +597,10 @@ def _cell(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _parts_cell(parts: dict | None) -> str:
+    return "" if parts is None else " (" + " / ".join(f"{parts[part]:.2f}" for part in (*THREAD_PARTS, "rest")) + ")"
+
+
 def _offline_cell(run: dict) -> str:
     return f"{run['images_per_s']:.2f} ({_cell(run['cores'])} cores)"
 
@@ -623,7 +653,8 @@ def table(figures: dict) -> str:
             "first wave to the sending of the last request); whole run: the same with the first wave and the drain",
             "",
             "| config | images/s | every round | whole run | x teacher | p50 s | p95 s | mean batch | routed MACs "
-            "| router share | of it encoding | outside-server share | engine busy | cores used |",
+            "| router share | of it encoding | outside-server share | engine busy | cores used (engine / routing / "
+            "rest) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         teacher = next((r for r in figures["server"] if r["config"] == TEACHER), None)
@@ -636,7 +667,7 @@ def table(figures: dict) -> str:
                 f"{r['latency_p95_s']:.2f} | {r['mean_batch_images']:.1f} | {r['mean_macs_ratio']:.3f} | "
                 f"{r['router_share']:.3f} | {r['encode_share']:.3f} | {r['outside_server_share']:.3f} | "
                 f"{r['engine_busy_share']:.2f} | "
-                f"{_cell(r.get('server_cores'))} |"
+                f"{_cell(r.get('server_cores'))}{_parts_cell(r.get('server_cores_by_part'))} |"
             )
     if figures["overload"]:
         first = figures["overload"][0]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks.load import memory_trend, proc_cpu_seconds
+from benchmarks.load import memory_trend, proc_cpu_seconds, thread_cpu_seconds
 
 # RSS (MB) after each of 40 rounds of `benchmarks/load.py --rounds 40` against the shipped bundle on this machine.
 MEASURED = [794, 826, 844, 857, 872, 880, 888, 895, 906, 908, 915, 922, 923, 926, 928, 933, 933, 935, 937, 937]
@@ -50,3 +50,29 @@ def test_a_process_cpu_time_counts_what_it_burnt_and_an_absent_process_reads_as_
     finally:
         child.communicate("\n", timeout=10)
     assert proc_cpu_seconds(child.pid) is None  # reaped: nothing left to read
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads threads' CPU time from Linux's /proc")
+def test_thread_cpu_time_is_counted_per_thread_name():
+    """What the serving benchmark splits a server's cores by: its engine, routing and other threads."""
+    burn = (
+        "import threading, time\n"
+        "from server.priority import name_native_thread\n"
+        "def work():\n"
+        "    name_native_thread('aptp-engine-0')\n"
+        "    began = time.thread_time()\n"
+        "    while time.thread_time() - began < 0.4: pass\n"
+        "    print(1, flush=True)\n"
+        "    input()\n"
+        "thread = threading.Thread(target=work)\n"
+        "thread.start(); thread.join()\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "1"
+        seconds = thread_cpu_seconds(child.pid)
+    finally:
+        child.communicate("\n", timeout=10)
+    assert 0.35 <= seconds["aptp-engine-0"] < 5
+    assert len(seconds) == 2  # and the main thread's (importing torch), under its own name
+    assert thread_cpu_seconds(child.pid) is None  # reaped: nothing left to read

@@ -15,6 +15,7 @@ from benchmarks.serving import (
     BATCHES,
     TEACHER,
     WHOLE_BATCHES,
+    cores_by_part,
     layout_speedup,
     offline_engine,
     offline_gated_teacher,
@@ -136,6 +137,15 @@ def test_the_steady_rate_leaves_out_the_first_wave_and_the_drain():
     assert steady_rate([(1.0, 2), (2.0, 2), (3.0, 4)], last_sent=3.0, clients=1) == pytest.approx(6 / 2.0)
 
 
+def test_a_servers_cores_are_split_into_its_engine_routing_and_the_rest():
+    before = {"aptp-engine-0": 10.0, "aptp-engine-1": 10.0, "aptp-routing": 1.0, "python": 3.0}
+    after = {"aptp-engine-0": 19.0, "aptp-engine-1": 18.0, "aptp-routing": 1.5, "python": 3.5, "anyio_worker": 0.5}
+    parts = cores_by_part(before, after, wall=10.0)
+    # a thread born meanwhile (anyio_worker) counts all its time
+    assert parts == pytest.approx({"engine": 1.7, "routing": 0.05, "rest": 0.1})
+    assert cores_by_part(None, after, wall=10.0) is None  # no /proc
+
+
 def test_targets_hold_the_server_against_the_ideal_the_offline_engine_and_the_gated_teacher_round_by_round(models):
     figures = _figures(models)
     without_server = {row["target"]: row for row in targets(figures)}
@@ -171,7 +181,8 @@ def test_targets_hold_the_server_against_the_ideal_the_offline_engine_and_the_ga
 def test_the_table_and_plot_render_every_part(models):
     figures = _figures(models)
     figures["server"] = [
-        {**_server_row(WHOLE_BATCHES, 2.0, 0.5), "rounds_images_per_s": [1.5, 2.0, 2.5], "server_cores": 1.87},
+        {**_server_row(WHOLE_BATCHES, 2.0, 0.5), "rounds_images_per_s": [1.5, 2.0, 2.5], "server_cores": 1.87}
+        | {"server_cores_by_part": {"engine": 1.7, "routing": 0.05, "rest": 0.12}},
         *(_server_row(f"other configuration {i}", 1.5, 0.5) for i in range(8)),  # more than there are colours
         _server_row(TEACHER, 1.0, 1.0),  # no CPU reading where /proc is missing
     ]
@@ -202,7 +213,7 @@ def test_the_table_and_plot_render_every_part(models):
     assert f"| {WHOLE_BATCHES} | 2.00 | 1.50, 2.00, 2.50 | 1.80 | 2.00 |" in text
     server_part = text.split("### Server at saturation")[1].split("###")[0]
     server_rows = [line for line in server_part.splitlines() if line.startswith(("| bundle", "| teacher |"))]
-    assert server_rows[0].endswith("| 0.99 | 1.87 |") and server_rows[1].endswith("| 0.99 | - |")
+    assert server_rows[0].endswith("| 0.99 | 1.87 (1.70 / 0.05 / 0.12) |") and server_rows[1].endswith("| 0.99 | - |")
     assert "cores)" in text  # the offline runs' cores beside their throughput
     assert "2 worker(s) |" in text and "| the same, one worker on 1 threads |" in text
 

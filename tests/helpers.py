@@ -336,3 +336,9 @@ def stop_process(process, timeout_s: float = 30.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def native_thread_name(native_id: int) -> str:
+    """The name Linux gives a thread of this process (`/proc/self/task/<id>/comm`)."""
+    with open(f"/proc/self/task/{native_id}/comm") as comm:
+        return comm.read().strip()

@@ -11,6 +11,7 @@ import pytest
 
 from server.engine import Engine, EngineStopped, GenerationJob
 from server.scheduler import SchedulerConfig
+from tests.helpers import native_thread_name
 
 
 def _job(pipeline, seed: int) -> GenerationJob:
@@ -216,11 +217,6 @@ def _nice(thread_id: int) -> int:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread priorities from Linux's /proc")
-def _native_name(native_id: int) -> str:
-    with open(f"/proc/self/task/{native_id}/comm") as comm:
-        return comm.read().strip()
-
-
 def test_compute_runs_below_the_event_loops_priority_and_denoising_below_routing(make_client):
     """On a busy CPU the thread serving HTTP preempts routing, and routing (short, and every request waits for it)
     preempts the engine's denoising: the server's settings reach both threads. Both carry their names to the OS."""
@@ -231,8 +227,8 @@ def test_compute_runs_below_the_event_loops_priority_and_denoising_below_routing
         workers = {name: native for name, native in threads.items() if re.fullmatch(r"aptp-engine-\d+", name)}
         assert workers and all(_nice(native) == mine + 7 for native in workers.values())
         assert _nice(threads["aptp-routing"]) == mine + 3
-        assert all(_native_name(native) == name for name, native in workers.items())
-        assert _native_name(threads["aptp-routing"]) == "aptp-routing"
+        assert all(native_thread_name(native) == name for name, native in workers.items())
+        assert native_thread_name(threads["aptp-routing"]) == "aptp-routing"
 
 
 def _threads_now() -> int:

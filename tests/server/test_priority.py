@@ -5,11 +5,7 @@ import pytest
 import torch
 
 from server.priority import available_cpus, name_native_thread, on_passing_thread, use_intra_op_threads
-
-
-def _native_name(native_id: int) -> str:
-    with open(f"/proc/self/task/{native_id}/comm") as comm:
-        return comm.read().strip()
+from tests.helpers import native_thread_name
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from Linux's /proc")
@@ -18,11 +14,11 @@ def test_a_named_thread_shows_its_name_to_the_os_and_threads_it_starts_inherit_i
     seen: dict[str, str] = {}
 
     def child() -> None:
-        seen["child"] = _native_name(threading.get_native_id())
+        seen["child"] = native_thread_name(threading.get_native_id())
 
     def named() -> None:
         name_native_thread("aptp-engine-0 and more than fifteen bytes")
-        seen["named"] = _native_name(threading.get_native_id())
+        seen["named"] = native_thread_name(threading.get_native_id())
         started = threading.Thread(target=child)
         started.start()
         started.join(10)
@@ -31,7 +27,7 @@ def test_a_named_thread_shows_its_name_to_the_os_and_threads_it_starts_inherit_i
     thread.start()
     thread.join(10)
     assert seen == {"named": "aptp-engine-0 a", "child": "aptp-engine-0 a"}
-    assert _native_name(threading.get_native_id()) != "aptp-engine-0 a"  # the caller's thread only
+    assert native_thread_name(threading.get_native_id()) != "aptp-engine-0 a"  # the caller's thread only
 
 
 def test_a_threads_intra_op_count_holds_when_another_thread_sets_one_afterwards():

@@ -45,7 +45,7 @@ from aptp.pipeline import RoutedPipeline
 from .app import create_app
 from .engine import BatchFailed, Engine, EngineStopped, GenerationJob, GenerationResult, QueueTimeout
 from .metrics import ServerMetrics
-from .scheduler import QueueFull, SchedulerClosed, SchedulerStats
+from .scheduler import MIN_RETRY_SECONDS, QueueFull, SchedulerClosed, SchedulerStats
 from .settings import ClusterSettings, Settings
 
 logger = logging.getLogger("aptp.cluster")
@@ -284,7 +284,7 @@ class ClusterEngine:
             raise SchedulerClosed()
         with self._lock:
             if sum(self._in_flight) + incoming >= self.places:
-                raise QueueFull(None, 1)
+                raise QueueFull(None, MIN_RETRY_SECONDS)
 
     def has_room(self, code: int) -> bool:
         with self._lock:
@@ -303,7 +303,7 @@ class ClusterEngine:
             raise SchedulerClosed()
         with self._lock:
             if not admitted and sum(self._in_flight) >= self.places:
-                raise QueueFull(code, 1)
+                raise QueueFull(code, MIN_RETRY_SECONDS)
             self._in_flight[code] += 1
         task = asyncio.get_running_loop().create_task(self._send(request_id, code, job, timeout_s))
         self._tasks[request_id] = task
@@ -328,7 +328,7 @@ class ClusterEngine:
                     logger.warning("request %s: its expert replica failed (%s); sending it again", request_id, error)
                     continue
                 except BackPressureError:
-                    raise QueueFull(code, 1) from None
+                    raise QueueFull(code, MIN_RETRY_SECONDS) from None
                 except TimeoutError:
                     response.cancel()
                     raise QueueTimeout("the request was not answered in time") from None

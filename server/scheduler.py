@@ -46,6 +46,8 @@ _EPSILON = 1e-9
 
 REJECT_QUEUE_FULL = "queue_full"
 REJECT_CLOSED = "closed"
+# The least wait a refusal advises: a retry storm under overload costs the event loop, and room rarely comes sooner.
+MIN_RETRY_SECONDS = 1.0
 
 
 # --------------------------------------------------------------------------------------------------------- config
@@ -116,14 +118,15 @@ class QueueFull(AdmissionError):
 
     Parameters:
         code (`int | None`): the code whose queue is full; None when every code's queue is (refused before routing).
-        retry_after_seconds (`int`): estimated seconds until the queue has room (>= 1; for `Retry-After`).
+        retry_after_s (`float`): estimated seconds until the queue has room, at least `MIN_RETRY_SECONDS` (the API
+            sends it as `Retry-After` in whole seconds and `retry-after-ms`).
     """
 
-    def __init__(self, code: int | None, retry_after_seconds: int):
+    def __init__(self, code: int | None, retry_after_s: float):
         which = "every code's queue is" if code is None else f"the queue of code {code} is"
-        super().__init__(f"{which} full; retry after {retry_after_seconds} s")
+        super().__init__(f"{which} full; retry after {retry_after_s:.1f} s")
         self.code = code
-        self.retry_after_seconds = retry_after_seconds
+        self.retry_after_s = retry_after_s
 
 
 class SchedulerClosed(AdmissionError):
@@ -304,8 +307,8 @@ class Scheduler:
         Raises:
             ValueError: unknown code, `num_images < 1`, or a `request_id` already queued or running.
             SchedulerClosed: after `close()`.
-            QueueFull: the code's queue is full (and the request was not admitted); carries `retry_after_seconds`
-                (>= 1) estimated at `now`.
+            QueueFull: the code's queue is full (and the request was not admitted); carries `retry_after_s`
+                estimated at `now`.
         """
         self._check_request(request)
         with self._lock:
@@ -333,7 +336,7 @@ class Scheduler:
 
         Raises:
             SchedulerClosed: after `close()`.
-            QueueFull: no room (`code` None); `retry_after_seconds` is the soonest any queue has room.
+            QueueFull: no room (`code` None); `retry_after_s` is the soonest any queue has room.
         """
         with self._lock:
             if self._closed:
@@ -345,7 +348,7 @@ class Scheduler:
                 # Room comes when a queued code's next batch leaves (with every place spoken for by requests
                 # still being routed and no queue holding any, in about a second).
                 waiting = [code for code in range(self.config.num_codes) if self._queues[code]]
-                soonest = min((self._retry_after(code, now) for code in waiting), default=1)
+                soonest = min((self._retry_after(code, now) for code in waiting), default=MIN_RETRY_SECONDS)
                 raise QueueFull(None, soonest)
 
     def has_room(self, code: int) -> bool:
@@ -584,9 +587,10 @@ class Scheduler:
         known = [seconds for seconds in self._avg_seconds if seconds is not None]
         return sum(known) / len(known) if known else self.config.initial_batch_seconds
 
-    def _retry_after(self, code: int, now: float) -> int:
-        """Seconds until `code`'s queue has room: a full queue gets room when its next batch is scheduled, which
-        happens once a running slot is free and the codes with older heads have had a batch each (fairness)."""
+    def _retry_after(self, code: int, now: float) -> float:
+        """Seconds until `code`'s queue has room (at least `MIN_RETRY_SECONDS`): a full queue gets room when its next
+        batch is scheduled, which happens once a running slot is free and the codes with older heads have had a batch
+        each (fairness)."""
         slots = self.config.max_running_batches
         slot_wait = 0.0
         if len(self._running) >= slots:
@@ -600,7 +604,7 @@ class Scheduler:
             if other != code and self._queues[other] and self._head_age_key(other) < head
         ]
         ahead = sum(self._batch_seconds(other) for other in older) / slots
-        return max(1, math.ceil(slot_wait + ahead))
+        return max(MIN_RETRY_SECONDS, slot_wait + ahead)
 
     # -------------------------------------------------------------------------------------------------------- stats
     def stats(self) -> SchedulerStats:

@@ -20,13 +20,26 @@ def error_responses(*statuses: int, openai: bool = False) -> dict[int | str, dic
         401: "Missing or invalid API key (only with APTP_API_KEYS)",
         413: "Request body over max_body_bytes",
         422: "Invalid field: the message names it",
-        429: "Every queue the request could take is full; Retry-After gives seconds to wait",
+        429: "Every queue the request could take is full; Retry-After and retry-after-ms say how long to wait",
         500: "The batch holding the request failed; the message says why",
         503: "Loading or draining: not accepting work",
         504: "Queued longer than request_timeout_s and dropped",
     }
     model = OpenAIErrorResponse if openai else ErrorResponse
-    return {status: {"model": model, "description": reasons[status]} for status in statuses}
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        responses[status] = {"model": model, "description": reasons[status]}
+        if status in RETRY_STATUSES:
+            responses[status]["headers"] = RETRY_HEADERS
+    return responses
+
+
+RETRY_STATUSES = (429, 503)
+# `server.api.errors.retry_headers`
+RETRY_HEADERS = {
+    "Retry-After": {"description": "Seconds to wait before retrying (rounded up)", "schema": {"type": "integer"}},
+    "retry-after-ms": {"description": "The same wait in milliseconds", "schema": {"type": "integer"}},
+}
 
 
 GENERATION_ERRORS = error_responses(400, 401, 413, 422, 429, 500, 503, 504)

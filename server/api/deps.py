@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..state import ServerState
-from .errors import ApiError
+from .errors import NOT_READY_RETRY_SECONDS, ApiError, retry_headers
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 _bearer = HTTPBearer(auto_error=False, description="Needed when the server runs with APTP_API_KEYS.")
@@ -50,4 +50,5 @@ Authorized = Depends(require_api_key)
 def require_loaded(state: ServerState) -> None:
     """503 while the bundle is still loading (the server listens before it is loaded)."""
     if not state.loaded:
-        raise ApiError(503, "the server is still loading its bundle", headers={"Retry-After": "5"}, reason="draining")
+        message = "the server is still loading its bundle"
+        raise ApiError(503, message, headers=retry_headers(NOT_READY_RETRY_SECONDS), reason="draining")

@@ -3,12 +3,16 @@ native endpoints, OpenAI's `{"error": {...}}` under `/v1/images/` (so OpenAI cli
 
 from __future__ import annotations
 
+import math
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 OPENAI_PREFIX = "/v1/images/"
+# What a client is told to wait while the server loads its bundle or drains.
+NOT_READY_RETRY_SECONDS = 5.0
 
 
 class ApiError(Exception):
@@ -16,7 +20,7 @@ class ApiError(Exception):
     status (`int`): HTTP status.
     message (`str`): what is wrong and, where it helps, what is accepted.
     field (`str`, *optional*): the request field at fault (422s name it like FastAPI's own validation errors).
-    headers (`dict`, *optional*): e.g. `Retry-After`.
+    headers (`dict`, *optional*): e.g. `retry_headers`.
     reason (`str`, *optional*): the `aptp_rejections_total` reason to count.
     """
 
@@ -34,6 +38,12 @@ class ApiError(Exception):
         self.field = field
         self.headers = headers or {}
         self.reason = reason
+
+
+def retry_headers(seconds: float) -> dict[str, str]:
+    """How long a refused client should wait, in the standard `Retry-After` (whole seconds, rounded up) and in
+    `retry-after-ms` (what OpenAI's API sends and its clients read first)."""
+    return {"Retry-After": str(max(1, math.ceil(seconds))), "retry-after-ms": str(round(seconds * 1000))}
 
 
 def invalid(field: str, message: str) -> ApiError:

@@ -22,10 +22,10 @@ from aptp.pipeline import BudgetError, ComputeBudget
 
 from ..engine import BatchFailed, EngineStopped, GenerationJob, GenerationResult, QueueTimeout
 from ..routing import RoutingFull
-from ..scheduler import QueueFull, SchedulerClosed
+from ..scheduler import MIN_RETRY_SECONDS, QueueFull, SchedulerClosed
 from ..schemas import GenerationReport, seed_problem
 from ..state import ServerState
-from .errors import ApiError, invalid
+from .errors import NOT_READY_RETRY_SECONDS, ApiError, invalid, retry_headers
 
 # How often a waiting request checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.1
@@ -93,7 +93,7 @@ def check_admission(state: ServerState) -> None:
     the route before the prompt is encoded."""
     if state.engine is None or state.pipeline is None or not state.ready:
         message = "the server is not ready (loading or shutting down)"
-        raise ApiError(503, message, headers={"Retry-After": "5"}, reason="draining")
+        raise ApiError(503, message, headers=retry_headers(NOT_READY_RETRY_SECONDS), reason="draining")
     with _admission_errors(state):
         state.engine.check_room(incoming=state.routing.in_flight)
         if state.routing.full:
@@ -181,13 +181,13 @@ def _admission_errors(state: ServerState, code: int | None = None) -> Iterator[N
         yield
     except QueueFull as full:
         state.metrics.requests.labels(code="none" if code is None else str(code), status="rejected").inc()
-        retry = str(full.retry_after_seconds)
-        raise ApiError(429, f"{full}", headers={"Retry-After": retry}, reason="queue_full") from None
+        raise ApiError(429, f"{full}", headers=retry_headers(full.retry_after_s), reason="queue_full") from None
     except RoutingFull as full:
         state.metrics.requests.labels(code="none", status="rejected").inc()
-        raise ApiError(429, f"{full}", headers={"Retry-After": "1"}, reason="routing_full") from None
+        raise ApiError(429, f"{full}", headers=retry_headers(MIN_RETRY_SECONDS), reason="routing_full") from None
     except SchedulerClosed:
-        raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"}, reason="draining") from None
+        headers = retry_headers(NOT_READY_RETRY_SECONDS)
+        raise ApiError(503, "the server is shutting down", headers=headers, reason="draining") from None
 
 
 async def _wait(

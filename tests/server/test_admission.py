@@ -105,7 +105,8 @@ def test_when_every_queue_is_full_the_prompt_is_not_even_encoded(make_client, pi
         monkeypatch.setattr(pipeline, "encode", lambda texts: encodes.append(texts) or original(texts))
         rejected = client.post("/generate", json={"prompt": "a red circle"})
         assert rejected.status_code == 429, rejected.text
-        assert int(rejected.headers["Retry-After"]) >= 1
+        seconds, milliseconds = int(rejected.headers["Retry-After"]), int(rejected.headers["retry-after-ms"])
+        assert seconds >= 1 and seconds - 1 < milliseconds / 1000 <= seconds  # the same wait, rounded up to seconds
         assert "every code's queue is full" in rejected.json()["detail"]
         assert encodes == []
         metrics = client.get("/metrics").text
@@ -273,7 +274,8 @@ def test_the_server_listens_while_it_warms_up_and_says_it_is_not_ready(make_clie
         assert client.get("/healthz").status_code == 200  # alive, answering
         assert client.get("/readyz").status_code == 503
         refused = client.post("/generate", json={"prompt": "a red circle", "steps": 2})
-        assert refused.status_code == 503 and "Retry-After" in refused.headers
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+        assert refused.headers["retry-after-ms"] == "5000"
         release.set()
         deadline = time.monotonic() + 30
         while client.get("/readyz").status_code != 200:

@@ -202,6 +202,10 @@ def test_the_openapi_document_states_the_limits_errors_and_auth_the_server_keeps
     answers = set(open_doc["paths"]["/generate"]["post"]["responses"])
     assert {"200", "413", "422", "429", "500", "503", "504"} <= answers and "401" not in answers
     assert {"400", "413", "429"} <= set(open_doc["paths"]["/v1/images/generations"]["post"]["responses"])
+    for path in ("/generate", "/v1/images/generations"):
+        for status in ("429", "503"):
+            headers = open_doc["paths"][path]["post"]["responses"][status]["headers"]
+            assert set(headers) == {"Retry-After", "retry-after-ms"}
     assert "securitySchemes" not in open_doc.get("components", {})  # no keys configured: nothing to send
     assert "securitySchemes" in keyed_doc["components"]
     assert "401" in keyed_doc["paths"]["/generate"]["post"]["responses"]
@@ -245,3 +249,11 @@ def test_the_api_page_works_offline_and_is_open_without_a_key(make_client):
         assert client.get("/openapi.json").status_code == 200
         assert client.get("/redoc").status_code == 404  # ReDoc would need a CDN: not served
         assert client.post("/generate", json={"prompt": "a red circle"}).status_code == 401
+
+
+def test_a_wait_is_advised_in_whole_seconds_rounded_up_and_in_milliseconds():
+    from server.api.errors import retry_headers
+
+    assert retry_headers(6.3) == {"Retry-After": "7", "retry-after-ms": "6300"}
+    assert retry_headers(1.0) == {"Retry-After": "1", "retry-after-ms": "1000"}
+    assert retry_headers(0.2) == {"Retry-After": "1", "retry-after-ms": "200"}  # never "0": retry at once

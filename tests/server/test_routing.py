@@ -75,6 +75,7 @@ def test_the_server_answers_429_when_routing_is_full(make_client, held):
         refused = client.post("/generate", json={"prompt": "a green cross", "steps": 2})
         release.set()
         assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+        assert refused.headers["retry-after-ms"] == "1000"
         assert "routing" in refused.json()["detail"]
         assert held_request.result().status_code == queued_request.result().status_code == 200
         metrics = client.get("/metrics").text

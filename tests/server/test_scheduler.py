@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from server.scheduler import (
+    MIN_RETRY_SECONDS,
     AbortOutcome,
     AdmissionError,
     QueuedRequest,
@@ -185,7 +186,7 @@ def test_full_queue_raises_queue_full_and_other_codes_are_unaffected():
     with pytest.raises(QueueFull) as caught:
         scheduler.add(req("c"), 0.0)
     assert caught.value.code == 0
-    assert isinstance(caught.value.retry_after_seconds, int) and caught.value.retry_after_seconds >= 1
+    assert caught.value.retry_after_s >= MIN_RETRY_SECONDS
     assert isinstance(caught.value, AdmissionError)
     scheduler.add(req("other", code=1), 0.0)  # code 1 has its own queue
     stats = scheduler.stats()
@@ -205,7 +206,7 @@ def test_check_room_refuses_only_when_no_code_could_take_a_request():
     with pytest.raises(QueueFull) as caught:
         scheduler.check_room(0.0)
     assert caught.value.code is None and "every code's queue is full" in str(caught.value)
-    assert caught.value.retry_after_seconds >= 1
+    assert caught.value.retry_after_s >= MIN_RETRY_SECONDS
     assert scheduler.stats().rejected == {"queue_full": 1, "closed": 0}
     run_one(scheduler, 1.0)  # a batch leaves a queue with room
     scheduler.check_room(1.0)
@@ -226,12 +227,12 @@ def test_retry_after_follows_batch_durations_and_queue_depth():
     scheduler.add(req("c", at=20.0), 20.0)
     with pytest.raises(QueueFull) as caught:
         scheduler.add(req("d", at=24.0), 24.0)
-    assert caught.value.retry_after_seconds == 6  # the running batch ends in ~6 s, then "b" is taken
+    assert caught.value.retry_after_s == pytest.approx(6.0)  # the running batch ends in 6 s, then "b" is taken
 
     scheduler.add(req("x", code=1, at=19.0), 24.0)  # an older head on code 1 goes before code 0's next batch
     with pytest.raises(QueueFull) as caught:
         scheduler.add(req("e", at=24.0), 24.0)
-    assert caught.value.retry_after_seconds == 16  # 6 s + one code-1 batch (unknown: the mean over codes, 10 s)
+    assert caught.value.retry_after_s == pytest.approx(16.0)  # 6 s + one code-1 batch (the mean over codes, 10 s)
 
 
 # ------------------------------------------------------------------------------------------------ close / drain
@@ -545,7 +546,7 @@ def test_a_burst_into_empty_queues_is_refused_with_a_retry_after():
     scheduler = make(max_queue_size=2)
     with pytest.raises(QueueFull) as caught:
         scheduler.check_room(0.0, incoming=4)  # nothing queued yet, every place taken by requests being routed
-    assert caught.value.retry_after_seconds >= 1
+    assert caught.value.retry_after_s == MIN_RETRY_SECONDS
 
 
 def test_an_admitted_request_is_queued_past_its_codes_share():

@@ -44,9 +44,9 @@ BUDGETS = (0.4, 0.6, 0.8)
 # K = 4 codes whose targets spread around the average budget (a factor of 2.1 at 0.6), capped at the teacher. Every
 # target lies above the width floor's cost, which the search checks before training
 # (`training.search.check_targets_above_floor`): on the retrained teacher min_width 0.25 (configs/shapes/search.yaml)
-# leaves 0.392 of its MACs at the least, 0.125 leaves 0.291. The reports `aptp-0.4` and `aptp-0.6` were made before
-# that check, with targets [0.25, 0.34, 0.46, 0.55] and [0.36, 0.51, 0.69, 0.84] at min_width 0.25: their cheapest
-# codes sat at the floor (0.392), and at 0.4 two of them did, routing 0.449 on average.
+# leaves 0.392 of its MACs at the least, 0.125 leaves 0.291. The report `aptp-0.6` was made before that check, with
+# targets [0.36, 0.51, 0.69, 0.84]: its cheapest code sat at the floor (0.392); so did two of the first `aptp-0.4`'s
+# (in git history), which `aptp-0.4` with these settings replaced.
 CODE_BUDGETS = {0.4: [0.3, 0.35, 0.43, 0.52], 0.6: [0.4, 0.51, 0.67, 0.82], 0.8: [0.6, 0.74, 0.88, 0.98]}
 # The width floor of each budget's searches (APTP and K = 1 alike), where it is not the config's 0.25: at 0.4 the
 # floor of 0.25 would leave K = 1 almost nothing to choose and APTP's cheap codes nowhere to go.

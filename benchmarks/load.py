@@ -172,13 +172,18 @@ def proc_memory_mb(pid: int) -> dict[str, float] | None:
     return values
 
 
+def _stat_cpu_seconds(stat: Path) -> float:
+    """utime + stime of a /proc `stat` file (a process's or a thread's), in seconds; OSError when it is gone."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # clock ticks
+
+
 def proc_cpu_seconds(pid: int) -> float | None:
     """CPU time a process has used so far, all its threads together; None once it is gone (or without /proc)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float] | None:
@@ -191,12 +196,12 @@ def thread_cpu_seconds(pid: int) -> dict[str, float] | None:
         return None
     seconds: dict[str, float] = {}
     for task in tasks:
+        folder = Path(f"/proc/{pid}/task/{task}")
         try:
-            name = Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()
-            fields = Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()
+            name, used = (folder / "comm").read_text().strip(), _stat_cpu_seconds(folder / "stat")
         except OSError:  # the thread ended meanwhile
             continue
-        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        seconds[name] = seconds.get(name, 0.0) + used
     return seconds
 
 

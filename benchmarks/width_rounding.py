@@ -45,7 +45,7 @@ def rounded_keep(unit: PrunableUnit, keep: list[int], multiple: int) -> list[int
 
 
 def run(args) -> dict:
-    bundle = Settings(bundle=args.bundle, _env_file=None).load_pipeline()
+    # Only the teacher is loaded: every code is sliced from it, and its encoder conditions the inputs of all.
     teacher = Settings(bundle=args.teacher, _env_file=None).load_pipeline()
     teacher_unet = teacher.experts[0]
     manifest = read_manifest(args.bundle)
@@ -62,7 +62,7 @@ def run(args) -> dict:
             costs[name] = space.macs(arch, manifest.resolution)
     rows = []
     for batch in BATCHES:
-        medians = alternating_medians(models, guided_inputs(bundle, batch), args.repeats)
+        medians = alternating_medians(models, guided_inputs(teacher, batch), args.repeats)
         for entry in manifest.codes:
             plain, rounded = f"code {entry.code}", f"code {entry.code} rounded"
             rows.append(

@@ -68,8 +68,8 @@ class Settings(BaseSettings):
         (iteration-level scheduling; `max_wait_ms` is not used: nothing waits for a batch to fill); `"request"`: a
         batch runs from its first step to its last, and requests that arrive meanwhile wait for the next one. In
         the serving benchmark's alternating rounds `step` served 0.92-1.03x the images of `request` at saturation
-        (median 0.99x over ten rounds) and answered sooner at light load (p50 0.41-0.44 s against 0.46-0.48 s in every
-        round; README, serving).
+        (median 0.99x over twelve rounds) and answered sooner at light load (p50 0.41-0.44 s against 0.46-0.48 s in
+        every round; README, serving).
     compute_niceness (`int`): how much lower the CPU priority (nice value) of the engine's thread is than the event
         loop's, so refusals and health checks are answered at once however busy the CPU (0: same).
     routing_niceness (`int`): the same for the routing thread. Between the two by default: routing a burst is

@@ -30,13 +30,28 @@ from serving import gemm_rate  # noqa: E402
 from aptp.formats.report import collect_provenance, write_report  # noqa: E402
 from pruning import ArchitectureSpace, flop_counter_macs, slice_unet  # noqa: E402
 
-# SD-1.5's block layout: four levels, two layers each, cross-attention in the first three.
-_SD15_BLOCKS = dict(
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=8,
-)
+
+def _sd15(width_divisor: int, norm_num_groups: int) -> dict:
+    """SD-1.5's U-Net layout (four levels, two layers each, cross-attention in the first three) with its widths and
+    text width divided by `width_divisor`, at 32x32 latents (256 px, to keep a call to seconds on a CPU) and
+    CLIP-length text."""
+    return dict(
+        config=dict(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=tuple(width // width_divisor for width in (320, 640, 1280, 1280)),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=768 // width_divisor,
+            attention_head_dim=8,
+            norm_num_groups=norm_num_groups,
+        ),
+        text_len=77,
+    )
+
+
 SHAPES = {
     # The embedded domain's scale: 32x32 RGB pixels, MiniLM token states (384-d), 16 tokens.
     "pixel-32": dict(
@@ -54,32 +69,8 @@ SHAPES = {
         ),
         text_len=16,
     ),
-    # SD-1.5 block layout at a quarter of the width, 32x32 latents, CLIP-length text.
-    "sd15-quarter": dict(
-        config=dict(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(80, 160, 320, 320),
-            cross_attention_dim=192,
-            norm_num_groups=16,
-            **_SD15_BLOCKS,
-        ),
-        text_len=77,
-    ),
-    # SD-1.5 itself (random weights), at 32x32 latents (256 px) to keep a call to seconds on a CPU.
-    "sd15": dict(
-        config=dict(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(320, 640, 1280, 1280),
-            cross_attention_dim=768,
-            norm_num_groups=32,
-            **_SD15_BLOCKS,
-        ),
-        text_len=77,
-    ),
+    "sd15-quarter": _sd15(width_divisor=4, norm_num_groups=16),
+    "sd15": _sd15(width_divisor=1, norm_num_groups=32),  # random weights
 }
 DEFAULT_SHAPES = ("pixel-32", "sd15-quarter")
 

@@ -28,12 +28,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
-from load import shapes_captions  # noqa: E402
 
 from aptp.conditioning.prompts import Conditioning  # noqa: E402
 from aptp.formats.report import collect_provenance, write_report  # noqa: E402
 from aptp.pipeline import RoutedPipeline  # noqa: E402
-from training.evaluation.paraphrases import load_paraphrases  # noqa: E402
+from training.evaluation.evaluate import evaluation_samples  # noqa: E402
+from training.evaluation.paraphrases import PARAPHRASE_COUNT  # noqa: E402
 
 EAGER, COMPILED, INT8 = "eager", "compiled", "int8 linear layers"
 BATCHES = (1, 8)
@@ -105,7 +105,11 @@ def encode_seconds(conditioners: dict[str, object], prompts: list[str], batch: i
 def run(bundle: Path, threads: int, repeats: int) -> dict:
     torch.set_num_threads(threads)
     pipeline = RoutedPipeline.load(bundle)
-    prompts = {"template test": shapes_captions(256), "paraphrases": [s.caption for s in load_paraphrases()]}
+    # The sets `aptp eval` scores: the template test set and the paraphrase set.
+    sets = {"template test": ("test", 256), "paraphrases": ("paraphrases", PARAPHRASE_COUNT)}
+    prompts = {
+        name: [s.caption for s in evaluation_samples(split, count, seed=0)] for name, (split, count) in sets.items()
+    }
     conditioners = variants(pipeline)
     began = time.perf_counter()
     with torch.inference_mode():

@@ -3,10 +3,14 @@ code, scored by the domain's evaluator, per tier. It says where capacity matters
 the costliest code to the cheapest is one routing should send to costly codes, a tier that keeps its alignment on
 the cheapest code is one it can serve cheaply.
 
-    .venv/bin/python benchmarks/code_tiers.py --bundle runs/sweep/aptp-0.6/bundle --codes 0 3 --name aptp-0.6
+    .venv/bin/python benchmarks/code_tiers.py --bundle benchmarks/models/aptp-rich-0.4 --name aptp-0.4 \
+        --reference benchmarks/results/sweep/teacher.json benchmarks/results/sweep/baseline-0.4.json
 
-Same prompts and seeds as `aptp eval` (its test split and paraphrase set). Writes
-`benchmarks/results/code_tiers/<name>.json` and `.md` with provenance.
+Same prompts and seeds as `aptp eval` (its test split and paraphrase set), so `aptp eval` reports of other models at
+the same seed (`--reference`: the teacher, a static baseline) score the same images' prompts: the table puts their
+alignment on these prompts beside each code's, and each code's alignment minus the first reference's, prompt by
+prompt, per tier. Writes `benchmarks/results/code_tiers/<name>.json` (with every prompt's alignment per code) and
+`.md` with provenance.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from aptp.formats.report import collect_provenance, write_report
 from aptp.pipeline import RoutedPipeline
 from training.evaluation.evaluate import evaluation_samples
 from training.evaluation.evaluator import DomainEvaluator, alignment, read_images
-from training.evaluation.metrics import mean_by_tier
+from training.evaluation.metrics import format_paired, mean_by_tier, paired_difference
+from training.evaluation.reports import EvalReport, read_report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,18 +54,68 @@ def code_alignment(
     return np.array([alignment(s.scene, r) for s, r in zip(samples, read_images(evaluator, images), strict=True)])
 
 
+def reference_alignment(report: EvalReport, split: str, count: int, seed: int) -> np.ndarray:
+    """The first `count` per-prompt alignments of `report` on `split`: `aptp eval` scores the same prompts with the
+    same seeds as this script when its seed is the same (prompt i and its noise seed depend on i alone). ValueError
+    naming the report where it scored other prompts or too few."""
+    result = report.split(split)
+    if report.seed != seed:
+        raise ValueError(f"reference {report.name!r} was evaluated at seed {report.seed}, not --seed {seed}")
+    if result is None or result.alignment_per_prompt is None or len(result.alignment_per_prompt) < count:
+        scored = 0 if result is None or result.alignment_per_prompt is None else len(result.alignment_per_prompt)
+        raise ValueError(f"reference {report.name!r} scores {scored} {split} prompts one by one, fewer than {count}")
+    return np.asarray(result.alignment_per_prompt[:count])
+
+
+def _tier_row(cells: dict[str, str]) -> str:
+    return " | ".join(cells.get(f"tier{t}", "-") for t in range(1, 5))
+
+
 def markdown(name: str, code_ratios: list[float], report: dict) -> str:
+    references = report.get("references", {})
     lines = [
         f"### {name}: alignment of each code on every prompt",
         "",
-        "| split | code | MACs (x teacher) | alignment | tier 1 | tier 2 | tier 3 | tier 4 |",
+        "| split | model | MACs (x teacher) | alignment | tier 1 | tier 2 | tier 3 | tier 4 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for split, per_code in report["splits"].items():
-        for code, cells in per_code.items():
-            tiers = " | ".join(f"{cells.get(f'tier{t}', float('nan')):.3f}" for t in range(1, 5))
-            lines.append(f"| {split} | {code} | {code_ratios[int(code)]:.3f} | {cells['overall']:.3f} | {tiers} |")
+        for code, scores in per_code.items():
+            cells = {k: f"{v:.3f}" for k, v in scores["alignment"].items()}
+            lines.append(
+                f"| {split} | code {code} | {code_ratios[int(code)]:.3f} | {cells['overall']} | {_tier_row(cells)} |"
+            )
+        for ref_name, reference in references.items():
+            scores = reference["splits"][split]
+            cells = {k: f"{v:.3f}" for k, v in scores["alignment"].items()}
+            lines.append(
+                f"| {split} | {ref_name} | {reference['macs_ratio'][split]:.3f} | {cells['overall']} "
+                f"| {_tier_row(cells)} |"
+            )
+    if references:
+        first = next(iter(references))
+        lines += [
+            "",
+            f"Each code's alignment minus `{first}`'s on the same prompts and seeds, per tier: mean [95% bootstrap "
+            "interval over prompts].",
+            "",
+            "| split | code | MACs (x teacher) | all | tier 1 | tier 2 | tier 3 | tier 4 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for split, per_code in report["splits"].items():
+            for code, scores in per_code.items():
+                cells = {k: format_paired(v) for k, v in scores["minus_reference"].items()}
+                lines.append(
+                    f"| {split} | {code} | {code_ratios[int(code)]:.3f} | {cells['overall']} | {_tier_row(cells)} |"
+                )
     return "\n".join(lines) + "\n"
+
+
+def paired_by_tier(values: np.ndarray, reference: np.ndarray, tiers: np.ndarray) -> dict[str, dict[str, float]]:
+    """`paired_difference` of `values` against `reference`, overall and per tier."""
+    paired = {"overall": paired_difference(values, reference)}
+    paired.update({f"tier{t}": paired_difference(values[tiers == t], reference[tiers == t]) for t in np.unique(tiers)})
+    return paired
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,12 +129,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, default=400, help="prompts per split")
     parser.add_argument("--seed", type=int, default=7, help="as `aptp eval`'s, so the prompts and seeds are its")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--reference",
+        nargs="+",
+        default=[],
+        metavar="REPORT",
+        help="`aptp eval` reports (<name>.json) of other models at the same seed, scored on the same prompts; the "
+        "first is what each code is compared with, prompt by prompt",
+    )
     parser.add_argument("--name", required=True)
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/code_tiers"))
     args = parser.parse_args(argv)
     try:
         pipeline = RoutedPipeline.from_pretrained(args.bundle)
         evaluator = DomainEvaluator.load(args.evaluator)
+        references = [read_report(path) for path in args.reference]
+        reference_scores = {
+            r.name: {split: reference_alignment(r, split, args.num_prompts, args.seed) for split in args.splits}
+            for r in references
+        }
     except (ModelFileError, ValueError) as e:
         print(f"code_tiers.py: error: {e}", file=sys.stderr)
         return 2
@@ -93,16 +161,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     code_ratios = [c.macs / pipeline.teacher_macs for c in pipeline.codes]
     report: dict = {"name": args.name, "bundle": args.bundle, "code_macs_ratio": code_ratios, "splits": {}}
+    report["references"] = {
+        r.name: {
+            "report": path,
+            "macs_ratio": {split: r.split(split).routing.macs_ratio["overall"] for split in args.splits},
+            "splits": {},
+        }
+        for r, path in zip(references, args.reference, strict=True)
+    }
     for split in args.splits:
         samples = evaluation_samples(split, args.num_prompts, args.seed)
         tiers = np.array([s.scene.tier for s in samples])
-        with torch.inference_mode():
-            report["splits"][split] = {
-                str(code): mean_by_tier(
-                    code_alignment(pipeline, evaluator, code, samples, args.seed, args.batch_size), tiers
-                )
-                for code in codes
-            }
+        for name, scores in reference_scores.items():
+            report["references"][name]["splits"][split] = {"alignment": mean_by_tier(scores[split], tiers)}
+        report["splits"][split] = {}
+        for code in codes:
+            with torch.inference_mode():
+                aligned = code_alignment(pipeline, evaluator, code, samples, args.seed, args.batch_size)
+            scores = {"alignment": mean_by_tier(aligned, tiers), "alignment_per_prompt": aligned.round(4).tolist()}
+            if reference_scores:
+                first = next(iter(reference_scores.values()))
+                scores["minus_reference"] = paired_by_tier(aligned, first[split], tiers)
+            report["splits"][split][str(code)] = scores
     config = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
     provenance = collect_provenance([args.bundle, args.evaluator], config=config)
     write_report(

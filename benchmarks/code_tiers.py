@@ -6,6 +6,10 @@ the cheapest code is one it can serve cheaply.
     .venv/bin/python benchmarks/code_tiers.py --bundle benchmarks/models/aptp-rich-0.4 --name aptp-0.4 \
         --reference benchmarks/results/sweep/teacher.json benchmarks/results/sweep/baseline-0.4.json
 
+With every code run (no `--codes`), it also scores routing from the same images: the router's own choice per prompt
+against the best fixed tier-to-code policy that spends no more MACs (what a router that knew each prompt's tier
+could get from these codes; chosen on the same prompts, so a little optimistic).
+
 Same prompts and seeds as `aptp eval` (its test split and paraphrase set), so `aptp eval` reports of other models at
 the same seed (`--reference`: the teacher, a static baseline) score the same images' prompts: the table puts their
 alignment on these prompts beside each code's, and each code's alignment minus the first reference's, prompt by
@@ -16,6 +20,7 @@ prompt, per tier. Writes `benchmarks/results/code_tiers/<name>.json` (with every
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -108,6 +113,26 @@ def markdown(name: str, code_ratios: list[float], report: dict) -> str:
                 lines.append(
                     f"| {split} | {code} | {code_ratios[int(code)]:.3f} | {cells['overall']} | {_tier_row(cells)} |"
                 )
+    if report.get("routing"):
+        against = f" minus `{next(iter(references))}`'s" if references else ""
+        lines += [
+            "",
+            "Routing, from the same images: the router's choice per prompt, and the tier-to-code map that gets the "
+            "most alignment at no more MACs (chosen on these prompts).",
+            "",
+            "| split | routing | codes of tiers 1-4 | MACs (x teacher) | alignment | tier 1 | tier 2 | tier 3 "
+            f"| tier 4 | all{against} |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for split, routing in report["routing"].items():
+            for kind, policy in routing.items():
+                cells = {k: f"{v:.3f}" for k, v in policy["alignment"].items()}
+                mapping = " / ".join(str(c) for c in policy["codes"].values()) if "codes" in policy else "per prompt"
+                paired = format_paired(policy["minus_reference"]["overall"]) if "minus_reference" in policy else "-"
+                lines.append(
+                    f"| {split} | {kind.replace('_', ' ')} | {mapping} | {policy['macs_ratio']:.3f} "
+                    f"| {cells['overall']} | {_tier_row(cells)} | {paired} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -116,6 +141,37 @@ def paired_by_tier(values: np.ndarray, reference: np.ndarray, tiers: np.ndarray)
     paired = {"overall": paired_difference(values, reference)}
     paired.update({f"tier{t}": paired_difference(values[tiers == t], reference[tiers == t]) for t in np.unique(tiers)})
     return paired
+
+
+def routing_comparison(
+    per_prompt: np.ndarray, chosen: np.ndarray, code_ratios: list[float], tiers: np.ndarray
+) -> dict[str, dict]:
+    """Alignment and MACs of the router's `chosen` code per prompt, and of the tier-to-code map that gets the most
+    alignment at no more MACs, from `per_prompt[code, prompt]` (every code's alignment on every prompt)."""
+    ratios = np.asarray(code_ratios)
+    prompts = np.arange(per_prompt.shape[1])
+    routed = per_prompt[chosen, prompts]
+    result = {
+        "router": {"macs_ratio": float(ratios[chosen].mean()), "alignment": mean_by_tier(routed, tiers)},
+    }
+    present = [int(t) for t in np.unique(tiers)]
+    best = None
+    for mapping in itertools.product(range(len(code_ratios)), repeat=len(present)):
+        codes = np.select([tiers == t for t in present], mapping)
+        macs = float(ratios[codes].mean())
+        score = float(per_prompt[codes, prompts].mean())
+        if macs <= result["router"]["macs_ratio"] + 1e-9 and (best is None or score > best[0]):
+            best = (score, macs, codes, mapping)
+    if best is not None:
+        _, macs, codes, mapping = best
+        result["tier_policy"] = {
+            "codes": {f"tier{t}": int(c) for t, c in zip(present, mapping, strict=True)},
+            "macs_ratio": macs,
+            "alignment": mean_by_tier(per_prompt[codes, prompts], tiers),
+            "alignment_per_prompt": per_prompt[codes, prompts].round(4).tolist(),
+        }
+    result["router"]["alignment_per_prompt"] = routed.round(4).tolist()
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +239,17 @@ def main(argv: list[str] | None = None) -> int:
                 first = next(iter(reference_scores.values()))
                 scores["minus_reference"] = paired_by_tier(aligned, first[split], tiers)
             report["splits"][split][str(code)] = scores
+        if codes == list(range(pipeline.num_codes)) and pipeline.num_codes > 1:
+            chosen = np.array(pipeline.route(pipeline.encode([s.caption for s in samples])).codes)
+            per_prompt = np.array([report["splits"][split][str(c)]["alignment_per_prompt"] for c in codes])
+            routing = routing_comparison(per_prompt, chosen, code_ratios, tiers)
+            if reference_scores:
+                first = next(iter(reference_scores.values()))
+                for policy in routing.values():
+                    policy["minus_reference"] = paired_by_tier(
+                        np.asarray(policy["alignment_per_prompt"]), first[split], tiers
+                    )
+            report.setdefault("routing", {})[split] = routing
     config = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
     provenance = collect_provenance([args.bundle, args.evaluator], config=config)
     write_report(

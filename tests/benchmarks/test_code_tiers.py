@@ -41,6 +41,20 @@ def test_each_code_scores_the_prompts_aptp_eval_routes_to_it_as_aptp_eval_does(t
     assert report["code_macs_ratio"][1] < report["code_macs_ratio"][0]
     assert "| test | code 1 |" in (tmp_path / "tiers.md").read_text()
 
+    # every code was run, so routing is scored from the same images: the router's choice, and the best tier map
+    per_code = [report["splits"]["test"][str(c)]["alignment_per_prompt"] for c in (0, 1)]
+    routing = report["routing"]["test"]
+    pipeline = RoutedPipeline.from_pretrained(bundle)
+    chosen = pipeline.route(pipeline.encode([s.caption for s in evaluation_samples("test", count, 7)])).codes
+    assert routing["router"]["alignment_per_prompt"] == [per_code[c][i] for i, c in enumerate(chosen)]
+    ratios = report["code_macs_ratio"]
+    assert routing["router"]["macs_ratio"] == pytest.approx(sum(ratios[c] for c in chosen) / count)
+    policy = routing["tier_policy"]
+    assert policy["macs_ratio"] <= routing["router"]["macs_ratio"] + 1e-9
+    cheapest = min(range(2), key=lambda c: ratios[c])
+    assert policy["alignment"]["overall"] >= sum(per_code[cheapest]) / count - 1e-9  # sending all to it is allowed
+    assert "| test | tier policy |" in (tmp_path / "tiers.md").read_text()
+
     # aptp eval's own images, with its router steered to one code: code_images must make them again
     pipeline = RoutedPipeline.from_pretrained(bundle)
     samples = evaluation_samples("test", count, 7)

@@ -16,7 +16,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from aptp.conditioning.adapter import TextAdapter, TextAdapterConfig
+from aptp.conditioning.adapter import AdapterShape, TextAdapter
 from aptp.conditioning.encoder import EncoderConfig, PromptEncoder
 from aptp.conditioning.prompts import Conditioning
 from aptp.formats.teacher import TeacherSpec, save_teacher
@@ -49,10 +49,9 @@ class UNetSettings(BaseModel):
         return self
 
 
-class AdapterSettings(BaseModel):
-    """A trainable text adapter between the frozen encoder and the U-Net (`aptp.conditioning.adapter`): `width`,
-    `layers`, `heads`, `passthrough`, `summary_tokens`, `map_grid` and `map_channels` as in `TextAdapterConfig` (the
-    U-Net's `in_channels` must then count the map's channels). With `layout_weight` > 0, a
+class AdapterSettings(AdapterShape):
+    """A trainable text adapter between the frozen encoder and the U-Net: its shape (`AdapterShape`; with a prompt
+    map, the U-Net's `in_channels` must count the map's channels) and how it is trained. With `layout_weight` > 0, a
     layout read-out (`training.layout`) trained on the adapter's states adds its loss, times this weight, to the
     denoising loss; the read-out is used in training only and not exported. With `summary_tokens` it classifies the
     adapter's summary tokens themselves, one per grid cell and one for the scene (so there must be that many).
@@ -60,15 +59,6 @@ class AdapterSettings(BaseModel):
     (`training.layout.pretrain_adapter`: `pretrain_captions` captions encoded once, batches of
     `pretrain_batch_size`, learning rate `pretrain_lr`), before the U-Net's first step."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    width: int = Field(128, ge=8)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(4, ge=1)
-    passthrough: bool = False
-    summary_tokens: int = Field(0, ge=0)
-    map_grid: int = Field(0, ge=0)
-    map_channels: int = Field(0, ge=0)
     layout_weight: float = Field(0.0, ge=0.0)
     pretrain_steps: int = Field(0, ge=0)
     pretrain_captions: int = Field(32768, ge=1)
@@ -93,10 +83,6 @@ class AdapterSettings(BaseModel):
     @property
     def has_layout_read(self) -> bool:
         return self.layout_weight > 0 or self.pretrain_steps > 0
-
-    def adapter_config(self, token_dim: int) -> TextAdapterConfig:
-        fields = {"width", "layers", "heads", "passthrough", "summary_tokens", "map_grid", "map_channels"}
-        return TextAdapterConfig(token_dim=token_dim, **self.model_dump(include=fields))
 
 
 class NoiseSettings(BaseModel):

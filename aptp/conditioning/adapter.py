@@ -58,17 +58,16 @@ class AttentionRead(nn.Module):
         return 2 * length * token_dim * width + 2 * self.queries.shape[0] * length * width
 
 
-class TextAdapterConfig(BaseModel):
-    """Shape of the adapter: `token_dim` (the encoder's token-state width) in, `layers` pre-norm transformer layers
-    of `width` and `heads` heads. With `passthrough`, each output token is the encoder's state followed by the
-    adapter's (the U-Net keeps every word's own state and gains the adapter's), else the adapter's alone;
-    `out_dim` is the U-Net's `cross_attention_dim`. `summary_tokens` learned-query tokens follow the prompt's
-    (their encoder part zero under `passthrough`). `map_grid` > 0 makes a `map_channels`-deep prompt map of the first
-    `map_grid**2` summary tokens (the U-Net then takes `map_channels` more input channels)."""
+class AdapterShape(BaseModel):
+    """The adapter's own shape, whatever encoder feeds it: `layers` pre-norm transformer layers of `width` and
+    `heads` heads. With `passthrough`, each output token is the encoder's state followed by the adapter's (the U-Net
+    keeps every word's own state and gains the adapter's), else the adapter's alone. `summary_tokens` learned-query
+    tokens follow the prompt's (their encoder part zero under `passthrough`). `map_grid` > 0 makes a
+    `map_channels`-deep prompt map of the first `map_grid**2` summary tokens (the U-Net then takes `map_channels`
+    more input channels). A teacher's training config (`training.teacher.AdapterSettings`) extends it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    token_dim: int = Field(ge=1)
     width: int = Field(128, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
@@ -76,6 +75,17 @@ class TextAdapterConfig(BaseModel):
     summary_tokens: int = Field(0, ge=0)
     map_grid: int = Field(0, ge=0)
     map_channels: int = Field(0, ge=0)
+
+    def adapter_config(self, token_dim: int) -> TextAdapterConfig:
+        """This shape fed by an encoder of `token_dim`-wide token states."""
+        return TextAdapterConfig(token_dim=token_dim, **self.model_dump(include=set(AdapterShape.model_fields)))
+
+
+class TextAdapterConfig(AdapterShape):
+    """An `AdapterShape` with `token_dim` (the encoder's token-state width) in; `out_dim` is the U-Net's
+    `cross_attention_dim`."""
+
+    token_dim: int = Field(ge=1)
 
     @model_validator(mode="after")
     def _map_needs_summary_tokens(self) -> TextAdapterConfig:

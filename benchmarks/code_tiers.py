@@ -11,10 +11,10 @@ against the best fixed tier-to-code policy that spends no more MACs (what a rout
 could get from these codes; chosen on the same prompts, so a little optimistic).
 
 Same prompts and seeds as `aptp eval` (its test split and paraphrase set), so `aptp eval` reports of other models at
-the same seed (`--reference`: the teacher, a static baseline) score the same images' prompts: the table puts their
-alignment on these prompts beside each code's, and each code's alignment minus the first reference's, prompt by
-prompt, per tier. Writes `benchmarks/results/code_tiers/<name>.json` (with every prompt's alignment per code) and
-`.md` with provenance.
+the same seed (`--reference`: the teacher, a static baseline) scored the same prompts with the same noise: the table
+puts their alignment on these prompts beside each code's, and each code's alignment minus the first reference's,
+prompt by prompt, per tier. Writes `benchmarks/results/code_tiers/<name>.json` (with every prompt's alignment per
+code) and `.md` with provenance.
 """
 
 from __future__ import annotations

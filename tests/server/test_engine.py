@@ -225,8 +225,9 @@ def test_compute_runs_below_the_event_loops_priority_and_denoising_below_routing
         threads = {thread.name: thread.native_id for thread in threading.enumerate()}
         mine = _nice(threading.get_native_id())
         workers = {name: native for name, native in threads.items() if re.fullmatch(r"aptp-engine-\d+", name)}
-        assert workers and all(_nice(native) == mine + 7 for native in workers.values())
-        assert _nice(threads["aptp-routing"]) == mine + 3
+        # the kernel caps niceness at 19, so a suite run under `nice` sees the offsets clipped there
+        assert workers and all(_nice(native) == min(mine + 7, 19) for native in workers.values())
+        assert _nice(threads["aptp-routing"]) == min(mine + 3, 19)
         assert all(native_thread_name(native) == name for name, native in workers.items())
         assert native_thread_name(threads["aptp-routing"]) == "aptp-routing"
 

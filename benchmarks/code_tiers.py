@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for r, path in zip(references, args.reference, strict=True)
     }
+    first_reference = next(iter(reference_scores.values()), None)  # what each code is paired with
     for split in args.splits:
         samples = evaluation_samples(split, args.num_prompts, args.seed)
         tiers = np.array([s.scene.tier for s in samples])
@@ -235,19 +236,17 @@ def main(argv: list[str] | None = None) -> int:
             with torch.inference_mode():
                 aligned = code_alignment(pipeline, evaluator, code, samples, args.seed, args.batch_size)
             scores = {"alignment": mean_by_tier(aligned, tiers), "alignment_per_prompt": aligned.round(4).tolist()}
-            if reference_scores:
-                first = next(iter(reference_scores.values()))
-                scores["minus_reference"] = paired_by_tier(aligned, first[split], tiers)
+            if first_reference is not None:
+                scores["minus_reference"] = paired_by_tier(aligned, first_reference[split], tiers)
             report["splits"][split][str(code)] = scores
         if codes == list(range(pipeline.num_codes)) and pipeline.num_codes > 1:
             chosen = np.array(pipeline.route(pipeline.encode([s.caption for s in samples])).codes)
             per_prompt = np.array([report["splits"][split][str(c)]["alignment_per_prompt"] for c in codes])
             routing = routing_comparison(per_prompt, chosen, code_ratios, tiers)
-            if reference_scores:
-                first = next(iter(reference_scores.values()))
+            if first_reference is not None:
                 for policy in routing.values():
                     policy["minus_reference"] = paired_by_tier(
-                        np.asarray(policy["alignment_per_prompt"]), first[split], tiers
+                        np.asarray(policy["alignment_per_prompt"]), first_reference[split], tiers
                     )
             report.setdefault("routing", {})[split] = routing
     config = {k: v for k, v in vars(args).items() if k not in ("out", "name")}

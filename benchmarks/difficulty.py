@@ -30,6 +30,7 @@ from diffusers import DDPMScheduler
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from aptp.formats.files import ModelFileError  # noqa: E402
 from aptp.formats.report import collect_provenance, write_report  # noqa: E402
 from aptp.sampling import denoise  # noqa: E402
 from pruning.gates import UNetGates  # noqa: E402
@@ -148,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/difficulty"))
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    result = measure(args.teacher, args.budget, args.per_tier, args.batch, args.seed)
+    try:
+        result = measure(args.teacher, args.budget, args.per_tier, args.batch, args.seed)
+    except ModelFileError as e:
+        parser.error(f"--teacher: {e}")
+    except ValueError as e:  # the only other refusal: a budget under what L1 pruning can reach
+        parser.error(f"--budget: {e}")
     config = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
     provenance = collect_provenance([args.teacher], config=config)
     write_report(args.out, args.name, result, markdown(result, args.name), echo=True, provenance=provenance)

@@ -48,10 +48,29 @@ def l1_architecture(space: ArchitectureSpace, importance: torch.Tensor, keep: fl
     return arch
 
 
+def l1_floor(space: ArchitectureSpace, resolution: int) -> float:
+    """MACs (x the teacher's) of the cheapest L1 architecture: one gate in each width unit (which one does not change
+    the cost), depth unpruned."""
+    one_gate_each = torch.ones(space.dim)
+    for unit in space.width_units:
+        one_gate_each[space.slices[unit.name]] = 0.0
+        one_gate_each[space.slices[unit.name].start] = 1.0
+    return space.macs(one_gate_each, resolution) / space.total_macs(resolution)
+
+
 def l1_architecture_for_budget(
     unet: nn.Module, space: ArchitectureSpace, budget: float, resolution: int, iterations: int = 30
 ) -> torch.Tensor:
-    """The uniform keep ratio whose L1 architecture costs at most `budget` x the teacher's MACs (bisection)."""
+    """The uniform keep ratio whose L1 architecture costs at most `budget` x the teacher's MACs (bisection).
+
+    Every width unit keeps at least one gate, so no L1 architecture costs less than that floor; a budget under it is
+    refused rather than answered with the floor's network, whose cost would then not be the one asked for."""
+    floor = l1_floor(space, resolution)
+    if budget < floor:
+        raise ValueError(
+            f"{budget} is below {floor:.4f} of the teacher's MACs, the cheapest network L1 pruning leaves "
+            f"(one gate in each of the {len(space.width_units)} width units, depth unpruned)"
+        )
     importance = l1_importance(unet, space)
     target = budget * space.total_macs(resolution)
     low, high = 0.0, 1.0

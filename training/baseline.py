@@ -16,6 +16,7 @@ from pruning.slicing import slice_unet
 from pruning.space import ArchitectureSpace
 from router.model import Router, RouterConfig
 
+from .config import ConfigError
 from .data.captions import CaptionFolderConfig, training_data
 from .distributed import Processes
 from .export import export_bundle
@@ -48,7 +49,10 @@ def run_baseline(config: BaselineConfig) -> Path:
     teacher = load_training_teacher(config.teacher, device, dtype=config.torch_teacher_dtype)
     spec = teacher.spec
     space = ArchitectureSpace.from_unet(teacher.unet, text_len=teacher.text_len)
-    arch = l1_architecture_for_budget(teacher.unet, space, config.budget, spec.resolution)
+    try:
+        arch = l1_architecture_for_budget(teacher.unet, space, config.budget, spec.resolution)
+    except ValueError as e:
+        raise ConfigError(f"budget: {e}") from None
     data = training_data(config.data, teacher.pixel_resolution, config.seed, config.phrasing)
     teacher.use_latent_cache(data, processes)
     storage = getattr(torch, config.export_dtype)

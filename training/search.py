@@ -26,7 +26,7 @@ from tqdm import tqdm
 from aptp.conditioning.encoder import EncoderConfig, PromptEncoder
 from aptp.sampling import denoise
 from pruning.gates import UNetGates
-from pruning.importance import l1_architecture_for_budget, l1_importance
+from pruning.importance import l1_architecture_for_budget, l1_floor, l1_importance
 from pruning.space import ArchitectureSpace
 from router.assignment import assign
 from router.difficulty import DifficultyTargets, capacity_scores, reference_error
@@ -34,6 +34,7 @@ from router.gates import normalised_architecture
 from router.losses import code_resource_loss, contrastive_loss, prunable_budget, resource_loss, spread_losses
 from router.model import Router, RouterConfig
 
+from .config import ConfigError
 from .data.captions import CaptionFolderConfig, TrainingData, read_prompt_file, training_data
 from .distill import DistillLosses, block_features, student_losses
 from .distributed import Processes
@@ -121,7 +122,7 @@ class SearchConfig(RunSettings):
         gt=0,
         le=1,
         description="MACs (x teacher) of the L1-pruned network whose error rates the difficulty; default: the "
-        "cheapest code's target, else the budget",
+        "cheapest code's target, else the budget, and at least the cheapest L1 network (one gate a width unit)",
     )
     difficulty_lr: float = Field(1e-3, gt=0, description="learning rate of the difficulty head")
     min_snr_gamma: float = Field(5.0, gt=0)
@@ -192,7 +193,7 @@ def check_targets_above_floor(config: SearchConfig, space: ArchitectureSpace, he
     option, targets = ("code_budgets", config.code_budgets) if config.code_budgets else ("budget", [config.budget])
     below = [target for target in targets if target < cheapest]
     if below:
-        raise ValueError(
+        raise ConfigError(
             f"{option}: {below} below {cheapest:.3f} of the teacher's MACs, the cheapest network that "
             f"min_width={config.min_width} leaves (each layer keeps its strongest gates): lower min_width or raise "
             "the targets"
@@ -264,8 +265,14 @@ def run_search(config: SearchConfig) -> Path:
     reference = None  # the fixed pruned network that rates each training prompt's difficulty
     if router.difficulty is not None:
         groups.append({"params": list(router.difficulty.parameters()), "initial_lr": config.difficulty_lr})
-        reference_budget = config.difficulty_reference or min(config.code_budgets or [config.budget])
-        reference = l1_architecture_for_budget(unet, space, reference_budget, resolution).to(device)
+        # A code may go under the L1 floor (depth pruning); the reference only rates prompts, so by default it stops
+        # at the floor, while an explicit reference budget under it is refused
+        cheapest = max(min(config.code_budgets or [config.budget]), l1_floor(space, resolution))
+        try:
+            reference = l1_architecture_for_budget(unet, space, config.difficulty_reference or cheapest, resolution)
+        except ValueError as e:
+            raise ConfigError(f"difficulty_reference: {e}") from None
+        reference = reference.to(device)
         modules["difficulty_targets"] = DifficultyTargets(scheduler.config.num_train_timesteps).to(device)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     total, prunable = space.total_macs(resolution), space.prunable_macs(resolution)

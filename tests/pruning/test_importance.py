@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pruning.importance import l1_architecture, l1_architecture_for_budget, l1_importance
@@ -27,3 +28,15 @@ def test_the_budgeted_architecture_spends_at_most_the_budget(small_unet, small_s
     arch = l1_architecture_for_budget(small_unet, small_space, 0.6, resolution)
     spent = small_space.macs(arch, resolution) / total
     assert 0.5 < spent <= 0.6
+
+
+def test_a_budget_under_the_one_gate_a_unit_floor_is_refused_naming_the_floor(small_unet, small_space):
+    """Every width unit keeps a gate; below that network's cost no L1 architecture meets the budget, and answering
+    with the floor's network would hand back a cost other than the one asked for (the sweep's 0.2 job got 0.279)."""
+    resolution = small_space.default_resolution
+    one_gate_each = l1_architecture(small_space, l1_importance(small_unet, small_space), 0.0)
+    floor = small_space.macs(one_gate_each, resolution) / small_space.total_macs(resolution)
+    assert all(one_gate_each[small_space.slices[u.name]].sum() == 1 for u in small_space.width_units)
+    assert torch.equal(l1_architecture_for_budget(small_unet, small_space, floor, resolution), one_gate_each)
+    with pytest.raises(ValueError, match=rf"^{floor / 2} is below {floor:.4f} of the teacher's MACs.*one gate in each"):
+        l1_architecture_for_budget(small_unet, small_space, floor / 2, resolution)

@@ -17,6 +17,7 @@ from aptp.formats.teacher import load_teacher
 from router.model import Router
 from tests.helpers import ENCODER_MAX_LENGTH, save_tiny_teacher, shared_encoder_factory
 from tests.router.test_model import nested_architectures
+from training.config import ConfigError
 from training.data.shapes import ShapesDomain
 from training.search import SearchConfig, run_search
 
@@ -260,8 +261,17 @@ def test_a_target_below_what_the_width_floor_leaves_is_refused_before_training(t
     with pytest.raises(ValueError, match=r"code_budgets: \[0.05\] below 0\.\d+ of the teacher's MACs.*min_width=0.5"):
         run_search(config)
     assert not (tmp_path / "run" / "log.jsonl").exists()  # nothing trained
-    with pytest.raises(ValueError, match=r"^budget: \[0.05\] below"):
+    with pytest.raises(ConfigError, match=r"^budget: \[0.05\] below"):
         run_search(_config(teacher_folder, tmp_path / "run", **floor, budget=0.05))
+
+
+def test_a_difficulty_reference_under_what_l1_pruning_reaches_is_refused_before_training(teacher_folder, tmp_path):
+    """Unset, the reference takes the cheapest target, held at the one-gate-a-unit floor (a code may go under it by
+    dropping blocks); set under that floor, it is refused, naming the option."""
+    config = _config(teacher_folder, tmp_path / "run", difficulty_weight=1.0, difficulty_reference=0.02)
+    with pytest.raises(ConfigError, match=r"^difficulty_reference: 0.02 is below 0\.\d+ of the teacher's MACs"):
+        run_search(config)
+    assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
 def test_a_search_with_difficulty_trains_the_routers_head_on_the_reference_errors(teacher_folder, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,6 +313,18 @@ class Router(nn.Module):
 
     def _file_state(self) -> dict[str, torch.Tensor]:
         return {**self.state_dict(), CODE_OFFSETS: self.code_offsets}
+
+
+def is_router_folder(path: str | Path) -> bool:
+    """Whether `path` (a folder, or its config.json) holds a saved router: a config describing a router and the
+    space it prunes. Unreadable or other files say no; loading them names the problem."""
+    path = Path(path)
+    config = path if path.name == ROUTER_CONFIG and path.is_file() else path / ROUTER_CONFIG
+    try:
+        description = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(description, dict) and {"router", "space"} <= description.keys()
 
 
 def describe_router(folder: str | Path, num_codes: int | None = None) -> dict[str, Any]:

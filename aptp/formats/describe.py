@@ -43,6 +43,9 @@ def _build_skeleton(config: Any, source: Path):
     class_name = config.get("_class_name", "UNet2DConditionModel") if isinstance(config, dict) else None
     if class_name != "UNet2DConditionModel":
         raise ValueError(f"{source}: expected a UNet2DConditionModel config, found {class_name!r}")
+    if "_class_name" not in config and "block_out_channels" not in config:
+        # diffusers would build its default (SD-sized) U-Net from any JSON object: a wrong answer, not a report
+        raise ValueError(f"{source}: not a UNet2DConditionModel config (neither _class_name nor block_out_channels)")
     try:
         with torch.device("meta"):
             return UNet2DConditionModel.from_config(config)
@@ -129,46 +132,69 @@ def _describe_unet(
     if resolution is not None and resolution <= 0:
         raise ValueError(f"--resolution must be positive, got {resolution}")
     resolution = resolution or space.default_resolution
-    table = space.mac_table(resolution)
-    hard = space.harden(arch)
-    units = []
-    for unit in space.units:
-        gates = hard[space.slices[unit.name]]
-        units.append(
-            {
-                "name": unit.name,
-                "kind": unit.kind.value,
-                "block": unit.block,
-                "gates": unit.num_gates,
-                "channels_per_gate": unit.channels_per_gate,
-                "kept": int(gates.sum()),
-                "macs": table.unit_macs[unit.name],
-            }
-        )
     report: dict[str, Any] = {
         "path": str(path),
         "kind": kind,
-        "resolution": list(table.resolution),
-        "text_len": space.text_len,
+        **_space_totals(space, resolution),
         "params": sum(p.numel() for p in skeleton.parameters()),
-        "total_macs": table.total,
-        "prunable_macs": table.total - table.fixed,
-        "fixed_macs": table.fixed,
-        "op_macs": table.op_macs,
-        "architecture_dim": space.dim,
-        "units": units,
+        "units": _unit_rows(space, arch, resolution),
     }
     if pipeline:
         report.update(_decoder_and_text_encoder_macs(pipeline, report["resolution"], space.text_len))
     if kind == "expert":
         report["expert_macs"] = space.macs(arch, resolution)
-        report["mac_ratio"] = report["expert_macs"] / table.total
+        report["mac_ratio"] = report["expert_macs"] / report["total_macs"]
     if verify:
         counted = flop_counter_macs(skeleton, resolution, space.text_len)
-        modelled = report.get("expert_macs", table.total)
+        modelled = report.get("expert_macs", report["total_macs"])
         report["flop_counter_macs"] = counted
         report["flop_counter_rel_error"] = abs(modelled - counted) / counted
     return report, space, arch
+
+
+def _space_totals(space: ArchitectureSpace, resolution: int) -> dict[str, Any]:
+    """What a report says of the full model a space prunes, at `resolution`."""
+    table = space.mac_table(resolution)
+    return {
+        "resolution": list(table.resolution),
+        "text_len": space.text_len,
+        "total_macs": table.total,
+        "prunable_macs": table.total - table.fixed,
+        "fixed_macs": table.fixed,
+        "op_macs": table.op_macs,
+        "architecture_dim": space.dim,
+    }
+
+
+def _unit_rows(space: ArchitectureSpace, arch: torch.Tensor, resolution: int) -> list[dict[str, Any]]:
+    """Per prunable unit: its place, its gates, how many of them `arch` keeps, and its MACs at full width."""
+    table = space.mac_table(resolution)
+    hard = space.harden(arch)
+    return [
+        {
+            "name": unit.name,
+            "kind": unit.kind.value,
+            "block": unit.block,
+            "gates": unit.num_gates,
+            "channels_per_gate": unit.channels_per_gate,
+            "kept": int(hard[space.slices[unit.name]].sum()),
+            "macs": table.unit_macs[unit.name],
+        }
+        for unit in space.units
+    ]
+
+
+def describe_codes(space: ArchitectureSpace, archs: torch.Tensor, resolution: int | None = None) -> dict[str, Any]:
+    """The report on a set of code architectures `(K, dim)` of one space (a router's, before any expert exists):
+    the full model's totals, and per code its MACs, their share of the full model's and the gates it keeps."""
+    resolution = resolution or space.default_resolution
+    totals = _space_totals(space, resolution)
+    codes = []
+    for index, arch in enumerate(archs):
+        macs = space.macs(arch, resolution)
+        units = _unit_rows(space, arch, resolution)
+        codes.append({"code": index, "macs": macs, "mac_ratio": macs / totals["total_macs"], "units": units})
+    return {**totals, "num_codes": len(codes), "codes": codes}
 
 
 def _describe_bundle(path: Path, resolution: int | None, text_len: int | None, verify: bool) -> dict[str, Any]:
@@ -261,6 +287,8 @@ def format_report(report: dict[str, Any]) -> str:
     """Human-readable form of [`describe`]'s report: a table per block, then totals."""
     if report["kind"] == "bundle":
         return _format_bundle(report)
+    if report["kind"] == "router":
+        return _format_router(report)
     lines = [
         f"{report['path']} ({report['kind']}), resolution {report['resolution'][0]}x{report['resolution'][1]}, "
         f"text length {report['text_len']}",
@@ -283,6 +311,37 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _router_line(router: dict[str, Any]) -> str:
+    held = f", {router['held_open_gates']} width gates held open" if router["held_open_gates"] else ""
+    return (
+        f"router            {router['num_codes']} codes from {router['encoder']} embeddings "
+        f"({router['embed_dim']}), depth pruning {'on' if router['prune_depth'] else 'off'}{held}"
+    )
+
+
+def _format_router(report: dict[str, Any]) -> str:
+    """A router folder: its settings, a line per code (MACs and balancing offset), then the gates each code keeps."""
+    lines = [
+        f"{report['path']} (router, {report['num_codes']} codes), resolution "
+        f"{report['resolution'][0]}x{report['resolution'][1]}, text length {report['text_len']}",
+        "",
+        _router_line(report["router"]),
+        f"architecture dim  {report['architecture_dim']}",
+        *_total_lines(report, report["total_macs"]),
+        "",
+        f"{'code':>4}{'MACs':>13}{'of teacher':>12}{'offset':>11}",
+    ]
+    for code in report["codes"]:
+        lines.append(f"{code['code']:>4}{_g(code['macs']):>13}{code['mac_ratio']:>12.1%}{code['offset']:>+11.4f}")
+    lines += [
+        "",
+        "gates kept per block, by code:",
+        *_block_table(report["codes"], [f"code {c['code']}" for c in report["codes"]]),
+        "MACs are for one U-Net call at batch 1; the codes' experts are made by fine-tuning (aptp train finetune).",
+    ]
+    return "\n".join(lines)
+
+
 def _format_bundle(report: dict[str, Any]) -> str:
     """A bundle: its settings, a line per code, then the gates each code keeps per block."""
     sampling, encoder, adapter = (report[k] for k in ("sampling", "text_encoder", "text_adapter"))
@@ -293,13 +352,8 @@ def _format_bundle(report: dict[str, Any]) -> str:
             f", text adapter (width {adapter['width']}, {adapter['layers']} layers, "
             f"{adapter['summary_tokens']} summary tokens{prompt_map})"
         )
-    router_lines = []
-    if (router := report.get("router")) is not None:  # added above the formats layer (`aptp inspect`)
-        held = f", {router['held_open_gates']} width gates held open" if router["held_open_gates"] else ""
-        router_lines.append(
-            f"router            {router['num_codes']} codes from {router['encoder']} embeddings "
-            f"({router['embed_dim']}), depth pruning {'on' if router['prune_depth'] else 'off'}{held}"
-        )
+    router = report.get("router")  # added above the formats layer (`aptp inspect`)
+    router_lines = [_router_line(router)] if router is not None else []
     width = max(len(code["expert"]) for code in report["codes"]) + 2
     lines = [
         f"{report['path']} (bundle, {report['num_codes']} codes), resolution "

@@ -222,6 +222,41 @@ def test_the_manifest_file_names_its_bundle(capsys, bundle, bundle_report):
     assert _inspect_json(capsys, bundle / "manifest.json") == json.loads(json.dumps(bundle_report))
 
 
+def test_a_router_folder_reports_what_each_code_costs_before_any_expert_exists(capsys, bundle):
+    """A search's output: each code's MACs, share of the teacher's, balancing offset and kept gates, the same figures
+    the bundle exported from it states."""
+    from aptp.formats.bundle import read_manifest
+    from router.model import Router
+
+    manifest, router = read_manifest(bundle), Router.load(bundle / "router")
+    report = _inspect_json(capsys, bundle / "router")
+    assert report == _inspect_json(capsys, bundle / "router" / "config.json")
+    assert report["kind"] == "router" and report["num_codes"] == 3
+    assert report["total_macs"] == manifest.teacher_macs
+    assert report["router"]["num_codes"] == 3 and report["router"]["encoder"] == manifest.text_encoder.name
+    space = router.space
+    for code, entry, offset in zip(report["codes"], manifest.codes, router.code_offsets.tolist(), strict=True):
+        assert code["code"] == entry.code and code["macs"] == entry.macs
+        assert code["mac_ratio"] == pytest.approx(entry.macs / manifest.teacher_macs)
+        assert code["offset"] == offset
+        arch = entry.architecture_tensor()
+        assert {u["name"]: u["kept"] for u in code["units"]} == {
+            u.name: int(space.gates_of(arch, u.name).sum()) for u in space
+        }
+    code, out, err = _inspect(capsys, bundle / "router")
+    assert code == 0, err
+    assert out.startswith(f"{bundle / 'router'} (router, 3 codes), resolution 32x32")
+    rows = [line.split() for line in out.splitlines()]
+    for entry in report["codes"]:
+        assert [str(entry["code"]), f"{entry['macs'] / 1e6:.2f}", "M", f"{entry['mac_ratio']:.1%}"] in [
+            row[:4] for row in rows
+        ]
+
+
+def test_verify_on_a_router_folder_says_there_is_no_unet_to_count(capsys, bundle):
+    _assert_clean_error(capsys, bundle / "router", "--verify", mentions=("holds no U-Net",))
+
+
 def test_a_latent_bundle_reports_its_decoder_and_text_encoder(tiny_sd, tmp_path):
     from aptp.cli.inspect import inspect_report
     from aptp.formats.describe import format_report
@@ -278,6 +313,11 @@ def test_config_that_is_not_json(capsys, tmp_path):
 def test_config_of_another_class(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "in_channels": 3}))
     _assert_clean_error(capsys, tmp_path / "config.json", mentions=("AutoencoderKL",))
+
+
+def test_a_json_object_that_is_no_unet_config_is_not_read_as_diffusers_default_unet(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_layers": 2}))
+    _assert_clean_error(capsys, tmp_path / "config.json", mentions=("not a UNet2DConditionModel config",))
 
 
 def test_config_that_cannot_build(capsys, tmp_path):

@@ -257,6 +257,16 @@ def test_verify_on_a_router_folder_says_there_is_no_unet_to_count(capsys, bundle
     _assert_clean_error(capsys, bundle / "router", "--verify", mentions=("holds no U-Net",))
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(bundle):
+    """`aptp inspect ... | head`: the pipe closes before the report is written; no traceback, exit 1."""
+    command = [sys.executable, "-m", "aptp.cli.main", "inspect", str(bundle), "--json"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    process.stdout.close()  # long before the report is ready: the import alone takes a second
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+
+
 def test_a_latent_bundle_reports_its_decoder_and_text_encoder(tiny_sd, tmp_path):
     from aptp.cli.inspect import inspect_report
     from aptp.formats.describe import format_report

@@ -3,6 +3,8 @@ the gates of largest L1 norm (the paper's "Norm" pruning) and the search's width
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -48,14 +50,19 @@ def l1_architecture(space: ArchitectureSpace, importance: torch.Tensor, keep: fl
     return arch
 
 
+def held_open_cost(space: ArchitectureSpace, held_open: Sequence[int], resolution: int) -> float:
+    """MACs (x the teacher's) of the network that keeps only the width gates `held_open`, and every block: the least
+    any architecture holding them open can cost without dropping blocks."""
+    arch = torch.zeros(space.dim)
+    arch[list(held_open)] = 1.0
+    arch[space.width_dim :] = 1.0
+    return space.macs(arch, resolution) / space.total_macs(resolution)
+
+
 def l1_floor(space: ArchitectureSpace, resolution: int) -> float:
     """MACs (x the teacher's) of the cheapest L1 architecture: one gate in each width unit (which one does not change
     the cost), depth unpruned."""
-    one_gate_each = torch.ones(space.dim)
-    for unit in space.width_units:
-        one_gate_each[space.slices[unit.name]] = 0.0
-        one_gate_each[space.slices[unit.name].start] = 1.0
-    return space.macs(one_gate_each, resolution) / space.total_macs(resolution)
+    return held_open_cost(space, [space.slices[unit.name].start for unit in space.width_units], resolution)
 
 
 def l1_architecture_for_budget(

@@ -315,16 +315,16 @@ class Router(nn.Module):
         return {**self.state_dict(), CODE_OFFSETS: self.code_offsets}
 
 
-def is_router_folder(path: str | Path) -> bool:
-    """Whether `path` (a folder, or its config.json) holds a saved router: a config describing a router and the
-    space it prunes. Unreadable or other files say no; loading them names the problem."""
+def router_folder(path: str | Path) -> Path | None:
+    """The folder of the saved router at `path` (a folder, or its config.json: a config describing a router and the
+    space it prunes), else None. Unreadable or other files say no; loading them names the problem."""
     path = Path(path)
-    config = path if path.name == ROUTER_CONFIG and path.is_file() else path / ROUTER_CONFIG
+    folder = path.parent if path.name == ROUTER_CONFIG and path.is_file() else path
     try:
-        description = json.loads(config.read_text())
+        description = json.loads((folder / ROUTER_CONFIG).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(description, dict) and {"router", "space"} <= description.keys()
+        return None
+    return folder if isinstance(description, dict) and {"router", "space"} <= description.keys() else None
 
 
 def describe_router(folder: str | Path, num_codes: int | None = None) -> dict[str, Any]:

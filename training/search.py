@@ -26,7 +26,7 @@ from tqdm import tqdm
 from aptp.conditioning.encoder import EncoderConfig, PromptEncoder
 from aptp.sampling import denoise
 from pruning.gates import UNetGates
-from pruning.importance import l1_architecture_for_budget, l1_floor, l1_importance
+from pruning.importance import held_open_cost, l1_architecture_for_budget, l1_floor, l1_importance
 from pruning.space import ArchitectureSpace
 from router.assignment import assign
 from router.difficulty import DifficultyTargets, capacity_scores, reference_error
@@ -186,10 +186,7 @@ def check_targets_above_floor(config: SearchConfig, space: ArchitectureSpace, he
     average over the budget (`router.losses.prunable_budget` checks the unprunable part alone)."""
     if not held_open or config.prune_depth:  # no floor, or blocks that may drop with the gates held in them
         return
-    floor = torch.zeros(space.dim)
-    floor[held_open] = 1
-    floor[space.width_dim :] = 1
-    cheapest = space.macs(floor, resolution) / space.total_macs(resolution)
+    cheapest = held_open_cost(space, held_open, resolution)
     option, targets = ("code_budgets", config.code_budgets) if config.code_budgets else ("budget", [config.budget])
     below = [target for target in targets if target < cheapest]
     if below:

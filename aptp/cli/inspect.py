@@ -16,10 +16,10 @@ def inspect_report(path: str | Path, **options: Any) -> dict[str, Any]:
     """`aptp.formats.describe.describe`'s report (`options` are its), with a bundle's router settings added; for a
     router folder (a search's output), its codes' costs and settings."""
     from aptp.formats.describe import describe
-    from router.model import describe_router, is_router_folder
+    from router.model import describe_router, router_folder
 
-    if is_router_folder(path):
-        return router_report(path, **options)
+    if (folder := router_folder(path)) is not None:
+        return router_report(folder, **options)
     report = describe(path, **options)
     if report["kind"] == "bundle":
         report["router"] = describe_router(Path(report["path"]) / "router", report["num_codes"])
@@ -27,15 +27,14 @@ def inspect_report(path: str | Path, **options: Any) -> dict[str, Any]:
 
 
 def router_report(
-    path: str | Path, resolution: int | None = None, text_len: int | None = None, verify: bool = False
+    folder: Path, resolution: int | None = None, text_len: int | None = None, verify: bool = False
 ) -> dict[str, Any]:
     """A router folder: what each code would cost as a dense network (the router's weights are read, its prompt
     encoder is not), its balancing offset, and the router's settings."""
     from aptp.formats.describe import describe_codes
     from pruning.space import ArchitectureSpace
-    from router.model import ROUTER_CONFIG, Router, describe_router
+    from router.model import Router, describe_router
 
-    folder = Path(path).parent if Path(path).name == ROUTER_CONFIG else Path(path)
     if verify:
         raise ValueError(f"{folder}: --verify counts a model's operators, and a router folder holds no U-Net")
     router = Router.load(folder)

@@ -65,19 +65,24 @@ def l1_floor(space: ArchitectureSpace, resolution: int) -> float:
     return held_open_cost(space, [space.slices[unit.name].start for unit in space.width_units], resolution)
 
 
-def l1_architecture_for_budget(
-    unet: nn.Module, space: ArchitectureSpace, budget: float, resolution: int, iterations: int = 30
-) -> torch.Tensor:
-    """The uniform keep ratio whose L1 architecture costs at most `budget` x the teacher's MACs (bisection).
-
-    Every width unit keeps at least one gate, so no L1 architecture costs less than that floor; a budget under it is
-    refused rather than answered with the floor's network, whose cost would then not be the one asked for."""
+def check_l1_budget(space: ArchitectureSpace, budget: float, resolution: int) -> float:
+    """[`l1_floor`], after refusing a `budget` under it: every width unit keeps at least one gate, so no L1
+    architecture costs less, and answering with the floor's network would give a cost other than the one asked for."""
     floor = l1_floor(space, resolution)
     if budget < floor:
         raise ValueError(
             f"{budget} is below {floor:.4f} of the teacher's MACs, the cheapest network L1 pruning leaves "
             f"(one gate in each of the {len(space.width_units)} width units, depth unpruned)"
         )
+    return floor
+
+
+def l1_architecture_for_budget(
+    unet: nn.Module, space: ArchitectureSpace, budget: float, resolution: int, iterations: int = 30
+) -> torch.Tensor:
+    """The uniform keep ratio whose L1 architecture costs at most `budget` x the teacher's MACs (bisection); a budget
+    under [`l1_floor`] is refused ([`check_l1_budget`])."""
+    check_l1_budget(space, budget, resolution)
     importance = l1_importance(unet, space)
     target = budget * space.total_macs(resolution)
     low, high = 0.0, 1.0

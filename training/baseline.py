@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 
 from aptp.formats.expert import is_expert_folder, load_expert, save_expert
-from pruning.importance import l1_architecture_for_budget
+from pruning.importance import check_l1_budget, l1_architecture_for_budget
 from pruning.slicing import slice_unet
 from pruning.space import ArchitectureSpace
 from router.model import Router, RouterConfig
@@ -40,6 +40,13 @@ class BaselineConfig(DistillingSettings):
     expert: ExpertTraining = ExpertTraining(steps=2400)
     export_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
 
+    def l1_floor(self, space: ArchitectureSpace, resolution: int) -> float:
+        """The cost of the cheapest network L1 pruning leaves in `space`, after refusing a budget under it."""
+        try:
+            return check_l1_budget(space, self.budget, resolution)
+        except ValueError as e:
+            raise ConfigError(f"budget: {e}") from None
+
 
 def run_baseline(config: BaselineConfig) -> Path:
     if config.threads:
@@ -49,10 +56,8 @@ def run_baseline(config: BaselineConfig) -> Path:
     teacher = load_training_teacher(config.teacher, device, dtype=config.torch_teacher_dtype)
     spec = teacher.spec
     space = ArchitectureSpace.from_unet(teacher.unet, text_len=teacher.text_len)
-    try:
-        arch = l1_architecture_for_budget(teacher.unet, space, config.budget, spec.resolution)
-    except ValueError as e:
-        raise ConfigError(f"budget: {e}") from None
+    config.l1_floor(space, spec.resolution)
+    arch = l1_architecture_for_budget(teacher.unet, space, config.budget, spec.resolution)
     data = training_data(config.data, teacher.pixel_resolution, config.seed, config.phrasing)
     teacher.use_latent_cache(data, processes)
     storage = getattr(torch, config.export_dtype)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
-from aptp.formats.describe import describe
+from aptp.formats.describe import describe_model
 from router.losses import prunable_budget
 
 from .baseline import BaselineConfig
@@ -24,9 +23,10 @@ def _g(macs: float) -> str:
 
 
 def plan(config: SearchConfig | FinetuneConfig | BaselineConfig) -> str:
-    """The plan of a search, fine-tuning or baseline run as text."""
+    """The plan of a search, fine-tuning or baseline run as text. A baseline budget the run would refuse (under the
+    cheapest network L1 pruning leaves) is refused here too."""
     teacher = Path(config.teacher)
-    report: dict[str, Any] = describe(teacher)
+    report, space, _ = describe_model(teacher)
     total, prunable = report["total_macs"], report["prunable_macs"]
     side = report["resolution"][0]
     pixels = report.get("pixel_resolution", [None])[0]
@@ -69,7 +69,11 @@ def plan(config: SearchConfig | FinetuneConfig | BaselineConfig) -> str:
                 f"{config.shared_steps} steps"
             )
         else:
-            lines.append(f"budget           p = {config.budget} (one L1-norm architecture for every prompt)")
+            floor = config.l1_floor(space, side)
+            lines.append(
+                f"budget           p = {config.budget} (one L1-norm architecture for every prompt; L1 pruning's "
+                f"cheapest network costs {floor:.4f})"
+            )
         lines.append(
             f"fine-tuning      {e.steps} steps per expert, batch {e.batch_size}, lr {e.lr:.2e} ({e.lr_schedule}, "
             f"{e.warmup_steps} warm-up), weights {e.denoise_weight}/{e.output_weight}/{e.features_weight}"

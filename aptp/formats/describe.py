@@ -102,14 +102,14 @@ def describe(
         path = path.parent
     if (path / MANIFEST).is_file():
         return _describe_bundle(path, resolution, text_len, verify)
-    return _describe_unet(path, resolution, text_len, verify)[0]
+    return describe_model(path, resolution, text_len, verify)[0]
 
 
-def _describe_unet(
+def describe_model(
     path: Path,
-    resolution: int | None,
-    text_len: int | None,
-    verify: bool,
+    resolution: int | None = None,
+    text_len: int | None = None,
+    verify: bool = False,
     spaces: dict[str, ArchitectureSpace] | None = None,
 ) -> tuple[dict[str, Any], ArchitectureSpace, torch.Tensor]:
     """[`describe`]'s report on a U-Net, pipeline, teacher or expert folder, with the space and the architecture it
@@ -209,7 +209,7 @@ def _describe_bundle(path: Path, resolution: int | None, text_len: int | None, v
         if not is_expert_folder(folder):
             problem = f"has no {EXPERT_NAME}" if folder.is_dir() else "is missing"
             raise BundleError(folder, f"code {entry.code}'s expert folder (listed in {MANIFEST}) {problem}")
-        report, _, arch = _describe_unet(folder, resolution or manifest.resolution, text_len, verify, spaces)
+        report, _, arch = describe_model(folder, resolution or manifest.resolution, text_len, verify, spaces)
         check_code_architecture(path, entry, arch)
         if resolution in (None, manifest.resolution) and text_len is None:  # the manifest counts at its own
             check_code_costs(path, manifest, entry, report["expert_macs"], report["params"], report["total_macs"])

@@ -61,13 +61,16 @@ def test_a_baseline_of_a_teacher_with_a_text_adapter_carries_it(tmp_path):
     assert made.images.shape == (1, 3, 32, 32)
 
 
-def test_a_budget_under_what_l1_pruning_reaches_is_refused_by_the_cli_before_training(teacher_folder, tmp_path, capsys):
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_a_budget_under_what_l1_pruning_reaches_is_refused_by_the_cli_before_training(
+    teacher_folder, tmp_path, capsys, dry_run
+):
     from aptp.cli.main import main
     from tests.helpers import REPO
 
     command = ["train", "baseline", "--config", str(REPO / "configs/shapes/baseline.yaml"), "--teacher"]
     paths = [str(teacher_folder), "--out", str(tmp_path / "run"), "--export", str(tmp_path / "bundle")]
-    assert main([*command, *paths, "--set", "budget=0.01"]) == 2
+    assert main([*command, *paths, "--set", "budget=0.01", *dry_run]) == 2
     err = capsys.readouterr().err
     assert err.startswith("aptp train baseline: error: budget: 0.01 is below 0.") and "cheapest network" in err
     assert not (tmp_path / "run").exists() and not (tmp_path / "bundle").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from aptp.cli.main import main
@@ -28,3 +30,16 @@ def test_a_plan_of_a_pipeline_folder_states_the_vae_and_text_encoder(tiny_sd, ca
     assert main(["train", "search", "--config", str(config), "--dry-run", "--teacher", str(tiny_sd)]) == 0
     plan = capsys.readouterr().out
     assert "(pipeline)" in plan and "8x8 latents (32x32 pixels)" in plan and "VAE decoder per image" in plan
+
+
+def test_a_baseline_plan_states_the_cheapest_network_l1_pruning_leaves_and_refuses_a_budget_under_it(capsys):
+    config = REPO / "configs" / "sd-1.5" / "baseline.yaml"
+    command = ["train", "baseline", "--config", str(config), "--dry-run", "--teacher"]
+    unet = str(REPO / "configs" / "unets" / "sd-1.5")
+    assert main([*command, unet]) == 0
+    floor = float(re.search(r"L1 pruning's cheapest network costs (0\.\d+)\)", capsys.readouterr().out).group(1))
+    assert 0.05 < floor < 0.6
+    under = f"{floor - 0.01:.4f}"
+    assert main([*command, unet, "--set", f"budget={under}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"aptp train baseline: error: budget: {under} is below {floor:.4f} of the teacher's MACs")

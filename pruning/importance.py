@@ -3,7 +3,7 @@ the gates of largest L1 norm (the paper's "Norm" pruning) and the search's width
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 
 import torch
 from torch import nn
@@ -50,19 +50,22 @@ def l1_architecture(space: ArchitectureSpace, importance: torch.Tensor, keep: fl
     return arch
 
 
-def held_open_cost(space: ArchitectureSpace, held_open: Sequence[int], resolution: int) -> float:
-    """MACs (x the teacher's) of the network that keeps only the width gates `held_open`, and every block: the least
-    any architecture holding them open can cost without dropping blocks."""
+def width_floor_cost(space: ArchitectureSpace, min_width: float, resolution: int) -> float:
+    """MACs (x the teacher's) of the cheapest network that keeps max(1, ceil(`min_width` x gates)) gates of each width
+    unit, and every block: the least an architecture can cost under the search's width floor `min_width` without
+    dropping blocks, and, at 0, under L1 pruning. Which gates a unit keeps does not change the cost (its gates are
+    equal slices of one layer), so no weights are needed."""
     arch = torch.zeros(space.dim)
-    arch[list(held_open)] = 1.0
+    for unit in space.width_units:
+        start = space.slices[unit.name].start
+        arch[start : start + max(1, math.ceil(min_width * unit.num_gates))] = 1.0
     arch[space.width_dim :] = 1.0
     return space.macs(arch, resolution) / space.total_macs(resolution)
 
 
 def l1_floor(space: ArchitectureSpace, resolution: int) -> float:
-    """MACs (x the teacher's) of the cheapest L1 architecture: one gate in each width unit (which one does not change
-    the cost), depth unpruned."""
-    return held_open_cost(space, [space.slices[unit.name].start for unit in space.width_units], resolution)
+    """MACs (x the teacher's) of the cheapest L1 architecture: one gate in each width unit, depth unpruned."""
+    return width_floor_cost(space, 0.0, resolution)
 
 
 def check_l1_budget(space: ArchitectureSpace, budget: float, resolution: int) -> float:

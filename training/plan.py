@@ -15,7 +15,7 @@ from router.losses import prunable_budget
 
 from .baseline import BaselineConfig
 from .finetune import FinetuneConfig
-from .search import SearchConfig
+from .search import SearchConfig, check_targets_above_floor
 
 
 def _g(macs: float) -> str:
@@ -23,8 +23,8 @@ def _g(macs: float) -> str:
 
 
 def plan(config: SearchConfig | FinetuneConfig | BaselineConfig) -> str:
-    """The plan of a search, fine-tuning or baseline run as text. A baseline budget the run would refuse (under the
-    cheapest network L1 pruning leaves) is refused here too."""
+    """The plan of a search, fine-tuning or baseline run as text. A budget the run would refuse (under the cheapest
+    network the search's width floor or L1 pruning leaves) is refused here too."""
     teacher = Path(config.teacher)
     report, space, _ = describe_model(teacher)
     total, prunable = report["total_macs"], report["prunable_macs"]
@@ -49,11 +49,13 @@ def plan(config: SearchConfig | FinetuneConfig | BaselineConfig) -> str:
         target = prunable_budget(config.budget, total, prunable)
         lr = config.lr or 2e-4 * math.sqrt(config.batch_size)
         w = config.weights
+        floor = check_targets_above_floor(config, space, side)
+        floor_note = f" (no code under {floor:.3f} of the teacher's MACs)" if floor is not None else ""
         lines += [
             f"budget           p = {config.budget} of the teacher's MACs -> {target:.3f} of the prunable part "
             f"({_g(config.budget * total)} per call on average)",
             f"codes            K = {config.num_codes}; depth pruning {'on' if config.prune_depth else 'off'}; "
-            f"width floor {config.min_width}",
+            f"width floor {config.min_width}{floor_note}",
             f"steps            {config.steps} ({int(config.warmup_fraction * config.steps)} predictor warm-up), "
             f"batch {config.batch_size}, lr {lr:.2e} (AdamW, {config.lr_warmup_steps} warm-up steps)",
             f"assignment       Sinkhorn eps {config.sinkhorn_epsilon}, {config.sinkhorn_iterations} iterations"

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from aptp.conditioning.encoder import EncoderConfig, PromptEncoder
 from aptp.sampling import denoise
 from pruning.gates import UNetGates
-from pruning.importance import held_open_cost, l1_architecture_for_budget, l1_floor, l1_importance
+from pruning.importance import l1_architecture_for_budget, l1_floor, l1_importance, width_floor_cost
 from pruning.space import ArchitectureSpace
 from router.assignment import assign
 from router.difficulty import DifficultyTargets, capacity_scores, reference_error
@@ -180,13 +180,14 @@ def width_floor(unet: torch.nn.Module, space: ArchitectureSpace, min_width: floa
     return held
 
 
-def check_targets_above_floor(config: SearchConfig, space: ArchitectureSpace, held_open: list[int], resolution: int):
-    """Refuse a target no code can reach: with widths searched only, the gates `min_width` holds open (`held_open`)
-    cost a share of the teacher's MACs that every code pays, and a code held to less sits at the floor, pulling the
-    average over the budget (`router.losses.prunable_budget` checks the unprunable part alone)."""
-    if not held_open or config.prune_depth:  # no floor, or blocks that may drop with the gates held in them
-        return
-    cheapest = held_open_cost(space, held_open, resolution)
+def check_targets_above_floor(config: SearchConfig, space: ArchitectureSpace, resolution: int) -> float | None:
+    """The cost of the cheapest network `min_width` leaves, after refusing a target no code can reach: with widths
+    searched only, the gates the floor holds open cost a share of the teacher's MACs that every code pays, and a code
+    held to less sits at the floor, pulling the average over the budget (`router.losses.prunable_budget` checks the
+    unprunable part alone). None where there is no such floor (`min_width` 0, or depth pruned with it)."""
+    if config.min_width == 0 or config.prune_depth:  # no floor, or blocks that may drop with the gates held in them
+        return None
+    cheapest = width_floor_cost(space, config.min_width, resolution)
     option, targets = ("code_budgets", config.code_budgets) if config.code_budgets else ("budget", [config.budget])
     below = [target for target in targets if target < cheapest]
     if below:
@@ -195,6 +196,7 @@ def check_targets_above_floor(config: SearchConfig, space: ArchitectureSpace, he
             f"min_width={config.min_width} leaves (each layer keeps its strongest gates): lower min_width or raise "
             "the targets"
         )
+    return cheapest
 
 
 def balance_prompts(config: SearchConfig, data: TrainingData) -> tuple[list[str], str]:
@@ -243,8 +245,8 @@ def run_search(config: SearchConfig) -> Path:
     space = ArchitectureSpace.from_unet(unet, text_len=teacher.text_len)
     resolution = spec.resolution
     text_encoder, embed_encoder = teacher.conditioner, teacher.router_encoder
+    check_targets_above_floor(config, space, resolution)
     held_open = width_floor(unet, space, config.min_width)
-    check_targets_above_floor(config, space, held_open, resolution)
     torch.manual_seed(config.seed)
     router_config = RouterConfig(
         num_codes=config.num_codes,

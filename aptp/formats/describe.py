@@ -106,7 +106,7 @@ def describe(
 
 
 def describe_model(
-    path: Path,
+    path: str | Path,
     resolution: int | None = None,
     text_len: int | None = None,
     verify: bool = False,
@@ -114,7 +114,7 @@ def describe_model(
 ) -> tuple[dict[str, Any], ArchitectureSpace, torch.Tensor]:
     """[`describe`]'s report on a U-Net, pipeline, teacher or expert folder, with the space and the architecture it
     was counted with. `spaces` shares the spaces (and so their traced MAC tables) between experts of one teacher."""
-    pipeline = None
+    path, pipeline = Path(path), None
     if is_expert_folder(path):
         info, skeleton = read_expert_info(path)
         space, arch, kind = info.space, info.arch, "expert"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning.importance import l1_architecture, l1_architecture_for_budget, l1_importance
+from pruning.importance import l1_architecture, l1_architecture_for_budget, l1_floor, l1_importance, width_floor_cost
 
 
 def test_l1_architecture_keeps_the_largest_gates_of_every_unit(small_unet, small_space):
@@ -40,3 +40,18 @@ def test_a_budget_under_the_one_gate_a_unit_floor_is_refused_naming_the_floor(sm
     assert torch.equal(l1_architecture_for_budget(small_unet, small_space, floor, resolution), one_gate_each)
     with pytest.raises(ValueError, match=rf"^{floor / 2} is below {floor:.4f} of the teacher's MACs.*one gate in each"):
         l1_architecture_for_budget(small_unet, small_space, floor / 2, resolution)
+
+
+@pytest.mark.parametrize("min_width", [0.25, 0.5])
+def test_the_width_floor_costs_the_same_whichever_gates_it_holds(small_unet, small_space, min_width):
+    """The floor's cost is computed from positions alone (no weights: `aptp train search --dry-run` states it); it is
+    what the search's floor, the strongest gates of each unit by L1 norm, does cost."""
+    from training.search import width_floor
+
+    resolution = small_space.default_resolution
+    held = torch.zeros(small_space.dim)
+    held[width_floor(small_unet, small_space, min_width)] = 1.0
+    held[small_space.width_dim :] = 1.0
+    cost = small_space.macs(held, resolution) / small_space.total_macs(resolution)
+    assert width_floor_cost(small_space, min_width, resolution) == pytest.approx(cost, rel=1e-9)
+    assert l1_floor(small_space, resolution) < cost

@@ -43,3 +43,16 @@ def test_a_baseline_plan_states_the_cheapest_network_l1_pruning_leaves_and_refus
     assert main([*command, unet, "--set", f"budget={under}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"aptp train baseline: error: budget: {under} is below {floor:.4f} of the teacher's MACs")
+
+
+def test_a_search_plan_states_what_the_width_floor_costs_and_refuses_a_target_under_it(capsys):
+    config = REPO / "configs" / "sd-1.5" / "search.yaml"
+    command = ["train", "search", "--config", str(config), "--dry-run", "--teacher"]
+    unet = str(REPO / "configs" / "unets" / "sd-1.5")
+    widths_only = ["--set", "prune_depth=false", "--set", "min_width=0.25"]
+    assert main([*command, unet, *widths_only]) == 0
+    floor = float(re.search(r"width floor 0.25 \(no code under (0\.\d+) of the teacher", capsys.readouterr().out)[1])
+    assert 0.25 < floor < 0.6
+    under = round(floor - 0.01, 3)
+    assert main([*command, unet, *widths_only, "--set", f"budget={under}"]) == 2
+    assert f"error: budget: [{under}] below {floor:.3f} of the teacher's MACs" in capsys.readouterr().err

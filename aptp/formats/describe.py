@@ -247,6 +247,10 @@ def _g(macs: int) -> str:
     return f"{macs / 1e9:.3f} G" if macs >= 1e8 else f"{macs / 1e6:.2f} M"
 
 
+def _codes(count: int) -> str:
+    return f"{count} code{'s' * (count != 1)}"
+
+
 def _block_table(reports: list[dict[str, Any]], kept_headers: list[str]) -> list[str]:
     """Per block and unit kind: units, gates, the gates each report keeps (one column each), and the full MACs."""
     heading = "".join(f"{header:>8}" for header in kept_headers)
@@ -314,7 +318,7 @@ def format_report(report: dict[str, Any]) -> str:
 def _router_line(router: dict[str, Any]) -> str:
     held = f", {router['held_open_gates']} width gates held open" if router["held_open_gates"] else ""
     return (
-        f"router            {router['num_codes']} codes from {router['encoder']} embeddings "
+        f"router            {_codes(router['num_codes'])} from {router['encoder']} embeddings "
         f"({router['embed_dim']}), depth pruning {'on' if router['prune_depth'] else 'off'}{held}"
     )
 
@@ -322,7 +326,7 @@ def _router_line(router: dict[str, Any]) -> str:
 def _format_router(report: dict[str, Any]) -> str:
     """A router folder: its settings, a line per code (MACs and balancing offset), then the gates each code keeps."""
     lines = [
-        f"{report['path']} (router, {report['num_codes']} codes), resolution "
+        f"{report['path']} (router, {_codes(report['num_codes'])}), resolution "
         f"{report['resolution'][0]}x{report['resolution'][1]}, text length {report['text_len']}",
         "",
         _router_line(report["router"]),
@@ -356,7 +360,7 @@ def _format_bundle(report: dict[str, Any]) -> str:
     router_lines = [_router_line(router)] if router is not None else []
     width = max(len(code["expert"]) for code in report["codes"]) + 2
     lines = [
-        f"{report['path']} (bundle, {report['num_codes']} codes), resolution "
+        f"{report['path']} (bundle, {_codes(report['num_codes'])}), resolution "
         f"{report['resolution'][0]}x{report['resolution'][1]}, text length {report['text_len']}",
         "",
         f"sampling          {sampling['steps']} steps, guidance scale {sampling['guidance_scale']}, "

@@ -204,6 +204,15 @@ def test_bundle_text_report(capsys, bundle, bundle_report):
     assert "router            3 codes" in out and "sampling          2 steps" in out
 
 
+def test_a_one_code_bundle_is_named_in_the_singular(bundle_report):
+    from aptp.formats.describe import format_report
+
+    one = {**bundle_report, "num_codes": 1, "codes": bundle_report["codes"][:1]}
+    one["router"] = {**one["router"], "num_codes": 1}
+    text = format_report(one)
+    assert "(bundle, 1 code), resolution" in text and "router            1 code from" in text
+
+
 def test_bundle_verify_counts_every_code(capsys, bundle):
     report = _inspect_json(capsys, bundle, "--verify")
     assert all(code["flop_counter_rel_error"] < 0.01 for code in report["codes"])

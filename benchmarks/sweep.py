@@ -223,10 +223,11 @@ def table(args: argparse.Namespace) -> int:
     for row in figures:
         row |= capacity_figures.get((row["method"], row["budget"]), {})
         row |= tier_cost_figures.get((row["method"], row["budget"]), {})
+    # Before any of its own files is written: rewriting the plot must not mark the table's tree dirty
+    provenance = collect_provenance(config={"reports": sorted(job for job in map(str, reports))})
     (RESULTS / "sweep.svg").write_text(plot(figures))
     tables = [lines, capacity, tier_cost] if tier_cost else [lines, capacity]
     text = "\n\n".join("\n".join(t) for t in tables) + "\n\n![alignment and domain FID against MACs](sweep.svg)\n"
-    provenance = collect_provenance(config={"reports": sorted(job for job in map(str, reports))})
     write_report(RESULTS, "sweep", figures, text, echo=True, provenance=provenance)
     return 0
 

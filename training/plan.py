@@ -14,6 +14,7 @@ from aptp.formats.describe import describe_model
 from router.losses import prunable_budget
 
 from .baseline import BaselineConfig
+from .config import ConfigError
 from .finetune import FinetuneConfig
 from .search import SearchConfig, check_targets_above_floor
 
@@ -26,7 +27,10 @@ def plan(config: SearchConfig | FinetuneConfig | BaselineConfig) -> str:
     """The plan of a search, fine-tuning or baseline run as text. A budget the run would refuse (under the cheapest
     network the search's width floor or L1 pruning leaves) is refused here too."""
     teacher = Path(config.teacher)
-    report, space, _ = describe_model(teacher)
+    try:
+        report, space, _ = describe_model(teacher)
+    except (FileNotFoundError, ValueError) as e:  # no folder, no U-Net config in it, or one that does not build
+        raise ConfigError(f"teacher: {e}") from None
     total, prunable = report["total_macs"], report["prunable_macs"]
     side = report["resolution"][0]
     pixels = report.get("pixel_resolution", [None])[0]

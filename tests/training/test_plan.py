@@ -56,3 +56,14 @@ def test_a_search_plan_states_what_the_width_floor_costs_and_refuses_a_target_un
     under = round(floor - 0.01, 3)
     assert main([*command, unet, *widths_only, "--set", f"budget={under}"]) == 2
     assert f"error: budget: [{under}] below {floor:.3f} of the teacher's MACs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("job", ["search", "baseline"])
+def test_a_plan_of_a_teacher_that_is_not_there_names_it(job, tmp_path, capsys):
+    config = REPO / "configs" / "shapes" / f"{job}.yaml"
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
+    empty.mkdir()
+    for teacher in (missing, empty):
+        assert main(["train", job, "--config", str(config), "--dry-run", "--teacher", str(teacher)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"aptp train {job}: error: teacher: {teacher}"), err

@@ -40,8 +40,9 @@ class BaselineConfig(DistillingSettings):
     expert: ExpertTraining = ExpertTraining(steps=2400)
     export_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
 
-    def l1_floor(self, space: ArchitectureSpace, resolution: int) -> float:
-        """The cost of the cheapest network L1 pruning leaves in `space`, after refusing a budget under it."""
+    def check_budget(self, space: ArchitectureSpace, resolution: int) -> float:
+        """Refuse a budget under the cheapest network L1 pruning leaves in `space` (a config error naming `budget`);
+        return that network's cost."""
         try:
             return check_l1_budget(space, self.budget, resolution)
         except ValueError as e:
@@ -56,7 +57,7 @@ def run_baseline(config: BaselineConfig) -> Path:
     teacher = load_training_teacher(config.teacher, device, dtype=config.torch_teacher_dtype)
     spec = teacher.spec
     space = ArchitectureSpace.from_unet(teacher.unet, text_len=teacher.text_len)
-    config.l1_floor(space, spec.resolution)
+    config.check_budget(space, spec.resolution)
     arch = l1_architecture_for_budget(teacher.unet, space, config.budget, spec.resolution)
     data = training_data(config.data, teacher.pixel_resolution, config.seed, config.phrasing)
     teacher.use_latent_cache(data, processes)

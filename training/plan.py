@@ -75,7 +75,7 @@ def plan(config: SearchConfig | FinetuneConfig | BaselineConfig) -> str:
                 f"{config.shared_steps} steps"
             )
         else:
-            floor = config.l1_floor(space, side)
+            floor = config.check_budget(space, side)
             lines.append(
                 f"budget           p = {config.budget} (one L1-norm architecture for every prompt; L1 pruning's "
                 f"cheapest network costs {floor:.4f})"
